@@ -1,0 +1,32 @@
+# Example of the config.py the gateway generates for each board (copied to
+# the Pico's filesystem next to main.py). Only DEVICE and LINK are needed;
+# every other key falls back to the value shown here. No real credentials
+# belong in this file.
+
+DEVICE = "greenhouse"          # device id: [a-z0-9][a-z0-9_-]{0,63}
+LINK = "uart"                  # uart | usb | i2c | wifi | tcp
+READ_INTERVAL = 5.0            # seconds between readings
+
+# uart: machine.UART id, speed and pins (UART0 on GP0/GP1 <-> Pi GPIO14/15)
+UART = {"id": 0, "baudrate": 115200, "tx": 0, "rx": 1}
+
+# i2c: the Pico is a target on I2C0 (GP4 SDA, GP5 SCL) at addr
+I2C = {"id": 0, "addr": 0x43, "sda": 4, "scl": 5}
+
+# wifi and tcp (Pico W). broker/port/base/user/mqtt_password/client_id are
+# used by the wifi link only; client_id defaults to "pico-<DEVICE>".
+WIFI = {"ssid": "my-network", "password": "change-me", "broker": "192.168.1.2",
+        "port": 1883, "base": "pico", "user": None, "mqtt_password": None,
+        "client_id": None}
+
+# tcp: where the command server listens
+TCP = {"host": "0.0.0.0", "port": 8080}
+
+# Extra metrics. Names must be [a-z][a-z0-9_]{0,23} (on i2c only the first
+# 8 characters show, and only 12 metrics in all).
+ADC_PINS = {}        # metric name -> GPIO 26, 27 or 28; value in volts (3.3 V ref)
+DIGITAL_PINS = {}    # metric name -> GPIO; input with pull-up; value 0/1
+
+# Not part of the generated file: set False to let an unexpected error stop
+# the program (for debugging) instead of resetting the board after 5 s.
+RESET_ON_ERROR = True

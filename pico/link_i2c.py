@@ -1,0 +1,44 @@
+# i2c link: the Pico is an I2C target serving the register map of
+# docs/protocol.md 2 in memory mode. The I2C driver answers reads from the
+# buffer without running Python (no clock stretching); the main loop polls
+# LED_CMD every 20 ms and writes a snapshot every READ_INTERVAL.
+
+import machine
+
+import clock
+import regmap
+
+DEFAULTS = {"id": 0, "addr": 0x43, "sda": 4, "scl": 5}
+POLL_MS = 20
+
+
+def run(config, node):
+    c = dict(DEFAULTS)
+    c.update(getattr(config, "I2C", None) or {})
+    led = node.led
+    names = node.sensors.names[:regmap.SLOTS]
+    buf = regmap.new_buffer()
+    regmap.init(buf, node.device, names, led.state)
+    seq = 0
+    # The first snapshot is in place before the target answers, so a Pi
+    # never sees an empty one.
+    regmap.write_snapshot(buf, seq, [v for _, v in node.sensors.read()])
+    target = machine.I2CTarget(c["id"], c["addr"], mem=buf,
+                               scl=machine.Pin(c["scl"]), sda=machine.Pin(c["sda"]))
+    readings = clock.Every(getattr(config, "READ_INTERVAL", 5.0) * 1000)
+    readings.due()   # the boot snapshot counts as this period's reading
+    try:
+        while True:
+            want = regmap.pending_command(buf, led.state)
+            if want is not None:
+                led.set(want)
+                regmap.command_done(buf, led.state)
+            if readings.due():
+                seq = (seq + 1) & 0xFFFFFFFF
+                # re-assert the read-only registers in case a controller
+                # wrote over them, then the snapshot in seqlock order
+                regmap.write_static(buf, node.device, names, led.state)
+                regmap.write_snapshot(buf, seq, [v for _, v in node.sensors.read()])
+            clock.sleep_ms(POLL_MS)
+    finally:
+        target.deinit()
