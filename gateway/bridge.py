@@ -1,0 +1,213 @@
+"""The bridge: routes readings from links to SQLite then MQTT, and commands back.
+
+Readings go through one writer thread that drains a queue in batches: each batch
+is committed in one transaction, then published. Commands arrive on the MQTT
+thread, are validated there, and run on a per-device worker so that a slow Pico
+never holds up the network thread or another Pico.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway.commands import PayloadError, parse_led_payload
+from gateway.links.base import CommandError, LedCommand, Link
+from gateway.mqtt import MqttConnection
+from gateway.store import Row, Store
+from gateway.topics import Topics
+
+log = logging.getLogger("gateway.bridge")
+
+MAX_BATCH = 2000  # readings per transaction
+MAX_PENDING_COMMANDS = 8  # per device; more are refused as busy
+_STOP = object()
+
+
+def format_value(value: float) -> str:
+    """``21.53`` -> ``"21.53"``, ``5.0`` -> ``"5"``: plain text a human or HA can read."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class Bridge:
+    def __init__(self, gateway_id: str, topics: Topics, store: Store, mqtt: MqttConnection) -> None:
+        self.gateway_id = gateway_id
+        self.topics = topics
+        self.store = store
+        self.mqtt = mqtt
+        self.links: dict[str, Link] = {}
+        self.stats: Counter[str] = Counter()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._pending: Counter[str] = Counter()
+        self._pending_lock = threading.Lock()
+        self._led: dict[str, bool] = {}
+        self._online: dict[str, bool] = {}
+        self._state_lock = threading.Lock()
+        self._logged: set[tuple[str, str]] = set()
+        mqtt.on_connect(self._announce)
+        mqtt.subscribe(topics.all_commands("led"), self._on_command)
+
+    def add(self, link: Link) -> None:
+        self.links[link.device] = link
+        self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
+
+    def start(self) -> None:
+        self._writer.start()
+        for link in self.links.values():
+            link.start()
+
+    def stop(self) -> list[tuple[str, str]]:
+        """Stop links, flush readings; returns the retained 'offline' messages to send last."""
+        for link in self.links.values():
+            link.stop()
+        for worker in self._workers.values():
+            worker.shutdown(wait=True, cancel_futures=True)
+        self._queue.put(_STOP)
+        self._writer.join(timeout=10)
+        last = [(self.topics.status(d), "offline") for d in self.links]
+        return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
+
+    # -- LinkEvents (called from link threads) -----------------------------------
+    def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
+        self._queue.put((device, values, ts_ms, seq))
+
+    def led_state(self, device: str, on: bool) -> None:
+        with self._state_lock:
+            changed = self._led.get(device) != on
+            self._led[device] = on
+        if changed:
+            self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
+
+    def availability(self, device: str, online: bool) -> None:
+        with self._state_lock:
+            self._online[device] = online
+        self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
+
+    # -- MQTT side ------------------------------------------------------------------
+    def _announce(self) -> None:
+        """After every (re)connect: our own status, then every device's known state."""
+        self.mqtt.publish(self.topics.bridge_status(self.gateway_id), "online", qos=1, retain=True)
+        with self._state_lock:
+            online = {d: self._online.get(d, False) for d in self.links}
+            led = dict(self._led)
+        for device, is_online in online.items():
+            self.mqtt.publish(self.topics.status(device), "online" if is_online else "offline", qos=1, retain=True)
+        for device, on in led.items():
+            self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
+
+    def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = self.topics.parse_command(topic)
+        if parsed is None:
+            return
+        device, _ = parsed
+        link = self.links.get(device)
+        if link is None:
+            self._reject_unknown(topic, device)
+            return
+        if retained:
+            # A retained command replays on every reconnect ("ghost switching").
+            self._answer(device, ok=False, error="retained commands are ignored; publish without retain (-r)")
+            return
+        try:
+            command = parse_led_payload(payload)
+        except PayloadError as exc:
+            self._answer(device, ok=False, error=str(exc))
+            return
+        with self._pending_lock:
+            if self._pending[device] >= MAX_PENDING_COMMANDS:
+                busy = True
+            else:
+                busy = False
+                self._pending[device] += 1
+        if busy:
+            self._answer(device, ok=False, command=command, error="busy: too many commands waiting for this Pico")
+            return
+        self._workers[device].submit(self._execute, link, command)
+
+    def _execute(self, link: Link, command: LedCommand) -> None:
+        try:
+            state = link.set_led(command)
+        except CommandError as exc:
+            self._answer(link.device, ok=False, command=command, error=str(exc))
+        except Exception as exc:  # a link bug must not kill the worker
+            log.exception("command %s for %s failed unexpectedly", command.value, link.device)
+            self._answer(link.device, ok=False, command=command, error=f"internal error: {type(exc).__name__}")
+        else:
+            self.led_state(link.device, state)
+            self._answer(link.device, ok=True, command=command, state=state)
+        finally:
+            with self._pending_lock:
+                self._pending[link.device] -= 1
+
+    def _answer(self, device: str, ok: bool, command: LedCommand | None = None,
+                state: bool | None = None, error: str | None = None) -> None:
+        self.stats["commands_ok" if ok else "commands_failed"] += 1
+        if not ok:
+            self._log_once(device, error or "", "command for %s refused: %s", device, error)
+        body = {
+            "ok": ok,
+            "command": command.value if command else None,
+            "state": None if state is None else ("on" if state else "off"),
+            "error": error,
+        }
+        self.mqtt.publish(self.topics.result(device), json.dumps(body), qos=1)
+
+    def _reject_unknown(self, topic: str, device: str) -> None:
+        self.stats["commands_unknown_device"] += 1
+        error = f"unknown device {device[:64]!r}: not in the config of gateway {self.gateway_id!r}"
+        self._log_once(device, "unknown", "%s", error)
+        body = {"topic": topic[:256], "error": error}
+        self.mqtt.publish(self.topics.bridge_rejected(self.gateway_id), json.dumps(body), qos=1)
+
+    def _log_once(self, device: str, kind: str, msg: str, *args: object) -> None:
+        """Warn the first time a device has a given problem; later ones at debug level."""
+        key = (device[:64], kind[:80])
+        level = logging.DEBUG if key in self._logged else logging.WARNING
+        if len(self._logged) < 10_000:
+            self._logged.add(key)
+        log.log(level, msg, *args)
+
+    # -- writer thread -------------------------------------------------------------
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if any(item is _STOP for item in batch):
+                stopping = True
+                batch = [item for item in batch if item is not _STOP]
+            rows: list[Row] = [
+                (device, metric, value, ts, seq)
+                for device, values, ts, seq in batch  # type: ignore[misc]
+                for metric, value in values
+            ]
+            if rows:
+                self._commit_and_publish(rows)
+
+    def _commit_and_publish(self, rows: list[Row]) -> None:
+        try:
+            self.store.add(rows)
+            self.stats["readings_stored"] += len(rows)
+        except sqlite3.Error as exc:
+            # Store-and-forward (issue 5) will hold these; until then publishing is
+            # better than losing them, and the failure is counted and logged.
+            self.stats["store_errors"] += 1
+            self._log_once("store", str(exc), "cannot store readings in %s: %s", self.store.path, exc)
+        sensor = self.topics.sensor
+        publish = self.mqtt.publish
+        for device, metric, value, _, _ in rows:
+            publish(sensor(device, metric), format_value(value))
+        self.stats["readings_published"] += len(rows)

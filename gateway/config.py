@@ -1,0 +1,136 @@
+"""The configuration file (TOML), validated by pydantic.
+
+    >>> cfg = load_config("config/gateway.toml")
+    >>> cfg.devices[0].transport
+    'uart'
+
+Unknown keys are errors, and every error names its key path and device id::
+
+    devices[1] (id 'shed').baudrate: Input should be greater than 0
+
+Each transport's device keys live with its link (``gateway/links/<transport>.py``).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from gateway.links import LINKS
+from gateway.links.base import DEVICE_ID_PATTERN, DeviceConfig, StrictModel
+
+AnyDevice = Annotated[
+    Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]
+    Field(discriminator="transport"),
+]
+
+
+def default_gateway_id() -> str:
+    """The host name, made into a valid id (``Pi-Garden.local`` -> ``pi-garden``)."""
+    name = socket.gethostname().split(".")[0].lower()
+    name = re.sub(r"[^a-z0-9_-]", "-", name).lstrip("-_")[:64]
+    return name or "gateway"
+
+
+class MqttConfig(StrictModel):
+    host: str = "localhost"
+    port: int = Field(1883, gt=0, lt=65536)
+    base_topic: str = "pico"
+    keepalive: int = Field(60, ge=5, le=3600)
+    client_id: str | None = Field(None, description="default: pico-gateway-<gateway_id>")
+
+    @field_validator("base_topic")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
+        return value
+
+
+class StoreConfig(StrictModel):
+    path: Path = Path("/var/lib/pico-gateway/readings.db")
+
+
+class GatewayConfig(StrictModel):
+    gateway_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] = Field(default_factory=default_gateway_id)
+    mqtt: MqttConfig = MqttConfig()
+    store: StoreConfig = StoreConfig()
+    devices: list[AnyDevice] = []
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.id in seen:
+                raise ValueError(f"device id '{device.id}' is used twice; ids must be unique")
+            seen.add(device.id)
+        return self
+
+    def device(self, device_id: str) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.id == device_id), None)
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; ``problems`` lists every reason, one per line."""
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+    def report(self) -> str:
+        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_describe(err, data) for err in exc.errors()]) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a config file; raise ConfigError saying what to fix."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, path)
+
+
+def _describe(err: Any, data: dict[str, Any]) -> str:
+    """``devices[1] (id 'shed').baudrate: <message>`` from a pydantic error."""
+    loc = list(err["loc"])
+    out = ""
+    if loc[:1] == ["devices"] and len(loc) >= 2 and isinstance(loc[1], int):
+        index = loc[1]
+        raw = data.get("devices")
+        device = raw[index] if isinstance(raw, list) and index < len(raw) else None
+        dev_id = device.get("id") if isinstance(device, dict) else None
+        out = f"devices[{index}]" + (f" (id '{dev_id}')" if dev_id else "")
+        rest = loc[2:]
+        # A discriminated union puts the transport name in the path: drop it.
+        if rest and isinstance(device, dict) and rest[0] == device.get("transport"):
+            rest = rest[1:]
+        loc = rest
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling, and the docs for this transport)"
+    elif err["type"] == "union_tag_invalid":
+        message = f"unknown transport; expected one of: {', '.join(LINKS)}"
+    elif err["type"] == "union_tag_not_found":
+        message = f"missing 'transport' (one of: {', '.join(LINKS)})"
+    return f"{out or '(top level)'}: {message}"

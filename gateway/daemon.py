@@ -1,0 +1,54 @@
+"""``pico-gateway run``: wire config, store, MQTT, bridge and links together, until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+
+from gateway.bridge import Bridge
+from gateway.config import GatewayConfig
+from gateway.links import LINKS
+from gateway.mqtt import MqttConnection
+from gateway.store import Store
+from gateway.topics import Topics
+
+log = logging.getLogger("gateway")
+
+BROKER_WAIT = 10.0  # seconds to wait for the first connection before starting links anyway
+
+
+def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set); 0 on a clean stop."""
+    stop = stop or threading.Event()
+    topics = Topics(config.mqtt.base_topic)
+    try:
+        store = Store(config.store.path)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("cannot open the database %s: %s (check store.path and its directory's permissions)",
+                  config.store.path, exc)
+        return 1
+    client_id = config.mqtt.client_id or f"pico-gateway-{config.gateway_id}"
+    mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"))
+    bridge = Bridge(config.gateway_id, topics, store, mqtt)
+    for device in config.devices:
+        bridge.add(LINKS[device.transport](device, bridge))
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+
+    mqtt.start()
+    if not mqtt.wait_connected(BROKER_WAIT):
+        log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
+                    config.mqtt.host, config.mqtt.port)
+    bridge.start()
+    log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
+             config.store.path)
+    stop.wait()
+    log.info("stopping")
+    last_words = bridge.stop()
+    mqtt.stop(last_words)
+    store.close()
+    return 0

@@ -1,0 +1,168 @@
+"""What every link shares: its config base, the events it reports, and its interface.
+
+A *link* is one way of reaching one Pico (a UART, an I2C target, ...). The bridge
+talks to every link through :class:`Link` and hears from it through
+:class:`LinkEvents`; adding a transport means one new module with a ``Link``
+subclass and one line in ``gateway/links/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from enum import Enum
+from typing import Annotated, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+RESERVED_IDS = frozenset({"bridge"})
+
+
+class StrictModel(BaseModel):
+    """Config models reject unknown keys: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(StrictModel):
+    """Keys every device has, whatever its transport."""
+
+    id: DeviceId
+    transport: str
+    protocol: Literal["picogw", "tutorial"] = "picogw"
+    command_timeout: float = Field(2.0, gt=0, le=60, description="seconds to wait for an ack")
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_IDS:
+            raise ValueError(f"'{value}' is reserved for the gateway's own topics")
+        return value
+
+
+class LedCommand(str, Enum):
+    ON = "on"
+    OFF = "off"
+    TOGGLE = "toggle"
+
+
+class CommandError(Exception):
+    """A command that was not carried out; the message is shown to the user."""
+
+
+class LinkEvents(Protocol):
+    """What a link reports. Called from the link's own threads; must not block long."""
+
+    def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None: ...
+
+    def led_state(self, device: str, on: bool) -> None: ...
+
+    def availability(self, device: str, online: bool) -> None: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Link(ABC):
+    """One Pico behind one transport.
+
+    ``start`` returns at once: the link runs its own threads, (re)opens its
+    port with backoff and reports through ``events``. ``set_led`` blocks until
+    the Pico confirmed the new state (returned) or raises CommandError.
+    """
+
+    transport: ClassVar[str]
+    Config: ClassVar[type[DeviceConfig]]
+
+    def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
+        self.config = config
+        self.device = config.id
+        self.events = events
+        self.stats: Counter[str] = Counter()
+        self.log = logging.getLogger(f"gateway.link.{config.id}")
+        self._online: bool | None = None
+        self._online_lock = threading.Lock()
+
+    @property
+    def online(self) -> bool:
+        return bool(self._online)
+
+    def set_online(self, online: bool, reason: str = "") -> None:
+        """Report availability, once per change."""
+        with self._online_lock:
+            if self._online == online:
+                return
+            self._online = online
+        if online:
+            self.log.info("online%s", f" ({reason})" if reason else "")
+        else:
+            self.stats["went_offline"] += 1
+            self.log.warning("offline%s", f": {reason}" if reason else "")
+        self.events.availability(self.device, online)
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def set_led(self, command: LedCommand) -> bool: ...
+
+
+class Backoff:
+    """Exponential reconnect delays: 0.5 s, 1 s, 2 s ... capped, reset on success."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap = first, cap
+        self._next = first
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+class PendingAnswers:
+    """Command ids waiting for their answer, shared by a sender and a reader thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[threading.Event, list[object]]] = {}
+
+    def expect(self, key: int) -> None:
+        with self._lock:
+            self._waiting[key] = (threading.Event(), [])
+
+    def resolve(self, key: int, answer: object) -> bool:
+        """Hand ``answer`` to whoever waits for ``key``; False if nobody does."""
+        with self._lock:
+            slot = self._waiting.get(key)
+        if slot is None:
+            return False
+        slot[1].append(answer)
+        slot[0].set()
+        return True
+
+    def wait(self, key: int, timeout: float) -> object | None:
+        """The answer, or None after ``timeout`` seconds. Always forgets ``key``."""
+        with self._lock:
+            slot = self._waiting.get(key)
+        try:
+            if slot is None or not slot[0].wait(timeout):
+                return None
+            return slot[1][0]
+        finally:
+            self.forget(key)
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._waiting.pop(key, None)

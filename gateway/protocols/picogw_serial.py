@@ -1,0 +1,145 @@
+"""The gateway's side of a picogw conversation over a serial port (docs/protocol.md §1).
+
+Turns hello/reading/state frames into events, keeps the sequence accounting
+(gaps, resets), answers liveness with pings, and sends LED commands, matching
+each answer to its command by id.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from gateway.links.base import CommandError, LedCommand, PendingAnswers, now_ms
+from gateway.links.serial_link import SerialLink, SerialSession
+from gateway.protocols.picogw import Frame, FrameReceiver, encode
+
+SEQ_MOD = 1 << 32
+
+
+class PicogwSerialSession(SerialSession):
+    def __init__(self, link: SerialLink) -> None:
+        super().__init__(link)
+        self.rx = FrameReceiver()
+        self.rx.counts = link.stats  # drops and good frames are counted on the link
+        self.answers = PendingAnswers()
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._expected_seq: int | None = None
+        self._last_rx = time.monotonic()
+        self._last_ping = 0.0
+
+    # -- reader thread -------------------------------------------------
+    def connected(self) -> None:
+        self.rx = FrameReceiver()
+        self.rx.counts = self.link.stats
+        self._last_rx = time.monotonic()
+        # Ask who is there and the LED's state; changes nothing on the Pico.
+        self._send("hello", None)
+
+    def received(self, data: bytes) -> None:
+        for frame in self.rx.feed(data):
+            self._last_rx = time.monotonic()
+            self.link.set_online(True, "frames arriving")
+            handler = self._handlers.get(frame.type)
+            if handler is None:
+                self.link.stats["unknown_type"] += 1
+            else:
+                handler(self, frame)
+
+    def poll(self, now: float) -> None:
+        cfg = self.link.config
+        idle = now - self._last_rx
+        if idle > cfg.offline_after:
+            self.link.set_online(False, f"no frame for {cfg.offline_after:g} s")
+        if idle > cfg.heartbeat and now - self._last_ping > cfg.heartbeat:
+            self._last_ping = now
+            self._send("ping", None)
+
+    def disconnected(self) -> None:
+        self._expected_seq = None
+
+    def _on_hello(self, frame: Frame) -> None:
+        self._expected_seq = frame.number
+        self.link.stats["hellos"] += 1
+        dev = frame.get("dev")
+        if dev and dev != self.link.device:
+            self.link.stats["id_mismatch"] += 1
+            self.link.log.warning("the Pico calls itself %r; using the configured id %r", dev, self.link.device)
+        self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), frame.get("metrics"))
+        self._led_from(frame)
+
+    def _on_reading(self, frame: Frame) -> None:
+        self._account_seq(frame.number)
+        values = []
+        for key, raw in frame.fields:
+            try:
+                value = float(raw) if raw is not None else math.nan
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                self.link.stats["bad_values"] += 1
+                continue
+            values.append((key, value))
+        if values:
+            self.link.events.reading(self.link.device, values, now_ms(), frame.number)
+
+    def _on_state(self, frame: Frame) -> None:
+        self._account_seq(frame.number)
+        self._led_from(frame)
+
+    def _on_answer(self, frame: Frame) -> None:
+        self._led_from(frame)
+        if not self.answers.resolve(frame.number, frame):
+            self.link.stats["late_answers"] += 1  # timed out already, or a ping's
+
+    def _account_seq(self, seq: int) -> None:
+        expected = self._expected_seq
+        if expected is not None and seq != expected:
+            ahead = (seq - expected) % SEQ_MOD
+            if ahead < SEQ_MOD // 2:
+                self.link.stats["seq_gaps"] += ahead
+            else:
+                self.link.stats["seq_resets"] += 1
+        self._expected_seq = (seq + 1) % SEQ_MOD
+
+    def _led_from(self, frame: Frame) -> None:
+        led = frame.get("led")
+        if led in ("on", "off"):
+            self.link.events.led_state(self.link.device, led == "on")
+
+    _handlers = {"H": _on_hello, "R": _on_reading, "S": _on_state, "A": _on_answer, "N": _on_answer}
+
+    # -- command worker thread --------------------------------------------
+    def _new_id(self) -> int:
+        with self._id_lock:
+            self._next_id = self._next_id % 65535 + 1
+            return self._next_id
+
+    def _send(self, key: str, value: str | None) -> None:
+        """Fire-and-forget (hello, ping): a failure shows up as silence, not an error."""
+        try:
+            self.link.write(encode("C", self._new_id(), [(key, value)]))
+        except CommandError:
+            self.link.stats["write_errors"] += 1
+
+    def set_led(self, command: LedCommand) -> bool:
+        cid = self._new_id()
+        self.answers.expect(cid)
+        try:
+            self.link.write(encode("C", cid, [("led", command.value)]))
+        except CommandError:
+            self.answers.forget(cid)
+            raise
+        answer = self.answers.wait(cid, self.link.config.command_timeout)
+        if answer is None:
+            self.link.stats["command_timeouts"] += 1
+            raise CommandError(f"no answer from the Pico within {self.link.config.command_timeout:g} s")
+        assert isinstance(answer, Frame)
+        if answer.type == "N":
+            raise CommandError(f"the Pico refused the command: {answer.get('err') or 'no reason given'}")
+        led = answer.get("led")
+        if led not in ("on", "off"):
+            raise CommandError(f"the Pico answered without an LED state: {answer.fields!r}")
+        return led == "on"

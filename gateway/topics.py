@@ -1,0 +1,53 @@
+"""The MQTT topic tree, in one place (documented in docs/topics.md).
+
+    >>> t = Topics("pico")
+    >>> t.sensor("greenhouse", "temp")
+    'pico/greenhouse/sensor/temp'
+    >>> t.parse_command("pico/greenhouse/cmd/led")
+    ('greenhouse', 'led')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    base: str = "pico"
+
+    def sensor(self, device: str, metric: str) -> str:
+        return f"{self.base}/{device}/sensor/{metric}"
+
+    def state(self, device: str, what: str = "led") -> str:
+        return f"{self.base}/{device}/state/{what}"
+
+    def command(self, device: str, what: str = "led") -> str:
+        return f"{self.base}/{device}/cmd/{what}"
+
+    def result(self, device: str, what: str = "led") -> str:
+        """Where the outcome of each command is published (JSON, not retained)."""
+        return f"{self.base}/{device}/result/{what}"
+
+    def status(self, device: str) -> str:
+        return f"{self.base}/{device}/status"
+
+    def bridge_status(self, gateway_id: str) -> str:
+        return f"{self.base}/bridge/{gateway_id}/status"
+
+    def bridge_rejected(self, gateway_id: str) -> str:
+        """Commands this gateway refused without a device to answer for (unknown id)."""
+        return f"{self.base}/bridge/{gateway_id}/rejected"
+
+    def all_commands(self, what: str = "led") -> str:
+        return f"{self.base}/+/cmd/{what}"
+
+    def parse_command(self, topic: str) -> tuple[str, str] | None:
+        """(device, what) for ``<base>/<device>/cmd/<what>``, else None."""
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) != 3 or parts[1] != "cmd" or not parts[0] or not parts[2]:
+            return None
+        return parts[0], parts[2]

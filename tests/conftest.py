@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mqtt_helpers import Broker, Recorder, free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(port=free_port(), workdir=tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def recorder(broker: Broker) -> Iterator[Recorder]:
+    r = Recorder(broker)
+    yield r
+    r.close()
+
+
+def write_config(path: Path, broker: Broker, devices: list[dict], gateway_id: str = "testgw", db: Path | None = None) -> Path:
+    lines = [f'gateway_id = "{gateway_id}"', "[mqtt]", f'host = "{broker.host}"', f"port = {broker.port}",
+             "[store]", f'path = "{db or path.parent / "readings.db"}"']
+    for dev in devices:
+        lines.append("[[devices]]")
+        for key, value in dev.items():
+            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class GatewayProcess:
+    """``python -m gateway run --config FILE`` as a child process."""
+
+    def __init__(self, config: Path, recorder: Recorder, gateway_id: str = "testgw") -> None:
+        self.log_path = config.parent / "gateway.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
+                                     stdout=self.log, stderr=self.log, cwd=REPO)
+        wait_for(lambda: self._alive() and recorder.last(f"pico/bridge/{gateway_id}/status") == "online",
+                 15, "the gateway's bridge status online")
+
+    def _alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return True
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, broker: Broker, recorder: Recorder):
+    started: list[GatewayProcess] = []
+
+    def start(devices: list[dict], gateway_id: str = "testgw") -> GatewayProcess:
+        config = write_config(tmp_path / f"{gateway_id}.toml", broker, devices, gateway_id)
+        gw = GatewayProcess(config, recorder, gateway_id)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

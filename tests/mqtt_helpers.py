@@ -1,0 +1,121 @@
+"""Test helpers: a private mosquitto on a free loopback port, and a recording MQTT client."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Broker:
+    port: int
+    workdir: Path
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+    extra_conf: str = ""
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+                        f"log_dest stderr\n{self.extra_conf}")
+        log = open(self.workdir / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
+        wait_for(self._accepting, 10, f"mosquitto on port {self.port}")
+
+    def _accepting(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
+        try:
+            socket.create_connection((self.host, self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@dataclass
+class Recorder:
+    """An MQTT client that records every message it receives, for assertions."""
+
+    broker: Broker
+    topics: list[str] = field(default_factory=lambda: ["#"])
+    messages: list[paho.MQTTMessage] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect(self.broker.host, self.broker.port)
+        self.client.loop_start()
+        wait_for(self._subscribed.is_set, 10, "subscription")
+
+    def _on_connect(self, client, userdata, flags, reason, props) -> None:
+        client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    def on(self, topic: str) -> list[str]:
+        """Payloads received on ``topic`` (exact, or a filter with + and #), in order."""
+        with self._lock:
+            return [m.payload.decode(errors="replace") for m in self.messages if paho.topic_matches_sub(topic, m.topic)]
+
+    def last(self, topic: str) -> str | None:
+        payloads = self.on(topic)
+        return payloads[-1] if payloads else None
+
+    def wait(self, topic: str, payload: str | None = None, count: int = 1, timeout: float = 10.0) -> list[str]:
+        def got() -> list[str] | None:
+            found = [p for p in self.on(topic) if payload is None or p == payload]
+            return found if len(found) >= count else None
+
+        return wait_for(got, timeout, f"{count} message(s) {payload!r} on {topic}")  # type: ignore[return-value]
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,117 @@
+"""Hand-written Pico stand-ins on pseudo-terminals, for protocol edge cases.
+
+The end-to-end tests also run the real firmware in the simulator; these peers let a
+test put exact bytes on the wire (garbage, corrupt frames, silence) and see what the
+gateway sends back.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import tty
+
+from gateway.protocols.picogw import Frame, FrameReceiver, encode
+
+
+class PtyPeer:
+    """The Pico end of a pseudo-terminal; ``path`` is what the gateway opens."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.received = bytearray()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read_loop, daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def _read_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.received += data
+            self.on_bytes(data)
+
+    def on_bytes(self, data: bytes) -> None:
+        """Override to react to what the gateway writes."""
+
+    def close(self) -> None:
+        self._closed.set()
+        for fd in (self.slave, self.master):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class PicogwPeer(PtyPeer):
+    """Speaks picogw: answers commands (unless ``mute``), sends what the test asks."""
+
+    def __init__(self, device: str = "greenhouse") -> None:
+        self.rx = FrameReceiver()
+        self.device = device
+        self.led = False
+        self.mute = False
+        self.seq = 0
+        self.commands: list[Frame] = []
+        super().__init__()
+
+    def hello(self) -> None:
+        self.send(encode("H", self.seq, [("proto", "1"), ("fw", "test"), ("dev", self.device),
+                                         ("led", "on" if self.led else "off"), ("metrics", "temp")]))
+
+    def reading(self, **values: float | str) -> None:
+        self.send(encode("R", self.seq, [(k, str(v)) for k, v in values.items()]))
+        self.seq += 1
+
+    def on_bytes(self, data: bytes) -> None:
+        for frame in self.rx.feed(data):
+            self.commands.append(frame)
+            if self.mute or frame.type != "C":
+                continue
+            key, value = frame.fields[0] if frame.fields else ("", None)
+            if key == "led" and value in ("on", "off", "toggle"):
+                self.led = (not self.led) if value == "toggle" else value == "on"
+                self.send(encode("A", frame.number, [("led", "on" if self.led else "off")]))
+            elif key == "led" and value is None:
+                self.send(encode("A", frame.number, [("led", "on" if self.led else "off")]))
+            elif key in ("ping", "hello"):
+                self.send(encode("A", frame.number, []))
+                if key == "hello":
+                    self.hello()
+            else:
+                self.send(encode("N", frame.number, [("err", "unknown")]))
+
+
+class TutorialPeer(PtyPeer):
+    """The tutorial's UART program: ``led_on\\r``/``led_off\\r`` -> ``on\\r\\n``/``off\\r\\n``."""
+
+    def __init__(self) -> None:
+        self.led = False
+        self.mute = False
+        self._buf = b""
+        super().__init__()
+
+    def on_bytes(self, data: bytes) -> None:
+        self._buf += data
+        while b"\r" in self._buf:
+            line, self._buf = self._buf.split(b"\r", 1)
+            if self.mute:
+                continue
+            if line == b"led_on":
+                self.led = True
+                self.send(b"on\r\n")
+            elif line == b"led_off":
+                self.led = False
+                self.send(b"off\r\n")
