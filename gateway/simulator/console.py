@@ -1,0 +1,194 @@
+"""The USB CDC console of a virtual Pico: a pseudo-terminal.
+
+The gateway (pyserial, mpremote) opens the pty's slave path, published as
+``usb`` in the state file.  Inside the Pico process, ``sys.stdin`` and
+``sys.stdout`` are text streams on the pty master as on MicroPython:
+``print``/``sys.stdout.write`` translate ``\\n`` to ``\\r\\n`` (MicroPython's
+"cooked" output), ``sys.stdout.buffer``/``sys.stdin.buffer`` are raw bytes,
+and Ctrl-C (or the character set by ``micropython.kbd_intr``) raises
+KeyboardInterrupt in the running program unless disabled with
+``micropython.kbd_intr(-1)``.  ``sys.stdin`` has a ``fileno()``, so
+``select.poll()`` on it works as on MicroPython.
+"""
+
+import os
+import signal
+import threading
+
+from gateway.simulator import runtime
+
+kbd_intr_char = 3
+executing = False      # a program (main.py or REPL input) is running
+_main_ident = threading.main_thread().ident
+
+
+def _interrupt_main():
+    signal.pthread_kill(_main_ident, signal.SIGINT)
+
+
+class Console:
+    def __init__(self):
+        import machine  # the shim (patches.install() ran before)
+        inherited = os.environ.get("PICOSIM_FD_USB")
+        if inherited:
+            m, s, path = inherited.split(",", 2)
+            self.master, self.slave, self.path = int(m), int(s), path
+        else:
+            self.master, self.slave, self.path = machine._make_pty()
+        os.set_inheritable(self.master, True)
+        os.set_inheritable(self.slave, True)
+        os.environ["PICOSIM_FD_USB"] = "%d,%d,%s" % (self.master, self.slave, self.path)
+        self._rpipe, self._wpipe = os.pipe()
+        self.stdin = UsbStdin(self)
+        self.stdout = UsbStdout(self)
+        threading.Thread(target=self._reader, daemon=True, name="usb-console").start()
+        runtime.publish("usb", self.path)
+        runtime.log("USB console is %s" % self.path)
+
+    def _reader(self):
+        import select
+        while True:
+            try:
+                select.select([self.master], [], [])
+                data = os.read(self.master, 4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            if not data:
+                continue
+            if executing and kbd_intr_char is not None and kbd_intr_char >= 0:
+                ch = bytes([kbd_intr_char])
+                if ch in data:
+                    data = data[:data.index(ch)]
+                    if data:
+                        os.write(self._wpipe, data)
+                    _interrupt_main()
+                    continue
+            os.write(self._wpipe, data)
+
+    def write_raw(self, data):
+        view = memoryview(bytes(data))
+        while view:
+            try:
+                n = os.write(self.master, view)
+                view = view[n:]
+            except BlockingIOError:
+                # Host not reading: MicroPython drops output after a timeout.
+                import select
+                if not select.select([], [self.master], [], 0.5)[1]:
+                    return
+            except OSError:
+                return
+
+    def read_raw(self, n=1):
+        """Blocking read of 1..n bytes of input."""
+        return os.read(self._rpipe, n)
+
+    def input_fd(self):
+        return self._rpipe
+
+
+class _StdinBuffer:
+    def __init__(self, con):
+        self._con = con
+
+    def fileno(self):
+        return self._con.input_fd()
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            n = 1 << 16
+            return self._con.read_raw(n)
+        out = bytearray()
+        while len(out) < n:
+            chunk = self._con.read_raw(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def readinto(self, buf, nbytes=None):
+        n = len(buf) if nbytes is None else nbytes
+        data = self.read(n)
+        buf[:len(data)] = data
+        return len(data)
+
+    def readline(self):
+        out = bytearray()
+        while True:
+            c = self._con.read_raw(1)
+            if not c:
+                break
+            out += c
+            if c == b"\n":
+                break
+        return bytes(out)
+
+
+class UsbStdin:
+    encoding = "utf-8"
+
+    def __init__(self, con):
+        self.buffer = _StdinBuffer(con)
+
+    def fileno(self):
+        return self.buffer.fileno()
+
+    def read(self, n=-1):
+        return self.buffer.read(n).decode("latin-1")
+
+    def readline(self, size=-1):
+        return self.buffer.readline().decode("latin-1")
+
+    def readinto(self, buf, nbytes=None):
+        return self.buffer.readinto(buf, nbytes)
+
+    def isatty(self):
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class _StdoutBuffer:
+    def __init__(self, con):
+        self._con = con
+
+    def write(self, data):
+        self._con.write_raw(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class UsbStdout:
+    encoding = "utf-8"
+
+    def __init__(self, con):
+        self._con = con
+        self.buffer = _StdoutBuffer(con)
+
+    def write(self, s):
+        if isinstance(s, (bytes, bytearray)):
+            data = bytes(s)
+        else:
+            data = s.encode("utf-8")
+        self._con.write_raw(data.replace(b"\n", b"\r\n"))
+        return len(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+    def fileno(self):
+        return self._con.master

@@ -1,0 +1,1 @@
+"""umqtt: MicroPython's minimal MQTT client (simple and robust), for the host."""

@@ -1,0 +1,173 @@
+"""Patches of CPython modules where MicroPython extends them, and the sys.path
+set-up that makes the shim modules (``gateway/simulator/mpy``) importable.
+
+* ``time``: ticks_ms/ticks_us/ticks_cpu/ticks_add/ticks_diff (MicroPython
+  wrap-around at 2**30), sleep_ms, sleep_us.
+* ``gc``: mem_free, mem_alloc, threshold.
+* ``socket``: ``socket.socket`` becomes a subclass whose ``bind`` maps any
+  host to 127.0.0.1 (only loopback is ever used), remaps ports per the
+  ``tcp_port_map`` knob, sets SO_REUSEADDR (lwIP rebinds at once after a reset),
+  publishes the listening address as ``tcp`` in the state file, and that has
+  MicroPython's stream methods read/readinto/readline/write.
+* ``sys``: ``sys.implementation`` is left alone (firmware must not sniff it);
+  ``sys.print_exception`` is added (MicroPython's spelling).
+"""
+
+import gc
+import os
+import random
+import socket as _socket_mod
+import sys
+import time
+import traceback
+
+from gateway.simulator import runtime
+
+MPY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpy")
+
+TICKS_PERIOD = 1 << 30
+TICKS_MAX = TICKS_PERIOD - 1
+TICKS_HALFPERIOD = TICKS_PERIOD >> 1
+
+_t0 = time.monotonic_ns()
+
+
+def _elapsed_ns():
+    return time.monotonic_ns() - _t0
+
+
+def ticks_ms():
+    return (_elapsed_ns() // 1_000_000 + int(runtime.knob("ticks_offset_ms") or 0)) & TICKS_MAX
+
+
+def ticks_us():
+    return (_elapsed_ns() // 1000 + int(runtime.knob("ticks_offset_ms") or 0) * 1000) & TICKS_MAX
+
+
+def ticks_cpu():
+    return ticks_us()
+
+
+def ticks_add(ticks, delta):
+    if not -TICKS_HALFPERIOD <= delta < TICKS_HALFPERIOD:
+        raise OverflowError("ticks interval overflow")
+    return (ticks + delta) & TICKS_MAX
+
+
+def ticks_diff(ticks1, ticks2):
+    return ((ticks1 - ticks2 + TICKS_HALFPERIOD) & TICKS_MAX) - TICKS_HALFPERIOD
+
+
+def sleep_ms(ms):
+    if ms > 0:
+        time.sleep(ms / 1000)
+
+
+def sleep_us(us):
+    if us > 0:
+        time.sleep(us / 1_000_000)
+
+
+def patch_time():
+    for f in (ticks_ms, ticks_us, ticks_cpu, ticks_add, ticks_diff, sleep_ms, sleep_us):
+        setattr(time, f.__name__, f)
+
+
+def patch_gc():
+    def mem_free():
+        return int(runtime.knob("mem_free")) - random.randrange(0, 2048, 16)
+
+    def mem_alloc():
+        return 264 * 1024 - 30 * 1024 - mem_free()
+
+    def threshold(amount=None):
+        return -1 if amount is None else None
+
+    gc.mem_free = mem_free
+    gc.mem_alloc = mem_alloc
+    gc.threshold = threshold
+
+
+def _print_exception(exc, file=None):
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=file or sys.stdout)
+
+
+_BaseSocket = _socket_mod.socket
+
+
+class MpSocket(_BaseSocket):
+    """CPython socket with MicroPython's extras (stream methods, safe bind)."""
+
+    def bind(self, address):
+        if self.family in (_socket_mod.AF_INET, _socket_mod.AF_INET6) and isinstance(address, tuple):
+            host, port = address[0], address[1]
+            port = runtime.tcp_port_map().get(port, port)
+            host = "127.0.0.1" if self.family == _socket_mod.AF_INET else "::1"
+            address = (host, port) + tuple(address[2:])
+            try:
+                self.setsockopt(_socket_mod.SOL_SOCKET, _socket_mod.SO_REUSEADDR, 1)
+            except OSError:
+                pass
+        return super().bind(address)
+
+    def listen(self, backlog=5):
+        super().listen(backlog)
+        if self.family == _socket_mod.AF_INET and self.type == _socket_mod.SOCK_STREAM:
+            host, port = self.getsockname()[:2]
+            if runtime.get_state("tcp") is None or runtime.get_state("tcp")[1] != port:
+                runtime.publish("tcp", [host, port])
+                runtime.log("TCP listening on %s:%d" % (host, port))
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            out = bytearray()
+            while True:
+                chunk = self.recv(4096)
+                if not chunk:
+                    return bytes(out)
+                out += chunk
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.recv(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def readinto(self, buf, nbytes=None):
+        return self.recv_into(buf, nbytes or 0)
+
+    def readline(self):
+        out = bytearray()
+        while True:
+            c = self.recv(1)
+            if not c:
+                break
+            out += c
+            if c == b"\n":
+                break
+        return bytes(out)
+
+    def write(self, buf):
+        if isinstance(buf, str):
+            buf = buf.encode()
+        self.sendall(buf)
+        return len(buf)
+
+
+def patch_socket():
+    _socket_mod.socket = MpSocket
+
+
+def install(firmware_dir=None):
+    """Make MicroPython's modules importable and patch CPython's."""
+    patch_time()
+    patch_gc()
+    patch_socket()
+    if not hasattr(sys, "print_exception"):
+        sys.print_exception = _print_exception
+    paths = [MPY_DIR] + ([firmware_dir] if firmware_dir else [])
+    for p in reversed(paths):
+        if p in sys.path:
+            sys.path.remove(p)
+        sys.path.insert(0, p)

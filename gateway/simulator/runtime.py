@@ -1,0 +1,201 @@
+"""Process-wide state of one virtual Pico: knobs, LED, published endpoints.
+
+The shim modules (``machine``, ``network``, ...) import this module; the
+runner (``gateway.simulator.pico``) configures it before the firmware starts.
+
+Simulation knobs
+----------------
+Each knob comes from (later wins): the defaults below, the sidecar JSON file
+(``--sim-json PATH``, re-read whenever its mtime changes, so a test can change
+the temperature of a running Pico), then environment variables.
+
+===================  ===========================  ===============================
+sidecar key          env var                      meaning
+===================  ===========================  ===============================
+``temp_c``           ``PICOSIM_TEMP_C``           internal sensor temperature, °C
+                                                  (default 21.5)
+``temp_noise``       ``PICOSIM_TEMP_NOISE``       +/- uniform noise in °C
+                                                  (default 0.2; 0 = exact)
+``adc``              ``PICOSIM_ADC_<pin>``        raw u16 value per ADC channel or
+                                                  GPIO (dict ``{"26": 32768}``)
+``uart_bitflip``     ``PICOSIM_UART_BITFLIP``     probability that a byte the
+                                                  Pico sends has one bit flipped
+``ticks_offset_ms``  ``PICOSIM_TICKS_OFFSET_MS``  start value of ticks_ms (test
+                                                  wrap-around: 2**30 - 5000)
+``tcp_port_map``     ``PICOSIM_TCP_PORT_MAP``     ``"8080=40123,80=40124"``: ports
+                                                  a firmware binds are remapped
+``mem_free``         ``PICOSIM_MEM_FREE``         gc.mem_free() base (171000)
+``wifi_fail``        ``PICOSIM_WIFI_FAIL``        WLAN.connect() never succeeds
+                                                  (status -2, no AP found)
+``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
+                                                  memory-mode read (torn reads)
+``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
+===================  ===========================  ===============================
+
+Every bind of a socket to a non-loopback host is rewritten to 127.0.0.1.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+DEFAULTS = {
+    "temp_c": 21.5,
+    "temp_noise": 0.2,
+    "adc": {},
+    "uart_bitflip": 0.0,
+    "ticks_offset_ms": 0,
+    "tcp_port_map": "",
+    "mem_free": 171000,
+    "wifi_fail": False,
+    "i2c_byte_delay_us": 0,
+    "unique_id": "",
+}
+
+_ENV = {
+    "temp_c": ("PICOSIM_TEMP_C", float),
+    "temp_noise": ("PICOSIM_TEMP_NOISE", float),
+    "uart_bitflip": ("PICOSIM_UART_BITFLIP", float),
+    "ticks_offset_ms": ("PICOSIM_TICKS_OFFSET_MS", int),
+    "tcp_port_map": ("PICOSIM_TCP_PORT_MAP", str),
+    "mem_free": ("PICOSIM_MEM_FREE", int),
+    "wifi_fail": ("PICOSIM_WIFI_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
+    "i2c_byte_delay_us": ("PICOSIM_I2C_BYTE_DELAY_US", int),
+    "unique_id": ("PICOSIM_UNIQUE_ID", str),
+}
+
+_lock = threading.RLock()
+_sidecar_path = None
+_sidecar_mtime = None
+_sidecar_checked = 0.0
+_sidecar = {}
+
+state_path = None          # pico.json, or None (no state file)
+i2c_bus_dir = None         # directory of the simulated bus: <dir>/0x43.sock per target
+device_id = "pico"
+_state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
+          "led": "off", "pid": os.getpid()}
+_log = sys.stderr
+BOOT = time.monotonic()
+
+
+def configure(state_dir=None, sim_json=None, i2c_bus_dir=None, device="pico", log=None):
+    global state_path, _sidecar_path, device_id, _log
+    if state_dir:
+        os.makedirs(state_dir, exist_ok=True)
+        state_path = os.path.join(state_dir, "pico.json")
+    _sidecar_path = sim_json
+    globals()["i2c_bus_dir"] = i2c_bus_dir
+    device_id = device
+    if log is not None:
+        _log = log
+    _state["pid"] = os.getpid()
+    write_state()
+
+
+def log(msg):
+    try:
+        _log.write("[virtual-pico %s] %s\n" % (device_id, msg))
+        _log.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _reload_sidecar():
+    global _sidecar_mtime, _sidecar_checked, _sidecar
+    now = time.monotonic()
+    if _sidecar_path is None or now - _sidecar_checked < 0.1:
+        return
+    _sidecar_checked = now
+    try:
+        mtime = os.stat(_sidecar_path).st_mtime_ns
+    except OSError:
+        return
+    if mtime == _sidecar_mtime:
+        return
+    try:
+        with open(_sidecar_path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        log("ignoring unreadable sidecar %s: %s" % (_sidecar_path, e))
+        return
+    _sidecar_mtime = mtime
+    _sidecar = data if isinstance(data, dict) else {}
+
+
+def knob(name):
+    with _lock:
+        _reload_sidecar()
+        value = _sidecar.get(name, DEFAULTS.get(name))
+    if name in _ENV:
+        env, conv = _ENV[name]
+        if env in os.environ:
+            value = conv(os.environ[env])
+    return value
+
+
+def adc_value(channel):
+    """Configured raw u16 for ADC channel / GPIO `channel`, or None."""
+    env = os.environ.get("PICOSIM_ADC_%d" % channel)
+    if env is not None:
+        return int(env) & 0xFFFF
+    table = knob("adc") or {}
+    v = table.get(str(channel), table.get(channel))
+    return None if v is None else int(v) & 0xFFFF
+
+
+def tcp_port_map():
+    spec = knob("tcp_port_map") or ""
+    out = {}
+    if isinstance(spec, dict):
+        return {int(k): int(v) for k, v in spec.items()}
+    for part in spec.split(","):
+        if "=" in part:
+            a, b = part.split("=", 1)
+            out[int(a)] = int(b)
+    return out
+
+
+# --- state file -----------------------------------------------------------
+
+def write_state():
+    if state_path is None:
+        return
+    with _lock:
+        tmp = "%s.%d.tmp" % (state_path, os.getpid())
+        with open(tmp, "w") as f:
+            json.dump(_state, f)
+        os.replace(tmp, state_path)
+
+
+def publish(key, value):
+    with _lock:
+        _state[key] = value
+        write_state()
+
+
+def get_state(key):
+    return _state.get(key)
+
+
+# --- the LED ----------------------------------------------------------------
+
+_led = 0
+
+
+def led_value():
+    return _led
+
+
+def set_led(v):
+    global _led
+    v = 1 if v else 0
+    with _lock:
+        if v == _led:
+            return
+        _led = v
+        _state["led"] = "on" if v else "off"
+        write_state()
+    log("LED on" if v else "LED off")
