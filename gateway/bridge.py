@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.commands import PayloadError, parse_led_payload
@@ -56,6 +57,13 @@ class Bridge:
         mqtt.on_connect(self._announce)
         mqtt.subscribe(topics.all_commands("led"), self._on_command)
 
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
+        self.mqtt.subscribe(topic_filter, handler)
+
+    def _publishing(self) -> list[str]:
+        """Devices whose status and state the gateway publishes (not the wifi ones)."""
+        return [d for d, link in self.links.items() if not link.publishes_itself]
+
     def add(self, link: Link) -> None:
         self.links[link.device] = link
         self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
@@ -73,7 +81,7 @@ class Bridge:
             worker.shutdown(wait=True, cancel_futures=True)
         self._queue.put(_STOP)
         self._writer.join(timeout=10)
-        last = [(self.topics.status(d), "offline") for d in self.links]
+        last = [(self.topics.status(d), "offline") for d in self._publishing()]
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
     # -- LinkEvents (called from link threads) -----------------------------------
@@ -84,21 +92,23 @@ class Bridge:
         with self._state_lock:
             changed = self._led.get(device) != on
             self._led[device] = on
-        if changed:
+        if changed and not self.links[device].publishes_itself:
             self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
 
     def availability(self, device: str, online: bool) -> None:
         with self._state_lock:
             self._online[device] = online
-        self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
+        if not self.links[device].publishes_itself:
+            self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
 
     # -- MQTT side ------------------------------------------------------------------
     def _announce(self) -> None:
         """After every (re)connect: our own status, then every device's known state."""
         self.mqtt.publish(self.topics.bridge_status(self.gateway_id), "online", qos=1, retain=True)
+        own = self._publishing()
         with self._state_lock:
-            online = {d: self._online.get(d, False) for d in self.links}
-            led = dict(self._led)
+            online = {d: self._online.get(d, False) for d in own}
+            led = {d: self._led[d] for d in own if d in self._led}
         for device, is_online in online.items():
             self.mqtt.publish(self.topics.status(device), "online" if is_online else "offline", qos=1, retain=True)
         for device, on in led.items():
@@ -113,6 +123,8 @@ class Bridge:
         if link is None:
             self._reject_unknown(topic, device)
             return
+        if link.publishes_itself:
+            return  # the Pico subscribes to its own commands
         if retained:
             # A retained command replays on every reconnect ("ghost switching").
             self._answer(device, ok=False, error="retained commands are ignored; publish without retain (-r)")
@@ -208,6 +220,10 @@ class Bridge:
             self._log_once("store", str(exc), "cannot store readings in %s: %s", self.store.path, exc)
         sensor = self.topics.sensor
         publish = self.mqtt.publish
+        links = self.links
+        published = 0
         for device, metric, value, _, _ in rows:
-            publish(sensor(device, metric), format_value(value))
-        self.stats["readings_published"] += len(rows)
+            if not links[device].publishes_itself:
+                publish(sensor(device, metric), format_value(value))
+                published += 1
+        self.stats["readings_published"] += published

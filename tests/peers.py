@@ -115,3 +115,39 @@ class TutorialPeer(PtyPeer):
             elif line == b"led_off":
                 self.led = False
                 self.send(b"off\r\n")
+
+
+class TutorialTcpPeer:
+    """The tutorial's Pico W TCP server on a loopback port: one command per connection."""
+
+    def __init__(self, readings: str | None = None) -> None:
+        import socket
+
+        self.led = False
+        self.readings = readings  # answer to "r\n" (our firmware's extension), None = tutorial
+        self.requests: list[bytes] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                command = conn.recv(64).strip()
+                self.requests.append(command)
+                if command == b"on":
+                    self.led = True
+                elif command == b"off":
+                    self.led = False
+                elif command == b"?":
+                    conn.sendall(b"on\n" if self.led else b"off\n")
+                elif command == b"r" and self.readings is not None:
+                    conn.sendall(self.readings.encode() + b"\n")
+
+    def close(self) -> None:
+        self.server.close()

@@ -14,9 +14,13 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from enum import Enum
-from typing import Annotated, ClassVar, Literal, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+if TYPE_CHECKING:
+    from gateway.topics import Topics
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
@@ -56,7 +60,13 @@ class CommandError(Exception):
 
 
 class LinkEvents(Protocol):
-    """What a link reports. Called from the link's own threads; must not block long."""
+    """The bridge as a link sees it: where it reports, from its own threads (never
+    blocking long), and, for links that live on MQTT themselves (wifi), the topic
+    tree and a way to subscribe."""
+
+    topics: Topics
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None: ...
 
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None: ...
 
@@ -79,6 +89,9 @@ class Link(ABC):
 
     transport: ClassVar[str]
     Config: ClassVar[type[DeviceConfig]]
+    publishes_itself: ClassVar[bool] = False
+    """True when the Pico publishes its own readings, state and status (wifi): the
+    bridge then stores what it hears but publishes nothing, and leaves commands to it."""
 
     def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
         self.config = config

@@ -1,0 +1,128 @@
+"""A Pico W running the tutorial's TCP command server (port 8080): see docs/links.md.
+
+One connection per command: ``on\\n``, ``off\\n``, or ``?\\n`` (answered ``on``/``off``
+and a newline), then the Pico closes. The gateway polls ``?`` every
+``poll_interval`` to keep ``state/led`` and availability true, and confirms every
+command with a ``?``. With ``protocol = "picogw"`` (our firmware's tcp mode) it
+also asks ``r\\n`` for one line of readings, ``temp=21.53 uptime=5``.
+
+No socket outlives the exchange it was opened for.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
+
+MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
+
+
+class TcpConfig(DeviceConfig):
+    transport: Literal["tcp"]
+    host: str
+    port: int = Field(8080, gt=0, lt=65536)
+    poll_interval: float = Field(5.0, gt=0)
+    connect_timeout: float = Field(2.0, gt=0, le=30)
+
+
+class TcpLink(Link):
+    transport = "tcp"
+    Config = TcpConfig
+    config: TcpConfig
+
+    def __init__(self, config: TcpConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self._stop = threading.Event()
+        self._talk = threading.Lock()  # the tutorial server serves one connection at a time
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def exchange(self, request: bytes) -> bytes:
+        """One connection: send ``request``, read until the Pico closes. Raises OSError."""
+        cfg = self.config
+        with self._talk, socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout) as sock:
+            sock.sendall(request)
+            chunks: list[bytes] = []
+            size = 0
+            deadline = time.monotonic() + cfg.command_timeout
+            while size < MAX_ANSWER:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(MAX_ANSWER)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+
+    def query(self) -> bool:
+        answer = self.exchange(b"?\n").strip()
+        if answer not in (b"on", b"off"):
+            self.stats["bad_answers"] += 1
+            raise OSError(f"unexpected answer to '?': {answer[:40]!r}")
+        on = answer == b"on"
+        self.events.led_state(self.device, on)
+        return on
+
+    def set_led(self, command: LedCommand) -> bool:
+        try:
+            if command is LedCommand.TOGGLE:
+                command = LedCommand.OFF if self.query() else LedCommand.ON
+            self.exchange(command.value.encode() + b"\n")
+            state = self.query()
+        except OSError as exc:
+            self.stats["command_errors"] += 1
+            self.set_online(False, f"{self.config.host}:{self.config.port}: {exc}")
+            raise CommandError(f"cannot reach the Pico at {self.config.host}:{self.config.port}: {exc}") from exc
+        self.set_online(True)
+        if state != (command is LedCommand.ON):
+            raise CommandError(f"the Pico reports the LED {'on' if state else 'off'} after '{command.value}'")
+        return state
+
+    def _poll_readings(self) -> None:
+        line = self.exchange(b"r\n").decode("ascii", "replace").strip()
+        values = []
+        for item in line.split():
+            name, _, raw = item.partition("=")
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not name or not math.isfinite(value):
+                self.stats["bad_values"] += 1
+                continue
+            values.append((name, value))
+        if values:
+            self.events.reading(self.device, values, now_ms(), None)
+
+    def _run(self) -> None:
+        backoff = Backoff(self.config.poll_interval, max(60.0, self.config.poll_interval))
+        while not self._stop.is_set():
+            try:
+                self.query()
+                if self.config.protocol == "picogw":
+                    self._poll_readings()
+            except OSError as exc:
+                self.stats["poll_errors"] += 1
+                self.set_online(False, f"{self.config.host}:{self.config.port}: {exc}")
+                self._stop.wait(backoff.next())
+                continue
+            backoff.reset()
+            self.set_online(True, "answers")
+            self._stop.wait(self.config.poll_interval)

@@ -1,0 +1,62 @@
+"""A Pico W that publishes to the broker itself (umqtt): see docs/links.md.
+
+Nothing to open: the Pico publishes its readings, ``state/led`` and ``status``
+(its own last will) and subscribes to ``cmd/led`` itself. The gateway listens to
+that device's tree, stores its readings in SQLite like any other Pico's, and
+tracks its availability; it re-publishes nothing and never re-sends commands.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, now_ms
+
+MAX_VALUE_BYTES = 32
+
+
+class WifiConfig(DeviceConfig):
+    transport: Literal["wifi"]
+
+
+class WifiLink(Link):
+    transport = "wifi"
+    Config = WifiConfig
+    publishes_itself = True
+    _running = False
+
+    def start(self) -> None:
+        self._running = True
+        topics = self.events.topics
+        self.events.subscribe(topics.sensor(self.device, "+"), self._on_sensor)
+        self.events.subscribe(topics.state(self.device), self._on_state)
+        self.events.subscribe(topics.status(self.device), self._on_status)
+
+    def stop(self) -> None:
+        self._running = False
+
+    def set_led(self, command: LedCommand) -> bool:
+        raise CommandError("a wifi Pico takes its commands from the broker itself")
+
+    def _on_sensor(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not self._running or retained:
+            return  # a retained reading is old news (and never ours to store twice)
+        metric = topic.rsplit("/", 1)[-1]
+        try:
+            value = float(payload[:MAX_VALUE_BYTES].decode("ascii")) if len(payload) <= MAX_VALUE_BYTES else math.nan
+        except (UnicodeDecodeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            self.stats["bad_values"] += 1
+            return
+        self.stats["frames"] += 1
+        self.events.reading(self.device, [(metric, value)], now_ms(), None)
+
+    def _on_state(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._running and payload in (b"on", b"off"):
+            self.events.led_state(self.device, payload == b"on")
+
+    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._running and payload in (b"online", b"offline"):
+            self.set_online(payload == b"online", "its own status topic")

@@ -1,0 +1,64 @@
+"""tcp (the tutorial's Pico W server) and wifi (a Pico publishing itself) end to end."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from mqtt_helpers import Recorder, wait_for
+from peers import TutorialTcpPeer
+
+
+def test_tcp_tutorial_commands_and_polling(start_gateway, recorder: Recorder) -> None:
+    peer = TutorialTcpPeer()
+    try:
+        start_gateway([{"id": "shed", "transport": "tcp", "host": "127.0.0.1", "port": peer.port,
+                        "protocol": "tutorial", "poll_interval": 0.2}])
+        recorder.wait("pico/shed/status", "online")
+        recorder.wait("pico/shed/state/led", "off")
+        recorder.publish("pico/shed/cmd/led", "toggle")
+        assert json.loads(recorder.wait("pico/shed/result/led")[0])["state"] == "on"
+        assert peer.led is True
+        peer.led = False  # someone switched it locally: polling notices
+        recorder.wait("pico/shed/state/led", "off", count=2)
+        assert set(peer.requests) <= {b"?", b"on", b"off"}  # never 'r' for the tutorial program
+        peer.close()
+        recorder.wait("pico/shed/status", "offline")
+        recorder.publish("pico/shed/cmd/led", "on")
+        answer = json.loads(recorder.wait("pico/shed/result/led", count=2)[1])
+        assert answer["ok"] is False and "cannot reach" in answer["error"]
+    finally:
+        peer.close()
+
+
+def test_tcp_picogw_readings(start_gateway, recorder: Recorder, tmp_path: Path) -> None:
+    peer = TutorialTcpPeer(readings="temp=21.5 uptime=7 junk=x")
+    try:
+        start_gateway([{"id": "shed", "transport": "tcp", "host": "127.0.0.1", "port": peer.port,
+                        "poll_interval": 0.2}])
+        recorder.wait("pico/shed/sensor/temp", "21.5", count=2)
+        with sqlite3.connect(tmp_path / "readings.db") as db:
+            assert db.execute("SELECT count(*) FROM readings WHERE device='shed' AND metric='uptime'").fetchone()[0] >= 2
+    finally:
+        peer.close()
+
+
+def test_wifi_pico_readings_are_stored_not_republished(start_gateway, recorder: Recorder, tmp_path: Path) -> None:
+    gw = start_gateway([{"id": "balcony", "transport": "wifi"}])
+    # What a wifi Pico publishes, by hand:
+    recorder.publish("pico/balcony/status", "online", retain=True)
+    recorder.publish("pico/balcony/sensor/temp", "19.25")
+    recorder.publish("pico/balcony/sensor/temp", "not-a-number")
+    recorder.publish("pico/balcony/cmd/led", "on")
+
+    def stored() -> list:
+        with sqlite3.connect(tmp_path / "readings.db") as db:
+            return db.execute("SELECT metric, value FROM readings WHERE device='balcony'").fetchall()
+
+    wait_for(lambda: stored() == [("temp", 19.25)], 10, "the wifi reading in SQLite")
+    assert recorder.on("pico/balcony/sensor/temp") == ["19.25", "not-a-number"]  # nothing added by the gateway
+    assert recorder.on("pico/balcony/result/led") == []  # the Pico handles its own commands
+    gw.stop()
+    assert recorder.on("pico/balcony/status") == ["online"]  # the gateway never speaks for it
+    recorder.publish("pico/balcony/status", "", retain=True)
