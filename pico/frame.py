@@ -22,15 +22,20 @@ except ImportError:  # some MicroPython builds lack binascii.crc32
 
 def crc32_py(data):
     # Bitwise CRC-32 (IEEE, reflected 0xEDB88320): same result as zlib.crc32.
-    crc = 0xFFFFFFFF
+    # Kept in two 16-bit halves so every step stays a small int (no heap
+    # allocation per bit on a 32-bit MicroPython).
+    hi = 0xFFFF
+    lo = 0xFFFF
     for b in data:
-        crc ^= b
+        lo ^= b
         for _ in range(8):
-            if crc & 1:
-                crc = (crc >> 1) ^ 0xEDB88320
-            else:
-                crc >>= 1
-    return crc ^ 0xFFFFFFFF
+            carry = lo & 1
+            lo = (lo >> 1) | ((hi & 1) << 15)
+            hi >>= 1
+            if carry:
+                hi ^= 0xEDB8
+                lo ^= 0x8320
+    return ((hi ^ 0xFFFF) << 16) | (lo ^ 0xFFFF)
 
 
 def crc32(data):
