@@ -32,6 +32,22 @@ import firmware_vectors  # noqa: E402
 FIRMWARE_FILES = sorted(p.relative_to(ROOT).as_posix() for p in PICO.rglob("*.py"))
 
 
+FIRMWARE_MODULES = {p.stem for p in PICO.glob("*.py")}
+STUBBED = ("network", "umqtt", "umqtt.simple")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_firmware():
+    """Firmware modules have flat, generic names (led, clock, core...): import
+    them fresh for each test and take them (and pico/ on sys.path) away after."""
+    before, path = set(sys.modules), list(sys.path)
+    yield
+    for name in set(sys.modules) - before:
+        if name in FIRMWARE_MODULES or name in STUBBED:
+            del sys.modules[name]
+    sys.path[:] = path
+
+
 def load(name):
     """Import a firmware module by its on-board (flat) name."""
     if str(PICO) not in sys.path:
@@ -472,7 +488,7 @@ def test_wifi_command_handling():
 def load_with_stubs(name):
     """Import a link module whose MicroPython-only imports are stubbed."""
     import types
-    for mod in ("network", "umqtt", "umqtt.simple"):
+    for mod in STUBBED:
         if mod not in sys.modules:
             stub = types.ModuleType(mod)
             stub.MQTTClient = object
