@@ -1,0 +1,178 @@
+"""A Pico on USB (CDC, ``/dev/ttyACM*``): see docs/links.md.
+
+``protocol = "picogw"``: our firmware speaks frames on its USB console, exactly
+as on a UART; REPL output around them (banner, prompts, tracebacks, prints) is
+noise the frame receiver skips. ``protocol = "tutorial"``: a Pico with stock
+MicroPython and no program of ours, driven the way ``mpremote exec`` does it,
+through mpremote's SerialTransport (raw REPL, no soft reset, so the board keeps
+its state). Only the fixed snippets below are ever sent: nothing from a
+message reaches the board.
+
+Name the port by ``/dev/serial/by-id/...``: the link reopens the path after a
+replug, so the Pico is found again even under a new ttyACM number.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Literal
+
+from mpremote.transport import TransportError
+from pydantic import Field
+
+from gateway.links.base import Backoff, CommandError, LedCommand, Link, LinkEvents, now_ms
+from gateway.links.serial_link import SerialDeviceConfig, SerialLink
+
+# The only code ever sent to a stock-MicroPython Pico. Each prints the LED
+# state last, as 0 or 1; READ prints temperature (°C, RP2040 datasheet formula)
+# before it.
+SNIPPETS = {
+    LedCommand.ON: "from machine import Pin\nPin('LED', Pin.OUT).on()\nprint(Pin('LED').value())",
+    LedCommand.OFF: "from machine import Pin\nPin('LED', Pin.OUT).off()\nprint(Pin('LED').value())",
+    LedCommand.TOGGLE: "from machine import Pin\np = Pin('LED', Pin.OUT)\np.toggle()\nprint(p.value())",
+    "read": ("from machine import Pin, ADC\nimport time\n"
+             "print(27 - (ADC(4).read_u16() * 3.3 / 65535 - 0.706) / 0.001721, time.ticks_ms() // 1000, "
+             "Pin('LED').value())"),
+}
+READ_METRICS = ("temp", "uptime")
+
+
+class UsbConfig(SerialDeviceConfig):
+    transport: Literal["usb"]
+    port: str = Field(description="prefer /dev/serial/by-id/usb-MicroPython_...-if00")
+    poll_interval: float = Field(5.0, gt=0, description="tutorial: seconds between readings")
+
+
+class UsbSerialLink(SerialLink):
+    """Our firmware on the USB console: the serial link as is."""
+
+    transport = "usb"
+
+
+class UsbReplLink(Link):
+    """Stock MicroPython through mpremote's raw REPL."""
+
+    transport = "usb"
+    config: UsbConfig
+
+    def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one exec at a time
+        self._transport: object | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            try:
+                transport.exit_raw_repl()  # type: ignore[attr-defined]
+            except Exception:  # the port may be gone; closing is all that is left
+                pass
+            try:
+                transport.close()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+
+    def _exec(self, key: object) -> str:
+        """Run one fixed snippet; its output. Opens the raw REPL when needed."""
+        from mpremote.transport_serial import SerialTransport
+
+        with self._lock:
+            try:
+                if self._transport is None:
+                    transport = SerialTransport(self.config.port, baudrate=self.config.baudrate)
+                    self._transport = transport
+                    transport.enter_raw_repl(soft_reset=False, timeout_overall=self.config.command_timeout + 3)
+                out = self._transport.exec_raw(SNIPPETS[key], timeout=self.config.command_timeout)  # type: ignore[attr-defined]
+            except (TransportError, OSError, ValueError) as exc:
+                self.stats["repl_errors"] += 1
+                self._close()
+                raise OSError(f"{self.config.port}: {exc}") from exc
+            stdout, stderr = out
+            if stderr:
+                self.stats["repl_errors"] += 1
+                raise OSError(f"the board raised: {stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+            return stdout.decode("ascii", "replace")
+
+    def set_led(self, command: LedCommand) -> bool:
+        try:
+            out = self._exec(command).split()
+        except OSError as exc:
+            raise CommandError(str(exc)) from exc
+        if not out or out[-1] not in ("0", "1"):
+            raise CommandError(f"unexpected answer from the board: {' '.join(out)[:60]!r}")
+        on = out[-1] == "1"
+        self.events.led_state(self.device, on)
+        return on
+
+    def _poll(self) -> None:
+        fields = self._exec("read").split()
+        if len(fields) != 3:
+            self.stats["bad_values"] += 1
+            raise OSError(f"unexpected answer to the reading snippet: {' '.join(fields)[:60]!r}")
+        values = []
+        for name, raw in zip(READ_METRICS, fields):
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if math.isfinite(value):
+                values.append((name, round(value, 2)))
+            else:
+                self.stats["bad_values"] += 1
+        self.stats["frames"] += 1
+        self.events.reading(self.device, values, now_ms(), None)
+        self.events.led_state(self.device, fields[2] == "1")
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                self._poll()
+            except OSError as exc:
+                self.set_online(False, str(exc))
+                self._stop.wait(backoff.next())
+                continue
+            backoff.reset()
+            self.set_online(True, "raw REPL answers")
+            self._stop.wait(self.config.poll_interval)
+
+
+class UsbLink(Link):
+    """The usb transport: our firmware's frames, or stock MicroPython's REPL."""
+
+    transport = "usb"
+    Config = UsbConfig
+
+    def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self.impl: Link = (UsbReplLink if config.protocol == "tutorial" else UsbSerialLink)(config, events)
+        self.stats = self.impl.stats
+
+    @property
+    def online(self) -> bool:
+        return self.impl.online
+
+    def start(self) -> None:
+        self.impl.start()
+
+    def stop(self) -> None:
+        self.impl.stop()
+
+    def set_led(self, command: LedCommand) -> bool:
+        return self.impl.set_led(command)
