@@ -115,10 +115,18 @@ class TargetServer:
                 raise OSError(errno.EBUSY, "I2C address 0x%02x in use" % addr)
             self.targets[addr] = target
             path = self.path(addr)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            if os.path.exists(path):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(path)
+                except OSError:
+                    os.unlink(path)      # stale socket of a dead process
+                else:
+                    del self.targets[addr]
+                    raise OSError(errno.EADDRINUSE,
+                                  "another target answers at 0x%02x on %s" % (addr, self.bus_dir))
+                finally:
+                    probe.close()
             srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             srv.bind(path)
             srv.listen(8)

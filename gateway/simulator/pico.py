@@ -66,6 +66,8 @@ def restart(cause, keep_led):
     env["PICOSIM_LED_INIT"] = str(runtime.led_value() if keep_led else 0)
     carry = {k: runtime.get_state(k) for k in ("uart", "usb", "i2c_socket", "tcp")}
     env["PICOSIM_STATE_CARRY"] = json.dumps(carry)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -15,6 +15,14 @@ import socket
 import struct
 
 
+def _report(state):
+    try:
+        from gateway.simulator import runtime
+        runtime.publish("mqtt", state)
+    except Exception:
+        pass
+
+
 class MQTTException(Exception):
     pass
 
@@ -122,6 +130,7 @@ class MQTTClient:
             raise MQTTException(0)
         if resp[3] != 0:
             raise MQTTException(resp[3])
+        _report("connected")
         return resp[2] & 1
 
     def disconnect(self):
@@ -129,6 +138,7 @@ class MQTTClient:
             self._write(b"\xe0\x00")
         finally:
             self.sock.close()
+            _report("disconnected")
 
     def ping(self):
         self._write(b"\xc0\x00")
