@@ -64,10 +64,12 @@ class PicogwSerialSession(SerialSession):
         self._expected_seq = frame.number
         self.link.stats["hellos"] += 1
         dev = frame.get("dev")
-        if dev and dev != self.link.device:
+        # The firmware cuts ids longer than a field value (32 bytes).
+        if dev and not self.link.device.startswith(dev):
             self.link.stats["id_mismatch"] += 1
             self.link.log.warning("the Pico calls itself %r; using the configured id %r", dev, self.link.device)
-        self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), frame.get("metrics"))
+        metrics = "|".join(v for k, v in frame.fields if k == "metrics" and v)  # may span several fields
+        self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), metrics)
         self._led_from(frame)
 
     def _on_reading(self, frame: Frame) -> None:
