@@ -274,3 +274,38 @@ def test_fleet_starts_and_stops_leaving_nothing(tmp_path):
     with pytest.raises(ValueError):
         start_fleet([{"id": "x", "transport": "i2c"}, {"id": "y", "transport": "i2c"}],
                     str(tmp_path / "dup"))
+
+
+# --- TCP, reset -----------------------------------------------------------------
+
+def test_tcp_server_is_remapped_to_loopback(fleet_of):
+    fleet = fleet_of([{"id": "n1", "transport": "tcp", "firmware": prog("tcp_server.py")}])
+    pico = fleet["n1"]
+    host, port = pico.endpoint
+    assert host == "127.0.0.1" and port != 8080
+
+    def cmd(word):
+        with socket.create_connection((host, port), timeout=2) as c:
+            c.sendall(word + b"\n")
+            return c.makefile("rb").readline()
+
+    assert cmd(b"on") == b"on\n"
+    assert pico.led == "on"
+    assert cmd(b"?") == b"on\n"
+    assert cmd(b"off") == b"off\n"
+
+
+def test_machine_reset_keeps_endpoints(fleet_of):
+    fleet = fleet_of([{"id": "x1", "transport": "uart", "firmware": prog("reset_me.py")}])
+    pico = fleet["x1"]
+    path = pico.endpoint
+    with serial.Serial(path, 115200, timeout=2) as s:
+        s.write(b"led\n")
+        assert s.readline() == b"led on\n"
+        pico.wait_led("on", 2)
+        s.write(b"reset\n")
+        assert s.readline() == b"boot cause=3\n"      # rp2 resets via the watchdog
+        pico.wait_led("off", 2)                         # a reset turns the LED off
+        s.write(b"wdt\n")
+        assert s.readline() == b"boot cause=3\n"
+    assert pico.endpoint == path and pico.state()["pid"] == pico.pid and pico.alive()
