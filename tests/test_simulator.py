@@ -309,3 +309,13 @@ def test_machine_reset_keeps_endpoints(fleet_of):
         s.write(b"wdt\n")
         assert s.readline() == b"boot cause=3\n"
     assert pico.endpoint == path and pico.state()["pid"] == pico.pid and pico.alive()
+
+
+def test_mpremote_interrupts_a_running_usb_program(fleet_of):
+    fleet = fleet_of([{"id": "s2", "transport": "usb", "firmware": prog("usb_echo.py")}])
+    pico = fleet["s2"]
+    out = subprocess.run([sys.executable, "-m", "mpremote", "connect", pico.endpoint, "exec",
+                          "import machine; print(len(machine.unique_id()))"],
+                         check=True, timeout=10, capture_output=True).stdout
+    assert out.strip() == b"8"
+    assert pico.state()["firmware"].startswith("crashed: KeyboardInterrupt")

@@ -14,9 +14,11 @@ KeyboardInterrupt in the running program unless disabled with
 import os
 import signal
 import threading
+import time
 
 from gateway.simulator import runtime
 
+_debug = bool(os.environ.get("PICOSIM_DEBUG_CONSOLE"))
 kbd_intr_char = 3
 executing = False      # a program (main.py or REPL input) is running
 _main_ident = threading.main_thread().ident
@@ -57,13 +59,23 @@ class Console:
                 return
             if not data:
                 continue
+            if _debug:
+                runtime.log("usb rx %r (executing=%s)" % (data, executing))
             if executing and kbd_intr_char is not None and kbd_intr_char >= 0:
                 ch = bytes([kbd_intr_char])
                 if ch in data:
-                    data = data[:data.index(ch)]
-                    if data:
-                        os.write(self._wpipe, data)
+                    before, _, after = data.partition(ch)
+                    if before:
+                        os.write(self._wpipe, before)
                     _interrupt_main()
+                    # Hold further input until the program has stopped (or
+                    # caught the interrupt and carried on): the rest is for
+                    # whoever reads next, usually the REPL (mpremote).
+                    deadline = time.monotonic() + 1.0
+                    while executing and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    if after:
+                        os.write(self._wpipe, after)
                     continue
             os.write(self._wpipe, data)
 

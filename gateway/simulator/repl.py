@@ -37,6 +37,9 @@ class Repl:
     def getc(self):
         while True:
             b = self.con.read_raw(1)
+            if console._debug:
+                from gateway.simulator import runtime
+                runtime.log("repl got %r" % b)
             if b:
                 return b[0]
 
