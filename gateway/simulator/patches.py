@@ -30,18 +30,26 @@ TICKS_MAX = TICKS_PERIOD - 1
 TICKS_HALFPERIOD = TICKS_PERIOD >> 1
 
 _t0 = time.monotonic_ns()
+_offset_ms = None
 
 
 def _elapsed_ns():
     return time.monotonic_ns() - _t0
 
 
+def _offset():
+    global _offset_ms
+    if _offset_ms is None:   # read once: ticks never jump
+        _offset_ms = int(runtime.knob("ticks_offset_ms") or 0)
+    return _offset_ms
+
+
 def ticks_ms():
-    return (_elapsed_ns() // 1_000_000 + int(runtime.knob("ticks_offset_ms") or 0)) & TICKS_MAX
+    return (_elapsed_ns() // 1_000_000 + _offset()) & TICKS_MAX
 
 
 def ticks_us():
-    return (_elapsed_ns() // 1000 + int(runtime.knob("ticks_offset_ms") or 0) * 1000) & TICKS_MAX
+    return (_elapsed_ns() // 1000 + _offset() * 1000) & TICKS_MAX
 
 
 def ticks_cpu():

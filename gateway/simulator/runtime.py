@@ -30,6 +30,8 @@ sidecar key          env var                      meaning
 ``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
                                                   memory-mode read (torn reads)
 ``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
+``pins``             (sidecar only)               level of input pins, e.g.
+                                                  ``{"15": 0}`` (a pressed button)
 ===================  ===========================  ===============================
 
 Every bind of a socket to a non-loopback host is rewritten to 127.0.0.1.
@@ -52,6 +54,7 @@ DEFAULTS = {
     "wifi_fail": False,
     "i2c_byte_delay_us": 0,
     "unique_id": "",
+    "pins": {},
 }
 
 _ENV = {
