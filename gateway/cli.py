@@ -46,6 +46,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    from gateway.demo import run_demo
+
+    return run_demo(args.duration, args.workdir)
+
+
+def cmd_simulate(argv: list[str]) -> int:
+    from gateway.simulator.cli import main_simulate
+
+    def devices(path: str) -> list[dict]:
+        config = _load(path)
+        if config is None:
+            raise SystemExit(2)
+        return [d.model_dump() for d in config.devices]
+
+    return main_simulate(argv, load_devices=devices)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pico-gateway", description="Bridge Raspberry Pi Picos onto MQTT and SQLite.")
     parser.add_argument("--version", action="version", version=f"pico-gateway {__version__}")
@@ -59,10 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file; exit 0 when it is usable")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_check_config)
+
+    sub.add_parser("simulate", add_help=False,
+                   help="virtual Picos for every device of a config (--config FILE), or one firmware "
+                        "(--firmware PATH --transport uart); see 'simulate --help'")
+
+    p = sub.add_parser("demo", help="a broker, a virtual Pico on every link and the gateway, with a live table")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory, removed)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        return cmd_simulate(argv[1:])  # its own argument parser
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_helpers import Broker, Recorder, free_port, wait_for
+from mqtt_helpers import Broker, Recorder, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(port=free_port(), workdir=tmp_path)
+    b = Broker(tmp_path)
     b.start()
     yield b
     b.stop()

@@ -8,6 +8,12 @@ import time
 
 ADDR = 0x43
 
+try:  # not in the tutorial: lets several of these share one (simulated) bus
+    from config import I2C
+    ADDR = I2C["addr"]
+except (ImportError, KeyError):
+    pass
+
 led = Pin("LED", Pin.OUT)
 last = bytearray(1)     # the last byte written (0 = off)
 rx = bytearray(1)
