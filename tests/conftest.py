@@ -82,3 +82,37 @@ def start_gateway(tmp_path: Path, broker: Broker, recorder: Recorder):
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def virtual(tmp_path: Path, broker: Broker, recorder: Recorder):
+    """Start virtual Picos (real firmware) and a gateway bridging them.
+
+    ``virtual(devices)`` takes gateway device entries (plus simulator-only keys
+    ``read_interval`` and ``sim``) and returns ``(fleet, gateway)``.
+    """
+    from gateway.simulator.cli import dump_toml, simulated_config
+    from gateway.simulator.fleet import start_fleet
+
+    fleets = []
+    gateways: list[GatewayProcess] = []
+    sim_only = ("read_interval", "sim", "firmware")
+
+    def start(devices: list[dict], gateway_id: str = "testgw"):
+        fleet = start_fleet(devices, tmp_path / f"picos-{len(fleets)}", broker=(broker.host, broker.port))
+        fleets.append(fleet)
+        config = simulated_config({"gateway_id": gateway_id, "mqtt": {"host": broker.host, "port": broker.port},
+                                   "store": {"path": str(tmp_path / "readings.db")},
+                                   "devices": [{k: v for k, v in d.items() if k not in sim_only} for d in devices]},
+                                  fleet)
+        path = tmp_path / f"{gateway_id}.toml"
+        path.write_text(dump_toml(config))
+        gw = GatewayProcess(path, recorder, gateway_id)
+        gateways.append(gw)
+        return fleet, gw
+
+    yield start
+    for gw in gateways:
+        gw.stop()
+    for fleet in fleets:
+        fleet.stop()
