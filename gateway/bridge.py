@@ -84,6 +84,15 @@ class Bridge:
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): the writer thread and every link's thread are running."""
+        if not self._writer.is_alive():
+            return False, "the database writer thread has died"
+        for device, link in self.links.items():
+            if not link.alive():
+                return False, f"the link thread of device {device!r} has died"
+        return True, ""
+
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
         self._queue.put((device, values, ts_ms, seq))

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
-
-
-def setup_logging(verbose: bool = False) -> None:
-    # Under systemd, journald adds the time itself.
-    under_systemd = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+from gateway.systemd import setup_logging
 
 
 def _load(path: str) -> GatewayConfig | None:
@@ -87,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory, removed)")
     p.set_defaults(func=cmd_demo)
+
+    from gateway.service import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 

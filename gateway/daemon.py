@@ -12,6 +12,7 @@ from gateway.config import GatewayConfig
 from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.store import Store
+from gateway.systemd import Notifier, Watchdog, gateway_health
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway")
@@ -39,14 +40,20 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
 
+    notifier = Notifier()  # does nothing when not under systemd
     mqtt.start()
     if not mqtt.wait_connected(BROKER_WAIT):
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
                     config.mqtt.host, config.mqtt.port)
     bridge.start()
+    watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
+    watchdog.start()
     log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
              config.store.path)
+    notifier.ready(f"running: {len(config.devices)} device(s)")
     stop.wait()
+    watchdog.stop()  # before the links stop, or stopping would look unhealthy
+    notifier.stopping()
     log.info("stopping")
     last_words = bridge.stop()
     mqtt.stop(last_words)

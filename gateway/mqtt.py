@@ -84,6 +84,11 @@ class MqttConnection:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self.client.loop_start()
 
+    def alive(self) -> bool:
+        """paho's network thread is running (it dies silently on a callback error)."""
+        thread = getattr(self.client, "_thread", None)  # set by loop_start()
+        return thread is not None and thread.is_alive()
+
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 

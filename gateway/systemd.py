@@ -207,19 +207,9 @@ def gateway_health(mqtt: Any, bridge: Any) -> Health:
     :class:`gateway.bridge.Bridge`; both started."""
 
     def health() -> tuple[bool, str]:
-        net = getattr(mqtt.client, "_thread", None)  # set by paho's loop_start()
-        if net is None or not net.is_alive():
+        if not mqtt.alive():
             return False, "the MQTT network thread is not running"
-        writer = getattr(bridge, "_writer", None)
-        if writer is not None and not writer.is_alive():
-            return False, "the database writer thread has died"
-        for device, link in bridge.links.items():
-            if not hasattr(link, "_thread"):
-                continue
-            thread = link._thread
-            if thread is None or not thread.is_alive():
-                return False, f"the link thread of device {device!r} has died"
-        return True, ""
+        return bridge.health()
 
     return health
 

@@ -209,30 +209,45 @@ def test_watchdog_does_nothing_without_watchdog_usec(fake_systemd: tuple[FakeSys
     wd.stop()
 
 
-def test_gateway_health_checks_mqtt_writer_and_link_threads() -> None:
-    class T:
-        def __init__(self, alive: bool) -> None:
-            self.alive = alive
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
+def test_gateway_health_checks_mqtt_writer_and_link_threads(broker, tmp_path) -> None:
+    """Real parts: a connected MqttConnection, a Bridge with its writer, a tcp link
+    whose thread dies from a bug, and a wifi link (no thread of its own)."""
+    import threading
 
-        def is_alive(self) -> bool:
-            return self.alive
+    from gateway.bridge import Bridge
+    from gateway.config import MqttConfig
+    from gateway.links.tcp import TcpConfig, TcpLink
+    from gateway.links.wifi import WifiConfig, WifiLink
+    from gateway.mqtt import MqttConnection
+    from gateway.store import Store
+    from gateway.topics import Topics
 
-    class Obj:
-        def __init__(self, **kw: object) -> None:
-            self.__dict__.update(kw)
+    crash = threading.Event()
 
-    mqtt = Obj(client=Obj(_thread=T(True)))
-    shed, wifi = Obj(_thread=T(True)), Obj()  # wifi links have no thread
-    bridge = Obj(_writer=T(True), links={"shed": shed, "balcony": wifi})
+    class FragileLink(TcpLink):
+        def _run(self) -> None:
+            crash.wait()
+            raise RuntimeError("a bug in a link")
+
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "health-test", ("pico/bridge/t/status", "offline"))
+    bridge = Bridge("t", Topics(), Store(tmp_path / "r.db"), mqtt)
+    shed = FragileLink(TcpConfig(id="shed", transport="tcp", host="127.0.0.1", port=9), bridge)
+    bridge.add(shed)
+    bridge.add(WifiLink(WifiConfig(id="balcony", transport="wifi"), bridge))
     health = systemd.gateway_health(mqtt, bridge)
-    assert health() == (True, "")
-    shed._thread.alive = False
-    assert health() == (False, "the link thread of device 'shed' has died")
-    shed._thread.alive = True
-    bridge._writer.alive = False
-    assert health()[0] is False and "writer" in health()[1]
-    bridge._writer.alive = True
-    mqtt.client._thread = None  # paho's loop_stop()
+    assert health() == (False, "the MQTT network thread is not running")
+    mqtt.start()
+    assert mqtt.wait_connected(10)
+    bridge.start()
+    try:
+        assert health() == (True, "")
+        crash.set()
+        shed._thread.join(5)
+        assert health() == (False, "the link thread of device 'shed' has died")
+    finally:
+        bridge.stop()
+        mqtt.stop()
     assert health() == (False, "the MQTT network thread is not running")
 
 

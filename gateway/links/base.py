@@ -119,6 +119,11 @@ class Link(ABC):
             self.log.warning("offline%s", f": {reason}" if reason else "")
         self.events.availability(self.device, online)
 
+    def alive(self) -> bool:
+        """False when the link's own thread has died (the watchdog's question)."""
+        thread = getattr(self, "_thread", None)
+        return thread is None or thread.is_alive()
+
     @abstractmethod
     def start(self) -> None: ...
 

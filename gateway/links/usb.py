@@ -168,6 +168,9 @@ class UsbLink(Link):
     def online(self) -> bool:
         return self.impl.online
 
+    def alive(self) -> bool:
+        return self.impl.alive()
+
     def start(self) -> None:
         self.impl.start()
 
