@@ -1,0 +1,372 @@
+"""Home Assistant MQTT discovery: every Pico, and the gateway itself, as an HA device.
+
+Device-based discovery (one retained message per device, its entities under
+``cmps``), on ``<prefix>/device/<object_id>/config``:
+
+* the gateway: ``<prefix>/device/<gateway_id>/config``, one ``binary_sensor``
+  (device class ``connectivity``) on ``<base>/bridge/<gateway_id>/status``;
+* each Pico: ``<prefix>/device/<gateway_id>_<device>/config`` with a ``sensor``
+  per metric, a ``switch`` for the LED, and diagnostic sensors read from the
+  JSON the gateway publishes on ``<base>/<device>/diagnostics``.
+
+Entities are available while both the gateway (bridge status) and the Pico
+(device status) say ``online``; the link counters only need the gateway.
+Unique ids are ``<gateway_id>_<device>_<component>``, stable across restarts.
+
+Home Assistant forgets discovered entities it has not seen when it restarts
+without a persistent broker session, so the configs are retained, published
+again after every (re)connect, and again a short random time after
+``<prefix>/status`` says ``online`` (spreading the load when several gateways
+answer the same birth message).
+
+The class only needs a ``publish`` and a ``subscribe`` callable; the daemon
+hands it its MqttConnection's::
+
+    discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic,
+                          config.devices, publish=mqtt.publish, subscribe=mqtt.subscribe)
+    mqtt.on_connect(discovery.on_connect)
+    discovery.start()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from gateway import __version__
+from gateway.links.base import DeviceConfig, StrictModel
+
+log = logging.getLogger("gateway.discovery")
+
+ORIGIN_NAME = "pico-gateway"
+MANUFACTURER = "pico-gateway"
+Handler = Callable[[str, bytes, bool], None]
+Publish = Callable[[str, str, int, bool], object]
+Subscribe = Callable[[str, Handler], None]
+
+METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_METRICS = 32  # per device: a misbehaving Wi-Fi Pico must not grow a config without end
+
+# Metrics each kind of Pico has before the gateway has seen a reading.
+PICOGW_METRICS = ("temp", "uptime", "mem_free")
+USB_TUTORIAL_METRICS = ("temp", "uptime")
+
+# metric -> entity options (full HA key names). Others: a plain measurement.
+METRIC_OPTIONS: dict[str, dict[str, Any]] = {
+    "temp": {"name": "Temperature", "device_class": "temperature", "state_class": "measurement",
+             "unit_of_measurement": "°C", "suggested_display_precision": 1},
+    "uptime": {"name": "Uptime", "device_class": "duration", "state_class": "total_increasing",
+               "unit_of_measurement": "s"},
+    "mem_free": {"name": "Free memory", "device_class": "data_size", "state_class": "measurement",
+                 "unit_of_measurement": "B", "entity_category": "diagnostic"},
+}
+
+# key of the diagnostics JSON -> (component id, entity options)
+DIAGNOSTICS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("seq_gaps", "seq_gaps", {"name": "Sequence gaps", "state_class": "total_increasing", "icon": "mdi:counter"}),
+    ("rejected", "errors", {"name": "Errors", "state_class": "total_increasing", "icon": "mdi:alert-circle-outline"}),
+    ("last_seen_ms", "last_seen", {"name": "Last seen", "device_class": "timestamp"}),
+    ("reconnects", "reconnects", {"name": "Reconnects", "state_class": "total_increasing", "icon": "mdi:lan-disconnect"}),
+    ("commands_failed", "commands_failed", {"name": "Failed commands", "state_class": "total_increasing"}),
+    ("backlog", "backlog", {"name": "Backlog", "state_class": "measurement"}),
+    ("frames", "frames", {"name": "Frames received", "state_class": "total_increasing",
+                          "enabled_by_default": False}),
+    ("commands_ok", "commands_ok", {"name": "Commands carried out", "state_class": "total_increasing",
+                                    "enabled_by_default": False}),
+)
+
+
+def _topic_prefix(value: str) -> str:
+    if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+        raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
+    return value
+
+
+class DiscoveryConfig(StrictModel):
+    """``[homeassistant]`` in the config file."""
+
+    enabled: bool = True
+    prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
+    republish_delay: float = Field(5.0, ge=0, le=300,
+                                   description="max random delay (s) before re-publishing after HA's birth message")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return _topic_prefix(value)
+
+
+def known_metrics(device: DeviceConfig) -> tuple[str, ...]:
+    """The metrics a Pico has by its transport and protocol, before any reading."""
+    if device.protocol == "picogw":
+        return PICOGW_METRICS
+    if device.transport == "usb":  # stock MicroPython, polled by the gateway
+        return USB_TUTORIAL_METRICS
+    return ()  # the tutorial's uart, i2c and tcp programs: an LED and nothing else
+
+
+def model(device: DeviceConfig) -> str:
+    board = "Raspberry Pi Pico W" if device.transport in ("wifi", "tcp") else "Raspberry Pi Pico"
+    if device.protocol == "picogw":
+        software = "pico-gateway firmware"
+    elif device.transport == "usb":
+        software = "stock MicroPython"
+    else:
+        software = "tutorial program"
+    return f"{board} ({device.transport}, {software})"
+
+
+class Discovery:
+    def __init__(self, config: DiscoveryConfig, gateway_id: str, base_topic: str,
+                 devices: Sequence[DeviceConfig], publish: Publish, subscribe: Subscribe,
+                 *, sw_version: str = __version__) -> None:
+        self.config = config
+        self.prefix = config.prefix
+        self.gateway_id = gateway_id
+        self.base = base_topic
+        self.devices = {d.id: d for d in devices}
+        self._publish = publish
+        self._subscribe = subscribe
+        self.sw_version = sw_version
+        self._lock = threading.Lock()
+        self._metrics: dict[str, list[str]] = {d.id: list(known_metrics(d)) for d in devices}
+        self._firmware: dict[str, str] = {}
+        self._timers: list[threading.Timer] = []
+        self._stopped = threading.Event()
+        self.stale_seen: set[str] = set()  # object ids of our retained configs no longer configured
+        self.stats = {"published": 0, "removed": 0, "republish_requests": 0}
+
+    # -- topics and ids --------------------------------------------------------------
+    @property
+    def gateway_identifier(self) -> str:
+        """The gateway's HA device identifier; every Pico names it as via_device."""
+        return f"pico-gateway_{self.gateway_id}"
+
+    def object_id(self, device: str) -> str:
+        return f"{self.gateway_id}_{device}"
+
+    def device_topic(self, device: str) -> str:
+        return f"{self.prefix}/device/{self.object_id(device)}/config"
+
+    def gateway_topic(self) -> str:
+        return f"{self.prefix}/device/{self.gateway_id}/config"
+
+    def ha_status_topic(self) -> str:
+        return f"{self.prefix}/status"
+
+    def _t(self, device: str, *rest: str) -> str:
+        return "/".join((self.base, device) + rest)
+
+    def bridge_status(self) -> str:
+        return f"{self.base}/bridge/{self.gateway_id}/status"
+
+    def diagnostics_topic(self, device: str) -> str:
+        return self._t(device, "diagnostics")
+
+    def unique_id(self, device: str, component: str) -> str:
+        return f"{self.gateway_id}_{device}_{component}"
+
+    # -- payloads ----------------------------------------------------------------------
+    def _origin(self) -> dict[str, Any]:
+        return {"name": ORIGIN_NAME, "sw": self.sw_version}
+
+    def _availability(self, device: str | None) -> dict[str, Any]:
+        entries = [{"topic": self.bridge_status(), "payload_available": "online", "payload_not_available": "offline"}]
+        if device is not None:
+            entries.append({"topic": self._t(device, "status"), "payload_available": "online",
+                            "payload_not_available": "offline"})
+        return {"availability": entries, "availability_mode": "all"}
+
+    def metrics(self, device: str) -> list[str]:
+        with self._lock:
+            return list(self._metrics.get(device, ()))
+
+    def device_payload(self, device_id: str) -> dict[str, Any]:
+        device = self.devices[device_id]
+        # A Wi-Fi Pico talks to the broker itself: its entities do not depend on the gateway.
+        pico_avail = self._availability(device_id)
+        if device.transport == "wifi":
+            pico_avail = {"availability": pico_avail["availability"][1:], "availability_mode": "all"}
+        cmps: dict[str, dict[str, Any]] = {}
+        for metric in self.metrics(device_id):
+            options = METRIC_OPTIONS.get(metric) or {
+                "name": metric.replace("_", " ").capitalize(), "state_class": "measurement"}
+            cmps[metric] = {"p": "sensor", "unique_id": self.unique_id(device_id, metric),
+                            "state_topic": self._t(device_id, "sensor", metric), **options, **pico_avail}
+        cmps["led"] = {
+            "p": "switch", "name": "LED", "unique_id": self.unique_id(device_id, "led"), "icon": "mdi:led-on",
+            "command_topic": self._t(device_id, "cmd", "led"), "state_topic": self._t(device_id, "state", "led"),
+            "payload_on": "on", "payload_off": "off", "state_on": "on", "state_off": "off",
+            "qos": 1, "retain": False, **pico_avail,
+        }
+        if device.transport != "wifi":  # the gateway has no link of its own to a Wi-Fi Pico
+            gateway_avail = self._availability(None)
+            for key, component, options in DIAGNOSTICS:
+                if key == "last_seen_ms":
+                    template = ("{{ (value_json.last_seen_ms / 1000) | timestamp_custom('%Y-%m-%dT%H:%M:%S+00:00', "
+                                "false) if value_json.last_seen_ms is number else None }}")
+                else:
+                    template = "{{ value_json.%s }}" % key
+                cmps[component] = {"p": "sensor", "unique_id": self.unique_id(device_id, component),
+                                   "state_topic": self.diagnostics_topic(device_id), "value_template": template,
+                                   "entity_category": "diagnostic", **options, **gateway_avail}
+        dev: dict[str, Any] = {"ids": [self.object_id(device_id)], "name": device_id, "mf": MANUFACTURER,
+                               "mdl": model(device), "via_device": self.gateway_identifier}
+        with self._lock:
+            firmware = self._firmware.get(device_id)
+        if firmware:
+            dev["sw"] = firmware
+        return {"dev": dev, "o": self._origin(), "cmps": cmps}
+
+    def gateway_payload(self) -> dict[str, Any]:
+        return {
+            "dev": {"ids": [self.gateway_identifier], "name": f"pico-gateway {self.gateway_id}",
+                    "mf": MANUFACTURER, "mdl": "pico-gateway", "sw": self.sw_version},
+            "o": self._origin(),
+            "cmps": {
+                "connectivity": {
+                    "p": "binary_sensor", "name": "Connectivity", "device_class": "connectivity",
+                    "unique_id": self.unique_id("bridge", "connectivity"), "entity_category": "diagnostic",
+                    "state_topic": self.bridge_status(), "payload_on": "online", "payload_off": "offline",
+                },
+            },
+        }
+
+    # -- publishing --------------------------------------------------------------------
+    def _send(self, topic: str, payload: dict[str, Any] | str) -> None:
+        body = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        self._publish(topic, body, 1, True)
+
+    def publish_device(self, device_id: str) -> None:
+        if self.config.enabled and device_id in self.devices:
+            self._send(self.device_topic(device_id), self.device_payload(device_id))
+            self.stats["published"] += 1
+
+    def publish_all(self) -> None:
+        if not self.config.enabled:
+            return
+        self._send(self.gateway_topic(), self.gateway_payload())
+        self.stats["published"] += 1
+        for device_id in self.devices:
+            self.publish_device(device_id)
+
+    def start(self, stale_scan: float | None = 3.0) -> None:
+        """Subscribe to HA's status and to the retained device configs, publish everything,
+        and ``stale_scan`` seconds later (time for the broker to deliver the retained
+        configs) clear those of devices that left the config (None: leave that to
+        the caller's ``remove_stale``)."""
+        if not self.config.enabled:
+            log.info("Home Assistant discovery is off (homeassistant.enabled = false)")
+            return
+        self._subscribe(self.ha_status_topic(), self._on_ha_status)
+        self._subscribe(f"{self.prefix}/device/+/config", self._on_config)
+        self.publish_all()
+        if stale_scan is not None:
+            self._later(stale_scan, self.remove_stale)
+
+    def on_connect(self) -> None:
+        """After every (re)connect to the broker."""
+        self.publish_all()
+
+    def metric_seen(self, device: str, metric: str) -> None:
+        """A reading of ``metric`` arrived; publish the device again if it is new."""
+        if not self.config.enabled or device not in self.devices:
+            return
+        with self._lock:
+            metrics = self._metrics.setdefault(device, [])
+            if metric in metrics:
+                return
+            if not METRIC_NAME.match(metric) or len(metrics) >= MAX_METRICS:
+                return
+            metrics.append(metric)
+        log.info("device %s has a new metric %r: publishing its discovery config again", device, metric)
+        self.publish_device(device)
+
+    def firmware_seen(self, device: str, version: str) -> None:
+        """The Pico said which firmware it runs (picogw hello ``fw=``): shown as its sw version."""
+        if device not in self.devices or not re.fullmatch(r"[0-9A-Za-z._+-]{1,32}", version):
+            return
+        with self._lock:
+            if self._firmware.get(device) == version:
+                return
+            self._firmware[device] = version
+        self.publish_device(device)
+
+    def remove_stale(self, previous_ids: Iterable[str] = ()) -> list[str]:
+        """Clear (empty retained payload) the discovery config of every device that left
+        the config: ``previous_ids`` (device ids) plus those found among the retained
+        configs at start. Returns the object ids cleared."""
+        candidates = {self.object_id(d) for d in previous_ids if d not in self.devices}
+        with self._lock:
+            candidates |= self.stale_seen
+            self.stale_seen.clear()
+        for object_id in sorted(candidates):
+            log.info("removing the Home Assistant device %s: no longer in the config", object_id)
+            self._publish(f"{self.prefix}/device/{object_id}/config", "", 1, True)
+            self.stats["removed"] += 1
+        return sorted(candidates)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            timers, self._timers = self._timers, []
+        for timer in timers:
+            timer.cancel()
+
+    # -- subscriptions (MQTT thread) -------------------------------------------------------
+    def _on_ha_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        if payload.strip().lower() != b"online" or self._stopped.is_set():
+            return
+        self.stats["republish_requests"] += 1
+        delay = random.uniform(0, self.config.republish_delay)
+        log.info("Home Assistant is online: publishing discovery again in %.1f s", delay)
+        self._later(delay, self._republish)
+
+    def _later(self, delay: float, action: Callable[[], object]) -> None:
+        def run() -> None:
+            if not self._stopped.is_set():
+                try:
+                    action()
+                except Exception:  # a timer thread must not die silently
+                    log.exception("Home Assistant discovery: %s failed", getattr(action, "__name__", action))
+
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        with self._lock:
+            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _republish(self) -> None:
+        self.publish_all()
+
+    def _on_config(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A retained device config under our prefix: note it if it is ours and stale."""
+        parts = topic.split("/")
+        if not payload or len(parts) < 3:
+            return
+        object_id = parts[-2]
+        prefix = self.gateway_id + "_"
+        if not object_id.startswith(prefix) or object_id[len(prefix):] in self.devices:
+            return
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(data, dict):
+            return
+        origin = data.get("o") or data.get("origin") or {}
+        dev = data.get("dev") or data.get("device") or {}
+        # Both checks: gateway "pi" must not clear gateway "pi_x"'s devices.
+        if not isinstance(origin, dict) or origin.get("name") != ORIGIN_NAME:
+            return
+        if not isinstance(dev, dict) or dev.get("via_device") != self.gateway_identifier:
+            return
+        with self._lock:
+            self.stale_seen.add(object_id)
