@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__
+from gateway import __version__, flash, history
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.systemd import setup_logging
 
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.service import add_subcommands
 
     add_subcommands(sub)
+    history.add_subcommands(sub)
+    flash.add_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,360 @@
+"""``pico-gateway readings`` and ``pico-gateway status``: what the gateway stored and sees.
+
+Both read the SQLite database at the config's ``store.path`` read-only (an
+``file:...?mode=ro`` URI), so they work next to a running gateway and never
+create or change the database. ``status`` also asks the broker, briefly, for
+the retained ``status``, ``state/led`` and ``diagnostics`` of each device; when
+the broker cannot be reached it says so and shows what the database knows.
+
+    pico-gateway readings --config gateway.toml --device greenhouse --metric temp --since 2h
+    pico-gateway readings --config gateway.toml --device greenhouse --since 2025-11-25T08:00 --format csv
+    pico-gateway status --config gateway.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DIAGNOSTIC_KEYS = ("frames", "rejected", "noise", "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
+                   "last_seen_ms")
+
+
+class HistoryError(Exception):
+    """A problem the user can fix; the message says which and how."""
+
+
+# -- time --------------------------------------------------------------------------------
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """``30m``, ``1h``, ``2d``, ``1w`` ago, or an ISO 8601 time (local time when it has no
+    offset), as Unix milliseconds."""
+    now = time.time() if now is None else now
+    match = DURATION.match(text)
+    if match:
+        seconds = float(match.group(1)) * UNIT_SECONDS[match.group(2).lower()]
+        return int((now - seconds) * 1000)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise HistoryError(f"--since {text!r}: expected a duration like 30m, 1h, 2d or 1w, "
+                           "or a time like 2025-11-25T08:00 (local) or 2025-11-25T07:00Z") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # naive: the local time zone
+    return int(when.timestamp() * 1000)
+
+
+def iso_utc(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def local_time(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def ago(ts_ms: int, now: float | None = None) -> str:
+    seconds = max(0, (time.time() if now is None else now) - ts_ms / 1000)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def format_value(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+# -- the database, read-only ----------------------------------------------------------------
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """The readings database, read-only; HistoryError when there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        raise HistoryError(f"no database at {path} yet: the gateway creates it when it first runs "
+                           "(store.path in the config)")
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
+        conn.execute("PRAGMA busy_timeout=5000")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read the database {path}: {exc}") from None
+    if "readings" not in tables:
+        conn.close()
+        raise HistoryError(f"{path} has no readings table: is it the gateway's database (store.path)?")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def known_devices(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT DISTINCT device FROM readings ORDER BY device")]
+
+
+def device_metrics(conn: sqlite3.Connection, device: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT DISTINCT metric FROM readings WHERE device = ? ORDER BY metric",
+                                       (device,))]
+
+
+def query_readings(conn: sqlite3.Connection, device: str, metric: str | None, since_ms: int | None,
+                   limit: int | None = None) -> list[sqlite3.Row]:
+    where = ["device = ?"]
+    args: list[Any] = [device]
+    if metric:
+        where.append("metric = ?")
+        args.append(metric)
+    if since_ms is not None:
+        where.append("ts >= ?")
+        args.append(since_ms)
+    sql = f"SELECT ts, metric, value, seq FROM readings WHERE {' AND '.join(where)} ORDER BY ts, rowid"
+    if limit:
+        # the newest ``limit``, still printed oldest first
+        sql = (f"SELECT * FROM (SELECT ts, metric, value, seq, rowid AS r FROM readings WHERE {' AND '.join(where)} "
+               f"ORDER BY ts DESC, rowid DESC LIMIT {int(limit)}) ORDER BY ts, r")
+    return list(conn.execute(sql, args))
+
+
+def latest(conn: sqlite3.Connection, device: str) -> dict[str, tuple[float, int]]:
+    """metric -> (value, ts) of the newest reading of each metric of ``device``."""
+    out: dict[str, tuple[float, int]] = {}
+    for metric in device_metrics(conn, device):
+        row = conn.execute("SELECT value, ts FROM readings WHERE device = ? AND metric = ? ORDER BY ts DESC, rowid DESC "
+                           "LIMIT 1", (device, metric)).fetchone()
+        if row is not None:
+            out[metric] = (row[0], row[1])
+    return out
+
+
+# -- readings ---------------------------------------------------------------------------------
+
+def write_readings(rows: list[sqlite3.Row], fmt: str, out: IO[str]) -> None:
+    if fmt == "json":
+        json.dump([{"ts": iso_utc(r["ts"]), "ts_ms": r["ts"], "metric": r["metric"], "value": r["value"],
+                    "seq": r["seq"]} for r in rows], out, indent=1)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["ts", "ts_ms", "metric", "value", "seq"])
+        for r in rows:
+            writer.writerow([iso_utc(r["ts"]), r["ts"], r["metric"], r["value"], "" if r["seq"] is None else r["seq"]])
+    else:
+        table = [("time (local)", "metric", "value", "seq")]
+        table += [(local_time(r["ts"]), r["metric"], format_value(r["value"]), "" if r["seq"] is None else str(r["seq"]))
+                  for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            out.write("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n")
+
+
+def readings(config: GatewayConfig, device: str, metric: str | None = None, since: str | None = None,
+             fmt: str = "table", limit: int | None = None, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    since_ms = parse_since(since) if since else None
+    conn = open_readonly(config.store.path)
+    try:
+        if config.device(device) is None and device not in known_devices(conn):
+            ids = ", ".join(d.id for d in config.devices) or "none"
+            raise HistoryError(f"unknown device {device!r}: not in the config (devices: {ids}) and no readings "
+                               f"in {config.store.path}")
+        if metric and metric not in device_metrics(conn, device):
+            have = ", ".join(device_metrics(conn, device)) or "none yet"
+            raise HistoryError(f"device {device!r} has no readings of metric {metric!r} (metrics: {have})")
+        rows = query_readings(conn, device, metric, since_ms, limit)
+    finally:
+        conn.close()
+    write_readings(rows, fmt, out)
+    if fmt == "table" and not rows:
+        print(f"(no readings of {device}{' ' + metric if metric else ''}"
+              f"{' since ' + iso_utc(since_ms) if since_ms is not None else ''})", file=sys.stderr)
+    return 0
+
+
+# -- status: the broker's retained messages ------------------------------------------------------
+
+@dataclass
+class BrokerView:
+    reachable: bool
+    error: str = ""
+    retained: dict[str, bytes] = field(default_factory=dict)
+
+
+def fetch_retained(host: str, port: int, topics: list[str], timeout: float = 3.0, quiet: float = 0.3) -> BrokerView:
+    """The retained messages on ``topics`` (exact topics), or why the broker could not be asked.
+
+    Retained messages come right after the subscription is acknowledged; we stop
+    ``quiet`` seconds after the last one (or once every topic answered)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: dict[str, bytes] = {}
+    lock = threading.Lock()
+    subscribed = threading.Event()
+    connected = threading.Event()
+    refused: list[str] = []
+    last = [time.monotonic()]
+
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"pico-gateway-status-{os.getpid()}-{int(time.time() * 1000) % 100000}",
+                         protocol=paho.MQTTv5)
+
+    def on_connect(c, userdata, flags, reason, props):  # noqa: ANN001
+        if reason.is_failure:
+            refused.append(str(reason))
+            connected.set()
+            return
+        connected.set()
+        c.subscribe([(t, 0) for t in topics])
+
+    def on_subscribe(c, userdata, mid, reasons, props):  # noqa: ANN001
+        last[0] = time.monotonic()
+        subscribed.set()
+
+    def on_message(c, userdata, msg):  # noqa: ANN001
+        if msg.retain:
+            with lock:
+                got[msg.topic] = msg.payload
+                last[0] = time.monotonic()
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    try:
+        client.connect(host, port, keepalive=10)
+    except (OSError, ValueError) as exc:
+        return BrokerView(False, f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc))
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        if not connected.wait(timeout):
+            return BrokerView(False, f"no answer within {timeout:g} s")
+        if refused:
+            return BrokerView(False, f"the broker refused the connection: {refused[0]}")
+        if not subscribed.wait(max(0.0, deadline - time.monotonic())):
+            return BrokerView(False, f"no subscription acknowledgement within {timeout:g} s")
+        while time.monotonic() < deadline:
+            with lock:
+                if len(got) >= len(topics) or time.monotonic() - last[0] >= quiet:
+                    break
+            time.sleep(0.02)
+        with lock:
+            return BrokerView(True, retained=dict(got))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    base = config.mqtt.base_topic
+    bridge_topic = f"{base}/bridge/{config.gateway_id}/status"
+    topics = [bridge_topic]
+    for d in config.devices:
+        topics += [f"{base}/{d.id}/status", f"{base}/{d.id}/state/led", f"{base}/{d.id}/diagnostics"]
+    view = fetch_retained(config.mqtt.host, config.mqtt.port, topics, timeout)
+
+    conn: sqlite3.Connection | None = None
+    db_note = ""
+    try:
+        conn = open_readonly(config.store.path)
+    except HistoryError as exc:
+        db_note = str(exc)
+
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
+    if view.reachable:
+        gw = view.retained.get(bridge_topic, b"").decode(errors="replace") or "unknown (nothing retained)"
+        out.write(f"gateway {config.gateway_id}: {gw} (broker {broker})\n")
+    else:
+        out.write(f"gateway {config.gateway_id}: broker {broker} not reachable ({view.error}); "
+                  "showing the database only\n")
+    if db_note:
+        out.write(f"database: {db_note}\n")
+    else:
+        out.write(f"database: {config.store.path}\n")
+    if not config.devices:
+        out.write("no devices in the config\n")
+
+    try:
+        for d in config.devices:
+            out.write(f"\n{d.id}  ({d.transport}, {d.protocol})\n")
+            if view.reachable:
+                avail = view.retained.get(f"{base}/{d.id}/status", b"").decode(errors="replace") or "unknown"
+                led = view.retained.get(f"{base}/{d.id}/state/led", b"").decode(errors="replace") or "unknown"
+                out.write(f"  status   {avail}\n  led      {led}\n")
+            if conn is not None:
+                values = latest(conn, d.id)
+                if values:
+                    newest = max(ts for _, ts in values.values())
+                    out.write(f"  last     {local_time(newest)} ({ago(newest)})\n")
+                    out.write("  values   " + "  ".join(f"{m}={format_value(v)}" for m, (v, _) in sorted(values.items()))
+                              + "\n")
+                else:
+                    out.write("  last     no readings stored\n")
+            raw = view.retained.get(f"{base}/{d.id}/diagnostics") if view.reachable else None
+            if raw:
+                try:
+                    diag = json.loads(raw)
+                except ValueError:
+                    diag = None
+                if isinstance(diag, dict):
+                    parts = [f"{k}={diag[k]}" for k in DIAGNOSTIC_KEYS if k in diag and k != "last_seen_ms"]
+                    if isinstance(diag.get("last_seen_ms"), (int, float)):
+                        parts.append(f"last_seen={local_time(int(diag['last_seen_ms']))}")
+                    out.write("  link     " + " ".join(parts) + "\n")
+    finally:
+        if conn is not None:
+            conn.close()
+    return 0
+
+
+# -- command line (wired into gateway.cli) ----------------------------------------------------------
+
+def add_subcommands(sub: Any) -> None:
+    p = sub.add_parser("readings", help="print stored readings of one device (read-only, works while the gateway runs)")
+    p.add_argument("--config", required=True, help="the TOML config file (for store.path)")
+    p.add_argument("--device", required=True)
+    p.add_argument("--metric", help="only this metric")
+    p.add_argument("--since", help="30m, 1h, 2d, 1w ago, or an ISO time (local unless it has an offset or Z)")
+    p.add_argument("--limit", type=int, help="only the newest N readings")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_readings)
+
+    p = sub.add_parser("status", help="each device's availability, LED, last reading and link counters")
+    p.add_argument("--config", required=True)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the broker (default %(default)s)")
+    p.set_defaults(func=cmd_status)
+
+
+def _run(args: argparse.Namespace, action: Any) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    try:
+        return action(config)
+    except HistoryError as exc:
+        print(f"pico-gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_readings(args: argparse.Namespace) -> int:
+    return _run(args, lambda config: readings(config, args.device, args.metric, args.since, args.format, args.limit))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _run(args, lambda config: status(config, args.timeout))

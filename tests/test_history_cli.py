@@ -1,0 +1,187 @@
+"""``pico-gateway readings`` and ``status`` against real SQLite files and a real broker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from gateway.cli import main
+from gateway.history import parse_since
+from gateway.mosquitto import free_port
+
+SCHEMA = ("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
+          "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")
+
+
+class Writer:
+    """The gateway's side of the database as docs/DESIGN describe it: WAL, the readings table."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(SCHEMA)
+        self.conn.execute("CREATE INDEX IF NOT EXISTS readings_device_metric_ts ON readings(device, metric, ts)")
+
+    def add(self, rows) -> None:
+        with self.conn:
+            self.conn.executemany("INSERT INTO readings (device, metric, value, ts, seq) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+NOW_MS = int(time.time() * 1000)
+DEVICES = [{"id": "greenhouse", "transport": "uart", "port": "/dev/serial0"},
+           {"id": "porch", "transport": "uart", "port": "/dev/ttyAMA1", "protocol": "tutorial"}]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "readings.db"
+    store = Writer(path)
+    rows = []
+    for i in range(10):  # one reading every 10 minutes, the newest 5 minutes ago
+        ts = NOW_MS - (5 + 10 * (9 - i)) * 60_000
+        rows += [("greenhouse", "temp", 20.0 + i / 2, ts, i), ("greenhouse", "uptime", 600.0 * i, ts, i)]
+    store.add(rows)
+    store.close()
+    return path
+
+
+def config_for(tmp_path: Path, broker, db: Path) -> Path:
+    return write_config(tmp_path / "gw.toml", broker, DEVICES, gateway_id="testgw", db=db)
+
+
+class NoBroker:
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+
+
+def test_parse_since() -> None:
+    now = 1_764_000_000.0
+    assert parse_since("30m", now) == (now - 1800) * 1000
+    assert parse_since("1h", now) == (now - 3600) * 1000
+    assert parse_since("2d", now) == (now - 2 * 86400) * 1000
+    assert parse_since("2025-11-25T07:00:00Z") == 1764054000000
+    assert parse_since("2025-11-25T08:00:00+01:00") == 1764054000000
+    with pytest.raises(Exception, match="expected a duration"):
+        parse_since("yesterday")
+
+
+def test_readings_table_csv_json(tmp_path, db, capsys) -> None:
+    cfg = config_for(tmp_path, NoBroker(), db)
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["time", "(local)", "metric", "value", "seq"]
+    assert len(lines) == 1 + 20
+
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "temp",
+                 "--since", "32m", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [float(r["value"]) for r in rows] == [23.5, 24.0, 24.5]  # 25, 15 and 5 minutes ago
+    assert rows[-1]["ts"].endswith("Z") and rows[-1]["seq"] == "9"
+
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(NOW_MS / 1000 - 16 * 60))  # local, no offset
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "uptime",
+                 "--since", since, "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["value"] for d in data] == [4800.0, 5400.0]
+    assert set(data[0]) == {"ts", "ts_ms", "metric", "value", "seq"}
+
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--limit", "2",
+                 "--format", "json"]) == 0
+    assert [d["seq"] for d in json.loads(capsys.readouterr().out)] == [9, 9]
+
+
+def test_readings_while_the_database_is_written(tmp_path, db, capsys) -> None:
+    """Read-only: works while the gateway holds the database open and writes."""
+    cfg = config_for(tmp_path, NoBroker(), db)
+    store = Writer(db)  # the gateway's own connection, WAL mode, open
+    try:
+        store.add([("greenhouse", "temp", 30.0, NOW_MS, 10)])
+        assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "temp",
+                     "--since", "1m", "--format", "json"]) == 0
+        assert [d["value"] for d in json.loads(capsys.readouterr().out)] == [30.0]
+        store.add([("greenhouse", "temp", 31.0, NOW_MS + 1, 11)])
+    finally:
+        store.close()
+    # and never writes: a read-only file is fine
+    db.chmod(0o444)
+    try:
+        assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--limit", "1",
+                     "--format", "csv"]) == 0
+        assert "31.0" in capsys.readouterr().out
+    finally:
+        db.chmod(0o644)
+
+
+def test_readings_errors(tmp_path, db, capsys) -> None:
+    cfg = config_for(tmp_path, NoBroker(), db)
+    assert main(["readings", "--config", str(cfg), "--device", "garage"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown device 'garage'" in err and "greenhouse, porch" in err
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "light"]) == 1
+    assert "metrics: temp, uptime" in capsys.readouterr().err
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--since", "soon"]) == 1
+    assert "--since 'soon'" in capsys.readouterr().err
+    # a configured device without readings is not an error
+    assert main(["readings", "--config", str(cfg), "--device", "porch"]) == 0
+    assert "no readings of porch" in capsys.readouterr().err
+
+    missing = tmp_path / "nothing-yet.db"
+    cfg2 = write_config(tmp_path / "gw2.toml", NoBroker(), DEVICES, db=missing)
+    assert main(["readings", "--config", str(cfg2), "--device", "greenhouse"]) == 1
+    assert "no database at" in capsys.readouterr().err
+    assert not missing.exists()  # never created by a reader
+
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    cfg3 = write_config(tmp_path / "gw3.toml", NoBroker(), DEVICES, db=other)
+    assert main(["readings", "--config", str(cfg3), "--device", "greenhouse"]) == 1
+    assert "no readings table" in capsys.readouterr().err
+
+
+def test_status_with_broker(tmp_path, db, broker, recorder, capsys) -> None:
+    cfg = config_for(tmp_path, broker, db)
+    recorder.publish("pico/bridge/testgw/status", "online", retain=True)
+    recorder.publish("pico/greenhouse/status", "online", retain=True)
+    recorder.publish("pico/greenhouse/state/led", "on", retain=True)
+    recorder.publish("pico/porch/status", "offline", retain=True)
+    diag = {"frames": 120, "rejected": 2, "seq_gaps": 1, "reconnects": 0, "commands_ok": 3,
+            "commands_failed": 1, "backlog": 0, "last_seen_ms": NOW_MS}
+    recorder.publish("pico/greenhouse/diagnostics", json.dumps(diag), retain=True)
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"gateway testgw: online (broker {broker.host}:{broker.port})" in out
+    greenhouse, porch = out.split("\ngreenhouse")[1].split("\nporch")
+    assert "(uart, picogw)" in greenhouse
+    assert "status   online" in greenhouse and "led      on" in greenhouse
+    assert "temp=24.5" in greenhouse and "uptime=5400" in greenhouse and "min ago" in greenhouse
+    assert "frames=120 rejected=2 seq_gaps=1" in greenhouse and "last_seen=" in greenhouse
+    assert "(uart, tutorial)" in porch and "status   offline" in porch and "led      unknown" in porch
+    assert "no readings stored" in porch
+
+
+def test_status_without_broker(tmp_path, db, capsys) -> None:
+    cfg = config_for(tmp_path, NoBroker(), db)
+    t0 = time.monotonic()
+    assert main(["status", "--config", str(cfg), "--timeout", "2"]) == 0
+    assert time.monotonic() - t0 < 10
+    out = capsys.readouterr().out
+    assert "not reachable" in out and "showing the database only" in out
+    assert "temp=24.5" in out and "status   " not in out
+
+
+def test_status_without_database(tmp_path, broker, capsys) -> None:
+    cfg = write_config(tmp_path / "gw.toml", broker, DEVICES, db=tmp_path / "none.db")
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "database: no database at" in out and "status   unknown" in out
