@@ -1,17 +1,13 @@
-"""The bridge: routes readings from links to SQLite then MQTT, and commands back.
+"""The bridge: routes readings from links to the outbox (SQLite, then MQTT), and commands back.
 
-Readings go through one writer thread that drains a queue in batches: each batch
-is committed in one transaction, then published. Commands arrive on the MQTT
-thread, are validated there, and run on a per-device worker so that a slow Pico
-never holds up the network thread or another Pico.
+Commands arrive on the MQTT thread, are validated there, and run on a per-device
+worker so that a slow Pico never holds up the network thread or another Pico.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -20,36 +16,28 @@ from concurrent.futures import ThreadPoolExecutor
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.links.base import CommandError, LedCommand, Link
 from gateway.mqtt import MqttConnection
-from gateway.store import Row, Store
+from gateway.outbox import Outbox, OutboxSettings
+from gateway.store import Store
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway.bridge")
 
-MAX_BATCH = 2000  # readings per transaction
 MAX_PENDING_COMMANDS = 8  # per device; more are refused as busy
-_STOP = object()
-
-
-def format_value(value: float) -> str:
-    """``21.53`` -> ``"21.53"``, ``5.0`` -> ``"5"``: plain text a human or HA can read."""
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
 
 
 class Bridge:
-    def __init__(self, gateway_id: str, topics: Topics, store: Store, mqtt: MqttConnection) -> None:
+    def __init__(self, gateway_id: str, topics: Topics, store: Store, mqtt: MqttConnection,
+                 outbox: OutboxSettings = OutboxSettings()) -> None:
         self.gateway_id = gateway_id
         self.topics = topics
-        self.store = store
         self.mqtt = mqtt
         self.links: dict[str, Link] = {}
         self.stats: Counter[str] = Counter()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        self.outbox = Outbox(store, mqtt, topics, outbox, lambda device: self.links[device].publishes_itself)
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
+        self.last_seen: dict[str, int] = {}  # device -> ts_ms of its last reading
         self._led: dict[str, bool] = {}
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
@@ -69,7 +57,7 @@ class Bridge:
         self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
 
     def start(self) -> None:
-        self._writer.start()
+        self.outbox.start()
         for link in self.links.values():
             link.start()
 
@@ -79,15 +67,14 @@ class Bridge:
             link.stop()
         for worker in self._workers.values():
             worker.shutdown(wait=True, cancel_futures=True)
-        self._queue.put(_STOP)
-        self._writer.join(timeout=10)
+        self.outbox.stop()
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
     def health(self) -> tuple[bool, str]:
         """(healthy, why not): the writer thread and every link's thread are running."""
-        if not self._writer.is_alive():
-            return False, "the database writer thread has died"
+        if not self.outbox.alive():
+            return False, "the outbox (database writer) thread has died"
         for device, link in self.links.items():
             if not link.alive():
                 return False, f"the link thread of device {device!r} has died"
@@ -95,7 +82,8 @@ class Bridge:
 
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
-        self._queue.put((device, values, ts_ms, seq))
+        self.last_seen[device] = ts_ms
+        self.outbox.put(device, values, ts_ms, seq)
 
     def led_state(self, device: str, on: bool) -> None:
         with self._state_lock:
@@ -172,6 +160,7 @@ class Bridge:
     def _answer(self, device: str, ok: bool, command: LedCommand | None = None,
                 state: bool | None = None, error: str | None = None) -> None:
         self.stats["commands_ok" if ok else "commands_failed"] += 1
+        self.links[device].stats["commands_ok" if ok else "commands_failed"] += 1
         if not ok:
             self._log_once(device, error or "", "command for %s refused: %s", device, error)
         body = {
@@ -196,43 +185,3 @@ class Bridge:
         if len(self._logged) < 10_000:
             self._logged.add(key)
         log.log(level, msg, *args)
-
-    # -- writer thread -------------------------------------------------------------
-    def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if any(item is _STOP for item in batch):
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
-            rows: list[Row] = [
-                (device, metric, value, ts, seq)
-                for device, values, ts, seq in batch  # type: ignore[misc]
-                for metric, value in values
-            ]
-            if rows:
-                self._commit_and_publish(rows)
-
-    def _commit_and_publish(self, rows: list[Row]) -> None:
-        try:
-            self.store.add(rows)
-            self.stats["readings_stored"] += len(rows)
-        except sqlite3.Error as exc:
-            # Store-and-forward (issue 5) will hold these; until then publishing is
-            # better than losing them, and the failure is counted and logged.
-            self.stats["store_errors"] += 1
-            self._log_once("store", str(exc), "cannot store readings in %s: %s", self.store.path, exc)
-        sensor = self.topics.sensor
-        publish = self.mqtt.publish
-        links = self.links
-        published = 0
-        for device, metric, value, _, _ in rows:
-            if not links[device].publishes_itself:
-                publish(sensor(device, metric), format_value(value))
-                published += 1
-        self.stats["readings_published"] += published

@@ -17,7 +17,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -43,6 +43,8 @@ class MqttConfig(StrictModel):
     base_topic: str = "pico"
     keepalive: int = Field(60, ge=5, le=3600)
     client_id: str | None = Field(None, description="default: pico-gateway-<gateway_id>")
+    readings_qos: Literal[0, 1] = Field(1, description="1: acknowledged, nothing lost; 0: faster, may lose "
+                                                       "what was on the wire when the connection broke")
 
     @field_validator("base_topic")
     @classmethod
@@ -54,12 +56,19 @@ class MqttConfig(StrictModel):
 
 class StoreConfig(StrictModel):
     path: Path = Path("/var/lib/pico-gateway/readings.db")
+    synchronous: Literal["full", "normal"] = Field(
+        "full", description="full: a committed reading survives a power cut; normal: fewer flash writes, "
+                            "a power cut may lose the last second")
+    max_backlog_rows: int = Field(1_000_000, ge=1000, description="unpublished readings kept for publishing")
+    max_backlog_hours: float = Field(168.0, gt=0, description="unpublished readings older than this are not published")
+    memory_rows: int = Field(100_000, ge=100, description="readings held in memory while the database refuses writes")
 
 
 class GatewayConfig(StrictModel):
     gateway_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] = Field(default_factory=default_gateway_id)
     mqtt: MqttConfig = MqttConfig()
     store: StoreConfig = StoreConfig()
+    diagnostics_interval: float = Field(60.0, ge=1, description="seconds between diagnostics messages")
     devices: list[AnyDevice] = []
 
     @model_validator(mode="after")

@@ -9,15 +9,17 @@ import threading
 
 from gateway.bridge import Bridge
 from gateway.config import GatewayConfig
+from gateway.diagnostics import Diagnostics
 from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
+from gateway.outbox import OutboxSettings
 from gateway.store import Store
 from gateway.systemd import Notifier, Watchdog, gateway_health
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway")
 
-BROKER_WAIT = 10.0  # seconds to wait for the first connection before starting links anyway
+BROKER_WAIT = 10.0  # seconds to wait for the first connection before saying READY anyway
 
 
 def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
@@ -25,14 +27,17 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     topics = Topics(config.mqtt.base_topic)
     try:
-        store = Store(config.store.path)
+        store = Store(config.store.path, config.store.synchronous)
     except (sqlite3.Error, OSError) as exc:
         log.error("cannot open the database %s: %s (check store.path and its directory's permissions)",
                   config.store.path, exc)
         return 1
     client_id = config.mqtt.client_id or f"pico-gateway-{config.gateway_id}"
     mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"))
-    bridge = Bridge(config.gateway_id, topics, store, mqtt)
+    s = config.store
+    outbox = OutboxSettings(qos=config.mqtt.readings_qos, max_backlog_rows=s.max_backlog_rows,
+                            max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows)
+    bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
         bridge.add(LINKS[device.transport](device, bridge))
 
@@ -42,12 +47,14 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
 
     notifier = Notifier()  # does nothing when not under systemd
     mqtt.start()
+    bridge.start()  # links first: readings are stored while the broker is still away
     if not mqtt.wait_connected(BROKER_WAIT):
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
                     config.mqtt.host, config.mqtt.port)
-    bridge.start()
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
     watchdog.start()
+    diagnostics = Diagnostics(bridge, config.diagnostics_interval)
+    diagnostics.start()
     log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
              config.store.path)
     notifier.ready(f"running: {len(config.devices)} device(s)")
@@ -55,7 +62,9 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     watchdog.stop()  # before the links stop, or stopping would look unhealthy
     notifier.stopping()
     log.info("stopping")
+    diagnostics.stop()
     last_words = bridge.stop()
+    diagnostics.publish()  # the final counters, retained
     mqtt.stop(last_words)
     store.close()
     return 0

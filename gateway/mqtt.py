@@ -48,6 +48,8 @@ class MqttConnection:
         self.connected = threading.Event()
         self._subscriptions: list[tuple[str, int, Handler]] = []
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._on_disconnect_hooks: list[Callable[[], None]] = []
+        self._on_published: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -60,10 +62,24 @@ class MqttConnection:
         self.client.on_connect = self._guard(self._on_connect)
         self.client.on_disconnect = self._guard(self._on_disconnect)
         self.client.on_message = self._guard(self._on_message)
+        self.client.on_publish = self._guard(self._on_publish)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
         self._on_connect_hooks.append(hook)
+
+    def on_disconnect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` (on paho's thread) whenever the connection is lost."""
+        self._on_disconnect_hooks.append(hook)
+
+    def on_published(self, callback: Callable[[int], None]) -> None:
+        """``callback(mid)`` when a message left for good: QoS 0 written, QoS 1 acknowledged."""
+        self._on_published = callback
+
+    def publish_message(self, topic: str, payload: str, qos: int, properties: Properties | None) -> tuple[int, int]:
+        """Publish and return paho's (rc, mid), for callers that track acknowledgements."""
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
+        return info.rc, info.mid
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
@@ -142,6 +158,16 @@ class MqttConnection:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         if was:
             self.stats["disconnects"] += 1
+        for hook in self._on_disconnect_hooks:
+            hook()
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            self.stats["publish_rejected"] += 1  # the broker refused it (e.g. its ACL): no retry helps
+            log.warning("the broker refused a message: %s", reason)
+        if self._on_published is not None:
+            self._on_published(mid)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._lock:

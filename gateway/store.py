@@ -1,41 +1,49 @@
-"""Every reading, in SQLite (through sqlite-utils).
+"""Every reading, in SQLite (through sqlite-utils), and the outbox of what MQTT has not yet taken.
 
     >>> store = Store("/tmp/readings.db")
-    >>> store.add([("greenhouse", "temp", 21.5, 1764070000000, 7)])
+    >>> first_id = store.commit([("greenhouse", "temp", 21.5, 1764070000000, 7)])
     >>> store.readings("greenhouse", "temp")[-1]["value"]
     21.5
 
-Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER)``,
+Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent)``:
 ``ts`` in Unix milliseconds (UTC), indexed on (device, metric, ts) for "one
-device's metric over a time range". ``add`` returns only after the rows are
-committed with ``synchronous=FULL``: a reading is on disk before it is published.
+device's metric over a time range". ``sent`` is the outbox: 0 until the broker
+acknowledged the reading's message, then 1; 2 when the backlog bound made the
+gateway give up publishing it (the reading stays here). A partial index keeps
+the unsent rows cheap to find however big the table grows.
+
+``commit`` returns only after the transaction is durable at the configured
+``synchronous`` level (FULL by default): a reading is on disk before it is
+published. See docs/reliability.md for what a power cut can cost.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sqlite_utils
 
-Row = tuple[str, str, float, int, int | None]  # device, metric, value, ts_ms, seq
+Row = tuple[str, str, float, int, "int | None"]  # device, metric, value, ts_ms, seq
+StoredRow = tuple[int, str, str, float, int, "int | None"]  # id + Row
 
-_INSERT = "INSERT INTO readings (device, metric, value, ts, seq) VALUES (?, ?, ?, ?, ?)"
+UNSENT, SENT, EXPIRED = 0, 1, 2
+_INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used under a lock: the writer thread adds, the CLI reads.
+        # One connection, used under a lock: the outbox thread writes, others read.
         self._conn = sqlite3.connect(self.path, check_same_thread=False)
         self._lock = threading.Lock()
         self.db = sqlite_utils.Database(self._conn)
         self.db.enable_wal()
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._conn.execute("PRAGMA busy_timeout=5000")
         readings = self.db.table("readings")
         readings.create(
@@ -44,14 +52,54 @@ class Store:
             not_null={"device", "metric", "value", "ts"},
             if_not_exists=True,
         )
+        if "sent" not in readings.columns_dict:
+            # Rows from before the outbox existed count as sent: never replay history.
+            readings.add_column("sent", int, not_null_default=SENT)
         readings.create_index(["device", "metric", "ts"], if_not_exists=True)
+        self._conn.execute("CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0")
+        self._conn.commit()
 
-    def add(self, rows: Iterable[Row]) -> None:
-        """Commit rows in one transaction. Raises sqlite3.Error (disk full, read-only)."""
-        # executemany on the connection, not table.insert_all: the hot path of every
-        # reading, and insert_all's per-row dict handling costs several times more.
+    def commit(self, rows: Sequence[Row], sent_ids: Iterable[int] = ()) -> int:
+        """Insert ``rows`` as unsent and mark ``sent_ids`` sent, in one transaction.
+
+        Returns the id of the first inserted row (the others follow it, in order:
+        this connection is the only writer). Raises sqlite3.Error (disk full,
+        read-only file) with nothing changed.
+        """
+        # executemany on the connection, not table.insert_all: this is the hot path,
+        # and insert_all's per-row dict handling costs several times more.
         with self._lock, self._conn:
             self._conn.executemany(_INSERT, rows)
+            last = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            ids = list(sent_ids)
+            if ids:
+                self._conn.executemany("UPDATE readings SET sent = 1 WHERE id = ?", ((i,) for i in ids))
+        return last - len(rows) + 1
+
+    def unsent(self, after_id: int, limit: int) -> list[StoredRow]:
+        """The oldest unsent readings with ``id > after_id``, in id order."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 AND id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+
+    def count_unsent(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT count(*) FROM readings WHERE sent = 0").fetchone()[0]
+
+    def count_unsent_by_device(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT device, count(*) FROM readings WHERE sent = 0 GROUP BY device"))
+
+    def expire_unsent(self, keep_rows: int, older_than_ms: int) -> int:
+        """Give up publishing the oldest unsent readings beyond ``keep_rows``, and any
+        older than ``older_than_ms``; they stay in the table (sent = 2). Returns how many."""
+        with self._lock, self._conn:
+            cur = self._conn.execute(
+                "UPDATE readings SET sent = 2 WHERE sent = 0 AND (ts < ? OR id <= "
+                "(SELECT id FROM readings WHERE sent = 0 ORDER BY id DESC LIMIT 1 OFFSET ?))",
+                (older_than_ms, keep_rows))
+            return cur.rowcount
 
     def readings(self, device: str, metric: str | None = None, since_ms: int = 0) -> list[dict[str, Any]]:
         where = "device = ? AND ts >= ?" + (" AND metric = ?" if metric else "")

@@ -32,6 +32,13 @@ class Topics:
     def status(self, device: str) -> str:
         return f"{self.base}/{device}/status"
 
+    def diagnostics(self, device: str) -> str:
+        """A device's link counters, JSON, retained (gateway/diagnostics.py)."""
+        return f"{self.base}/{device}/diagnostics"
+
+    def bridge_diagnostics(self, gateway_id: str) -> str:
+        return f"{self.base}/bridge/{gateway_id}/diagnostics"
+
     def bridge_status(self, gateway_id: str) -> str:
         return f"{self.base}/bridge/{gateway_id}/status"
 

@@ -1,0 +1,255 @@
+"""Store first, publish after, and remember what the broker has taken.
+
+The outbox thread is the only writer of the readings table. Each turn it:
+
+1. takes every reading the links queued, and the acknowledgements paho reported;
+2. commits them in one transaction: new rows as unsent, acknowledged ones as sent;
+3. publishes the new rows at once when connected ("live");
+4. publishes older unsent rows ("backlog": after a broker outage, a restart, a
+   full disk) in id order, a window at a time, so live readings never wait
+   behind a long backlog.
+
+Every message carries the reading's own time as the MQTT v5 user property
+``ts`` (Unix ms). Delivery is at least once: see docs/reliability.md for the
+duplicate bound, and the bounds on the backlog and on memory while the disk
+refuses writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.mqtt import MqttConnection
+from gateway.store import Row, Store
+from gateway.topics import Topics
+
+log = logging.getLogger("gateway.outbox")
+
+MAX_BATCH = 5000  # readings per transaction
+WINDOW = 2000  # messages handed to paho and not yet acknowledged, at most (bounds memory)
+EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
+RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
+_STOP = object()
+
+
+def format_value(value: float) -> str:
+    """``21.53`` -> ``"21.53"``, ``5.0`` -> ``"5"``: plain text a human or HA can read."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    qos: int = 1
+    max_backlog_rows: int = 1_000_000
+    max_backlog_age_s: float = 7 * 86400.0
+    memory_rows: int = 100_000  # readings held in memory while the database refuses writes
+
+
+class Outbox:
+    def __init__(self, store: Store, mqtt: MqttConnection, topics: Topics, settings: OutboxSettings,
+                 publishes_itself: Callable[[str], bool] = lambda device: False) -> None:
+        self.store = store
+        self.mqtt = mqtt
+        self.topics = topics
+        self.settings = settings
+        self.publishes_itself = publishes_itself
+        self.stats: Counter[str] = Counter()
+        self.backlog = 0  # unsent rows, as of the last count
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._acked_mids: deque[int] = deque()  # appended by paho's thread
+        self._mid_to_id: dict[int, int] = {}
+        self._inflight: set[int] = set()
+        self._done: list[int] = []  # acknowledged, to be marked sent in the next commit
+        self._pending: list[Row] = []  # not yet committed (the database refused)
+        self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
+        self._lost_connection = threading.Event()
+        self._last_store_error = ""
+        mqtt.on_published(self._acked_mids.append)
+        mqtt.on_connect(lambda: self._queue.put(None))  # wake up: the backlog can move
+        mqtt.on_disconnect(self._lost_connection.set)
+
+    # -- any thread ------------------------------------------------------------------
+    def put(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
+        self._queue.put((device, values, ts_ms, seq))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Commit and publish what is queued, wait up to ``timeout`` for acks, stop."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout + 5)
+
+    # -- outbox thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        next_expiry = 0.0
+        stopping = False
+        while not stopping:
+            busy = bool(self._pending) or (self._backlog_from is not None and self.mqtt.connected.is_set())
+            rows, stopping = self._take(timeout=0.05 if busy else 0.5)
+            try:
+                self._turn(rows)
+                if time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + EXPIRY_CHECK
+                    self._enforce_bounds()
+            except Exception:  # a bug here must not end storage for good
+                self.stats["internal_errors"] += 1
+                log.exception("outbox error (survived)")
+                time.sleep(0.5)
+        self._flush()
+
+    def _take(self, timeout: float) -> tuple[list[Row], bool]:
+        items: list[object] = []
+        try:
+            items.append(self._queue.get(timeout=timeout))
+            while len(items) < MAX_BATCH:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        stopping = any(item is _STOP for item in items)
+        rows: list[Row] = [
+            (device, metric, value, ts, seq)
+            for item in items if isinstance(item, tuple)
+            for device, values, ts, seq in (item,)
+            for metric, value in values
+        ]
+        return rows, stopping
+
+    def _turn(self, rows: list[Row]) -> None:
+        self._resolve_acks()
+        if self._lost_connection.is_set():
+            self._lost_connection.clear()
+            self.stats["disconnects"] += 1
+            if self.settings.qos == 0:
+                # paho drops unwritten QoS 0 messages on disconnect: publish them again.
+                self._rescan_from(min(self._inflight, default=None))
+                self._inflight.clear()
+                self._mid_to_id.clear()
+        if self._pending:
+            rows = self._pending + rows
+        if not rows and not self._done:
+            self._drain_backlog()
+            return
+        try:
+            first_id = self.store.commit(rows, self._done)
+        except sqlite3.Error as exc:
+            self._hold(rows, exc)
+            return
+        if self._last_store_error:
+            log.warning("the database takes writes again; %d held reading(s) stored", len(rows))
+            self._last_store_error = ""
+        self.stats["stored"] += len(rows)
+        self._pending = []
+        self._done = []
+        for offset, row in enumerate(rows):
+            self._publish(first_id + offset, row, live=True)
+        self._drain_backlog()
+
+    def _hold(self, rows: list[Row], exc: sqlite3.Error) -> None:
+        """The database refused (disk full, read-only): keep readings in memory, bounded."""
+        self.stats["store_errors"] += 1
+        overflow = len(rows) - self.settings.memory_rows
+        if overflow > 0:
+            self.stats["dropped_memory_full"] += overflow
+            log.error("memory bound reached while the database refuses writes: dropped the %d oldest "
+                      "reading(s)", overflow)
+            rows = rows[overflow:]
+        self._pending = rows
+        if str(exc) != self._last_store_error:
+            self._last_store_error = str(exc)
+            log.error("cannot write to %s: %s; holding readings in memory (up to %d) and retrying",
+                      self.store.path, exc, self.settings.memory_rows)
+        time.sleep(RETRY_STORE)
+
+    def _publish(self, row_id: int, row: Row, live: bool) -> bool:
+        """Hand one reading to paho; False when it could not take it now."""
+        device, metric, value, ts, _ = row
+        if self.publishes_itself(device):
+            self._done.append(row_id)  # its Pico published it already
+            return True
+        if not self.mqtt.connected.is_set():
+            self._rescan_from(row_id)
+            return False
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("ts", str(ts))
+        rc, mid = self.mqtt.publish_message(self.topics.sensor(device, metric), format_value(value),
+                                            self.settings.qos, props)
+        if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
+            # (QoS 1 while the connection just dropped: paho keeps it and sends it on reconnect.)
+            self._mid_to_id[mid] = row_id
+            self._inflight.add(row_id)
+            self.stats["published_live" if live else "published_backlog"] += 1
+            return True
+        self._rescan_from(row_id)
+        return False
+
+    def _rescan_from(self, row_id: int | None) -> None:
+        if row_id is None:
+            return
+        start = row_id - 1
+        self._backlog_from = start if self._backlog_from is None else min(self._backlog_from, start)
+
+    def _drain_backlog(self) -> None:
+        start = self._backlog_from
+        if start is None or not self.mqtt.connected.is_set():
+            return
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        rows = self.store.unsent(start, room)
+        position = start
+        for row_id, *row in rows:
+            if row_id not in self._inflight and not self._publish(row_id, tuple(row), live=False):  # type: ignore[arg-type]
+                return  # connection lost: _rescan_from kept the position
+            position = row_id
+        self._backlog_from = position if len(rows) == room else None
+
+    def _resolve_acks(self) -> None:
+        acked = self._acked_mids
+        while acked:
+            mid = acked.popleft()
+            row_id = self._mid_to_id.pop(mid, None)
+            if row_id is not None:
+                self._inflight.discard(row_id)
+                self._done.append(row_id)
+
+    def _enforce_bounds(self) -> None:
+        s = self.settings
+        expired = self.store.expire_unsent(s.max_backlog_rows, int((time.time() - s.max_backlog_age_s) * 1000))
+        if expired:
+            self.stats["backlog_expired"] += expired
+            log.warning("backlog bound reached (%d rows or %g h): %d oldest unpublished reading(s) will not be "
+                        "published; they stay in the database", s.max_backlog_rows, s.max_backlog_age_s / 3600,
+                        expired)
+        self.backlog = self.store.count_unsent()
+
+    def _flush(self, ack_wait: float = 2.0) -> None:
+        """At stop: store what is pending, give acks a moment, record them."""
+        deadline = time.monotonic() + ack_wait
+        try:
+            self._turn([])
+            while self._inflight and self.mqtt.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
+                self._resolve_acks()
+            if self._done or self._pending:
+                self.store.commit(self._pending, self._done)
+                self._pending, self._done = [], []
+        except sqlite3.Error as exc:
+            log.error("could not store %d reading(s) at shutdown: %s", len(self._pending), exc)
