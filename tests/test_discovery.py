@@ -256,3 +256,41 @@ def test_device_that_left_the_config_is_removed(broker) -> None:
         mqtt.stop()
         d2.stop()
         other.stop()
+
+
+# -- the integration docs ------------------------------------------------------------------
+
+def test_nodered_flow_is_importable() -> None:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    nodes = json.loads((docs / "nodered-flow.json").read_text())
+    assert isinstance(nodes, list)
+    by_id = {n["id"]: n for n in nodes}
+    assert len(by_id) == len(nodes)  # unique ids
+    types = {n["type"] for n in nodes}
+    assert {"mqtt in", "mqtt out", "mqtt-broker", "inject", "debug", "function", "tab"} <= types
+    broker = next(n for n in nodes if n["type"] == "mqtt-broker")
+    assert (broker["broker"], str(broker["port"])) == ("localhost", "1883")
+    for n in nodes:
+        for outputs in n.get("wires", []):
+            assert all(target in by_id for target in outputs), n["id"]
+        if n["type"] in ("mqtt in", "mqtt out"):
+            assert n["broker"] == broker["id"]
+        if "z" in n:
+            assert by_id[n["z"]]["type"] == "tab"
+    assert any(n["type"] == "mqtt in" and n["topic"] == "pico/+/sensor/+" for n in nodes)
+    out = next(n for n in nodes if n["type"] == "mqtt out")
+    assert out["topic"] == "pico/greenhouse/cmd/led" and out["retain"] in ("false", False)
+    inject = next(n for n in nodes if n["type"] == "inject")
+    assert inject["wires"] == [[out["id"]]] and inject["payload"] in ("on", "off", "toggle")
+
+
+def test_mqtt_cli_doc_covers_every_topic() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mqtt-cli.md").read_text()
+    for needle in ("sensor/", "state/led", "cmd/led", "result/led", "/status", "bridge/pi-garden/status",
+                   "bridge/pi-garden/rejected", "diagnostics", "-r -n -t pico/greenhouse/cmd/led",
+                   "homeassistant/device/"):
+        assert needle in text, needle
