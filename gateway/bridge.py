@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,16 @@ class Bridge:
             self._answer(device, ok=False, command=command, error="busy: too many commands waiting for this Pico")
             return
         self._workers[device].submit(self._execute, link, command)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no command is queued or running (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if not +self._pending:
+                    return True
+            time.sleep(0.001)
+        return False
 
     def _execute(self, link: Link, command: LedCommand) -> None:
         try:

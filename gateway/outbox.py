@@ -105,10 +105,10 @@ class Outbox:
             busy = bool(self._pending) or (self._backlog_from is not None and self.mqtt.connected.is_set())
             rows, stopping = self._take(timeout=0.05 if busy else 0.5)
             try:
-                self._turn(rows)
-                if time.monotonic() >= next_expiry:
+                if time.monotonic() >= next_expiry:  # first, so nothing past the bound goes out
                     next_expiry = time.monotonic() + EXPIRY_CHECK
                     self._enforce_bounds()
+                self._turn(rows)
             except Exception:  # a bug here must not end storage for good
                 self.stats["internal_errors"] += 1
                 log.exception("outbox error (survived)")

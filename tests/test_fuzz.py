@@ -1,0 +1,126 @@
+"""The front doors under arbitrary input (hypothesis): the serial frame path and the
+command handler. Nothing raises out of them, every rejection is counted, and a good
+frame after garbage still gets through."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.commands import PayloadError, parse_led_payload
+from gateway.links.base import LedCommand
+from gateway.links.uart import UartConfig, UartLink
+from gateway.protocols.picogw import MAX_FRAME, FrameReceiver, encode
+from gateway.protocols.picogw_serial import PicogwSerialSession
+from gateway.topics import Topics
+
+GOOD = encode("R", 7, [("temp", "21.5")])
+REJECTS = ("noise", "malformed", "corrupt", "overlong", "bad_values", "unknown_type")
+
+
+class Events:
+    """The bridge's side of LinkEvents, recording readings."""
+
+    def __init__(self) -> None:
+        self.readings: list[tuple[str, float]] = []
+
+    def reading(self, device, values, ts_ms, seq) -> None:
+        self.readings.extend(values)
+
+    def led_state(self, device, on) -> None:
+        pass
+
+    def availability(self, device, online) -> None:
+        pass
+
+
+def uart_link() -> UartLink:
+    """A real uart link whose session is fed bytes directly (the port is not opened)."""
+    return UartLink(UartConfig(id="fz", transport="uart", port="/dev/null"), Events())
+
+
+frame_like = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda b: b"$" + b + b"\n", st.binary(max_size=250)),
+    st.sampled_from([b"\n", b"$", b"*", b"\r\n", b"$R,1,temp=nan*00000000\n", b"\xff\xfe\n", b"$" * 300]),
+    st.builds(lambda v: encode("R", 1, [("temp", v)]),
+              st.sampled_from(["nan", "inf", "-inf", "1e400", "1e308", "0x10", "1_0"])),
+    st.builds(lambda k: encode("R", 2, [(k, "1")]), st.from_regex(r"[a-z][a-z0-9_]{0,23}", fullmatch=True)),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(chunks=st.lists(frame_like, max_size=8), cut=st.integers(min_value=0, max_value=400))
+def test_arbitrary_bytes_never_raise_and_a_good_frame_still_arrives(chunks: list[bytes], cut: int) -> None:
+    link = uart_link()
+    session = link.session
+    assert isinstance(session, PicogwSerialSession)
+    stream = b"".join(chunks) + b"\n" + GOOD
+    cut = min(cut, len(stream))
+    session.received(stream[:cut])  # split anywhere
+    session.received(stream[cut:])
+    assert ("temp", 21.5) == link.events.readings[-1]
+    assert len(session.rx._buf) <= MAX_FRAME
+    # Every line is either a good frame or counted as dropped: nothing vanishes unnoticed.
+    assert link.stats["frames"] >= 1
+    assert all(v >= 0 for v in link.stats.values())
+
+
+@given(st.binary(min_size=1, max_size=MAX_FRAME * 3))
+def test_every_bad_line_is_counted(line: bytes) -> None:
+    rx = FrameReceiver()
+    data = line.replace(b"\n", b"") + b"\n"
+    frames = rx.feed(data)
+    assert len(frames) + sum(rx.counts[k] for k in ("noise", "malformed", "corrupt", "overlong")) == 1
+
+
+@given(st.binary(max_size=200))
+def test_any_payload_is_a_command_or_a_clear_error(payload: bytes) -> None:
+    try:
+        command = parse_led_payload(payload)
+    except PayloadError as exc:
+        assert str(exc)
+    else:
+        assert command in LedCommand
+        assert payload.strip().lower() in {b"on", b"off", b"toggle", b"1", b"0", b"true", b"false"}
+
+
+@given(st.text(max_size=120))
+def test_any_topic_parses_or_is_ignored(topic: str) -> None:
+    parsed = Topics("pico").parse_command(topic)
+    if parsed is not None:
+        device, what = parsed
+        assert topic == f"pico/{device}/cmd/{what}" and "/" not in device
+
+
+@settings(max_examples=200, deadline=None)
+@given(topic=st.one_of(st.text(max_size=80), st.builds(lambda d: f"pico/{d}/cmd/led", st.text(max_size=70)),
+                       st.sampled_from(["pico/fz/cmd/led", "pico/nosuch/cmd/led", "pico//cmd/led", "pico/fz/cmd/led/x"])),
+       payload=st.binary(max_size=100), retained=st.booleans())
+def test_the_command_handler_answers_everything_and_never_raises(bridge, topic: str, payload: bytes,
+                                                                 retained: bool) -> None:
+    before = sum(bridge.stats[k] for k in ("commands_ok", "commands_failed", "commands_unknown_device"))
+    bridge._on_command(topic, payload, retained)
+    bridge.wait_idle()
+    after = sum(bridge.stats[k] for k in ("commands_ok", "commands_failed", "commands_unknown_device"))
+    is_command = Topics("pico").parse_command(topic) is not None
+    assert after - before == (1 if is_command else 0)
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory):
+    """A real bridge with a real (never connected) MQTT client and a uart link whose
+    port is not open: every valid command ends as 'port not open'."""
+    from gateway.bridge import Bridge
+    from gateway.config import MqttConfig
+    from gateway.mqtt import MqttConnection
+    from gateway.store import Store
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    mqtt = MqttConnection(MqttConfig(host="127.0.0.1", port=1), "fuzz", ("pico/bridge/fz/status", "offline"))
+    b = Bridge("fz", Topics("pico"), Store(tmp / "r.db"), mqtt)
+    b.add(uart_link())
+    yield b

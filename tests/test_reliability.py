@@ -1,0 +1,274 @@
+"""Faults injected with real parts: the broker dies, the cable goes, the gateway is
+killed, the disk refuses writes. Each test names the guarantee of docs/reliability.md
+it proves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from conftest import REPO, GatewayProcess, write_config
+from gateway.config import MqttConfig
+from gateway.mosquitto import PrivateBroker
+from gateway.mqtt import MqttConnection
+from gateway.outbox import Outbox, OutboxSettings
+from gateway.store import Store
+from gateway.topics import Topics
+from mqtt_helpers import Recorder, wait_for
+from peers import PicogwPeer
+
+OUTAGE = float(os.environ.get("PICOGW_TEST_OUTAGE", "30"))  # seconds the broker stays down
+
+
+class SessionSubscriber:
+    """A subscriber with a persistent session (clean_start off, long expiry): the broker
+    keeps its QoS 1 messages while it is away. Records (topic, value, ts property)."""
+
+    def __init__(self, broker: PrivateBroker, topic: str) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.got: list[tuple[str, str, str | None]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="session-sub",
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        self.client.loop_start()
+        wait_for(self.subscribed.is_set, 10, "subscription")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        ts = dict(msg.properties.UserProperty).get("ts") if msg.properties and hasattr(msg.properties, "UserProperty") else None
+        with self.lock:
+            self.got.append((msg.topic, msg.payload.decode(), ts))
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def db_rows(db: Path, device: str, metric: str = "temp") -> list[tuple[int, float, int, int | None, int]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT id, value, ts, seq, sent FROM readings WHERE device=? AND metric=? ORDER BY id",
+                            (device, metric)).fetchall()
+
+
+def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
+    """Guarantee 1: readings made while the broker is down are stored, then delivered,
+    in order, with their original time, to a subscriber with a persistent session."""
+    broker = PrivateBroker(tmp_path / "broker", extra_conf=f"persistence true\npersistence_location {tmp_path}/\n")
+    broker.start()
+    peer = PicogwPeer("greenhouse")
+    stop_flood = threading.Event()
+
+    def flood() -> None:  # a reading every 50 ms, all through the outage
+        while not stop_flood.is_set():
+            peer.reading(temp=round(20 + peer.seq / 1000, 3))
+            stop_flood.wait(0.05)
+
+    sub = SessionSubscriber(broker, "pico/greenhouse/sensor/temp")
+    recorder = Recorder(broker)
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "greenhouse", "transport": "uart", "port": peer.path}])
+    gw = GatewayProcess(config, recorder)
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        wait_for(lambda: len(sub.got) >= 10, 10, "live readings")
+        recorder.close()
+        broker.stop()  # SIGTERM: mosquitto saves the subscriber's session
+        during_from = peer.seq
+        time.sleep(OUTAGE)  # the outage itself is the point of the test
+        during_to = peer.seq
+        assert during_to - during_from > 10
+        broker.start()
+        time.sleep(1)
+        stop_flood.set()
+        flooder.join()
+        sent = peer.seq
+        db = tmp_path / "readings.db"
+        wait_for(lambda: len(db_rows(db, "greenhouse")) == sent, 20, "every reading in SQLite")
+        rows = db_rows(db, "greenhouse")
+        assert [r[3] for r in rows] == list(range(sent))  # every sequence number, once, in order
+        expected = {(str(r[1]).rstrip("0").rstrip("."), str(r[2])) for r in rows}
+        received = lambda: {(v, ts) for _, v, ts in sub.got}  # noqa: E731
+        wait_for(lambda: expected <= received(), 30, "every stored reading delivered after the outage")
+        duplicates = len(sub.got) - len(received())
+        assert duplicates <= 2000, duplicates  # the outbox window: docs/reliability.md
+        # (expected holds the stored ts: the outage's readings came with their own time.)
+        wait_for(lambda: all(r[4] == 1 for r in db_rows(db, "greenhouse")), 10, "all marked sent")
+    finally:
+        stop_flood.set()
+        sub.close()
+        assert gw.stop() == 0
+        broker.stop()
+        peer.close()
+
+
+def proc_counts(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_replugged_serial_pico_reopens_without_leaks(tmp_path: Path, broker, recorder: Recorder) -> None:
+    """Guarantee 2: a serial Pico that disappears and comes back (even on another pty,
+    behind a stable path like /dev/serial/by-id) is reopened by itself; no fd or
+    thread leaks over several cycles."""
+    by_id = tmp_path / "usb-MicroPython_Board_in_FS_mode_e6614c311b7e6f35-if00"
+    peer = PicogwPeer("desk")
+    by_id.symlink_to(peer.path)
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "desk", "transport": "usb", "port": str(by_id)}])
+    gw = GatewayProcess(config, recorder)
+    try:
+        recorder.wait("pico/desk/status", "online")
+        peer.reading(temp=1)
+        recorder.wait("pico/desk/sensor/temp", "1")
+        baseline = proc_counts(gw.proc.pid)
+        for cycle in range(1, 4):
+            peer.close()
+            by_id.unlink()
+            recorder.wait("pico/desk/status", "offline", count=cycle)
+            peer = PicogwPeer("desk")  # a new pty: a different /dev/pts number
+            by_id.symlink_to(peer.path)
+            recorder.wait("pico/desk/status", "online", count=cycle + 1, timeout=15)
+            peer.reading(temp=cycle + 1)
+            recorder.wait("pico/desk/sensor/temp", str(cycle + 1))
+        assert proc_counts(gw.proc.pid) == baseline
+    finally:
+        gw.stop()
+        peer.close()
+
+
+def test_sigkill_during_a_burst_then_restart(tmp_path: Path, broker, recorder: Recorder) -> None:
+    """Guarantee 3: after kill -9 the database opens cleanly, and every stored reading
+    reaches the broker at least once after the restart, with bounded duplicates."""
+    peer = PicogwPeer("burst")
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "burst", "transport": "uart", "port": peer.path}])
+    gw = GatewayProcess(config, recorder)
+    for i in range(3000):
+        peer.reading(temp=i)
+    wait_for(lambda: len(recorder.on("pico/burst/sensor/temp")) > 100, 10, "the burst under way")
+    gw.proc.kill()
+    gw.proc.wait()
+    db = tmp_path / "readings.db"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    gw2 = GatewayProcess(config, recorder)
+    try:
+        for i in range(3000, 3100):
+            peer.reading(temp=i)
+        wait_for(lambda: (rows := db_rows(db, "burst")) and rows[-1][1] == 3099 and all(r[4] == 1 for r in rows),
+                 20, "everything stored marked sent after the restart")
+        stored = {int(r[1]) for r in db_rows(db, "burst")}
+        got = [int(v) for v in recorder.on("pico/burst/sensor/temp")]
+        assert stored <= set(got)
+        assert len(got) - len(set(got)) <= 2000  # duplicates: within the documented window
+        # Readings that were still in the gateway's memory at the kill are the only loss, and the
+        # sequence numbers make it visible; nothing committed was lost.
+        assert len(stored) == len(db_rows(db, "burst"))
+    finally:
+        gw2.stop()
+        peer.close()
+
+
+def test_sigterm_stops_within_5_s_and_flushes(tmp_path: Path, broker, recorder: Recorder) -> None:
+    """Guarantee 4: SIGTERM stops within 5 s, stores and publishes what it holds,
+    publishes offline statuses, exits 0."""
+    peer = PicogwPeer("calm")
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "calm", "transport": "uart", "port": peer.path}])
+    gw = GatewayProcess(config, recorder)
+    recorder.wait("pico/calm/status", "online")
+    for i in range(500):
+        peer.reading(temp=i)
+    wait_for(lambda: recorder.on("pico/calm/sensor/temp"), 10, "readings flowing")
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(5) == 0
+    assert time.monotonic() - started < 5
+    recorder.wait("pico/calm/status", "offline")
+    recorder.wait("pico/bridge/testgw/status", "offline")
+    rows = db_rows(tmp_path / "readings.db", "calm")
+    received = {int(v) for v in recorder.wait("pico/calm/sensor/temp", count=len(rows))}
+    assert received == {int(r[1]) for r in rows}
+    assert all(r[4] == 1 for r in rows)
+    gw.log.close()
+    peer.close()
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_database_refusing_writes_holds_readings_then_recovers(tmp_path: Path, broker, recorder: Recorder,
+                                                               caplog, fault: str) -> None:
+    """Guarantee 5: a full disk or read-only database: a clear error, readings held in
+    memory up to a bound, everything stored and published when writes work again.
+    The fault is injected inside SQLite (max_page_count gives SQLITE_FULL exactly as a
+    full disk does; query_only gives SQLITE_READONLY)."""
+    store = Store(tmp_path / "r.db")
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "outbox-test", ("pico/bridge/t/status", "offline"))
+    outbox = Outbox(store, mqtt, Topics(), OutboxSettings(memory_rows=150))
+    mqtt.start()
+    assert mqtt.wait_connected(10)
+    outbox.start()
+    try:
+        outbox.put("d", [("temp", 1.0)], 1, 0)
+        recorder.wait("pico/d/sensor/temp", "1")
+        conn = store._conn
+        with store._lock:
+            if fault == "full":
+                pages = conn.execute("PRAGMA page_count").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {pages}")
+            else:
+                conn.execute("PRAGMA query_only = 1")
+        for i in range(2, 402):
+            outbox.put("d", [("temp", float(i)), ("pad", float(i) * 1e9 + 0.123456789)], i, i)
+        wait_for(lambda: outbox.stats["store_errors"] >= 1, 10, "the store error")
+        wait_for(lambda: outbox.stats["dropped_memory_full"] > 0, 10, "the memory bound")
+        assert any("cannot write to" in r.message for r in caplog.records)
+        assert recorder.on("pico/d/sensor/temp") == ["1"]  # nothing published before it is stored
+        with store._lock:
+            conn.execute("PRAGMA max_page_count = 1073741823" if fault == "full" else "PRAGMA query_only = 0")
+        wait_for(lambda: outbox.stats["store_errors"] and not outbox._pending, 10, "recovery")
+        dropped = outbox.stats["dropped_memory_full"]
+        kept = 2 * 400 - dropped  # readings of both metrics that fitted in memory
+        wait_for(lambda: len(recorder.on("pico/d/#")) == 1 + kept, 10, "the held readings published")
+        assert recorder.on("pico/d/sensor/temp")[-1] == "401"  # the newest were kept; the oldest dropped
+    finally:
+        outbox.stop()
+        mqtt.stop()
+        store.close()
+
+
+def test_backlog_bound_keeps_rows_but_stops_publishing_the_oldest(tmp_path: Path, broker, recorder: Recorder) -> None:
+    """Guarantee 6: past the backlog bound the oldest unpublished readings are not
+    published; they stay in the database, and the count is logged and reported."""
+    store = Store(tmp_path / "r.db")
+    old = int((time.time() - 3 * 3600) * 1000)
+    store.commit([("d", "temp", float(i), old + i, i) for i in range(3000)])  # 3 h old, never sent
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "bound-test", ("pico/bridge/t/status", "offline"))
+    outbox = Outbox(store, mqtt, Topics(), OutboxSettings(max_backlog_rows=1000, max_backlog_age_s=7200))
+    mqtt.start()
+    assert mqtt.wait_connected(10)
+    outbox.start()
+    try:
+        outbox.put("d", [("temp", -1.0)], int(time.time() * 1000), None)
+        recorder.wait("pico/d/sensor/temp", "-1")
+        wait_for(lambda: outbox.stats["backlog_expired"] == 3000, 10, "the old backlog expired")
+        assert recorder.on("pico/d/sensor/temp") == ["-1"]
+        assert len(db_rows(tmp_path / "r.db", "d")) == 3001  # nothing deleted
+    finally:
+        outbox.stop()
+        mqtt.stop()
+        store.close()
