@@ -140,6 +140,8 @@ class Discovery:
         self._firmware: dict[str, str] = {}
         self._timers: list[threading.Timer] = []
         self._stopped = threading.Event()
+        self._started = False
+        self._stale_scan: float | None = None
         self.stale_seen: set[str] = set()  # object ids of our retained configs no longer configured
         self.stats = {"published": 0, "removed": 0, "republish_requests": 0}
 
@@ -267,17 +269,25 @@ class Discovery:
             return
         self._subscribe(self.ha_status_topic(), self._on_ha_status)
         self._subscribe(f"{self.prefix}/device/+/config", self._on_config)
+        self._started, self._stale_scan = True, stale_scan
         self.publish_all()
         if stale_scan is not None:
             self._later(stale_scan, self.remove_stale)
 
     def on_connect(self) -> None:
-        """After every (re)connect to the broker."""
+        """After every (re)connect to the broker: publish again, and look for stale
+        configs among the retained ones the renewed subscription delivers."""
+        if not self._started:
+            return
         self.publish_all()
+        if self._stale_scan is not None:
+            self._later(self._stale_scan, self.remove_stale)
 
     def metric_seen(self, device: str, metric: str) -> None:
         """A reading of ``metric`` arrived; publish the device again if it is new."""
         if not self.config.enabled or device not in self.devices:
+            return
+        if metric in self._metrics.get(device, ()):  # the hot path, every reading: no lock
             return
         with self._lock:
             metrics = self._metrics.setdefault(device, [])

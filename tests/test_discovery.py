@@ -174,11 +174,13 @@ def test_prefix_is_validated() -> None:
 
 # -- against a real broker --------------------------------------------------------------
 
-def connect(broker, devices: list[dict], gateway_id: str = "gw", **cfg):
+def connect(broker, devices: list[dict], gateway_id: str = "gw", stale_scan: float | None = None, **cfg):
+    """Wired as the daemon does: constructed, hooked and started before the connection."""
     mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), f"test-{gateway_id}",
                           will=(f"pico/bridge/{gateway_id}/status", "offline"))
     d = make(devices, publish=mqtt.publish, subscribe=mqtt.subscribe, gateway_id=gateway_id, **cfg)
     mqtt.on_connect(d.on_connect)
+    d.start(stale_scan=stale_scan)
     mqtt.start()
     assert mqtt.wait_connected(10)
     return mqtt, d
@@ -200,7 +202,6 @@ def retained_configs(broker) -> dict[str, dict]:
 def test_fresh_home_assistant_sees_every_device(broker) -> None:
     mqtt, d = connect(broker, DEVICES[:3])
     try:
-        d.start(stale_scan=None)
         expected = {"homeassistant/device/gw/config"} | {f"homeassistant/device/gw_{x['id']}/config"
                                                          for x in DEVICES[:3]}
         configs = wait_for(lambda: (c := retained_configs(broker)) and set(c) == expected and c, 10,
@@ -216,9 +217,8 @@ def test_fresh_home_assistant_sees_every_device(broker) -> None:
 def test_republishes_after_home_assistant_birth(broker, recorder) -> None:
     mqtt, d = connect(broker, DEVICES[:1], republish_delay=0.3)
     try:
-        d.start(stale_scan=None)
         topic = "homeassistant/device/gw_greenhouse/config"
-        recorder.wait(topic, count=2)  # start() and the on_connect hook
+        recorder.wait(topic)
         before = len(recorder.on(topic))
         recorder.publish("homeassistant/status", "offline")
         recorder.publish("homeassistant/status", "online")
@@ -234,16 +234,13 @@ def test_device_that_left_the_config_is_removed(broker) -> None:
     # an earlier run of gateway "gw" had greenhouse and porch; gateway "gw_x" has "porch" too
     first, d1 = connect(broker, DEVICES[:2])
     other, d2 = connect(broker, [{"id": "porch", "transport": "uart", "port": "/dev/ttyAMA1"}], gateway_id="gw_x")
-    d1.start(stale_scan=None)
-    d2.start(stale_scan=None)
     wait_for(lambda: {"homeassistant/device/gw_porch/config", "homeassistant/device/gw_x_porch/config"}
              <= set(retained_configs(broker)), 10, "both gateways' configs")
     d1.stop()
     first.stop()
     # now gw runs with greenhouse only: gw_porch goes, gw_x_porch (another gateway) stays
-    mqtt, d = connect(broker, DEVICES[:1])
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.5)
     try:
-        d.start(stale_scan=0.5)
         wait_for(lambda: d.stats["removed"] == 1, 10, "the stale config cleared")
         configs = wait_for(lambda: (c := retained_configs(broker)) and "homeassistant/device/gw_porch/config"
                            not in c and c, 10, "gw_porch gone")
