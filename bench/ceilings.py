@@ -1,0 +1,162 @@
+"""Ceilings: what the gateway's two sinks manage on their own, on this machine.
+
+* paho: a bare paho-mqtt client (same QoS, ``loop_start``) in its own process
+  publishes the topics and payloads the gateway would (``pico/dNN/sensor/seq`` =
+  the sequence number), round robin, as fast as it can, to the same kind of
+  private broker, counted by the same subscriber with the same in-flight window.
+* sqlite: bare ``sqlite3`` ``executemany`` of the same rows into the gateway's
+  schema (created by its own ``Store``), WAL and ``synchronous=FULL`` as in
+  gateway/store.py, committed in batches of a given size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from common import METRIC, Env, Subscriber, cpu_seconds, wait_for
+
+CHUNK = 8  # messages per topic per turn, as the ingest feeder writes frames
+
+
+def paho(env: Env, topics: int, qos: int) -> dict:
+    work = env.tempdir(f"paho-{topics}")
+    ctx = mp.get_context("spawn")
+    received = ctx.RawValue("q", 0)
+    stop = ctx.RawValue("b", 0)
+    sent = ctx.RawArray("q", topics)  # per topic: how many published (= next sequence number)
+    with env.broker(work) as broker:
+        sub = Subscriber(broker.host, broker.port)
+        publisher = ctx.Process(target=_publish_flood, name="paho-flood",
+                                args=(broker.host, broker.port, topics, qos, env.window, received, stop, sent))
+        copier_stop = threading.Event()
+
+        def copy_count() -> None:  # the publisher's window needs the subscriber's count
+            while not copier_stop.is_set():
+                received.value = sub.received
+                time.sleep(0.0002)
+
+        copier = threading.Thread(target=copy_count, daemon=True)
+        copier.start()
+        publisher.start()
+        try:
+            wait_for(lambda: sum(sent) > 0, 30, "the paho publisher to start",
+                     lambda: _alive(publisher))
+            time.sleep(env.warmup)
+            t0, sent0, recv0, cpu0 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
+            time.sleep(env.duration)
+            t1, sent1, recv1, cpu1 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
+            stop.value = 1
+            publisher.join(30)
+            try:
+                wait_for(lambda: sub.received >= sum(sent), 15, "the last messages")
+                drained = True
+            except TimeoutError:
+                drained = False
+        finally:
+            stop.value = 1
+            copier_stop.set()
+            if publisher.is_alive():
+                publisher.terminate()
+            sub.close()
+    missing = duplicates = 0
+    for i in range(topics):
+        got = [int(p) for p in sub.payloads.get(_topic(i), [])]
+        unique = set(got)
+        duplicates += len(got) - len(unique)
+        missing += sum(1 for n in range(sent[i]) if n not in unique)
+    elapsed, delivered = t1 - t0, recv1 - recv0
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "topics": topics,
+        "qos": qos,
+        "offered_per_s": (sent1 - sent0) / elapsed,
+        "delivered_per_s": delivered / elapsed,
+        "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
+        "published": sum(sent), "messages_received": sub.received,
+        "missing_on_mqtt": missing, "duplicates_on_mqtt": duplicates,
+        "zero_loss": drained and not missing and not duplicates,
+    }
+
+
+def _topic(i: int) -> str:
+    return f"pico/d{i:02d}/sensor/{METRIC}"
+
+
+def _alive(process: mp.Process) -> None:
+    if not process.is_alive() and process.exitcode is not None:
+        raise RuntimeError(f"the paho publisher exited with {process.exitcode}")
+
+
+def _publish_flood(host: str, port: int, topics: int, qos: int, window: int, received, stop, sent) -> None:
+    """Child process: publish round robin while fewer than ``window`` are in flight.
+
+    Each message carries the reading's time as the user property ``ts``, as the
+    gateway's do since the store-and-forward outbox."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect(host, port)
+    client.loop_start()
+    connected.wait(10)
+    names = [_topic(i) for i in range(topics)]
+    total = 0
+    info = None
+    while not stop.value:
+        wrote = False
+        for i, topic in enumerate(names):
+            if total - received.value + CHUNK > window:
+                continue
+            first = sent[i]
+            for n in range(first, first + CHUNK):
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = ("ts", str(time.time_ns() // 1_000_000))
+                info = client.publish(topic, str(n), qos=qos, properties=props)
+            sent[i] = first + CHUNK
+            total += CHUNK
+            wrote = True
+        if not wrote:
+            time.sleep(0.0002)
+    if info is not None:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def sqlite(env: Env, batch: int, devices: int = 16, seconds: float | None = None) -> dict:
+    """Rows per second committing ``batch`` rows per transaction, for ``seconds``."""
+    seconds = seconds or min(env.duration, 3.0)
+    work = env.tempdir(f"sqlite-{batch}")
+    db = work / "readings.db"
+    env.source.create_store(db)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("PRAGMA synchronous=FULL")
+    columns = {name for _, name, *_ in conn.execute("PRAGMA table_info(readings)")}
+    insert = ("INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
+              if "sent" in columns else  # the outbox's column (since store-and-forward)
+              "INSERT INTO readings (device, metric, value, ts, seq) VALUES (?, ?, ?, ?, ?)")
+    names = [f"d{i:02d}" for i in range(devices)]
+    rows_done = 0
+    t0, cpu0 = time.monotonic(), time.thread_time()
+    while time.monotonic() - t0 < seconds:
+        ts = time.time_ns() // 1_000_000
+        rows = [(names[n % devices], METRIC, float(n // devices), ts, n // devices)
+                for n in range(rows_done, rows_done + batch)]
+        with conn:
+            conn.executemany(insert, rows)
+        rows_done += batch
+    elapsed, cpu = time.monotonic() - t0, time.thread_time() - cpu0
+    conn.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return {"batch": batch, "rows_per_s": rows_done / elapsed, "cpu_s_per_1000": cpu / rows_done * 1000,
+            "commits_per_s": rows_done / batch / elapsed}

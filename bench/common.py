@@ -1,0 +1,384 @@
+"""What every measurement shares: the gateway under test, virtual Picos on
+pseudo-terminals, a counting MQTT subscriber, a flow-controlled feeder, and
+/proc readings of a process's CPU time and memory.
+
+The gateway runs as the real ``python -m gateway run --config FILE`` process,
+from a source tree given by ``GatewaySource`` (the working tree, or a snapshot
+of one git revision, so that edits made while the benchmark runs do not leak
+into it).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tty
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.mosquitto import PrivateBroker
+from gateway.protocols.picogw import FrameReceiver, encode
+
+REPO = Path(__file__).resolve().parent.parent
+METRIC = "seq"  # every reading frame carries one metric whose value is its own sequence number
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- the gateway under test -------------------------------------------------------------
+class GatewaySource:
+    """Where ``python -m gateway`` is imported from: the working tree or a git revision."""
+
+    def __init__(self, rev: str | None, workdir: Path) -> None:
+        self.rev = rev
+        if rev is None:
+            self.root = REPO
+            self.commit = _git("rev-parse", "HEAD") + ("+dirty" if _git("status", "--porcelain", "gateway") else "")
+        else:
+            self.commit = _git("rev-parse", rev)
+            self.root = workdir / f"gateway-{self.commit[:12]}"
+            self.root.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", self.commit, "gateway"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(self.root)], input=archive, check=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.root) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def python(self, code: str) -> str:
+        """Run a snippet with this source's ``gateway`` package; its stdout."""
+        return subprocess.run([sys.executable, "-c", code], cwd=self.root, env=self.env(),
+                              check=True, capture_output=True, text=True).stdout
+
+    def create_store(self, path: Path) -> None:
+        """An empty database with exactly this revision's schema."""
+        self.python(f"from gateway.store import Store; Store({str(path)!r}).close()")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak RSS) in MB, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+def write_config(path: Path, gateway_id: str, broker: tuple[str, int], db: Path, peers: Iterable[Peer],
+                 qos: int | None = None) -> Path:
+    """A config with one uart picogw device per peer; ``qos``: mqtt.readings_qos (None: the default)."""
+    lines = [f'gateway_id = "{gateway_id}"', "[mqtt]", f'host = "{broker[0]}"', f"port = {broker[1]}"]
+    if qos is not None:
+        lines.append(f"readings_qos = {qos}")
+    lines += ["[store]", f'path = "{db}"']
+    for peer in peers:
+        lines += ["[[devices]]", f'id = "{peer.device}"', 'transport = "uart"', f'port = "{peer.path}"',
+                  'protocol = "picogw"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class GatewayProcess:
+    def __init__(self, source: GatewaySource, config: Path) -> None:
+        self.log_path = config.with_suffix(".log")
+        self._log = open(self.log_path, "ab")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
+                                     cwd=source.root, env=source.env(), stdout=self._log, stderr=self._log,
+                                     stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n"
+                               f"{self.log_path.read_text()[-3000:]}")
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory_mb(self) -> dict[str, float]:
+        return memory_mb(self.pid)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+# -- virtual Picos ---------------------------------------------------------------------
+class Peer:
+    """The Pico end of a pseudo-terminal speaking picogw.
+
+    Answers ``C`` frames (led, hello, ping) from its reader thread like the
+    firmware does, and sends reading frames when the feeder asks. Writes are
+    whole frames under a lock, so an ack never splits a burst of readings.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.seq = 0  # the number the next reading frame carries
+        self.sent_frames = 0
+        self.led = False
+        self.commands = 0
+        self._lock = threading.Lock()
+        self._rx = FrameReceiver()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read_loop, name=f"peer-{device}", daemon=True)
+        self._thread.start()
+
+    def send_readings(self, frames: int) -> None:
+        with self._lock:
+            seq = self.seq
+            data = b"".join(encode("R", n, [(METRIC, str(n))]) for n in range(seq, seq + frames))
+            self._write(data)
+            self.seq = seq + frames
+            self.sent_frames += frames
+
+    def _send(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.master, view):]
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in self._rx.feed(data):
+                if frame.type == "C":
+                    self._answer(frame.number, frame.fields[0] if frame.fields else ("", None))
+
+    def _answer(self, cid: int, field: tuple[str, str | None]) -> None:
+        key, value = field
+        led = lambda: "on" if self.led else "off"  # noqa: E731
+        if key == "led" and value in ("on", "off", "toggle"):
+            self.commands += 1
+            self.led = (not self.led) if value == "toggle" else value == "on"
+            self._send(encode("A", cid, [("led", led())]))
+        elif key == "led" and value is None:
+            self._send(encode("A", cid, [("led", led())]))
+        elif key == "ping":
+            self._send(encode("A", cid, []))
+        elif key == "hello":
+            with self._lock:  # the hello carries the number the next reading will have
+                self._write(encode("A", cid, []) + encode(
+                    "H", self.seq, [("proto", "1"), ("fw", "bench"), ("dev", self.device[:32]),
+                                    ("led", led()), ("metrics", METRIC)]))
+        else:
+            self._send(encode("N", cid, [("err", "unknown")]))
+
+    def close(self) -> None:
+        self._closed = True
+        for fd in (self.slave, self.master):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def make_peers(count: int, prefix: str = "d") -> list[Peer]:
+    return [Peer(f"{prefix}{i:02d}") for i in range(count)]
+
+
+# -- the subscriber --------------------------------------------------------------------
+class Subscriber:
+    """Counts sensor messages per topic (keeping their payloads, the sequence numbers)
+    and records when status/state/result messages arrive."""
+
+    def __init__(self, host: str, port: int, base: str = "pico") -> None:
+        self.received = 0
+        self.payloads: defaultdict[str, list[bytes]] = defaultdict(list)
+        self.events: list[tuple[float, str, bytes]] = []  # (monotonic time, topic, payload) of non-sensor topics
+        self._subscribed = threading.Event()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5,
+                                  client_id=f"bench-sub-{os.getpid()}-{time.monotonic_ns()}")
+        filters = [(f"{base}/+/sensor/#", 0)] + [(f"{base}/{t}", 1) for t in (
+            "+/status", "+/state/#", "+/result/#", "bridge/#")]  # no overlaps: one copy of each message
+        self.client.on_connect = lambda c, *a: c.subscribe(filters)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("the subscriber could not subscribe")
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        topic = msg.topic
+        if "/sensor/" in topic:
+            self.payloads[topic].append(msg.payload)
+            self.received += 1
+        else:
+            self.events.append((time.monotonic(), topic, msg.payload))
+
+    def first(self, topic: str, payload: bytes, after: float) -> float | None:
+        """When ``payload`` first arrived on ``topic`` after ``after`` (monotonic), or None."""
+        for t, top, pay in list(self.events):
+            if t >= after and top == topic and pay == payload:
+                return t
+        return None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, check: Callable[[], None] | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        if check:
+            check()
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def wait_online(sub: Subscriber, gateway_id: str, devices: list[str], after: float, timeout: float,
+                check: Callable[[], None] | None = None, base: str = "pico") -> float:
+    """Monotonic time at which the bridge and every device had said ``online`` (after ``after``)."""
+    topics = [f"{base}/bridge/{gateway_id}/status"] + [f"{base}/{d}/status" for d in devices]
+
+    def all_online() -> float | None:
+        times = [sub.first(t, b"online", after) for t in topics]
+        return None if None in times else max(times)  # type: ignore[type-var]
+
+    return wait_for(all_online, timeout, "the bridge and every device online", check)
+
+
+# -- flow-controlled feeding ---------------------------------------------------------------
+class Feeder:
+    """Floods every peer with reading frames, round robin, in chunks, as fast as the
+    gateway keeps up: never more than ``window`` frames written but not yet received
+    by the subscriber (so the rate measured is the sustained one, not a queue filling)."""
+
+    def __init__(self, peers: list[Peer], received: Callable[[], int], window: int, chunk: int = 8) -> None:
+        self.peers = peers
+        self.received = received
+        self.window = window
+        self.chunk = chunk
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def start(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        peers, chunk = self.peers, self.chunk
+        while not self._stop.is_set():
+            wrote = False
+            for peer in peers:
+                if self.sent - self.received() + chunk <= self.window:
+                    peer.send_readings(chunk)
+                    self.sent += chunk
+                    wrote = True
+            if not wrote:
+                time.sleep(0.0002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# -- checking what arrived -----------------------------------------------------------------
+def loss_report(peers: list[Peer], sub: Subscriber, db: Path | None, since_ms: int = 0,
+                base: str = "pico") -> dict[str, int]:
+    """Frames written vs messages received vs rows stored, by sequence number per device.
+
+    Only rows with ``ts >= since_ms`` count (a pre-filled database holds older ones)."""
+    import sqlite3
+
+    sent = sum(p.sent_frames for p in peers)
+    missing_mqtt = duplicates_mqtt = 0
+    for peer in peers:
+        got = [int(p) for p in sub.payloads.get(f"{base}/{peer.device}/sensor/{METRIC}", [])]
+        unique = set(got)
+        duplicates_mqtt += len(got) - len(unique)
+        missing_mqtt += sum(1 for n in range(peer.seq) if n not in unique)
+    report = {"frames_written": sent, "messages_received": sub.received,
+              "missing_on_mqtt": missing_mqtt, "duplicates_on_mqtt": duplicates_mqtt}
+    if db is not None:
+        names = [p.device for p in peers]
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            marks = ",".join("?" * len(names))
+            rows, distinct = conn.execute(
+                f"SELECT count(*), count(DISTINCT device || ':' || seq) FROM readings "
+                f"WHERE device IN ({marks}) AND metric = ? AND ts >= ?", [*names, METRIC, since_ms]).fetchone()
+        report.update(rows_stored=rows, missing_in_db=sent - distinct, duplicates_in_db=rows - distinct)
+    return report
+
+
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@dataclass
+class Env:
+    """What every measurement gets from run.py."""
+
+    source: GatewaySource
+    workdir: Path
+    duration: float
+    warmup: float
+    window: int
+    quick: bool
+    qos: int | None = None  # mqtt.readings_qos for every gateway started; None: the revision's default
+    broker_conf: str = ""  # extra mosquitto.conf lines, for experiments (e.g. "set_tcp_nodelay true")
+
+    def broker(self, workdir: Path) -> PrivateBroker:
+        return PrivateBroker(workdir / "broker", extra_conf=self.broker_conf)
+
+    def tempdir(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
