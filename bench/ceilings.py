@@ -23,7 +23,7 @@ from common import METRIC, Env, Subscriber, cpu_seconds, wait_for
 CHUNK = 8  # messages per topic per turn, as the ingest feeder writes frames
 
 
-def paho(env: Env, topics: int, qos: int) -> dict:
+def paho(env: Env, topics: int, qos: int, ts_property: bool = True) -> dict:
     work = env.tempdir(f"paho-{topics}")
     ctx = mp.get_context("spawn")
     received = ctx.RawValue("q", 0)
@@ -32,7 +32,8 @@ def paho(env: Env, topics: int, qos: int) -> dict:
     with env.broker(work) as broker:
         sub = Subscriber(broker.host, broker.port)
         publisher = ctx.Process(target=_publish_flood, name="paho-flood",
-                                args=(broker.host, broker.port, topics, qos, env.window, received, stop, sent))
+                                args=(broker.host, broker.port, topics, qos, ts_property, env.window, received, stop,
+                                      sent))
         copier_stop = threading.Event()
 
         def copy_count() -> None:  # the publisher's window needs the subscriber's count
@@ -74,6 +75,7 @@ def paho(env: Env, topics: int, qos: int) -> dict:
     return {
         "topics": topics,
         "qos": qos,
+        "ts_property": ts_property,
         "offered_per_s": (sent1 - sent0) / elapsed,
         "delivered_per_s": delivered / elapsed,
         "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
@@ -92,11 +94,12 @@ def _alive(process: mp.Process) -> None:
         raise RuntimeError(f"the paho publisher exited with {process.exitcode}")
 
 
-def _publish_flood(host: str, port: int, topics: int, qos: int, window: int, received, stop, sent) -> None:
+def _publish_flood(host: str, port: int, topics: int, qos: int, ts_property: bool, window: int,
+                   received, stop, sent) -> None:
     """Child process: publish round robin while fewer than ``window`` are in flight.
 
-    Each message carries the reading's time as the user property ``ts``, as the
-    gateway's do since the store-and-forward outbox."""
+    With ``ts_property`` each message carries the reading's time as the user
+    property ``ts``, as the gateway's do since the store-and-forward outbox."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -118,8 +121,10 @@ def _publish_flood(host: str, port: int, topics: int, qos: int, window: int, rec
                 continue
             first = sent[i]
             for n in range(first, first + CHUNK):
-                props = Properties(PacketTypes.PUBLISH)
-                props.UserProperty = ("ts", str(time.time_ns() // 1_000_000))
+                props = None
+                if ts_property:
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.UserProperty = ("ts", str(time.time_ns() // 1_000_000))
                 info = client.publish(topic, str(n), qos=qos, properties=props)
             sent[i] = first + CHUNK
             total += CHUNK

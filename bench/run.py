@@ -163,10 +163,11 @@ def main(argv: list[str]) -> int:
                         reps, f"ingest {qos_name(qos)} {links} link(s)", lambda: ingest.run(env, links), ingest_show)
             env.qos = args.qos[0]
         if "ceilings" in args.only:
-            for qos in args.qos:
-                q = 1 if qos is None else qos
-                res[f"paho_QoS {q}"] = repeated(reps, f"paho ceiling QoS {q}", lambda: ceilings.paho(env, 16, q),
-                                                "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
+            variants = [(1 if qos is None else qos, True) for qos in args.qos] + [(0, False)]
+            for q, ts in variants:  # the gateway's messages; and QoS 0 without properties (before the outbox)
+                res[f"paho_QoS {q}{'' if ts else ' no ts'}"] = repeated(
+                    reps, f"paho ceiling QoS {q}{'' if ts else ', no ts property'}",
+                    lambda: ceilings.paho(env, 16, q, ts), "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
             for batch in (2000, 100, 1):
                 res[f"sqlite_{batch}"] = repeated(reps, f"sqlite ceiling batch {batch}",
                                                   lambda: ceilings.sqlite(env, batch), "{rows_per_s:,.0f} rows/s")
@@ -251,7 +252,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
         t.section("ceilings (16 topics / 16 devices, same subscriber, same window)")
         for key in [k for k in res if k.startswith("paho_")]:
             m = res[key]["median"]
-            t.add(f"bare paho publisher, {key[5:]}", f"{n(m['delivered_per_s'])}/s "
+            what = key[5:].replace(" no ts", ", no user property") if "no ts" in key else f"{key[5:]}, ts property"
+            t.add(f"bare paho publisher, {what}", f"{n(m['delivered_per_s'])}/s "
                   f"({n(m['cpu_s_per_1000'], 3)} CPU s/1,000 in the publisher)", "", m["zero_loss"])
         for batch in (2000, 100, 1):
             if f"sqlite_{batch}" in res:
