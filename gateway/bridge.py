@@ -39,6 +39,7 @@ class Bridge:
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         self.last_seen: dict[str, int] = {}  # device -> ts_ms of its last reading
+        self.on_metric: Callable[[str, str], None] | None = None  # discovery learns new metrics
         self._led: dict[str, bool] = {}
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
@@ -84,6 +85,9 @@ class Bridge:
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
         self.last_seen[device] = ts_ms
+        if self.on_metric is not None:
+            for metric, _ in values:
+                self.on_metric(device, metric)
         self.outbox.put(device, values, ts_ms, seq)
 
     def led_state(self, device: str, on: bool) -> None:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from gateway.discovery import DiscoveryConfig
 from gateway.links import LINKS
 from gateway.links.base import DEVICE_ID_PATTERN, DeviceConfig, StrictModel
 
@@ -69,6 +70,7 @@ class GatewayConfig(StrictModel):
     mqtt: MqttConfig = MqttConfig()
     store: StoreConfig = StoreConfig()
     diagnostics_interval: float = Field(60.0, ge=1, description="seconds between diagnostics messages")
+    homeassistant: DiscoveryConfig = DiscoveryConfig()
     devices: list[AnyDevice] = []
 
     @model_validator(mode="after")

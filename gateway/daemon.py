@@ -10,6 +10,7 @@ import threading
 from gateway.bridge import Bridge
 from gateway.config import GatewayConfig
 from gateway.diagnostics import Diagnostics
+from gateway.discovery import Discovery
 from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
@@ -40,6 +41,10 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
         bridge.add(LINKS[device.transport](device, bridge))
+    discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic, config.devices,
+                          publish=mqtt.publish, subscribe=mqtt.subscribe)
+    mqtt.on_connect(discovery.on_connect)  # after the bridge's hook: statuses go out first
+    bridge.on_metric = discovery.metric_seen
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,6 +52,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
 
     notifier = Notifier()  # does nothing when not under systemd
     mqtt.start()
+    discovery.start()
     bridge.start()  # links first: readings are stored while the broker is still away
     if not mqtt.wait_connected(BROKER_WAIT):
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
@@ -65,6 +71,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     diagnostics.stop()
     last_words = bridge.stop()
     diagnostics.publish()  # the final counters, retained
+    discovery.stop()
     mqtt.stop(last_words)
     store.close()
     return 0

@@ -73,10 +73,15 @@ class GatewayProcess:
 def start_gateway(tmp_path: Path, broker: Broker, recorder: Recorder):
     started: list[GatewayProcess] = []
 
-    def start(devices: list[dict], gateway_id: str = "testgw") -> GatewayProcess:
+    def start(devices: list[dict], gateway_id: str = "testgw", wait_online: bool = True) -> GatewayProcess:
+        """Start the gateway; unless told otherwise, wait until every device is online, so
+        that a test's first bytes never reach a serial port before it is opened."""
         config = write_config(tmp_path / f"{gateway_id}.toml", broker, devices, gateway_id)
         gw = GatewayProcess(config, recorder, gateway_id)
         started.append(gw)
+        if wait_online:
+            for dev in devices:
+                recorder.wait(f"pico/{dev['id']}/status", "online", timeout=15)
         return gw
 
     yield start

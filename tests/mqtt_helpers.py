@@ -69,6 +69,14 @@ class Recorder:
 
         return wait_for(got, timeout, f"{count} message(s) {payload!r} on {topic}")  # type: ignore[return-value]
 
+    def mark(self, topic: str) -> int:
+        """How many messages ``topic`` has had so far: pass it to ``wait_new``."""
+        return len(self.on(topic))
+
+    def wait_new(self, topic: str, payload: str, mark: int, timeout: float = 10.0) -> None:
+        """Wait for ``payload`` on ``topic`` among the messages after ``mark``."""
+        wait_for(lambda: payload in self.on(topic)[mark:], timeout, f"a new {payload!r} on {topic}")
+
     def publish(self, topic: str, payload: str | bytes, retain: bool = False, qos: int = 1) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
 

@@ -8,6 +8,7 @@ gateway sends back.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import tty
 
@@ -32,10 +33,14 @@ class PtyPeer:
         os.write(self.master, data)
 
     def _read_loop(self) -> None:
+        # select with a timeout, not a blocking read: close() must really close the
+        # master (a thread blocked in read() would keep the pty alive).
         while not self._closed.is_set():
             try:
+                if not select.select([self.master], [], [], 0.05)[0]:
+                    continue
                 data = os.read(self.master, 4096)
-            except OSError:
+            except (OSError, ValueError):
                 return
             if not data:
                 return
@@ -48,6 +53,8 @@ class PtyPeer:
 
     def close(self) -> None:
         self._closed.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(2)
         for fd in (self.slave, self.master):
             try:
                 os.close(fd)

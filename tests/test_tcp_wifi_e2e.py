@@ -20,8 +20,10 @@ def test_tcp_tutorial_commands_and_polling(start_gateway, recorder: Recorder) ->
         recorder.publish("pico/shed/cmd/led", "toggle")
         assert json.loads(recorder.wait("pico/shed/result/led")[0])["state"] == "on"
         assert peer.led is True
+        recorder.wait("pico/shed/state/led", "on")
+        mark = recorder.mark("pico/shed/state/led")
         peer.led = False  # someone switched it locally: polling notices
-        recorder.wait("pico/shed/state/led", "off", count=2)
+        recorder.wait_new("pico/shed/state/led", "off", mark)
         assert set(peer.requests) <= {b"?", b"on", b"off"}  # never 'r' for the tutorial program
         peer.close()
         recorder.wait("pico/shed/status", "offline")
@@ -45,7 +47,7 @@ def test_tcp_picogw_readings(start_gateway, recorder: Recorder, tmp_path: Path) 
 
 
 def test_wifi_pico_readings_are_stored_not_republished(start_gateway, recorder: Recorder, tmp_path: Path) -> None:
-    gw = start_gateway([{"id": "balcony", "transport": "wifi"}])
+    gw = start_gateway([{"id": "balcony", "transport": "wifi"}], wait_online=False)
     # What a wifi Pico publishes, by hand:
     recorder.publish("pico/balcony/status", "online", retain=True)
     recorder.publish("pico/balcony/sensor/temp", "19.25")

@@ -95,7 +95,9 @@ def test_refused_commands_are_answered_and_never_reach_the_pico(pico, start_gate
 
 def test_a_pico_that_never_answers_gets_a_timeout(pico, start_gateway, recorder: Recorder) -> None:
     pico.mute = True
-    start_gateway([{"id": "greenhouse", "transport": "uart", "port": pico.path, "command_timeout": 0.5}])
+    start_gateway([{"id": "greenhouse", "transport": "uart", "port": pico.path, "command_timeout": 0.5}],
+                  wait_online=False)
+    wait_for(lambda: pico.commands, 10, "the port opened (the gateway's hello request)")
     recorder.publish("pico/greenhouse/cmd/led", "on")
     answer = json.loads(recorder.wait("pico/greenhouse/result/led")[0])
     assert answer["ok"] is False and "no answer" in answer["error"]
@@ -104,6 +106,7 @@ def test_a_pico_that_never_answers_gets_a_timeout(pico, start_gateway, recorder:
 
 def test_garbage_and_corrupt_frames_are_skipped(pico, start_gateway, recorder: Recorder, tmp_path: Path) -> None:
     start_gateway([{"id": "greenhouse", "transport": "uart", "port": pico.path}])
+    recorder.wait("pico/greenhouse/status", "online")  # the port is open: nothing written is flushed
     pico.send(b"\x00\x13garbage \xff\xfe\n")
     pico.send(b"$R,0,temp=99.9*00000000\n")  # wrong CRC
     pico.send(b"$" + b"9" * 500 + b"\n")  # overlong
@@ -115,7 +118,6 @@ def test_garbage_and_corrupt_frames_are_skipped(pico, start_gateway, recorder: R
 def test_unplugged_pico_goes_offline(start_gateway, recorder: Recorder) -> None:
     peer = PicogwPeer("greenhouse")
     start_gateway([{"id": "greenhouse", "transport": "uart", "port": peer.path}])
-    peer.reading(temp=1)
     recorder.wait("pico/greenhouse/status", "online")
     peer.close()
     recorder.wait("pico/greenhouse/status", "offline")
@@ -123,7 +125,6 @@ def test_unplugged_pico_goes_offline(start_gateway, recorder: Recorder) -> None:
 
 def test_sigterm_publishes_offline_and_exits_zero(pico, start_gateway, recorder: Recorder) -> None:
     gw = start_gateway([{"id": "greenhouse", "transport": "uart", "port": pico.path}])
-    pico.reading(temp=1)
     recorder.wait("pico/greenhouse/status", "online")
     assert gw.stop() == 0
     recorder.wait("pico/greenhouse/status", "offline")
@@ -163,9 +164,10 @@ class TestTutorialFirmware:
         answer = json.loads(recorder.wait("pico/porch/result/led")[0])
         assert answer["ok"] is False and "no answer" in answer["error"]
         recorder.wait("pico/porch/status", "offline")
+        mark = recorder.mark("pico/porch/status")
         tut.mute = False
         recorder.publish("pico/porch/cmd/led", "on")
-        recorder.wait("pico/porch/status", "online", count=2)
+        recorder.wait_new("pico/porch/status", "online", mark)
         recorder.wait("pico/porch/state/led", "on")
 
 
