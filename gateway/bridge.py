@@ -52,7 +52,7 @@ class Bridge:
 
     def _publishing(self) -> list[str]:
         """Devices whose status and state the gateway publishes (not the wifi ones)."""
-        return [d for d, link in self.links.items() if not link.publishes_itself]
+        return [d for d, link in list(self.links.items()) if not link.publishes_itself]
 
     def add(self, link: Link) -> None:
         self.links[link.device] = link
@@ -60,12 +60,12 @@ class Bridge:
 
     def start(self) -> None:
         self.outbox.start()
-        for link in self.links.values():
+        for link in list(self.links.values()):
             link.start()
 
     def stop(self) -> list[tuple[str, str]]:
         """Stop links, flush readings; returns the retained 'offline' messages to send last."""
-        for link in self.links.values():
+        for link in list(self.links.values()):
             link.stop()
         for worker in self._workers.values():
             worker.shutdown(wait=True, cancel_futures=True)
@@ -77,7 +77,7 @@ class Bridge:
         """(healthy, why not): the writer thread and every link's thread are running."""
         if not self.outbox.alive():
             return False, "the outbox (database writer) thread has died"
-        for device, link in self.links.items():
+        for device, link in list(self.links.items()):
             if not link.alive():
                 return False, f"the link thread of device {device!r} has died"
         return True, ""

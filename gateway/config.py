@@ -71,6 +71,7 @@ class GatewayConfig(StrictModel):
     store: StoreConfig = StoreConfig()
     diagnostics_interval: float = Field(60.0, ge=1, description="seconds between diagnostics messages")
     homeassistant: DiscoveryConfig = DiscoveryConfig()
+    adopt_wifi_picos: bool = Field(False, description="treat unknown Pico Ws that publish a hello as wifi devices")
     devices: list[AnyDevice] = []
 
     @model_validator(mode="after")

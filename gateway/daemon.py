@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import threading
 
+from gateway.adoption import Adoption
 from gateway.bridge import Bridge
 from gateway.config import GatewayConfig
 from gateway.diagnostics import Diagnostics
@@ -51,6 +52,8 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     notifier = Notifier()  # does nothing when not under systemd
+    if config.adopt_wifi_picos:
+        Adoption(bridge).start()
     mqtt.start()
     discovery.start()
     bridge.start()  # links first: readings are stored while the broker is still away

@@ -56,7 +56,7 @@ class Diagnostics:
     def publish(self) -> None:
         bridge = self.bridge
         backlog = bridge.outbox.store.count_unsent_by_device()
-        for device, link in bridge.links.items():
+        for device, link in list(bridge.links.items()):
             report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
         summary = {

@@ -27,8 +27,11 @@ def recorder(broker: Broker) -> Iterator[Recorder]:
     r.close()
 
 
-def write_config(path: Path, broker: Broker, devices: list[dict], gateway_id: str = "testgw", db: Path | None = None) -> Path:
-    lines = [f'gateway_id = "{gateway_id}"', "[mqtt]", f'host = "{broker.host}"', f"port = {broker.port}",
+def write_config(path: Path, broker: Broker, devices: list[dict], gateway_id: str = "testgw", db: Path | None = None,
+                 **top_level: object) -> Path:
+    """A gateway config; ``top_level`` adds scalar keys such as ``diagnostics_interval=1``."""
+    extra = [f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in top_level.items()]
+    lines = [f'gateway_id = "{gateway_id}"', *extra, "[mqtt]", f'host = "{broker.host}"', f"port = {broker.port}",
              "[store]", f'path = "{db or path.parent / "readings.db"}"']
     for dev in devices:
         lines.append("[[devices]]")

@@ -64,3 +64,30 @@ def test_wifi_pico_readings_are_stored_not_republished(start_gateway, recorder: 
     gw.stop()
     assert recorder.on("pico/balcony/status") == ["online"]  # the gateway never speaks for it
     recorder.publish("pico/balcony/status", "", retain=True)
+
+
+def test_unknown_wifi_picos_are_adopted_only_when_asked(tmp_path: Path, broker, recorder: Recorder) -> None:
+    from conftest import GatewayProcess, write_config
+
+    def stored(db: Path) -> list:
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT device, value FROM readings").fetchall()
+
+    strict = GatewayProcess(write_config(tmp_path / "a.toml", broker, [], "strict", db=tmp_path / "a.db"), recorder, "strict")
+    adopting = GatewayProcess(write_config(tmp_path / "b.toml", broker, [], "adopter", db=tmp_path / "b.db",
+                                           adopt_wifi_picos=True), recorder, "adopter")
+    try:
+        recorder.publish("pico/stray/hello", '{"proto": 1, "fw": "0.1.0", "metrics": ["temp"]}', retain=True)
+        recorder.publish("pico/impostor/hello", "not json", retain=True)
+        wait_for(lambda: "adopted Wi-Fi Pico 'stray'" in adopting.output(), 10, "the adoption")
+        recorder.publish("pico/stray/sensor/temp", "18.5")
+        recorder.publish("pico/impostor/sensor/temp", "99")
+        wait_for(lambda: stored(tmp_path / "b.db") == [("stray", 18.5)], 10, "the adopted Pico's reading stored")
+        assert stored(tmp_path / "a.db") == []  # off by default
+    finally:
+        strict.stop()
+        adopting.stop()
+        for t in ("pico/stray/hello", "pico/impostor/hello"):
+            recorder.publish(t, "", retain=True)
