@@ -102,12 +102,12 @@ def main_simulate(argv, load_devices=None):
 
     data = {}
     if args.config:
+        import tomllib
+        with open(args.config, "rb") as f:
+            data = tomllib.load(f)  # kept as written, for gateway.sim.toml
         if load_devices is not None:
             devices = [dict(d) for d in load_devices(args.config)]
         else:
-            import tomllib
-            with open(args.config, "rb") as f:
-                data = tomllib.load(f)
             devices = [dict(d) for d in data.get("devices") or []]
         if not devices:
             print("simulate: %s has no devices" % args.config, file=sys.stderr)

@@ -1,0 +1,93 @@
+"""`pico-gateway simulate` and `pico-gateway demo` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import serial
+
+from conftest import REPO, GatewayProcess
+from mqtt_helpers import Recorder, wait_for
+
+HERE = Path(__file__).parent
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live process whose parent chain reaches ``pid`` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def test_simulate_a_config_then_run_the_gateway_on_it(tmp_path: Path, broker, recorder: Recorder) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'gateway_id = "simgw"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+                      f'[store]\npath = "{tmp_path}/r.db"\n'
+                      '[[devices]]\nid = "greenhouse"\ntransport = "uart"\n'
+                      '[[devices]]\nid = "shed"\ntransport = "tcp"\nhost = "192.168.1.50"\nprotocol = "tutorial"\n')
+    work = tmp_path / "sim"
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "--config", str(config), "--workdir", str(work)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        wait_for(lambda: (work / "gateway.sim.toml").exists(), 20, "the simulated config")
+        gw = GatewayProcess(work / "gateway.sim.toml", recorder, "simgw")
+        try:
+            recorder.wait("pico/greenhouse/sensor/temp", timeout=20)
+            recorder.wait("pico/shed/status", "online")
+        finally:
+            gw.stop()
+    finally:
+        sim.send_signal(signal.SIGINT)
+        out, _ = sim.communicate(timeout=15)
+    assert sim.returncode == 0, out
+    assert re.search(r"greenhouse\s+uart\s+picogw\s+/dev/pts/\d+", out), out
+
+
+def test_simulate_runs_a_users_own_program(tmp_path: Path) -> None:
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "--firmware", str(HERE / "sim_programs" / "uart_echo.py"),
+                            "--transport", "uart", "--workdir", str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        line = wait_for(lambda: next((l for l in iter(sim.stdout.readline, "") if "/dev/pts/" in l), None), 20,
+                        "the pty path")
+        path = re.search(r"/dev/pts/\d+", line).group(0)
+        with serial.Serial(path, 115200, timeout=5) as port:
+            port.write(b"hello\r")
+            assert port.read_until(b"\n") == b"ECHO HELLO\r\n"
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.communicate(timeout=15)
+    assert sim.returncode == 0
+
+
+def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    started = time.monotonic()
+    demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--duration", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    out, _ = demo.communicate(timeout=90)
+    assert demo.returncode == 0, out
+    assert "mosquitto_pub -h 127.0.0.1" in out
+    table = out.rsplit("device", 1)[-1]
+    for device in ("greenhouse", "porch", "cellar", "attic", "desk", "bench", "balcony", "shed"):
+        assert re.search(rf"^{device}\s+\S+\s+\S+\s+online", table, re.M), (device, out[-2500:])
+    assert "nothing left running" in out
+    assert children_of(demo.pid) == []
+    assert time.monotonic() - started < 90
