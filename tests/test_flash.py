@@ -19,14 +19,11 @@ class NoBroker:
 
 @pytest.fixture
 def blank_pico(tmp_path: Path):
-    """A usb Pico whose filesystem is ``fs`` (a directory of ours) and holds an empty main.py:
-    it runs nothing and sits at the REPL, like a board fresh from MicroPython's UF2."""
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    (fs / "main.py").write_text("")
-    fleet = start_fleet([{"id": "x", "transport": "usb", "firmware": str(fs)}], tmp_path / "picos")
+    """A usb Pico fresh from MicroPython's UF2: an empty filesystem (``pico.fs``), a REPL."""
+    fleet = start_fleet([{"id": "x", "transport": "usb", "firmware": "stock"}], tmp_path / "picos")
     try:
-        yield fleet["x"], fs
+        assert list(Path(fleet["x"].fs).iterdir()) == []
+        yield fleet["x"], Path(fleet["x"].fs)
     finally:
         fleet.stop()
 

@@ -14,7 +14,7 @@ from smbus2 import i2c_msg
 
 from gateway.simulator import patches
 from gateway.simulator.config_py import render_config_py
-from gateway.simulator.fleet import start_fleet
+from gateway.simulator.fleet import REPO_ROOT, start_fleet
 from gateway.simulator.i2c_bus import SimulatedSMBus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -295,13 +295,19 @@ def test_tcp_server_is_remapped_to_loopback(fleet_of):
     assert cmd(b"off") == b"off\n"
 
 
+def _skip_first_boot_line(s):
+    # The power-on line may come after the port was opened (pyserial's open flushes input).
+    line = s.readline()
+    return s.readline() if line == b"boot cause=1\n" else line
+
+
 def test_machine_reset_keeps_endpoints(fleet_of):
     fleet = fleet_of([{"id": "x1", "transport": "uart", "firmware": prog("reset_me.py")}])
     pico = fleet["x1"]
     path = pico.endpoint
     with serial.Serial(path, 115200, timeout=2) as s:
         s.write(b"led\n")
-        assert s.readline() == b"led on\n"
+        assert _skip_first_boot_line(s) == b"led on\n"
         pico.wait_led("on", 2)
         s.write(b"reset\n")
         assert s.readline() == b"boot cause=3\n"      # rp2 resets via the watchdog
@@ -319,3 +325,60 @@ def test_mpremote_interrupts_a_running_usb_program(fleet_of):
                          check=True, timeout=10, capture_output=True).stdout
     assert out.strip() == b"8"
     assert pico.state()["firmware"].startswith("crashed: KeyboardInterrupt")
+
+
+def test_reset_pin_restarts_in_place(fleet_of):
+    fleet = fleet_of([{"id": "x2", "transport": "uart", "firmware": prog("reset_me.py")}])
+    pico = fleet["x2"]
+    path = pico.endpoint
+    with serial.Serial(path, 115200, timeout=2) as s:
+        s.write(b"led\n")
+        assert _skip_first_boot_line(s) == b"led on\n"
+        pico.wait_led("on", 2)
+        pico.reset()                                    # the RUN pin
+        assert s.readline() == b"boot cause=1\n"        # PWRON_RESET, as rp2 reports RUN
+        pico.wait_led("off", 2)
+        pico.reset()
+        pico.reset()                                    # presses during the boot are not lost
+        assert s.readline() == b"boot cause=1\n"
+    assert pico.endpoint == path and pico.state()["pid"] == pico.pid and pico.alive()
+
+
+def test_board_filesystem_soft_reset_and_flashed_config(fleet_of, tmp_path):
+    """mpremote writes land in the Pico's own fs (its "/"), never in our cwd; a soft reset
+    runs the main.py found there, which imports the config.py found there."""
+    fleet = fleet_of([{"id": "b1", "transport": "usb", "firmware": "stock",
+                       "config": {"DEVICE": "from-fleet"}}])
+    pico = fleet["b1"]
+    fs = pico.fs
+    assert os.listdir(fs) == [] and pico.state()["firmware"] == "none"
+    main_py = tmp_path / "main.py"
+    main_py.write_text("import config\nprint('main runs as', config.DEVICE)\n")
+    cfg_py = tmp_path / "config.py"
+    cfg_py.write_text('DEVICE = "flashed"\n')
+    mp = [sys.executable, "-m", "mpremote", "connect", pico.endpoint]
+    subprocess.run(mp + ["fs", "cp", str(main_py), ":/main.py", "+", "fs", "cp", str(cfg_py), ":config.py",
+                         "+", "fs", "mkdir", ":/lib", "+",
+                         "exec", "open('/lib/x.txt', 'w').write('hi'); open('rel.txt', 'w').write('r')"],
+                   check=True, timeout=20, capture_output=True)
+    assert sorted(os.listdir(fs)) == ["config.py", "lib", "main.py", "rel.txt"]
+    assert open(os.path.join(fs, "lib", "x.txt")).read() == "hi"
+    assert not os.path.exists(os.path.join(REPO_ROOT, "rel.txt"))   # the runner's cwd before
+    out = subprocess.run(mp + ["fs", "ls", ":/", "+", "exec",
+                               "import os; print(os.getcwd(), os.stat('/main.py')[6], sorted(os.listdir('/lib')))",
+                               "+", "fs", "cat", ":/nope.py"],
+                         timeout=20, capture_output=True)
+    text = out.stdout.decode()
+    assert "main.py" in text and "lib/" in text, text
+    assert "/ %d ['x.txt']" % len(main_py.read_bytes()) in text, text
+    assert out.returncode != 0 and b"No such file" in out.stderr + out.stdout   # ENOENT, as mpremote maps it
+    with serial.Serial(pico.endpoint, 115200, timeout=0.2) as s:
+        s.write(b"\x03\x02")          # interrupt, friendly REPL
+        s.reset_input_buffer()
+        s.write(b"\x04")              # Ctrl-D: soft reset, main.py runs
+        got = b""
+        deadline = time.monotonic() + 5
+        while b"main runs as flashed" not in got and time.monotonic() < deadline:
+            got += s.read(256)
+        assert b"main runs as flashed" in got, got
+    pico.wait_for(lambda st: st.get("firmware") == "ended", 5, "main.py ended")

@@ -14,7 +14,9 @@ key                meaning
 ``transport``      ``uart`` | ``usb`` | ``i2c`` | ``wifi`` | ``tcp`` (required)
 ``firmware``       ``picogw`` (default: ``pico/``), ``tutorial``
                    (``pico/tutorial/<transport>_led.py``; usb: stock
-                   MicroPython, a REPL for mpremote; wifi has none), or a path
+                   MicroPython, a REPL for mpremote; wifi has none), ``stock``
+                   (usb only: MicroPython with an empty fs), or a path;
+                   copied to the Pico's fs (``VirtualPico.fs``) at start
 ``protocol``       accepted as a synonym of ``firmware`` (gateway config key)
 ``read_interval``  seconds between readings (also ``poll_interval``); 5.0
 ``address``        I2C address (default 0x43)
@@ -28,10 +30,16 @@ key                meaning
 Endpoints (``VirtualPico.endpoint``): uart/usb: the pty path for pyserial or
 mpremote; i2c: the target's socket (``fleet.i2c_bus_dir`` is the bus, give it
 to ``SimulatedSMBus``); tcp: ``(host, port)``; wifi: the broker ``(host, port)``.
+
+``VirtualPico.fs`` is the board's filesystem (``/``): what it runs at boot
+(``main.py``, ``config.py``) and what mpremote/``pico-gateway flash`` write.
+``VirtualPico.reset()`` pulls its RUN pin: the firmware starts again from
+the fs, keeping its pty paths and sockets.
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +64,10 @@ def free_port(host="127.0.0.1"):
 def resolve_firmware(firmware, transport, pico_dir=PICO_DIR):
     """Path of the firmware for a device, or None for stock MicroPython."""
     firmware = firmware or "picogw"
+    if firmware == "stock":
+        if transport != "usb":
+            raise ValueError("stock MicroPython (a bare REPL) needs a usb Pico")
+        return None
     if firmware == "picogw":
         return pico_dir
     if firmware == "tutorial":
@@ -77,6 +89,7 @@ class VirtualPico:
         self.log_path = log_path
         self.sim_path = sim_path
         self.state_path = os.path.join(dirpath, "pico.json")
+        self.fs = os.path.join(dirpath, "fs")
         self.broker = broker
 
     @property
@@ -147,6 +160,14 @@ class VirtualPico:
 
     def wait_led(self, state, timeout=5.0):
         return self.wait_for(lambda st: st.get("led") == state, timeout, "LED %s" % state)
+
+    def reset(self):
+        """Pull the RUN pin low: the Pico restarts (boot.py, main.py from its
+        fs) in place, same pid, pty paths and sockets; LED off.  Returns at
+        once; wait for what the firmware does after a boot (e.g. its hello)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError("virtual Pico %s is not running" % self.id)
+        os.kill(self.proc.pid, signal.SIGUSR1)
 
     def terminate(self):
         if self.proc.poll() is None:
@@ -269,6 +290,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
                     os.unlink(os.path.join(d, stale))
                 except FileNotFoundError:
                     pass
+            shutil.rmtree(os.path.join(d, "fs"), ignore_errors=True)   # a fresh board
             tcp_port = free_port() if transport == "tcp" else None
             cfg_path = os.path.join(d, "config.py")
             with open(cfg_path, "w") as f:
@@ -281,7 +303,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
                 json.dump(sim, f)
             cmd = [python or sys.executable, "-m", "gateway.simulator.pico",
                    "--config-py", cfg_path, "--state-dir", d, "--i2c-bus", bus_dir,
-                   "--sim-json", sim_path, "--device", desc["id"]]
+                   "--sim-json", sim_path, "--device", desc["id"], "--fs", os.path.join(d, "fs")]
             if fw is not None:
                 cmd += ["--firmware", fw]
             else:

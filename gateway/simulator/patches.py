@@ -7,12 +7,15 @@ set-up that makes the shim modules (``gateway/simulator/mpy``) importable.
 * ``socket``: ``socket.socket`` becomes a subclass whose ``bind`` maps any
   host to 127.0.0.1 (only loopback is ever used), remaps ports per the
   ``tcp_port_map`` knob, sets SO_REUSEADDR (lwIP rebinds at once after a reset),
-  publishes the listening address as ``tcp`` in the state file, and that has
-  MicroPython's stream methods read/readinto/readline/write.
+  publishes the listening address as ``tcp`` in the state file, whose
+  ``connect`` to anything but loopback fails with EHOSTUNREACH (a virtual
+  Pico never reaches the network, e.g. with a flashed config naming a real
+  broker), and that has MicroPython's stream methods read/readinto/readline/write.
 * ``sys``: ``sys.implementation`` is left alone (firmware must not sniff it);
   ``sys.print_exception`` is added (MicroPython's spelling).
 """
 
+import errno
 import gc
 import os
 import random
@@ -103,6 +106,19 @@ def _print_exception(exc, file=None):
 _BaseSocket = _socket_mod.socket
 
 
+def _check_loopback(family, address):
+    if family not in (_socket_mod.AF_INET, _socket_mod.AF_INET6) or not isinstance(address, tuple):
+        return
+    import ipaddress
+    host = address[0]
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise OSError(errno.EHOSTUNREACH, "EHOSTUNREACH (a virtual Pico reaches loopback only: %s)" % host)
+
+
 class MpSocket(_BaseSocket):
     """CPython socket with MicroPython's extras (stream methods, safe bind)."""
 
@@ -117,6 +133,14 @@ class MpSocket(_BaseSocket):
             except OSError:
                 pass
         return super().bind(address)
+
+    def connect(self, address):
+        _check_loopback(self.family, address)
+        return super().connect(address)
+
+    def connect_ex(self, address):
+        _check_loopback(self.family, address)
+        return super().connect_ex(address)
 
     def listen(self, backlog=5):
         super().listen(backlog)

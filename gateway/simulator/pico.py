@@ -1,15 +1,27 @@
 """Run one MicroPython firmware as a virtual Pico on this host.
 
     python -m gateway.simulator.pico --firmware DIR_OR_FILE --config-py PATH \\
-        [--state-dir DIR] [--i2c-bus DIR] [--sim-json PATH] [--usb] [--device ID]
+        [--state-dir DIR] [--fs DIR] [--i2c-bus DIR] [--sim-json PATH] [--usb] [--device ID]
 
-* ``--firmware DIR`` runs ``DIR/main.py`` with DIR on ``sys.path``;
-  ``--firmware FILE.py`` runs that file.  Without ``--firmware`` the Pico runs
-  stock MicroPython with no program: a REPL on its USB console (what the
-  tutorial's usb link drives with ``mpremote``).
-* ``--config-py PATH`` is imported by the firmware as ``config``.  Its
-  ``LINK = "usb"`` (or ``--usb``) gives the Pico a USB console: the firmware's
-  stdin/stdout are a pty.  ``DEVICE`` names the Pico in logs.
+* The Pico has its own filesystem, a host directory that is the board's
+  ``/`` (``--fs DIR``, default ``<state-dir>/fs``; see
+  ``gateway.simulator.boardfs``); the process's cwd is that directory, and
+  the fs and its ``lib`` are on ``sys.path``.  At power-on (not on resets)
+  ``--firmware DIR`` copies DIR's ``*.py`` files into it, ``--firmware
+  FILE.py`` copies the file as ``main.py`` (its directory stays on sys.path,
+  last, for helper modules).  Without ``--firmware`` the fs starts empty: stock
+  MicroPython with no program, a REPL on its USB console (what the tutorial's
+  usb link drives with ``mpremote``, and what ``pico-gateway flash`` writes to).
+* Boot, as MicroPython's: ``boot.py`` then ``main.py`` from the fs, when
+  they exist; again after a soft reset (Ctrl-D at the friendly REPL,
+  ``machine.soft_reset()``; Ctrl-D in the raw REPL runs boot.py only, as on a
+  board) and after a hard reset.
+* ``--config-py PATH`` describes the virtual hardware: its ``LINK = "usb"``
+  (or ``--usb``) gives the Pico a USB console (the firmware's stdin/stdout are
+  a pty), ``DEVICE`` names the Pico in logs.  With a firmware it is copied to
+  the fs as ``config.py``.  ``import config`` finds the fs's ``config.py``
+  when there is one (so a flashed config takes effect at the next reset),
+  else the ``--config-py`` module.
 * ``--state-dir DIR`` receives ``pico.json``, rewritten (write-then-rename)
   whenever something in it changes::
 
@@ -30,8 +42,9 @@
 The process logs ``LED on`` / ``LED off`` lines (and endpoints) on stderr.
 When the firmware ends or crashes, the Pico stays up as a real one does: its
 peripherals keep working, and a USB console drops to the REPL.
-``machine.reset()``, a watchdog expiry and ``machine.soft_reset()`` re-execute
-the process in place (same pid, same ptys and socket paths).
+``machine.reset()``, a watchdog expiry, ``machine.soft_reset()`` and SIGUSR1
+(the RUN pin: ``VirtualPico.reset()``, reset_cause() PWRON_RESET) re-execute
+the process in place (same pid, same ptys and socket paths, same fs).
 """
 
 import argparse
@@ -41,21 +54,29 @@ import os
 import runpy
 import signal
 import sys
-import time
 import traceback
 
+from gateway.simulator import boardfs, patches, runtime
 from gateway.simulator import console as console_mod
-from gateway.simulator import patches, runtime
 
-_firmware = {"main": None, "dir": None, "modules": set()}
+_firmware = {"fs": None, "config_py": None, "modules": set(), "argv": None}
 
 
-def _load_config(path):
+def _load_config(path, install=True):
     spec = importlib.util.spec_from_file_location("config", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    sys.modules["config"] = mod
+    if install:
+        sys.modules["config"] = mod
     return mod
+
+
+def _preload_config():
+    """``import config`` finds the fs's config.py; without one, --config-py's."""
+    sys.modules.pop("config", None)
+    fs, path = _firmware["fs"], _firmware["config_py"]
+    if path and not (fs and os.path.isfile(os.path.join(fs, "config.py"))):
+        _load_config(path)
 
 
 def restart(cause, keep_led):
@@ -73,19 +94,34 @@ def restart(cause, keep_led):
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-    os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+    # A reset requested while the new process boots waits (pending) until it
+    # can take it: the signal mask survives exec, main() unblocks.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    os.execv(sys.executable, _firmware["argv"] or [sys.executable] + sys.orig_argv[1:])
 
 
-def _run_main():
-    main = _firmware["main"]
-    if main is None:
-        return
+def _run_on_resetpin(signum, frame):
+    """SIGUSR1: the RUN pin was pulled low (VirtualPico.reset())."""
+    restart(1, keep_led=False)   # machine.PWRON_RESET
+
+
+def _run_main(run_main=True):
+    fs = _firmware["fs"]
+    boot, main = (os.path.join(fs, n) for n in ("boot.py", "main.py"))
+    if os.path.isfile(boot):
+        _run_file(boot, final=False)
+    if run_main and os.path.isfile(main):
+        _run_file(main, final=True)
+
+
+def _run_file(main, final):
     before = set(sys.modules)
     runtime.publish("firmware", "running")
     console_mod.executing = True
     try:
         runpy.run_path(main, run_name="__main__")
-        runtime.publish("firmware", "ended")
+        if final:
+            runtime.publish("firmware", "ended")
     except SystemExit:
         runtime.publish("firmware", "ended")
     except BaseException as e:  # KeyboardInterrupt included, as on a Pico
@@ -100,12 +136,30 @@ def _run_main():
 
 
 def _soft_reboot(run_main):
-    # Forget modules the firmware imported, like MicroPython's soft reset.
-    for name in list(_firmware["modules"]):
-        sys.modules.pop(name, None)
+    # Forget modules the firmware imported (and any loaded from the fs, e.g.
+    # at the REPL), like MicroPython's soft reset; config is looked up afresh.
+    fs = _firmware["fs"]
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None) or ""
+        if name in _firmware["modules"] or (fs and f.startswith(fs + os.sep)):
+            sys.modules.pop(name, None)
     _firmware["modules"].clear()
-    if run_main:
-        _run_main()
+    _preload_config()
+    _run_main(run_main)
+
+
+def _exec_argv(args, fs):
+    """The command line that re-executes this Pico (absolute paths: the cwd is the fs)."""
+    opts = sys.orig_argv[1:sys.orig_argv.index("-m")] if "-m" in sys.orig_argv else []
+    out = [sys.executable] + opts + ["-m", "gateway.simulator.pico"]
+    for name in ("firmware", "config_py", "state_dir", "i2c_bus", "sim_json", "device", "board"):
+        v = getattr(args, name)
+        if v is not None:
+            out += ["--" + name.replace("_", "-"), v]
+    out += ["--fs", fs]
+    if args.usb:
+        out.append("--usb")
+    return out
 
 
 def main(argv=None):
@@ -115,14 +169,25 @@ def main(argv=None):
                    "omit for a bare MicroPython REPL on a USB console")
     p.add_argument("--config-py", help="config.py the firmware imports as `config`")
     p.add_argument("--state-dir", help="directory for pico.json")
+    p.add_argument("--fs", help="the board's filesystem (default <state-dir>/fs)")
     p.add_argument("--i2c-bus", help="simulated I2C bus directory")
     p.add_argument("--sim-json", help="sidecar JSON with simulation knobs")
     p.add_argument("--usb", action="store_true", help="give the Pico a USB console")
     p.add_argument("--device", help="device id for logs")
     p.add_argument("--board", default=None, help="board name in the REPL banner")
     args = p.parse_args(argv)
-
+    for name in ("firmware", "config_py", "state_dir", "fs", "i2c_bus", "sim_json"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     carry = os.environ.pop("PICOSIM_STATE_CARRY", None)
+    first_boot = carry is None      # else a reset: the fs keeps what it holds
+    fs = args.fs or (os.path.join(args.state_dir, "fs") if args.state_dir else None)
+    if fs is None:
+        import tempfile
+        fs = tempfile.mkdtemp(prefix="picosim-fs-")
+    _firmware["argv"] = _exec_argv(args, fs)
+    signal.signal(signal.SIGUSR1, _run_on_resetpin)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     if carry:
         runtime._state.update(json.loads(carry))
     state_dir = args.state_dir
@@ -138,26 +203,34 @@ def main(argv=None):
         if not os.path.exists(fw_main):
             p.error("no such firmware: %s" % fw_main)
 
-    patches.install(fw_dir)
-    cfg = _load_config(os.path.abspath(args.config_py)) if args.config_py else None
+    if first_boot:
+        boardfs.populate(fs, fw_dir, fw_main, args.config_py)
+    else:
+        os.makedirs(fs, exist_ok=True)
+    patches.install(fs)
+    sys.path.insert(sys.path.index(fs) + 1, os.path.join(fs, "lib"))
+    if fw_main is not None and fw_dir is not None and fw_main != os.path.join(fw_dir, "main.py"):
+        sys.path.append(os.path.dirname(fw_main))   # helpers next to a FILE.py
+    cfg = _load_config(args.config_py, install=False) if args.config_py else None
+    _firmware["fs"], _firmware["config_py"] = fs, args.config_py
+    _preload_config()
     link = getattr(cfg, "LINK", None)
     device = args.device or getattr(cfg, "DEVICE", None) or "pico"
     runtime.configure(state_dir=state_dir, sim_json=args.sim_json, i2c_bus_dir=i2c_dir,
                       device=device)
-    runtime.publish("firmware", "none" if fw_main is None else "starting")
+    has_main = os.path.isfile(os.path.join(fs, "main.py"))
+    runtime.publish("firmware", "starting" if has_main else "none")
     if os.environ.get("PICOSIM_LED_INIT") == "1":
         runtime.set_led(1)
-    _firmware["main"], _firmware["dir"] = fw_main, fw_dir
-    if fw_dir:
-        os.chdir(fw_dir)   # the Pico's filesystem root holds main.py
+    boardfs.install(fs)   # cwd = the board's "/"
 
     con = None
-    if args.usb or link == "usb" or fw_main is None:
+    if args.usb or link == "usb" or not has_main:
         con = console_mod.Console()
         sys.stdin = con.stdin
         sys.stdout = con.stdout
     board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
-    runtime.log("boot: firmware=%s link=%s" % (fw_main, link))
+    runtime.log("boot: fs=%s main.py=%s link=%s" % (fs, "yes" if has_main else "no", link))
 
     _run_main()
     if con is not None:

@@ -178,6 +178,10 @@ def format_exception(e):
                  '  File "<stdin>", line %s\n' % (e.lineno or 1)]
         lines.append("SyntaxError: invalid syntax\n")
         return "".join(lines)
+    if isinstance(e, OSError) and e.errno:
+        # MicroPython has one OSError class and names the errno
+        import errno
+        return "".join(lines) + "OSError: [Errno %d] %s\n" % (e.errno, errno.errorcode.get(e.errno, ""))
     msg = str(e)
     if isinstance(e, NameError):
         msg = msg.replace("is not defined", "isn't defined")
