@@ -3,7 +3,7 @@
 py-spy (``.venv/bin/pip install py-spy``; a benchmark tool, not a dependency of
 the project) samples the running gateway process from outside; the samples are
 saved in speedscope format (open at https://www.speedscope.app) and summarised
-here as: CPU share per thread, the functions where samples land (self), and the
+here as: CPU share per thread, the lines where samples land (self), and the
 functions on the stack (inclusive). Idle threads (blocked in a system call or
 waiting for the GIL) are not sampled, so shares are of CPU time.
 """
@@ -18,6 +18,10 @@ from pathlib import Path
 
 import ingest
 from common import Env
+
+
+# Frames on every stack (thread start-up, and py-spy's per-thread root): no information.
+_PLUMBING = ("thread (", "Thread.run (", "Thread._bootstrap")
 
 
 def available() -> bool:
@@ -43,6 +47,11 @@ def _name(frame: dict) -> str:
     return f"{frame['name']} ({file}:{frame.get('line', '?')})" if file else frame["name"]
 
 
+def _function(name: str) -> str:
+    """``f (file.py:12)`` -> ``f (file.py)``: inclusive time is per function, not per line."""
+    return name.rsplit(":", 1)[0] + ")" if name.endswith(")") and ":" in name else name
+
+
 def summarize(path: Path, top: int = 20) -> dict:
     data = json.loads(path.read_text())
     frames = [_name(f) for f in data["shared"]["frames"]]
@@ -57,8 +66,9 @@ def summarize(path: Path, top: int = 20) -> dict:
             threads[thread] += weight
             if stack:
                 self_time[frames[stack[-1]]] += weight  # speedscope stacks run root -> leaf
-            for name in {frames[i] for i in stack}:
-                inclusive[name] += weight
+            for name in {_function(frames[i]) for i in stack}:  # once per sample, however deep
+                if not name.startswith(_PLUMBING):
+                    inclusive[name] += weight
 
     def share(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * w / total, 1)) for name, w in counter.most_common(top)]

@@ -254,7 +254,7 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             m = res[key]["median"]
             what = key[5:].replace(" no ts", ", no user property") if "no ts" in key else f"{key[5:]}, ts property"
             t.add(f"bare paho publisher, {what}", f"{n(m['delivered_per_s'])}/s "
-                  f"({n(m['cpu_s_per_1000'], 3)} CPU s/1,000 in the publisher)", "", m["zero_loss"])
+                  f"({n(m['cpu_s_per_1000'], 3)} CPU s/1,000 in the publisher)", "zero loss", m["zero_loss"])
         for batch in (2000, 100, 1):
             if f"sqlite_{batch}" in res:
                 m = res[f"sqlite_{batch}"]["median"]
@@ -286,7 +286,7 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             _, links, rows = key.split("_")
             m = res[key]["median"]
             t.add(f"{links} device(s), {int(rows):,} rows before",
-                  f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "", m["zero_loss"])
+                  f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "zero loss", m["zero_loss"])
 
 
 def print_profile(p: dict) -> None:
