@@ -7,7 +7,6 @@ table built from what a subscriber receives.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import REPO, GatewayProcess, write_config
+from conftest import GatewayProcess, write_config
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
 from gateway.mqtt import MqttConnection

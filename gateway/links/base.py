@@ -13,8 +13,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from enum import Enum
 from collections.abc import Callable
+from enum import Enum
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -132,6 +132,63 @@ class Link(ABC):
 
     @abstractmethod
     def set_led(self, command: LedCommand) -> bool: ...
+
+
+class ThreadedLink(Link):
+    """A link that runs one thread of its own (``_run``), stopped through ``_stop``."""
+
+    def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.closed()
+
+    def closed(self) -> None:
+        """Release what the link holds, after its thread has ended."""
+
+    @abstractmethod
+    def _run(self) -> None: ...
+
+
+class PollingLink(ThreadedLink):
+    """A link that asks the Pico every ``poll_interval`` seconds (i2c, tcp, usb REPL).
+
+    ``poll`` raises OSError when the Pico does not answer: the device goes
+    offline and is asked again with backoff (doubling up to ``max_backoff``);
+    the first answer brings it back online.
+    """
+
+    online_reason = "answers polls"
+    max_backoff = 60.0
+
+    @abstractmethod
+    def poll(self) -> None: ...
+
+    def _run(self) -> None:
+        interval: float = self.config.poll_interval  # type: ignore[attr-defined]
+        backoff = Backoff(min(interval, 0.5), max(self.max_backoff, interval))
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except OSError as exc:
+                self.stats["poll_errors"] += 1
+                self.set_online(False, str(exc))
+                self._stop.wait(backoff.next())
+                continue
+            backoff.reset()
+            self.set_online(True, self.online_reason)
+            self._stop.wait(interval)
 
 
 class Backoff:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
-from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
 
 # Register map v1 (docs/protocol.md §2)
 MAGIC, LED, LED_CMD, SEQ_A, NAMES, SLOTS, NAME_LEN = 0x00, 0x04, 0x05, 0x08, 0x40, 12, 8
@@ -51,30 +51,19 @@ def open_bus(bus: int | str) -> Any:
     return SimulatedSMBus(bus)
 
 
-class I2cLink(Link):
+class I2cLink(PollingLink):
     transport = "i2c"
     Config = I2cConfig
     config: I2cConfig
 
     def __init__(self, config: I2cConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
-        self._stop = threading.Event()
         self._lock = threading.Lock()  # one transaction sequence at a time on our handle
         self._bus: Any = None
-        self._thread: threading.Thread | None = None
         self._names: list[str] | None = None
         self._last_seq: int | None = None
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+    def closed(self) -> None:
         with self._lock:
             self._close_bus()
 
@@ -198,19 +187,9 @@ class I2cLink(Link):
                 raise CommandError(f"the Pico did not apply the command within {self.config.command_timeout:g} s")
             time.sleep(COMMAND_POLL)
 
-    # -- poll loop ----------------------------------------------------------------------
-    def _run(self) -> None:
-        backoff = Backoff(self.config.poll_interval, max(60.0, self.config.poll_interval))
-        poll = self._poll_tutorial if self.config.protocol == "tutorial" else self._poll_picogw
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    poll()
-            except OSError as exc:
-                self.stats["poll_errors"] += 1
-                self.set_online(False, str(exc))
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.set_online(True, "answers polls")
-            self._stop.wait(self.config.poll_interval)
+    def poll(self) -> None:
+        with self._lock:
+            if self.config.protocol == "tutorial":
+                self._poll_tutorial()
+            else:
+                self._poll_picogw()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import serial
 from pydantic import Field
 
-from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, Link, LinkEvents
+from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, LinkEvents, ThreadedLink
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,7 +53,7 @@ class SerialSession(ABC):
     def set_led(self, command: LedCommand) -> bool: ...
 
 
-class SerialLink(Link):
+class SerialLink(ThreadedLink):
     """Base of the uart and usb links: port handling around a SerialSession."""
 
     Config = SerialDeviceConfig
@@ -63,8 +63,6 @@ class SerialLink(Link):
         super().__init__(config, events)
         self._port: serial.Serial | None = None
         self._write_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.session = self.make_session()
 
     def make_session(self) -> SerialSession:
@@ -72,17 +70,6 @@ class SerialLink(Link):
 
         factory: Callable[[SerialLink], SerialSession] = serial_sessions[self.config.protocol]
         return factory(self)
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def set_led(self, command: LedCommand) -> bool:
         return self.session.set_led(command)

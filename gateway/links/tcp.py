@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
 
 MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
 
@@ -32,27 +32,15 @@ class TcpConfig(DeviceConfig):
     connect_timeout: float = Field(2.0, gt=0, le=30)
 
 
-class TcpLink(Link):
+class TcpLink(PollingLink):
+    online_reason = "answers"
     transport = "tcp"
     Config = TcpConfig
     config: TcpConfig
 
     def __init__(self, config: TcpConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
-        self._stop = threading.Event()
         self._talk = threading.Lock()  # the tutorial server serves one connection at a time
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def exchange(self, request: bytes) -> bytes:
         """One connection: send ``request``, read until the Pico closes. Raises OSError."""
@@ -111,18 +99,10 @@ class TcpLink(Link):
         if values:
             self.events.reading(self.device, values, now_ms(), None)
 
-    def _run(self) -> None:
-        backoff = Backoff(self.config.poll_interval, max(60.0, self.config.poll_interval))
-        while not self._stop.is_set():
-            try:
-                self.query()
-                if self.config.protocol == "picogw":
-                    self._poll_readings()
-            except OSError as exc:
-                self.stats["poll_errors"] += 1
-                self.set_online(False, f"{self.config.host}:{self.config.port}: {exc}")
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.set_online(True, "answers")
-            self._stop.wait(self.config.poll_interval)
+    def poll(self) -> None:
+        try:
+            self.query()
+            if self.config.protocol == "picogw":
+                self._poll_readings()
+        except OSError as exc:
+            raise OSError(f"{self.config.host}:{self.config.port}: {exc}") from exc

@@ -21,7 +21,7 @@ from typing import Literal
 from mpremote.transport import TransportError
 from pydantic import Field
 
-from gateway.links.base import Backoff, CommandError, LedCommand, Link, LinkEvents, now_ms
+from gateway.links.base import CommandError, LedCommand, Link, LinkEvents, PollingLink, now_ms
 from gateway.links.serial_link import SerialDeviceConfig, SerialLink
 
 # The only code ever sent to a stock-MicroPython Pico. Each prints the LED
@@ -50,29 +50,20 @@ class UsbSerialLink(SerialLink):
     transport = "usb"
 
 
-class UsbReplLink(Link):
+class UsbReplLink(PollingLink):
     """Stock MicroPython through mpremote's raw REPL."""
 
     transport = "usb"
+    online_reason = "raw REPL answers"
+    max_backoff = 30.0
     config: UsbConfig
 
     def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
-        self._stop = threading.Event()
         self._lock = threading.Lock()  # one exec at a time
         self._transport: object | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"link-{self.device}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+    def closed(self) -> None:
         with self._lock:
             self._close()
 
@@ -120,7 +111,7 @@ class UsbReplLink(Link):
         self.events.led_state(self.device, on)
         return on
 
-    def _poll(self) -> None:
+    def poll(self) -> None:
         fields = self._exec("read").split()
         if len(fields) != 3:
             self.stats["bad_values"] += 1
@@ -138,20 +129,6 @@ class UsbReplLink(Link):
         self.stats["frames"] += 1
         self.events.reading(self.device, values, now_ms(), None)
         self.events.led_state(self.device, fields[2] == "1")
-
-    def _run(self) -> None:
-        backoff = Backoff()
-        while not self._stop.is_set():
-            try:
-                self._poll()
-            except OSError as exc:
-                self.set_online(False, str(exc))
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.set_online(True, "raw REPL answers")
-            self._stop.wait(self.config.poll_interval)
-
 
 class UsbLink(Link):
     """The usb transport: our firmware's frames, or stock MicroPython's REPL."""
