@@ -9,10 +9,12 @@ The outbox thread is the only writer of the readings table. Each turn it:
    full disk) in id order, a window at a time, so live readings never wait
    behind a long backlog.
 
-Every message carries the reading's own time as the MQTT v5 user property
-``ts`` (Unix ms). Delivery is at least once: see docs/reliability.md for the
-duplicate bound, and the bounds on the backlog and on memory while the disk
-refuses writes.
+A backlog message carries the reading's own time as the MQTT v5 user property
+``ts`` (Unix ms); a live one goes out within milliseconds of its reading and
+needs none (building the property per message tripled paho's cost). At most
+WINDOW readings sit in paho's queue, so a command's answer never waits behind
+more. Delivery is at least once: see docs/reliability.md for the duplicate
+bound, and the bounds on the backlog and on memory while the disk refuses writes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from gateway.topics import Topics
 log = logging.getLogger("gateway.outbox")
 
 MAX_BATCH = 5000  # readings per transaction
-WINDOW = 2000  # messages handed to paho and not yet acknowledged, at most (bounds memory)
+WINDOW = 128  # readings handed to paho and not yet acknowledged (QoS 1) or written (QoS 0), at most:
+# bounds memory, and how many readings a command's answer can find ahead of it in paho's queue
+READY_MAX = 20_000  # stored readings waiting for the window in memory; past that they are read back later
 EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
 RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
 _STOP = object()
@@ -74,15 +78,23 @@ class Outbox:
         self._mid_to_id: dict[int, int] = {}
         self._inflight: set[int] = set()
         self._done: list[int] = []  # acknowledged, to be marked sent in the next commit
+        self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
+        self._window_full = False  # the outbox waits for acks: the next one wakes it
         self._pending: list[Row] = []  # not yet committed (the database refused)
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
         self._last_store_error = ""
-        mqtt.on_published(self._acked_mids.append)
+        mqtt.on_published(self._on_published)
         mqtt.on_connect(lambda: self._queue.put(None))  # wake up: the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
 
     # -- any thread ------------------------------------------------------------------
+    def _on_published(self, mid: int) -> None:  # paho's thread
+        self._acked_mids.append(mid)
+        if self._window_full:
+            self._window_full = False
+            self._queue.put(None)
+
     def put(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
         self._queue.put((device, values, ts_ms, seq))
 
@@ -102,7 +114,8 @@ class Outbox:
         next_expiry = 0.0
         stopping = False
         while not stopping:
-            busy = bool(self._pending) or (self._backlog_from is not None and self.mqtt.connected.is_set())
+            busy = bool(self._pending or self._ready) or (self._backlog_from is not None
+                                                          and self.mqtt.connected.is_set())
             rows, stopping = self._take(timeout=0.05 if busy else 0.5)
             try:
                 if time.monotonic() >= next_expiry:  # first, so nothing past the bound goes out
@@ -145,7 +158,7 @@ class Outbox:
         if self._pending:
             rows = self._pending + rows
         if not rows and not self._done:
-            self._drain_backlog()
+            self._send()
             return
         try:
             first_id = self.store.commit(rows, self._done)
@@ -158,9 +171,24 @@ class Outbox:
         self.stats["stored"] += len(rows)
         self._pending = []
         self._done = []
-        for offset, row in enumerate(rows):
-            self._publish(first_id + offset, row, live=True)
-        self._drain_backlog()
+        self._ready.extend(zip(range(first_id, first_id + len(rows)), rows))
+        if len(self._ready) > READY_MAX:  # the broker is slower than the Picos: read them back later
+            self._rescan_from(self._ready[0][0])
+            self._ready.clear()
+        self._send()
+
+    def _send(self) -> None:
+        """Publish ready readings, then the backlog, while the window has room."""
+        ready = self._ready
+        while ready and len(self._inflight) < WINDOW:
+            row_id, row = ready.popleft()
+            if not self._publish(row_id, row, live=True):
+                if ready:
+                    self._rescan_from(ready[0][0])  # not connected: they wait in the database
+                    ready.clear()
+                return
+        if ready or (self._backlog_from is not None and not self._drain_backlog()):
+            self._window_full = True
 
     def _hold(self, rows: list[Row], exc: sqlite3.Error) -> None:
         """The database refused (disk full, read-only): keep readings in memory, bounded."""
@@ -187,8 +215,10 @@ class Outbox:
         if not self.mqtt.connected.is_set():
             self._rescan_from(row_id)
             return False
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = ("ts", str(ts))
+        props = None
+        if not live:  # a live reading's time is now; a late one says when it was taken
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = ("ts", str(ts))
         rc, mid = self.mqtt.publish_message(self.topics.sensor(device, metric), format_value(value),
                                             self.settings.qos, props)
         if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
@@ -206,20 +236,23 @@ class Outbox:
         start = row_id - 1
         self._backlog_from = start if self._backlog_from is None else min(self._backlog_from, start)
 
-    def _drain_backlog(self) -> None:
+    def _drain_backlog(self) -> bool:
+        """Publish unsent rows from the database while the window has room; True when
+        the backlog is done (or cannot move now: not connected)."""
         start = self._backlog_from
         if start is None or not self.mqtt.connected.is_set():
-            return
+            return True
         room = WINDOW - len(self._inflight)
         if room <= 0:
-            return
+            return False
         rows = self.store.unsent(start, room)
         position = start
         for row_id, *row in rows:
             if row_id not in self._inflight and not self._publish(row_id, tuple(row), live=False):  # type: ignore[arg-type]
-                return  # connection lost: _rescan_from kept the position
+                return True  # connection lost: _rescan_from kept the position
             position = row_id
         self._backlog_from = position if len(rows) == room else None
+        return self._backlog_from is None
 
     def _resolve_acks(self) -> None:
         acked = self._acked_mids

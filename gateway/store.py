@@ -34,6 +34,17 @@ UNSENT, SENT, EXPIRED = 0, 1, 2
 _INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
 
 
+def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """[3, 1, 2, 7] -> [(1, 3), (7, 7)]: acknowledgements mostly come in runs."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        elif not out or i != out[-1][1]:
+            out.append((i, i))
+    return out
+
+
 class Store:
     def __init__(self, path: str | Path, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = Path(path)
@@ -71,9 +82,9 @@ class Store:
         with self._lock, self._conn:
             self._conn.executemany(_INSERT, rows)
             last = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            ids = list(sent_ids)
-            if ids:
-                self._conn.executemany("UPDATE readings SET sent = 1 WHERE id = ?", ((i,) for i in ids))
+            ranges = id_ranges(sent_ids)
+            if ranges:
+                self._conn.executemany("UPDATE readings SET sent = 1 WHERE id BETWEEN ? AND ?", ranges)
         return last - len(rows) + 1
 
     def unsent(self, after_id: int, limit: int) -> list[StoredRow]:

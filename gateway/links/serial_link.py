@@ -8,6 +8,8 @@ into events and commands into bytes.
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 READ_TIMEOUT = 0.05  # seconds a read blocks: bounds how late a heartbeat or stop is noticed
+READ_SIZE = 65536
 
 
 class SerialDeviceConfig(DeviceConfig):
@@ -106,9 +109,15 @@ class SerialLink(ThreadedLink):
             reason = "stopping"
             try:
                 self.session.connected()
+                fd = port.fileno()
                 while not self._stop.is_set():
-                    data = port.read(port.in_waiting or 1)
-                    if data:
+                    # select + one large read, not pyserial's read(): two system calls per
+                    # chunk instead of four (this loop is a third of the gateway's CPU under load).
+                    if select.select([fd], [], [], READ_TIMEOUT)[0]:
+                        data = os.read(fd, READ_SIZE)
+                        if not data:
+                            raise serial.SerialException("the device reports readiness to read but returned "
+                                                         "no data (disconnected?)")
                         self.session.received(data)
                     self.session.poll(time.monotonic())
             except (serial.SerialException, OSError) as exc:
