@@ -91,7 +91,8 @@ class Outbox:
     # -- any thread ------------------------------------------------------------------
     def _on_published(self, mid: int) -> None:  # paho's thread
         self._acked_mids.append(mid)
-        if self._window_full:
+        # Wake the outbox when half the window is free, not at every ack: fewer, larger turns.
+        if self._window_full and len(self._acked_mids) >= WINDOW // 2:
             self._window_full = False
             self._queue.put(None)
 
