@@ -106,11 +106,12 @@ def virtual(tmp_path: Path, broker: Broker, recorder: Recorder):
     gateways: list[GatewayProcess] = []
     sim_only = ("read_interval", "sim", "firmware")
 
-    def start(devices: list[dict], gateway_id: str = "testgw"):
+    def start(devices: list[dict], gateway_id: str = "testgw", **top: object):
+        """``top``: extra top-level config keys, e.g. ``diagnostics_interval=1``."""
         fleet = start_fleet(devices, tmp_path / f"picos-{len(fleets)}", broker=(broker.host, broker.port))
         fleets.append(fleet)
         config = simulated_config({"gateway_id": gateway_id, "mqtt": {"host": broker.host, "port": broker.port},
-                                   "store": {"path": str(tmp_path / "readings.db")},
+                                   "store": {"path": str(tmp_path / "readings.db")}, **top,
                                    "devices": [{k: v for k, v in d.items() if k not in sim_only} for d in devices]},
                                   fleet)
         path = tmp_path / f"{gateway_id}.toml"
