@@ -2,6 +2,13 @@
 
 Commands arrive on the MQTT thread, are validated there, and run on a per-device
 worker so that a slow Pico never holds up the network thread or another Pico.
+
+The gateway subscribes to the command topic of each device it owns, one by one,
+never to ``<base>/+/cmd/led``: a command for a device it does not own never
+reaches it (with several gateways on one broker, each hears only its own).
+Ownership is announced on the retained ``<base>/<device>/owner`` topic; a device
+that another gateway claims too is logged, counted and published, retained, on
+``<base>/bridge/<gateway_id>/conflicts`` (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ class Bridge:
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
         self._logged: set[tuple[str, str]] = set()
+        self._conflicts: dict[str, set[str]] = {}  # device -> other gateways claiming it
+        self._stopping = False
         mqtt.on_connect(self._announce)
-        mqtt.subscribe(topics.all_commands("led"), self._on_command)
+        mqtt.subscribe(topics.all_owners(), self._on_owner)
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
         self.mqtt.subscribe(topic_filter, handler)
@@ -57,6 +66,8 @@ class Bridge:
     def add(self, link: Link) -> None:
         self.links[link.device] = link
         self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
+        if not link.publishes_itself:  # a wifi Pico subscribes to its own commands
+            self.mqtt.subscribe(self.topics.command(link.device, "led"), self._on_command)
 
     def start(self) -> None:
         self.outbox.start()
@@ -65,12 +76,16 @@ class Bridge:
 
     def stop(self) -> list[tuple[str, str]]:
         """Stop links, flush readings; returns the retained 'offline' messages to send last."""
+        self._stopping = True  # our own withdrawn claims must not make us claim again
         for link in list(self.links.values()):
             link.stop()
         for worker in self._workers.values():
             worker.shutdown(wait=True, cancel_futures=True)
         self.outbox.stop()
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
+        # Give up our claims (an empty retained message deletes one): a gateway that
+        # claims the same device too takes it over instead of seeing a stale claim.
+        last += [(self.topics.owner(d), "") for d in self.links]
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
     def health(self) -> tuple[bool, str]:
@@ -115,6 +130,41 @@ class Bridge:
             self.mqtt.publish(self.topics.status(device), "online" if is_online else "offline", qos=1, retain=True)
         for device, on in led.items():
             self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
+        for device in self.links:
+            self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+        self._publish_conflicts()
+
+    def _on_owner(self, topic: str, payload: bytes, retained: bool) -> None:
+        """``<base>/<device>/owner``: another gateway claiming a device of ours is a conflict."""
+        device = self.topics.parse_owner(topic)
+        if device is None or device not in self.links:
+            return
+        claimant = payload[:64].decode("utf-8", "replace").strip()
+        if claimant == self.gateway_id:
+            return
+        if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands
+            if self._stopping:
+                return
+            self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+            return
+        with self._state_lock:
+            others = self._conflicts.setdefault(device, set())
+            new = claimant not in others
+            others.add(claimant)
+        if new:
+            self.stats["owner_conflicts"] += 1
+            log.error("device %r is also claimed by gateway %r (%s): two gateways own the same device id and "
+                      "would both store its readings and answer its commands; remove it from one config or "
+                      "rename it", device, claimant, "retained claim" if retained else "live")
+            self._publish_conflicts()
+
+    def conflicts(self) -> dict[str, list[str]]:
+        with self._state_lock:
+            return {d: sorted(others) for d, others in sorted(self._conflicts.items())}
+
+    def _publish_conflicts(self) -> None:
+        body = {"gateway": self.gateway_id, "devices": self.conflicts()}
+        self.mqtt.publish(self.topics.bridge_conflicts(self.gateway_id), json.dumps(body), qos=1, retain=True)
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = self.topics.parse_command(topic)
@@ -123,7 +173,8 @@ class Bridge:
         device, _ = parsed
         link = self.links.get(device)
         if link is None:
-            self._reject_unknown(topic, device)
+            # Not ours; we subscribe to owned devices' topics only, so only a bug brings one here.
+            self.stats["commands_not_owned"] += 1
             return
         if link.publishes_itself:
             return  # the Pico subscribes to its own commands
@@ -185,13 +236,6 @@ class Bridge:
             "error": error,
         }
         self.mqtt.publish(self.topics.result(device), json.dumps(body), qos=1)
-
-    def _reject_unknown(self, topic: str, device: str) -> None:
-        self.stats["commands_unknown_device"] += 1
-        error = f"unknown device {device[:64]!r}: not in the config of gateway {self.gateway_id!r}"
-        self._log_once(device, "unknown", "%s", error)
-        body = {"topic": topic[:256], "error": error}
-        self.mqtt.publish(self.topics.bridge_rejected(self.gateway_id), json.dumps(body), qos=1)
 
     def _log_once(self, device: str, kind: str, msg: str, *args: object) -> None:
         """Warn the first time a device has a given problem; later ones at debug level."""

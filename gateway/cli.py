@@ -34,6 +34,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
+    problems, notes = config.mqtt.file_problems()  # the password and TLS files: present and readable?
+    for note in notes:
+        print(f"{args.config}: note: {note}", file=sys.stderr)
+    if problems:
+        print("\n".join([f"{args.config}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems]),
+              file=sys.stderr)
+        return 2
     print(f"{args.config}: ok, gateway {config.gateway_id}, {len(config.devices)} device(s): "
           + ", ".join(f"{d.id} ({d.transport}, {d.protocol})" for d in config.devices))
     return 0

@@ -13,6 +13,7 @@ Each transport's device keys live with its link (``gateway/links/<transport>.py`
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -38,14 +39,120 @@ def default_gateway_id() -> str:
     return name or "gateway"
 
 
+CREDENTIAL_PREFIX = "credential:"
+
+
+class SecretError(Exception):
+    """A password/certificate file named in the config cannot be used; the message names the key."""
+
+
+class CredentialUnavailable(SecretError):
+    """``credential:NAME`` outside the service: only systemd provides $CREDENTIALS_DIRECTORY."""
+
+
+class TlsConfig(StrictModel):
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="CA certificate(s), PEM; default: the system's CAs")
+    certfile: Path | None = Field(None, description="client certificate, PEM (brokers with require_certificate)")
+    keyfile: Path | None = Field(None, description="the client certificate's private key, PEM")
+    insecure: bool = Field(False, description="true: no certificate or host name verification (tests only)")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("tls.keyfile is set but tls.certfile is not")
+        return self
+
+
 class MqttConfig(StrictModel):
     host: str = "localhost"
-    port: int = Field(1883, gt=0, lt=65536)
+    port: int = Field(1883, gt=0, lt=65536, description="default 1883; 8883 when tls.enabled")
     base_topic: str = "pico"
     keepalive: int = Field(60, ge=5, le=3600)
     client_id: str | None = Field(None, description="default: pico-gateway-<gateway_id>")
     readings_qos: Literal[0, 1] = Field(1, description="1: acknowledged, nothing lost; 0: faster, may lose "
                                                        "what was on the wire when the connection broke")
+    username: str | None = Field(None, min_length=1)
+    password_file: str | None = Field(None, min_length=1, description=(
+        "file holding the password (empty file: no password); 'credential:NAME' or a relative path "
+        "reads $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=)"))
+    tls: TlsConfig = TlsConfig()
+    password: Any = Field(None, exclude=True, repr=False)  # only to refuse it with a helpful message
+
+    @field_validator("password")
+    @classmethod
+    def _no_inline_password(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("a password is never written in the config file: put it in a file (mode 0600) "
+                             "and set mqtt.password_file to its path, or to 'credential:mqtt-password' "
+                             "under systemd (docs/security.md)")
+        return None
+
+    @model_validator(mode="after")
+    def _tls_port(self) -> MqttConfig:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file is set but username is not")
+        if self.tls.enabled and "port" not in self.model_fields_set:
+            object.__setattr__(self, "port", 8883)  # the MQTT-over-TLS port, unless the file says otherwise
+        return self
+
+    def password_path(self) -> Path | None:
+        """Where the password is read from (None: no password_file)."""
+        name = self.password_file
+        if name is None:
+            return None
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        for var in ("$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTORY}/"):
+            if name.startswith(var):
+                name = CREDENTIAL_PREFIX + name[len(var):]
+        if name.startswith(CREDENTIAL_PREFIX):
+            if not creds:
+                raise CredentialUnavailable(f"mqtt.password_file: {self.password_file!r} is a systemd credential, but "
+                                  "$CREDENTIALS_DIRECTORY is not set (it is, under the pico-gateway service)")
+            return Path(creds) / name[len(CREDENTIAL_PREFIX):]
+        path = Path(name)
+        if not path.is_absolute() and creds:
+            return Path(creds) / path
+        return path
+
+    def read_password(self) -> str | None:
+        """The password from ``password_file``: None when unset or the file is empty.
+
+        A trailing newline is not part of the password. The message of a SecretError
+        names the key and the file, never the content."""
+        path = self.password_path()
+        if path is None:
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise SecretError(f"mqtt.password_file: cannot read {path}: {reason}") from None
+        text = text.rstrip("\r\n")
+        return text or None
+
+    def file_problems(self) -> tuple[list[str], list[str]]:
+        """(problems, notes): every password/TLS file that is missing or unreadable, each
+        naming its key; notes for what only the service can check (a systemd credential)."""
+        problems: list[str] = []
+        notes: list[str] = []
+        try:
+            self.read_password()
+        except CredentialUnavailable as exc:
+            notes.append(f"{exc}; not checked here")
+        except SecretError as exc:
+            problems.append(str(exc))
+        if self.tls.enabled:
+            for key in ("ca_file", "certfile", "keyfile"):
+                path = getattr(self.tls, key)
+                if path is None:
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        f.read(1)
+                except OSError as exc:
+                    problems.append(f"mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}")
+        return problems, notes
 
     @field_validator("base_topic")
     @classmethod

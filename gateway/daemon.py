@@ -6,10 +6,11 @@ import logging
 import signal
 import sqlite3
 import threading
+import time
 
 from gateway.adoption import Adoption
 from gateway.bridge import Bridge
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, SecretError
 from gateway.diagnostics import Diagnostics
 from gateway.discovery import Discovery
 from gateway.links import LINKS
@@ -35,7 +36,12 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
                   config.store.path, exc)
         return 1
     client_id = config.mqtt.client_id or f"pico-gateway-{config.gateway_id}"
-    mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"))
+    try:
+        mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"))
+    except SecretError as exc:
+        log.error("%s", exc)
+        store.close()
+        return 2
     s = config.store
     outbox = OutboxSettings(qos=config.mqtt.readings_qos, max_backlog_rows=s.max_backlog_rows,
                             max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows)
@@ -57,7 +63,10 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     mqtt.start()
     discovery.start()
     bridge.start()  # links first: readings are stored while the broker is still away
-    if not mqtt.wait_connected(BROKER_WAIT):
+    deadline = time.monotonic() + BROKER_WAIT
+    while not mqtt.wait_connected(0.1) and not stop.is_set() and time.monotonic() < deadline:
+        pass  # a SIGTERM while the broker refuses us (auth, TLS) must not wait for the deadline
+    if not mqtt.connected.is_set() and not stop.is_set():
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
                     config.mqtt.host, config.mqtt.port)
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))

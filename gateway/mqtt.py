@@ -7,6 +7,11 @@
 - The last will publishes ``offline`` on the bridge status topic, retained.
 - The client id is derived from ``gateway_id``; if the broker drops us because
   another client took that id, the log says so in plain words.
+- Username/password (read from ``mqtt.password_file``, never logged) and TLS
+  (verification on unless ``tls.insecure``); a refused password, a missing
+  authorisation or a certificate that fails verification is logged as an error
+  saying what to check, counted, and retried with paho's backoff (1 s doubling
+  to 30 s): it never ends the process.
 
     >>> conn = MqttConnection(cfg.mqtt, client_id="pico-gateway-pi", will=("pico/bridge/pi/status", "offline"))
     >>> conn.subscribe("pico/+/cmd/led", handler)   # handler(topic, payload, retained)
@@ -16,22 +21,58 @@
 from __future__ import annotations
 
 import logging
+import ssl
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.config import MqttConfig
+from gateway.config import MqttConfig, SecretError
 
 log = logging.getLogger("gateway.mqtt")
 
 Handler = Callable[[str, bytes, bool], None]
-SESSION_TAKEN_OVER = 142  # MQTT v5 reason code
+RawHandler = Callable[[paho.MQTTMessage], None]
+SESSION_TAKEN_OVER = 142  # MQTT v5 reason codes
+BAD_USER_OR_PASSWORD = 134
+NOT_AUTHORIZED = 135
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """The SSL context for ``cfg.tls``; SecretError (naming the key) when a file cannot be used."""
+    tls = cfg.tls
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SecretError(f"mqtt.tls.ca_file: cannot use {tls.ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if tls.certfile is not None:
+        try:
+            ctx.load_cert_chain(str(tls.certfile), str(tls.keyfile) if tls.keyfile else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {tls.certfile}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+    if tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
+    """Username, password (from its file) and TLS onto a paho client; SecretError when unusable."""
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.read_password())
+    if cfg.tls.enabled:
+        client.tls_set_context(tls_context(cfg))
+        if cfg.tls.insecure:
+            log.warning("mqtt.tls.insecure = true: the broker's certificate is NOT verified; anyone on the "
+                        "network path can pose as the broker")
 
 
 def _options(qos: int) -> SubscribeOptions:
@@ -41,12 +82,28 @@ def _options(qos: int) -> SubscribeOptions:
 
 
 class MqttConnection:
-    def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str]) -> None:
+    def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str] | None,
+                 clean_start: bool = True, session_expiry: int = 0, receive_maximum: int | None = None,
+                 manual_ack: bool = False) -> None:
+        """``clean_start=False`` with ``session_expiry`` seconds: a persistent session (the
+        broker keeps QoS 1 messages for us while we are away); ``manual_ack``: QoS 1
+        messages are acknowledged only by :meth:`ack` (store first, then acknowledge).
+        Raises SecretError when the password or a TLS file cannot be used."""
         self.cfg = cfg
         self.client_id = client_id
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
-        self._subscriptions: list[tuple[str, int, Handler]] = []
+        self._subscriptions: list[tuple[str, int, Handler | RawHandler, bool]] = []
+        self._clean_start = clean_start
+        self._connect_props: Properties | None = None
+        if session_expiry or receive_maximum:
+            self._connect_props = Properties(PacketTypes.CONNECT)
+            if session_expiry:
+                self._connect_props.SessionExpiryInterval = session_expiry
+            if receive_maximum:
+                self._connect_props.ReceiveMaximum = receive_maximum
+        self._failing = ""  # the last connection failure, logged once per streak
+        self._manual_ack = manual_ack
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._on_disconnect_hooks: list[Callable[[], None]] = []
         self._on_published: Callable[[int], None] | None = None
@@ -55,11 +112,15 @@ class MqttConnection:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
+            manual_ack=manual_ack,
         )
         self.client.suppress_exceptions = True  # second line of defence behind _guard
-        self.client.will_set(will[0], will[1], qos=1, retain=True)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        apply_security(self.client, cfg)
         self.client.on_connect = self._guard(self._on_connect)
+        self.client.on_connect_fail = self._guard(self._on_connect_fail)
         self.client.on_disconnect = self._guard(self._on_disconnect)
         self.client.on_message = self._guard(self._on_message)
         self.client.on_publish = self._guard(self._on_publish)
@@ -83,9 +144,21 @@ class MqttConnection:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
-            self._subscriptions.append((topic_filter, qos, handler))
+            self._subscriptions.append((topic_filter, qos, handler, False))
         if self.connected.is_set():
             self.client.subscribe(topic_filter, options=_options(qos))
+
+    def subscribe_messages(self, topic_filter: str, handler: RawHandler, qos: int = 1) -> None:
+        """Like subscribe, but ``handler(msg)`` gets paho's message (properties, mid, qos).
+        ``$share/<group>/<filter>`` subscribes to a shared subscription."""
+        with self._lock:
+            self._subscriptions.append((topic_filter, qos, handler, True))
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, options=_options(qos))
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a message received with ``manual_ack``."""
+        self.client.ack(mid, qos)
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> bool:
         """Queue a message; False when paho refused it (e.g. QoS 0 while offline)."""
@@ -97,7 +170,8 @@ class MqttConnection:
         return True
 
     def start(self) -> None:
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
+                                  clean_start=self._clean_start, properties=self._connect_props)
         self.client.loop_start()
 
     def alive(self) -> bool:
@@ -134,17 +208,58 @@ class MqttConnection:
                     reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
             self.stats["connect_failures"] += 1
-            log.error("broker %s:%s refused the connection: %s", self.cfg.host, self.cfg.port, reason)
+            where = f"{self.cfg.host}:{self.cfg.port}"
+            if reason.value == BAD_USER_OR_PASSWORD:
+                self.stats["auth_failures"] += 1
+                log.error("broker %s refused our user name or password (user %r, password from "
+                          "mqtt.password_file%s): check both, and the broker's password_file; retrying with "
+                          "backoff", where, self.cfg.username, "" if self.cfg.password_file else ", which is not set")
+            elif reason.value == NOT_AUTHORIZED:
+                # mosquitto 2.0 answers a wrong password with this code too.
+                self.stats["auth_failures"] += 1
+                if self.cfg.username:
+                    log.error("broker %s refused user %r: not authorized (a wrong password, or a user the "
+                              "broker does not know or allow): check mqtt.username, the file mqtt.password_file "
+                              "names, and the broker's password_file; retrying with backoff", where,
+                              self.cfg.username)
+                else:
+                    log.error("broker %s refused an anonymous connection: not authorized; set mqtt.username "
+                              "and mqtt.password_file (docs/security.md); retrying with backoff", where)
+            else:
+                log.error("broker %s refused the connection: %s", where, reason)
             return
-        log.info("connected to %s:%s as %s", self.cfg.host, self.cfg.port, self.client_id)
+        self._failing = ""
+        log.info("connected to %s:%s as %s%s", self.cfg.host, self.cfg.port, self.client_id,
+                 " (TLS)" if self.cfg.tls.enabled else "")
         self.stats["connects"] += 1
         with self._lock:
             subs = list(self._subscriptions)
         if subs:
-            client.subscribe([(f, _options(q)) for f, q, _ in subs])
+            client.subscribe([(f, _options(q)) for f, q, _, _ in subs])
         self.connected.set()
         for hook in self._on_connect_hooks:
             hook()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        # paho calls this inside its ``except OSError`` around the connection attempt.
+        exc = sys.exc_info()[1]
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            self.stats["tls_failures"] += 1
+            log.error("TLS: the certificate of broker %s failed verification: %s; check mqtt.tls.ca_file (%s) "
+                      "and that mqtt.host matches the name in the broker's certificate; retrying with backoff",
+                      where, exc.verify_message or exc, self.cfg.tls.ca_file or "the system's CAs")
+        elif isinstance(exc, ssl.SSLError):
+            self.stats["tls_failures"] += 1
+            log.error("TLS handshake with broker %s failed: %s; is it a TLS listener, and does it need "
+                      "a client certificate (mqtt.tls.certfile/keyfile)? retrying with backoff", where,
+                      exc.reason or exc)
+        else:
+            self.stats["connect_failures"] += 1
+            text = f"{exc}" if exc else "unknown error"
+            if text != self._failing:
+                self._failing = text
+                log.warning("cannot reach broker %s: %s; retrying with backoff", where, text)
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        reason: ReasonCode, properties: Properties | None) -> None:
@@ -172,6 +287,15 @@ class MqttConnection:
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._lock:
             subs = list(self._subscriptions)
-        for topic_filter, _, handler in subs:
+        owned = False  # a raw handler took the message, and with it the duty to acknowledge it
+        for topic_filter, _, handler, raw in subs:
+            if topic_filter.startswith("$share/"):
+                topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
             if paho.topic_matches_sub(topic_filter, msg.topic):
-                handler(msg.topic, msg.payload, bool(msg.retain))
+                if raw:
+                    owned = True
+                    handler(msg)  # type: ignore[call-arg]
+                else:
+                    handler(msg.topic, msg.payload, bool(msg.retain))  # type: ignore[call-arg]
+        if self._manual_ack and not owned and msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)

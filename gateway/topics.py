@@ -42,12 +42,40 @@ class Topics:
     def bridge_status(self, gateway_id: str) -> str:
         return f"{self.base}/bridge/{gateway_id}/status"
 
-    def bridge_rejected(self, gateway_id: str) -> str:
-        """Commands this gateway refused without a device to answer for (unknown id)."""
-        return f"{self.base}/bridge/{gateway_id}/rejected"
+    def bridge_conflicts(self, gateway_id: str) -> str:
+        """Devices this gateway owns that another gateway claims too (JSON, retained)."""
+        return f"{self.base}/bridge/{gateway_id}/conflicts"
 
-    def all_commands(self, what: str = "led") -> str:
-        return f"{self.base}/+/cmd/{what}"
+    def recorder_status(self, recorder_id: str) -> str:
+        return f"{self.base}/bridge/{recorder_id}/recorder"
+
+    def owner(self, device: str) -> str:
+        """The gateway_id of the gateway that owns ``device`` (retained)."""
+        return f"{self.base}/{device}/owner"
+
+    def all_owners(self) -> str:
+        return f"{self.base}/+/owner"
+
+    def all_sensors(self) -> str:
+        return f"{self.base}/+/sensor/+"
+
+    def parse_owner(self, topic: str) -> str | None:
+        """The device of ``<base>/<device>/owner``, else None."""
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        return parts[0] if len(parts) == 2 and parts[1] == "owner" and parts[0] else None
+
+    def parse_sensor(self, topic: str) -> tuple[str, str] | None:
+        """(device, metric) for ``<base>/<device>/sensor/<metric>``, else None."""
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 3 or parts[1] != "sensor" or not parts[0] or not parts[2]:
+            return None
+        return parts[0], parts[2]
 
     def parse_command(self, topic: str) -> tuple[str, str] | None:
         """(device, what) for ``<base>/<device>/cmd/<what>``, else None."""

@@ -34,11 +34,20 @@ class Recorder:
     broker: Broker
     topics: list[str] = field(default_factory=lambda: ["#"])
     messages: list[paho.MQTTMessage] = field(default_factory=list)
+    username: str | None = None  # for a broker with a password file
+    password: str | None = None
+    ca_file: str | None = None  # TLS, verified against this CA
+    certfile: str | None = None  # a client certificate, for require_certificate
+    keyfile: str | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        if self.username:
+            self.client.username_pw_set(self.username, self.password)
+        if self.ca_file:
+            self.client.tls_set(ca_certs=self.ca_file, certfile=self.certfile, keyfile=self.keyfile)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()

@@ -288,6 +288,6 @@ def test_mqtt_cli_doc_covers_every_topic() -> None:
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "mqtt-cli.md").read_text()
     for needle in ("sensor/", "state/led", "cmd/led", "result/led", "/status", "bridge/pi-garden/status",
-                   "bridge/pi-garden/rejected", "diagnostics", "-r -n -t pico/greenhouse/cmd/led",
+                   "pico/+/owner", "bridge/+/conflicts", "diagnostics", "-r -n -t pico/greenhouse/cmd/led",
                    "homeassistant/device/"):
         assert needle in text, needle
