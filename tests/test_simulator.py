@@ -382,3 +382,13 @@ def test_board_filesystem_soft_reset_and_flashed_config(fleet_of, tmp_path):
             got += s.read(256)
         assert b"main runs as flashed" in got, got
     pico.wait_for(lambda st: st.get("firmware") == "ended", 5, "main.py ended")
+
+
+def test_sockets_connect_to_loopback_only():
+    s = patches.MpSocket()
+    try:
+        with pytest.raises(OSError) as e:
+            s.connect(("192.0.2.1", 1883))   # e.g. a flashed config's real broker: never tried
+        assert e.value.errno == errno.EHOSTUNREACH
+    finally:
+        s.close()
