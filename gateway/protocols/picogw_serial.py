@@ -61,6 +61,9 @@ class PicogwSerialSession(SerialSession):
         self._expected_seq = None
 
     def _on_hello(self, frame: Frame) -> None:
+        expected = self._expected_seq
+        if expected is not None and (expected - frame.number) % SEQ_MOD < SEQ_MOD // 2 and frame.number != expected:
+            self.link.stats["seq_resets"] += 1  # an unasked hello with an older number: the Pico restarted
         self._expected_seq = frame.number
         self.link.stats["hellos"] += 1
         dev = frame.get("dev")
