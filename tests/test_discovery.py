@@ -291,3 +291,19 @@ def test_mqtt_cli_doc_covers_every_topic() -> None:
                    "pico/+/owner", "bridge/+/conflicts", "diagnostics", "-r -n -t pico/greenhouse/cmd/led",
                    "homeassistant/device/"):
         assert needle in text, needle
+
+
+def test_the_running_gateway_announces_its_picos_to_home_assistant(virtual, broker, recorder) -> None:
+    """Through `pico-gateway run`: what a fresh Home Assistant finds, and the switch works."""
+    fleet, _ = virtual([{"id": "greenhouse", "transport": "uart", "port": "sim", "read_interval": 0.2}])
+    fresh = type(recorder)(broker, topics=["homeassistant/#"])  # subscribes after the fact: retained only
+    try:
+        config = json.loads(fresh.wait("homeassistant/device/testgw_greenhouse/config")[0])
+        switch = next(c for c in config["cmps"].values() if c["p"] == "switch")
+        assert switch["command_topic"] == "pico/greenhouse/cmd/led"
+        assert switch["state_topic"] == "pico/greenhouse/state/led"
+        fresh.wait("homeassistant/device/testgw/config")
+        recorder.publish(switch["command_topic"], switch["payload_on"])  # what HA sends when switched on
+        fleet["greenhouse"].wait_led("on")
+    finally:
+        fresh.close()
