@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -81,6 +82,13 @@ def _options(qos: int) -> SubscribeOptions:
     return SubscribeOptions(qos=qos, retainAsPublished=True)
 
 
+def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
+    """Nagle's algorithm holds a small packet (a command's answer) until the broker
+    acknowledges the previous one, up to 40 ms with delayed ACKs: turn it off."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):  # TLS too
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttConnection:
     def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str] | None,
                  clean_start: bool = True, session_expiry: int = 0, receive_maximum: int | None = None,
@@ -124,6 +132,7 @@ class MqttConnection:
         self.client.on_disconnect = self._guard(self._on_disconnect)
         self.client.on_message = self._guard(self._on_message)
         self.client.on_publish = self._guard(self._on_publish)
+        self.client.on_socket_open = self._guard(_no_delay)
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
