@@ -153,9 +153,9 @@ class Bridge:
             others.add(claimant)
         if new:
             self.stats["owner_conflicts"] += 1
-            log.error("device %r is also claimed by gateway %r (%s): two gateways own the same device id and "
+            log.error("device %r is also claimed by gateway %r: two gateways own the same device id and "
                       "would both store its readings and answer its commands; remove it from one config or "
-                      "rename it", device, claimant, "retained claim" if retained else "live")
+                      "rename it (its claim: %s)", device, claimant, self.topics.owner(device))
             self._publish_conflicts()
 
     def conflicts(self) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__, flash, history
+from gateway import __version__, flash, history, recorder
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.systemd import setup_logging
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_subcommands(sub)
     history.add_subcommands(sub)
     flash.add_subcommands(sub)
+    recorder.add_subcommands(sub)
     return parser
 
 

@@ -172,12 +172,26 @@ class StoreConfig(StrictModel):
     memory_rows: int = Field(100_000, ge=100, description="readings held in memory while the database refuses writes")
 
 
+class RecorderConfig(StrictModel):
+    """``pico-gateway record``: a process that stores every reading of the tree (gateway/recorder.py)."""
+
+    group: str = Field("pico-recorders", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                       description="shared-subscription group: recorders of one group share the readings")
+    id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] | None = Field(
+        None, description="names its client id (pico-recorder-<id>) and status topic; default: gateway_id")
+    path: Path | None = Field(None, description="its own SQLite file; default: store.path")
+    session_expiry_hours: float = Field(
+        168.0, gt=0, le=24 * 365, description="how long the broker keeps the session (and queues readings) "
+                                              "for an absent recorder")
+
+
 class GatewayConfig(StrictModel):
     gateway_id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] = Field(default_factory=default_gateway_id)
     mqtt: MqttConfig = MqttConfig()
     store: StoreConfig = StoreConfig()
     diagnostics_interval: float = Field(60.0, ge=1, description="seconds between diagnostics messages")
     homeassistant: DiscoveryConfig = DiscoveryConfig()
+    recorder: RecorderConfig = RecorderConfig()
     adopt_wifi_picos: bool = Field(False, description="treat unknown Pico Ws that publish a hello as wifi devices")
     devices: list[AnyDevice] = []
 
