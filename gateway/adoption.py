@@ -57,5 +57,5 @@ class Adoption:
             link = WifiLink(WifiConfig(id=device, transport="wifi"), self.bridge)
             self.bridge.add(link)
             self.adopted.append(device)
+        link.start()  # subscribes to its topics: from here on its readings are stored
         log.info("adopted Wi-Fi Pico %r (firmware %s); add it to the config to keep it", device, hello.get("fw"))
-        link.start()

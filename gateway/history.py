@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, MqttConfig, SecretError, load_config
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -195,13 +195,15 @@ class BrokerView:
     retained: dict[str, bytes] = field(default_factory=dict)
 
 
-def fetch_retained(host: str, port: int, topics: list[str], timeout: float = 3.0, quiet: float = 0.3) -> BrokerView:
+def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, quiet: float = 0.3) -> BrokerView:
     """The retained messages on ``topics`` (exact topics), or why the broker could not be asked.
 
     Retained messages come right after the subscription is acknowledged; we stop
     ``quiet`` seconds after the last one (or once every topic answered)."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.mqtt import apply_security
 
     got: dict[str, bytes] = {}
     lock = threading.Lock()
@@ -234,7 +236,10 @@ def fetch_retained(host: str, port: int, topics: list[str], timeout: float = 3.0
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     try:
-        client.connect(host, port, keepalive=10)
+        apply_security(client, mqtt)  # the same login and TLS as the gateway's
+        client.connect(mqtt.host, mqtt.port, keepalive=10)
+    except SecretError as exc:
+        return BrokerView(False, str(exc))
     except (OSError, ValueError) as exc:
         return BrokerView(False, f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc))
     client.loop_start()
@@ -265,7 +270,7 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
     topics = [bridge_topic]
     for d in config.devices:
         topics += [f"{base}/{d.id}/status", f"{base}/{d.id}/state/led", f"{base}/{d.id}/diagnostics"]
-    view = fetch_retained(config.mqtt.host, config.mqtt.port, topics, timeout)
+    view = fetch_retained(config.mqtt, topics, timeout)
 
     conn: sqlite3.Connection | None = None
     db_note = ""

@@ -4,7 +4,6 @@
 ``wifi_fail`` knob is set); the station's address is 127.0.0.1, so a firmware
 reaches the host's loopback services (the MQTT broker of a test)."""
 
-import time
 
 from gateway.simulator import runtime
 
