@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, now_ms
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
 
 MAX_VALUE_BYTES = 32
 
@@ -24,14 +24,20 @@ class WifiLink(Link):
     transport = "wifi"
     Config = WifiConfig
     publishes_itself = True
-    _running = False
+
+    def __init__(self, config: WifiConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self._running = True
+        # Subscribed now, before the broker connection exists: the subscriptions then go
+        # out in the first on_connect, ahead of the gateway's "online", so a subscriber
+        # that sees the gateway online knows its Pico W is being listened to.
+        topics = events.topics
+        events.subscribe(topics.sensor(self.device, "+"), self._on_sensor)
+        events.subscribe(topics.state(self.device), self._on_state)
+        events.subscribe(topics.status(self.device), self._on_status)
 
     def start(self) -> None:
         self._running = True
-        topics = self.events.topics
-        self.events.subscribe(topics.sensor(self.device, "+"), self._on_sensor)
-        self.events.subscribe(topics.state(self.device), self._on_state)
-        self.events.subscribe(topics.status(self.device), self._on_status)
 
     def stop(self) -> None:
         self._running = False
