@@ -39,11 +39,12 @@ from gateway.topics import Topics
 log = logging.getLogger("gateway.outbox")
 
 MAX_BATCH = 5000  # readings per transaction
-WINDOW = 128  # readings handed to paho and not yet acknowledged (QoS 1) or written (QoS 0), at most:
+WINDOW = 64  # readings handed to paho and not yet acknowledged (QoS 1) or written (QoS 0), at most:
 # bounds memory, and how many readings a command's answer can find ahead of it in paho's queue
 READY_MAX = 20_000  # stored readings waiting for the window in memory; past that they are read back later
 EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
 RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
+ACK_FLUSH = 0.25  # seconds acknowledgements may wait for a commit of their own (bounds duplicates after a crash)
 _STOP = object()
 
 
@@ -80,6 +81,7 @@ class Outbox:
         self._done: list[int] = []  # acknowledged, to be marked sent in the next commit
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
+        self._last_commit = 0.0
         self._pending: list[Row] = []  # not yet committed (the database refused)
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
@@ -158,11 +160,13 @@ class Outbox:
                 self._mid_to_id.clear()
         if self._pending:
             rows = self._pending + rows
-        if not rows and not self._done:
+        if not rows and (not self._done or time.monotonic() - self._last_commit < ACK_FLUSH):
+            # Acknowledgements alone are worth a commit (an fsync) only every ACK_FLUSH seconds.
             self._send()
             return
         try:
             first_id = self.store.commit(rows, self._done)
+            self._last_commit = time.monotonic()
         except sqlite3.Error as exc:
             self._hold(rows, exc)
             return
