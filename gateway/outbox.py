@@ -44,6 +44,7 @@ WINDOW = 64  # readings handed to paho and not yet acknowledged (QoS 1) or writt
 READY_MAX = 20_000  # stored readings waiting for the window in memory; past that they are read back later
 EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
 RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
+GATHER, GATHER_BELOW = 0.002, 64  # seconds to wait for more readings when fewer than this are queued
 ACK_FLUSH = 0.25  # seconds acknowledgements may wait for a commit of their own (bounds duplicates after a crash)
 _STOP = object()
 
@@ -135,6 +136,10 @@ class Outbox:
         items: list[object] = []
         try:
             items.append(self._queue.get(timeout=timeout))
+            if not self._ready and self._queue.qsize() < GATHER_BELOW:
+                # A busy stream arrives a reading at a time: gather a moment's worth, so that
+                # one commit (one fsync) carries many of them instead of each its own.
+                time.sleep(GATHER)
             while len(items) < MAX_BATCH:
                 items.append(self._queue.get_nowait())
         except queue.Empty:
