@@ -136,3 +136,22 @@ def test_tcp_picogw_firmware_readings(virtual, recorder: Recorder) -> None:
     virtual([{"id": "hut", "transport": "tcp", "host": "sim", "poll_interval": FAST, "read_interval": FAST}])
     recorder.wait("pico/hut/sensor/temp", count=2)
     assert switch(recorder, "hut", "toggle")["state"] == "on"
+
+
+def test_wifi_firmware_comes_back_after_a_broker_restart(virtual, broker, recorder: Recorder) -> None:
+    """The Pico W reconnects with backoff and renews its subscription: after the broker
+    restarts, it is online again and takes commands again."""
+    fleet, _ = virtual([{"id": "balcony", "transport": "wifi", "read_interval": FAST}])
+    recorder.wait("pico/balcony/status", "online")
+    recorder.close()
+    broker.stop()
+    broker.start()  # same port, no persistence: every retained message and subscription is gone
+    fresh = Recorder(broker)
+    try:
+        fresh.wait("pico/balcony/status", "online", timeout=40)  # its backoff is capped at 30 s
+        fresh.wait("pico/balcony/sensor/temp", timeout=10)
+        fresh.publish("pico/balcony/cmd/led", "on")
+        fleet["balcony"].wait_led("on", timeout=10)
+        fresh.wait("pico/balcony/state/led", "on")
+    finally:
+        fresh.close()
