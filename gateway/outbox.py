@@ -73,7 +73,6 @@ class Outbox:
         self.settings = settings
         self.publishes_itself = publishes_itself
         self.stats: Counter[str] = Counter()
-        self.backlog = 0  # unsent rows, as of the last count
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._acked_mids: deque[int] = deque()  # appended by paho's thread
@@ -108,10 +107,10 @@ class Outbox:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Commit and publish what is queued, wait up to ``timeout`` for acks, stop."""
+    def stop(self) -> None:
+        """Commit and publish what is queued, wait up to 2 s for acks, stop."""
         self._queue.put(_STOP)
-        self._thread.join(timeout + 5)
+        self._thread.join(10)
 
     # -- outbox thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -281,7 +280,6 @@ class Outbox:
             log.warning("backlog bound reached (%d rows or %g h): %d oldest unpublished reading(s) will not be "
                         "published; they stay in the database", s.max_backlog_rows, s.max_backlog_age_s / 3600,
                         expired)
-        self.backlog = self.store.count_unsent()
 
     def _flush(self, ack_wait: float = 2.0) -> None:
         """At stop: store what is pending, give acks a moment, record them."""

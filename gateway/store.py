@@ -94,10 +94,6 @@ class Store:
                 "SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 AND id > ? "
                 "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
 
-    def count_unsent(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT count(*) FROM readings WHERE sent = 0").fetchone()[0]
-
     def count_unsent_by_device(self) -> dict[str, int]:
         with self._lock:
             return dict(self._conn.execute("SELECT device, count(*) FROM readings WHERE sent = 0 GROUP BY device"))
