@@ -45,6 +45,7 @@ READY_MAX = 20_000  # stored readings waiting for the window in memory; past tha
 EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
 RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
 GATHER, GATHER_BELOW = 0.002, 64  # seconds to wait for more readings when fewer than this are queued
+STALLED = 60.0  # seconds without any acknowledgement, while connected, before in-flight ones are sent again
 ACK_FLUSH = 0.25  # seconds acknowledgements may wait for a commit of their own (bounds duplicates after a crash)
 _STOP = object()
 
@@ -82,6 +83,7 @@ class Outbox:
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
         self._last_commit = 0.0
+        self._last_ack = time.monotonic()
         self._pending: list[Row] = []  # not yet committed (the database refused)
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
@@ -159,9 +161,13 @@ class Outbox:
             self.stats["disconnects"] += 1
             if self.settings.qos == 0:
                 # paho drops unwritten QoS 0 messages on disconnect: publish them again.
-                self._rescan_from(min(self._inflight, default=None))
-                self._inflight.clear()
-                self._mid_to_id.clear()
+                self._forget_inflight()
+        elif self._inflight and self.mqtt.connected.is_set() and time.monotonic() - self._last_ack > STALLED:
+            # paho keeps unacknowledged QoS 1 messages and sends them again after a
+            # reconnect; should it ever lose them, the window must not stay full for good.
+            self.stats["window_stalls"] += 1
+            log.warning("%d message(s) unacknowledged for %g s: publishing them again", len(self._inflight), STALLED)
+            self._forget_inflight()
         if self._pending:
             rows = self._pending + rows
         if not rows and (not self._done or time.monotonic() - self._last_commit < ACK_FLUSH):
@@ -232,6 +238,8 @@ class Outbox:
                                             self.settings.qos, props)
         if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
             # (QoS 1 while the connection just dropped: paho keeps it and sends it on reconnect.)
+            if not self._inflight:
+                self._last_ack = time.monotonic()  # the stall clock starts with the first message out
             self._mid_to_id[mid] = row_id
             self._inflight.add(row_id)
             self.stats["published_live" if live else "published_backlog"] += 1
@@ -263,8 +271,16 @@ class Outbox:
         self._backlog_from = position if len(rows) == room else None
         return self._backlog_from is None
 
+    def _forget_inflight(self) -> None:
+        self._rescan_from(min(self._inflight, default=None))
+        self._inflight.clear()
+        self._mid_to_id.clear()
+        self._last_ack = time.monotonic()
+
     def _resolve_acks(self) -> None:
         acked = self._acked_mids
+        if acked:
+            self._last_ack = time.monotonic()
         while acked:
             mid = acked.popleft()
             row_id = self._mid_to_id.pop(mid, None)
