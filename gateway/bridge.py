@@ -41,7 +41,7 @@ class Bridge:
         self.mqtt = mqtt
         self.links: dict[str, Link] = {}
         self.stats: Counter[str] = Counter()
-        self.outbox = Outbox(store, mqtt, topics, outbox, lambda device: self.links[device].publishes_itself)
+        self.outbox = Outbox(store, mqtt, topics, outbox, self._publishes_itself)
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
@@ -55,6 +55,11 @@ class Bridge:
         self._stopping = False
         mqtt.on_connect(self._announce)
         mqtt.subscribe(topics.all_owners(), self._on_owner)
+
+    def _publishes_itself(self, device: str) -> bool:
+        # A device no longer in the config may still have unsent readings: publish them.
+        link = self.links.get(device)
+        return link is not None and link.publishes_itself
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
         self.mqtt.subscribe(topic_filter, handler)

@@ -79,7 +79,7 @@ class Outbox:
         self._acked_mids: deque[int] = deque()  # appended by paho's thread
         self._mid_to_id: dict[int, int] = {}
         self._inflight: set[int] = set()
-        self._done: list[int] = []  # acknowledged, to be marked sent in the next commit
+        self._done: set[int] = set()  # acknowledged, to be marked sent in the next commit
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
         self._last_commit = 0.0
@@ -185,7 +185,7 @@ class Outbox:
             self._last_store_error = ""
         self.stats["stored"] += len(rows)
         self._pending = []
-        self._done = []
+        self._done = set()
         self._ready.extend(zip(range(first_id, first_id + len(rows)), rows))
         if len(self._ready) > READY_MAX:  # the broker is slower than the Picos: read them back later
             self._rescan_from(self._ready[0][0])
@@ -225,7 +225,7 @@ class Outbox:
         """Hand one reading to paho; False when it could not take it now."""
         device, metric, value, ts, _ = row
         if self.publishes_itself(device):
-            self._done.append(row_id)  # its Pico published it already
+            self._done.add(row_id)  # its Pico published it already
             return True
         if not self.mqtt.connected.is_set():
             self._rescan_from(row_id)
@@ -265,7 +265,11 @@ class Outbox:
         rows = self.store.unsent(start, room)
         position = start
         for row_id, *row in rows:
-            if row_id not in self._inflight and not self._publish(row_id, tuple(row), live=False):  # type: ignore[arg-type]
+            # Skip what is out already, or acknowledged but not yet marked sent.
+            if row_id in self._inflight or row_id in self._done:
+                position = row_id
+                continue
+            if not self._publish(row_id, tuple(row), live=False):  # type: ignore[arg-type]
                 return True  # connection lost: _rescan_from kept the position
             position = row_id
         self._backlog_from = position if len(rows) == room else None
@@ -286,7 +290,7 @@ class Outbox:
             row_id = self._mid_to_id.pop(mid, None)
             if row_id is not None:
                 self._inflight.discard(row_id)
-                self._done.append(row_id)
+                self._done.add(row_id)
 
     def _enforce_bounds(self) -> None:
         s = self.settings
@@ -297,16 +301,19 @@ class Outbox:
                         "published; they stay in the database", s.max_backlog_rows, s.max_backlog_age_s / 3600,
                         expired)
 
-    def _flush(self, ack_wait: float = 2.0) -> None:
-        """At stop: store what is pending, give acks a moment, record them."""
-        deadline = time.monotonic() + ack_wait
+    def _flush(self, wait: float = 2.0) -> None:
+        """At stop: store what is pending, publish what is ready window by window for up
+        to ``wait`` seconds, record the acknowledgements. Whatever is left stays unsent in
+        the database and goes out at the next start."""
+        deadline = time.monotonic() + wait
         try:
             self._turn([])
-            while self._inflight and self.mqtt.connected.is_set() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            while (self._ready or self._inflight) and self.mqtt.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.005)
                 self._resolve_acks()
+                self._send()
             if self._done or self._pending:
                 self.store.commit(self._pending, self._done)
-                self._pending, self._done = [], []
+                self._pending, self._done = [], set()
         except sqlite3.Error as exc:
             log.error("could not store %d reading(s) at shutdown: %s", len(self._pending), exc)

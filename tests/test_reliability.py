@@ -282,3 +282,19 @@ def test_backlog_bound_keeps_rows_but_stops_publishing_the_oldest(tmp_path: Path
         outbox.stop()
         mqtt.stop()
         store.close()
+
+
+def test_backlog_of_a_device_removed_from_the_config_is_still_published(tmp_path: Path, broker,
+                                                                        recorder: Recorder) -> None:
+    """Unsent readings of a device that left the config (between two runs) are published
+    all the same: they were stored for a device that existed."""
+    store = Store(tmp_path / "readings.db")
+    store.commit([("retired", "temp", 7.5, int(time.time() * 1000), 1)])
+    store.close()
+    config = write_config(tmp_path / "gw.toml", broker, [])
+    gw = GatewayProcess(config, recorder)
+    try:
+        recorder.wait("pico/retired/sensor/temp", "7.5")
+        wait_for(lambda: db_rows(tmp_path / "readings.db", "retired")[0][4] == 1, 10, "marked sent")
+    finally:
+        gw.stop()
