@@ -49,9 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.firmware import firmware_dir
 from gateway.links.base import DeviceConfig
 
-PICO_DIR = Path(__file__).resolve().parent.parent / "pico"
+PICO_DIR = firmware_dir()
 SKIP = {"config_example.py", "config.py"}
 CHUNK = 256  # bytes per raw-REPL write, as mpremote's own fs commands use
 HELLO_TIMEOUT = 15.0

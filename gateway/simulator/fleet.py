@@ -46,11 +46,12 @@ import subprocess
 import sys
 import time
 
+from gateway.firmware import firmware_dir
 from gateway.simulator.config_py import render_config_py
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
-PICO_DIR = os.path.join(REPO_ROOT, "pico")
+PICO_DIR = str(firmware_dir())
 TRANSPORTS = ("uart", "usb", "i2c", "wifi", "tcp")
 READY_KEY = {"uart": "uart", "usb": "usb", "i2c": "i2c_socket", "tcp": "tcp", "wifi": "mqtt"}
 
