@@ -8,20 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__, flash, history, recorder
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import load_config_or_report
 from gateway.systemd import setup_logging
 
 
-def _load(path: str) -> GatewayConfig | None:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
-        return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_report(args.config)
     if config is None:
         return 2
     setup_logging(args.verbose)
@@ -31,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_report(args.config)
     if config is None:
         return 2
     problems, notes = config.mqtt.file_problems()  # the password and TLS files: present and readable?
@@ -57,7 +49,7 @@ def cmd_simulate(argv: list[str]) -> int:
     from gateway.simulator.cli import main_simulate
 
     def devices(path: str) -> list[dict]:
-        config = _load(path)
+        config = load_config_or_report(path)
         if config is None:
             raise SystemExit(2)
         return [d.model_dump() for d in config.devices]

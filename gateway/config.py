@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -240,6 +241,15 @@ def load_config(path: str | Path) -> GatewayConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     return parse_config(data, path)
+
+
+def load_config_or_report(path: str | Path) -> GatewayConfig | None:
+    """For commands: the validated config, or None after printing every problem to stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return None
 
 
 def _describe(err: Any, data: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config_or_report
 from gateway.firmware import firmware_dir
 from gateway.links.base import DeviceConfig
 
@@ -272,10 +272,8 @@ def add_subcommands(sub: Any) -> None:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return 2
     if args.wifi_secrets:
         mode = os.stat(args.wifi_secrets).st_mode if os.path.exists(args.wifi_secrets) else 0

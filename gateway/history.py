@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from gateway.config import ConfigError, GatewayConfig, MqttConfig, SecretError, load_config
+from gateway.config import GatewayConfig, MqttConfig, SecretError, load_config_or_report
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -345,10 +345,8 @@ def add_subcommands(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace, action: Any) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return 2
     try:
         return action(config)

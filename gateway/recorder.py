@@ -31,13 +31,12 @@ import queue
 import re
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections import Counter
 from typing import Any
 
-from gateway.config import ConfigError, GatewayConfig, SecretError, load_config
+from gateway.config import GatewayConfig, SecretError, load_config_or_report
 from gateway.links.base import DEVICE_ID_PATTERN
 from gateway.store import Row, Store
 from gateway.topics import Topics
@@ -199,10 +198,8 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     from gateway.systemd import setup_logging
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return 2
     setup_logging(args.verbose)
     return run(config)

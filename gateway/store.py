@@ -2,8 +2,11 @@
 
     >>> store = Store("/tmp/readings.db")
     >>> first_id = store.commit([("greenhouse", "temp", 21.5, 1764070000000, 7)])
-    >>> store.readings("greenhouse", "temp")[-1]["value"]
-    21.5
+    >>> store.unsent(first_id - 1, 10)[0][1:4]
+    ('greenhouse', 'temp', 21.5)
+
+(History is read by ``pico-gateway readings``, gateway/history.py, over its own
+read-only connection.)
 
 Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent)``:
 ``ts`` in Unix milliseconds (UTC), indexed on (device, metric, ts) for "one
@@ -23,7 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import sqlite_utils
 
@@ -107,12 +110,6 @@ class Store:
                 "(SELECT id FROM readings WHERE sent = 0 ORDER BY id DESC LIMIT 1 OFFSET ?))",
                 (older_than_ms, keep_rows))
             return cur.rowcount
-
-    def readings(self, device: str, metric: str | None = None, since_ms: int = 0) -> list[dict[str, Any]]:
-        where = "device = ? AND ts >= ?" + (" AND metric = ?" if metric else "")
-        args: list[Any] = [device, since_ms] + ([metric] if metric else [])
-        with self._lock:
-            return list(self.db.table("readings").rows_where(where, args, order_by="ts, id"))
 
     def close(self) -> None:
         with self._lock:
