@@ -57,6 +57,9 @@ class PrivateBroker:
         conf = self.workdir / "mosquitto.conf"
         lines = [f"listener {self.port} {self.host}",
                  f"allow_anonymous {'false' if self.password_file else 'true'}", "persistence false",
+                 # Debian's default of 1,000 queued QoS 1 messages per client drops messages for a
+                 # subscriber that falls behind a burst (a test's, on a loaded machine): no limit here.
+                 "max_queued_messages 0",
                  "log_dest stderr"]
         if os.geteuid() == 0:
             # Started as root, mosquitto would become user "mosquitto" and could not read
