@@ -16,7 +16,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 from common import METRIC, Env, Subscriber, cpu_seconds, wait_for
 

@@ -41,7 +41,9 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
         return 1
     client_id = config.mqtt.client_id or f"pico-gateway-{config.gateway_id}"
     try:
-        mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"))
+        # At readings_qos = 0, refusals are not reported: reporting them costs every QoS 0 message.
+        mqtt = MqttConnection(config.mqtt, client_id, will=(topics.bridge_status(config.gateway_id), "offline"),
+                              report_refusals=config.mqtt.readings_qos > 0)
     except SecretError as exc:
         log.error("%s", exc)
         store.close()

@@ -5,6 +5,12 @@
 - Every callback is wrapped: an exception inside a paho callback would end the
   network thread while ``is_connected()`` still says True.
 - The last will publishes ``offline`` on the bridge status topic, retained.
+- paho is driven by our own network thread through its external-loop API
+  (``loop_read``/``loop_write``/``loop_misc``), not ``loop_start``: paho's own
+  thread is woken by a byte on a socketpair for *every* publish, which cost the
+  gateway a system call and a thread hand-off per reading. Here a publish from
+  any thread wakes the loop only when paho's queue was empty, and the loop
+  writes the whole queue before it sleeps again (docs/performance.md).
 - The client id is derived from ``gateway_id``; if the broker drops us because
   another client took that id, the log says so in plain words.
 - Username/password (read from ``mqtt.password_file``, never logged) and TLS
@@ -21,10 +27,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
 import ssl
-import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -35,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.backoff import Backoff
 from gateway.config import MqttConfig, SecretError
 
 log = logging.getLogger("gateway.mqtt")
@@ -44,6 +53,17 @@ RawHandler = Callable[[paho.MQTTMessage], None]
 SESSION_TAKEN_OVER = 142  # MQTT v5 reason codes
 BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
+TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
+STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
+
+
+def published(info: paho.MQTTMessageInfo) -> bool:
+    """Whether paho has written (QoS 0) or the broker acknowledged (QoS 1) a message.
+
+    Not ``info.is_published()``: that raises for a QoS 1 message queued while the
+    connection was down, even after paho has sent it on reconnect and it was
+    acknowledged; the flag it guards is the answer."""
+    return info._published  # noqa: SLF001
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
@@ -92,10 +112,14 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
 class MqttConnection:
     def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str] | None,
                  clean_start: bool = True, session_expiry: int = 0, receive_maximum: int | None = None,
-                 manual_ack: bool = False) -> None:
+                 manual_ack: bool = False, report_refusals: bool = True) -> None:
         """``clean_start=False`` with ``session_expiry`` seconds: a persistent session (the
         broker keeps QoS 1 messages for us while we are away); ``manual_ack``: QoS 1
         messages are acknowledged only by :meth:`ack` (store first, then acknowledge).
+        ``report_refusals``: count and log QoS 1 messages the broker refuses (its ACL);
+        this installs paho's ``on_publish``, which makes paho build two objects for every
+        QoS 0 message written too (~10 µs, a sixth of a reading's cost under load), so a
+        gateway publishing readings at QoS 0 turns it off.
         Raises SecretError when the password or a TLS file cannot be used."""
         self.cfg = cfg
         self.client_id = client_id
@@ -114,8 +138,14 @@ class MqttConnection:
         self._manual_ack = manual_ack
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._on_disconnect_hooks: list[Callable[[], None]] = []
-        self._on_published: Callable[[int], None] | None = None
+        self._after_io_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._backoff = Backoff(first=1.0, cap=30.0)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -125,14 +155,15 @@ class MqttConnection:
         self.client.suppress_exceptions = True  # second line of defence behind _guard
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         apply_security(self.client, cfg)
         self.client.on_connect = self._guard(self._on_connect)
-        self.client.on_connect_fail = self._guard(self._on_connect_fail)
         self.client.on_disconnect = self._guard(self._on_disconnect)
         self.client.on_message = self._guard(self._on_message)
-        self.client.on_publish = self._guard(self._on_publish)
+        if report_refusals:
+            self.client.on_publish = self._guard(self._on_publish)
         self.client.on_socket_open = self._guard(_no_delay)
+        # paho calls this when a packet is queued while none was (from any thread): wake the loop.
+        self.client.on_socket_register_write = lambda client, userdata, sock: self._wake()
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
@@ -142,14 +173,17 @@ class MqttConnection:
         """Run ``hook`` (on paho's thread) whenever the connection is lost."""
         self._on_disconnect_hooks.append(hook)
 
-    def on_published(self, callback: Callable[[int], None]) -> None:
-        """``callback(mid)`` when a message left for good: QoS 0 written, QoS 1 acknowledged."""
-        self._on_published = callback
+    def after_io(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the network thread after every round of reading and writing:
+        where a caller tracking :func:`published` messages learns that some may be done.
+        It must be quick; it runs once per round, not per message."""
+        self._after_io_hooks.append(hook)
 
-    def publish_message(self, topic: str, payload: str, qos: int, properties: Properties | None) -> tuple[int, int]:
-        """Publish and return paho's (rc, mid), for callers that track acknowledgements."""
-        info = self.client.publish(topic, payload, qos=qos, properties=properties)
-        return info.rc, info.mid
+    def publish_message(self, topic: str, payload: str, qos: int,
+                        properties: Properties | None) -> paho.MQTTMessageInfo:
+        """Publish and return paho's message info, for callers that track delivery with
+        :func:`published`."""
+        return self.client.publish(topic, payload, qos=qos, properties=properties)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
@@ -181,12 +215,12 @@ class MqttConnection:
     def start(self) -> None:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
                                   clean_start=self._clean_start, properties=self._connect_props)
-        self.client.loop_start()
+        self._thread = threading.Thread(target=self._network, name="mqtt", daemon=True)
+        self._thread.start()
 
     def alive(self) -> bool:
-        """paho's network thread is running (it dies silently on a callback error)."""
-        thread = getattr(self.client, "_thread", None)  # set by loop_start()
-        return thread is not None and thread.is_alive()
+        """The network thread is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -199,8 +233,73 @@ class MqttConnection:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):
                 pass  # not connected: the broker will send our will instead
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.disconnect()  # queues DISCONNECT; the loop writes it and ends
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(STOP_WRITE + 1)
+        if not self.alive():  # (a thread stuck in a connection attempt keeps them, and ends with the process)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+    # -- the network thread ----------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full (the loop is awake anyway) or closed (stopped)
+
+    def _network(self) -> None:
+        """Connect (with backoff), then read, write and keep alive until stopped."""
+        client = self.client
+        stop_deadline = None
+        while True:
+            sock = client.socket()
+            if self._stopping.is_set():
+                stop_deadline = stop_deadline or time.monotonic() + STOP_WRITE
+                if sock is None or not client.want_write() or time.monotonic() > stop_deadline:
+                    return
+            if sock is None:
+                self._connect()
+                continue
+            try:
+                self._round(client, sock)
+            except Exception:  # paho or a hook failed: count, log, carry on
+                self.stats["loop_errors"] += 1
+                log.exception("error in the MQTT network loop (survived)")
+                self._stopping.wait(0.1)
+
+    def _connect(self) -> None:
+        if self.stats["connect_attempts"]:
+            if self._stopping.wait(self._backoff.next()):
+                return
+        self.stats["connect_attempts"] += 1
+        try:
+            self.client.reconnect()
+        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            self._connect_failed(exc)
+        except Exception:
+            self.stats["connect_failures"] += 1
+            log.exception("cannot connect to %s:%s (retrying with backoff)", self.cfg.host, self.cfg.port)
+
+    def _round(self, client: paho.Client, sock: socket.socket) -> None:
+        # TLS may hold decrypted bytes that select() cannot see.
+        tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
+                                       0 if tls_pending else TICK)
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if sock in readable or tls_pending:
+            client.loop_read()
+        if client.socket() is sock and client.want_write():
+            client.loop_write()  # whatever is queued, publishes from any thread included
+        client.loop_misc()  # keepalive: PINGREQ, and a dead broker noticed
+        for hook in self._after_io_hooks:
+            hook()
 
     # -- paho callbacks (network thread) -------------------------------------
     def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
@@ -238,6 +337,7 @@ class MqttConnection:
                 log.error("broker %s refused the connection: %s", where, reason)
             return
         self._failing = ""
+        self._backoff.reset()
         log.info("connected to %s:%s as %s%s", self.cfg.host, self.cfg.port, self.client_id,
                  " (TLS)" if self.cfg.tls.enabled else "")
         self.stats["connects"] += 1
@@ -249,9 +349,7 @@ class MqttConnection:
         for hook in self._on_connect_hooks:
             hook()
 
-    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
-        # paho calls this inside its ``except OSError`` around the connection attempt.
-        exc = sys.exc_info()[1]
+    def _connect_failed(self, exc: OSError) -> None:
         where = f"{self.cfg.host}:{self.cfg.port}"
         if isinstance(exc, ssl.SSLCertVerificationError):
             self.stats["tls_failures"] += 1
@@ -290,8 +388,6 @@ class MqttConnection:
         if reason.is_failure:
             self.stats["publish_rejected"] += 1  # the broker refused it (e.g. its ACL): no retry helps
             log.warning("the broker refused a message: %s", reason)
-        if self._on_published is not None:
-            self._on_published(mid)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         with self._lock:

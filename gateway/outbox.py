@@ -32,7 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.mqtt import MqttConnection
+from gateway.mqtt import MqttConnection, published
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -76,9 +76,7 @@ class Outbox:
         self.stats: Counter[str] = Counter()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._acked_mids: deque[int] = deque()  # appended by paho's thread
-        self._mid_to_id: dict[int, int] = {}
-        self._inflight: set[int] = set()
+        self._inflight: dict[int, paho.MQTTMessageInfo] = {}  # row id -> paho's info, in publish order
         self._done: set[int] = set()  # acknowledged, to be marked sent in the next commit
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
@@ -88,15 +86,14 @@ class Outbox:
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
         self._last_store_error = ""
-        mqtt.on_published(self._on_published)
+        mqtt.after_io(self._after_io)
         mqtt.on_connect(lambda: self._queue.put(None))  # wake up: the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
 
     # -- any thread ------------------------------------------------------------------
-    def _on_published(self, mid: int) -> None:  # paho's thread
-        self._acked_mids.append(mid)
+    def _after_io(self) -> None:  # the MQTT network thread, after each round of I/O
         # Wake the outbox when half the window is free, not at every ack: fewer, larger turns.
-        if self._window_full and len(self._acked_mids) >= WINDOW // 2:
+        if self._window_full and sum(map(published, list(self._inflight.values()))) >= WINDOW // 2:
             self._window_full = False
             self._queue.put(None)
 
@@ -234,14 +231,14 @@ class Outbox:
         if not live:  # a live reading's time is now; a late one says when it was taken
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = ("ts", str(ts))
-        rc, mid = self.mqtt.publish_message(self.topics.sensor(device, metric), format_value(value),
-                                            self.settings.qos, props)
+        info = self.mqtt.publish_message(self.topics.sensor(device, metric), format_value(value),
+                                         self.settings.qos, props)
+        rc = info.rc
         if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
             # (QoS 1 while the connection just dropped: paho keeps it and sends it on reconnect.)
             if not self._inflight:
                 self._last_ack = time.monotonic()  # the stall clock starts with the first message out
-            self._mid_to_id[mid] = row_id
-            self._inflight.add(row_id)
+            self._inflight[row_id] = info
             self.stats["published_live" if live else "published_backlog"] += 1
             return True
         self._rescan_from(row_id)
@@ -278,19 +275,15 @@ class Outbox:
     def _forget_inflight(self) -> None:
         self._rescan_from(min(self._inflight, default=None))
         self._inflight.clear()
-        self._mid_to_id.clear()
         self._last_ack = time.monotonic()
 
     def _resolve_acks(self) -> None:
-        acked = self._acked_mids
-        if acked:
+        done = [row_id for row_id, info in self._inflight.items() if published(info)]
+        if done:
             self._last_ack = time.monotonic()
-        while acked:
-            mid = acked.popleft()
-            row_id = self._mid_to_id.pop(mid, None)
-            if row_id is not None:
-                self._inflight.discard(row_id)
-                self._done.add(row_id)
+            for row_id in done:
+                del self._inflight[row_id]
+            self._done.update(done)
 
     def _enforce_bounds(self) -> None:
         s = self.settings

@@ -200,7 +200,7 @@ class Watchdog:
 
 
 def gateway_health(mqtt: Any, bridge: Any) -> Health:
-    """The daemon's health: the paho network thread, the bridge's writer thread and every
+    """The daemon's health: the MQTT network thread, the bridge's writer thread and every
     link thread are alive. Links without a thread of their own (wifi) are skipped.
 
     ``mqtt`` is a :class:`gateway.mqtt.MqttConnection`, ``bridge`` a

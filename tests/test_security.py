@@ -7,12 +7,10 @@ here with the openssl command line (no Python package needed).
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

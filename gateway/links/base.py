@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from gateway.backoff import Backoff
+
 if TYPE_CHECKING:
     from gateway.topics import Topics
 
@@ -189,21 +191,6 @@ class PollingLink(ThreadedLink):
             backoff.reset()
             self.set_online(True, self.online_reason)
             self._stop.wait(interval)
-
-
-class Backoff:
-    """Exponential reconnect delays: 0.5 s, 1 s, 2 s ... capped, reset on success."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
-        self.first, self.cap = first, cap
-        self._next = first
-
-    def next(self) -> float:
-        delay, self._next = self._next, min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.first
 
 
 class PendingAnswers:

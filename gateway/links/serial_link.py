@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import serial
 from pydantic import Field
 
-from gateway.links.base import Backoff, CommandError, DeviceConfig, LedCommand, LinkEvents, ThreadedLink
+from gateway.backoff import Backoff
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, ThreadedLink
 
 if TYPE_CHECKING:
     from collections.abc import Callable
