@@ -16,7 +16,8 @@ import socket
 import threading
 import time
 
-from common import Env, Feeder, GatewayProcess, Subscriber, make_peers, percentile, wait_online, write_config
+from common import Env, GatewayProcess, Subscriber, percentile, wait_online, write_config
+from picos import Picos
 
 GATEWAY_ID = "bench"
 TIMEOUT = 5.0  # seconds before a command counts as failed
@@ -24,18 +25,17 @@ TIMEOUT = 5.0  # seconds before a command counts as failed
 
 def run(env: Env, links: int, busy: bool, count: int) -> dict:
     work = env.tempdir(f"commands-{links}")
-    peers = make_peers(links)
-    target = peers[0].device
+    picos = Picos(links)
+    target = picos.devices[0]
     with env.broker(work) as broker:
-        sub = Subscriber(broker.host, broker.port)
+        sub = Subscriber(broker.host, broker.port, counter=picos.received)
         config = write_config(work / "gateway.toml", GATEWAY_ID, (broker.host, broker.port),
-                              work / "readings.db", peers, env.qos)
+                              work / "readings.db", picos.peers, env.qos)
         gw = GatewayProcess(env.source, config)
-        feeder = None
         try:
-            wait_online(sub, GATEWAY_ID, [p.device for p in peers], gw.started, 60, gw.check)
+            wait_online(sub, GATEWAY_ID, picos.devices, gw.started, 60, gw.check)
             if busy:
-                feeder = Feeder(peers, lambda: sub.received, env.window).start()
+                picos.feed(env.window)
                 time.sleep(env.warmup)
             recv0, t0 = sub.received, time.monotonic()
             ctx = mp.get_context("spawn")
@@ -47,13 +47,11 @@ def run(env: Env, links: int, busy: bool, count: int) -> dict:
             client.join(10)
             readings_per_s = (sub.received - recv0) / (time.monotonic() - t0)
             gw.check()
+            acks_at_peer = picos.counts()[target].commands
         finally:
-            if feeder is not None:
-                feeder.stop()
+            picos.close()
             gw.stop()
             sub.close()
-            for peer in peers:
-                peer.close()
     shutil.rmtree(work, ignore_errors=True)
     if timings is None:
         raise RuntimeError("the command client gave no answer")
@@ -64,7 +62,7 @@ def run(env: Env, links: int, busy: bool, count: int) -> dict:
         "p50_ms": percentile(result_ms, 50), "p90_ms": percentile(result_ms, 90),
         "p99_ms": percentile(result_ms, 99), "max_ms": max(result_ms, default=float("nan")),
         "state_p50_ms": percentile(state_ms, 50), "state_p99_ms": percentile(state_ms, 99),
-        "acks_at_peer": peers[0].commands, "readings_per_s_meanwhile": readings_per_s,
+        "acks_at_peer": acks_at_peer, "readings_per_s_meanwhile": readings_per_s,
     }
 
 

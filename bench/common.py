@@ -17,9 +17,9 @@ import sys
 import tempfile
 import threading
 import time
-import tty
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mosquitto import PrivateBroker
-from gateway.protocols.picogw import FrameReceiver, encode
+
+if TYPE_CHECKING:
+    from picos import PeerInfo
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC = "seq"  # every reading frame carries one metric whose value is its own sequence number
@@ -86,7 +88,7 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def write_config(path: Path, gateway_id: str, broker: tuple[str, int], db: Path, peers: Iterable[Peer],
+def write_config(path: Path, gateway_id: str, broker: tuple[str, int], db: Path, peers: Iterable[PeerInfo],
                  qos: int | None = None) -> Path:
     """A config with one uart picogw device per peer; ``qos``: mqtt.readings_qos (None: the default)."""
     lines = [f'gateway_id = "{gateway_id}"', "[mqtt]", f'host = "{broker[0]}"', f"port = {broker[1]}"]
@@ -133,99 +135,16 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-# -- virtual Picos ---------------------------------------------------------------------
-class Peer:
-    """The Pico end of a pseudo-terminal speaking picogw.
-
-    Answers ``C`` frames (led, hello, ping) from its reader thread like the
-    firmware does, and sends reading frames when the feeder asks. Writes are
-    whole frames under a lock, so an ack never splits a burst of readings.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        self.path = os.ttyname(self.slave)
-        self.seq = 0  # the number the next reading frame carries
-        self.sent_frames = 0
-        self.led = False
-        self.commands = 0
-        self._lock = threading.Lock()
-        self._rx = FrameReceiver()
-        self._closed = False
-        self._thread = threading.Thread(target=self._read_loop, name=f"peer-{device}", daemon=True)
-        self._thread.start()
-
-    def send_readings(self, frames: int) -> None:
-        with self._lock:
-            seq = self.seq
-            data = b"".join(encode("R", n, [(METRIC, str(n))]) for n in range(seq, seq + frames))
-            self._write(data)
-            self.seq = seq + frames
-            self.sent_frames += frames
-
-    def _send(self, data: bytes) -> None:
-        with self._lock:
-            self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.master, view):]
-
-    def _read_loop(self) -> None:
-        while not self._closed:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            for frame in self._rx.feed(data):
-                if frame.type == "C":
-                    self._answer(frame.number, frame.fields[0] if frame.fields else ("", None))
-
-    def _answer(self, cid: int, field: tuple[str, str | None]) -> None:
-        key, value = field
-        led = lambda: "on" if self.led else "off"  # noqa: E731
-        if key == "led" and value in ("on", "off", "toggle"):
-            self.commands += 1
-            self.led = (not self.led) if value == "toggle" else value == "on"
-            self._send(encode("A", cid, [("led", led())]))
-        elif key == "led" and value is None:
-            self._send(encode("A", cid, [("led", led())]))
-        elif key == "ping":
-            self._send(encode("A", cid, []))
-        elif key == "hello":
-            with self._lock:  # the hello carries the number the next reading will have
-                self._write(encode("A", cid, []) + encode(
-                    "H", self.seq, [("proto", "1"), ("fw", "bench"), ("dev", self.device[:32]),
-                                    ("led", led()), ("metrics", METRIC)]))
-        else:
-            self._send(encode("N", cid, [("err", "unknown")]))
-
-    def close(self) -> None:
-        self._closed = True
-        for fd in (self.slave, self.master):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def make_peers(count: int, prefix: str = "d") -> list[Peer]:
-    return [Peer(f"{prefix}{i:02d}") for i in range(count)]
-
-
 # -- the subscriber --------------------------------------------------------------------
 class Subscriber:
     """Counts sensor messages per topic (keeping their payloads, the sequence numbers)
     and records when status/state/result messages arrive."""
 
-    def __init__(self, host: str, port: int, base: str = "pico") -> None:
+    def __init__(self, host: str, port: int, base: str = "pico", counter=None) -> None:
+        """``counter``: a shared multiprocessing value kept equal to ``received`` (for a
+        feeder or publisher in another process)."""
         self.received = 0
+        self._counter = counter
         self.payloads: defaultdict[str, list[bytes]] = defaultdict(list)
         self.events: list[tuple[float, str, bytes]] = []  # (monotonic time, topic, payload) of non-sensor topics
         self._subscribed = threading.Event()
@@ -246,6 +165,8 @@ class Subscriber:
         if "/sensor/" in topic:
             self.payloads[topic].append(msg.payload)
             self.received += 1
+            if self._counter is not None:
+                self._counter.value = self.received
         else:
             self.events.append((time.monotonic(), topic, msg.payload))
 
@@ -286,61 +207,26 @@ def wait_online(sub: Subscriber, gateway_id: str, devices: list[str], after: flo
     return wait_for(all_online, timeout, "the bridge and every device online", check)
 
 
-# -- flow-controlled feeding ---------------------------------------------------------------
-class Feeder:
-    """Floods every peer with reading frames, round robin, in chunks, as fast as the
-    gateway keeps up: never more than ``window`` frames written but not yet received
-    by the subscriber (so the rate measured is the sustained one, not a queue filling)."""
-
-    def __init__(self, peers: list[Peer], received: Callable[[], int], window: int, chunk: int = 8) -> None:
-        self.peers = peers
-        self.received = received
-        self.window = window
-        self.chunk = chunk
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
-
-    def start(self) -> Feeder:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        peers, chunk = self.peers, self.chunk
-        while not self._stop.is_set():
-            wrote = False
-            for peer in peers:
-                if self.sent - self.received() + chunk <= self.window:
-                    peer.send_readings(chunk)
-                    self.sent += chunk
-                    wrote = True
-            if not wrote:
-                time.sleep(0.0002)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
 # -- checking what arrived -----------------------------------------------------------------
-def loss_report(peers: list[Peer], sub: Subscriber, db: Path | None, since_ms: int = 0,
+def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since_ms: int = 0,
                 base: str = "pico") -> dict[str, int]:
-    """Frames written vs messages received vs rows stored, by sequence number per device.
+    """Frames written (per device: sequence numbers 0 .. n-1) vs messages received vs
+    rows stored, by sequence number per device.
 
     Only rows with ``ts >= since_ms`` count (a pre-filled database holds older ones)."""
     import sqlite3
 
-    sent = sum(p.sent_frames for p in peers)
+    sent = sum(written.values())
     missing_mqtt = duplicates_mqtt = 0
-    for peer in peers:
-        got = [int(p) for p in sub.payloads.get(f"{base}/{peer.device}/sensor/{METRIC}", [])]
+    for device, count in written.items():
+        got = [int(p) for p in sub.payloads.get(f"{base}/{device}/sensor/{METRIC}", [])]
         unique = set(got)
         duplicates_mqtt += len(got) - len(unique)
-        missing_mqtt += sum(1 for n in range(peer.seq) if n not in unique)
+        missing_mqtt += sum(1 for n in range(count) if n not in unique)
     report = {"frames_written": sent, "messages_received": sub.received,
               "missing_on_mqtt": missing_mqtt, "duplicates_on_mqtt": duplicates_mqtt}
     if db is not None:
-        names = [p.device for p in peers]
+        names = list(written)
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
             marks = ",".join("?" * len(names))
             rows, distinct = conn.execute(

@@ -16,8 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import (Env, Feeder, GatewayProcess, Subscriber, cpu_seconds, loss_report, make_peers, wait_for,
-                    wait_online, write_config)
+from common import Env, GatewayProcess, Subscriber, cpu_seconds, loss_report, wait_for, wait_online, write_config
+from picos import Picos
 
 from gateway.mosquitto import PrivateBroker
 
@@ -31,40 +31,40 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
     db = work / "readings.db"
     if db_template is not None:
         shutil.copyfile(db_template, db)
-    peers = make_peers(links)
+    picos = Picos(links)
     with env.broker(work) as broker:
-        sub = Subscriber(broker.host, broker.port)
-        config = write_config(work / "gateway.toml", GATEWAY_ID, (broker.host, broker.port), db, peers, env.qos)
+        sub = Subscriber(broker.host, broker.port, counter=picos.received)
+        config = write_config(work / "gateway.toml", GATEWAY_ID, (broker.host, broker.port), db, picos.peers, env.qos)
         gw = GatewayProcess(env.source, config)
         try:
-            wait_online(sub, GATEWAY_ID, [p.device for p in peers], gw.started, 60, gw.check)
+            wait_online(sub, GATEWAY_ID, picos.devices, gw.started, 60, gw.check)
             since_ms = time.time_ns() // 1_000_000
-            feeder = Feeder(peers, lambda: sub.received, env.window).start()
+            picos.feed(env.window)
             time.sleep(env.warmup)
             spy = _py_spy(gw.pid, env.duration, profile) if profile else None
-            t0, cpu0, sent0, recv0 = time.monotonic(), gw.cpu_seconds(), feeder.sent, sub.received
-            others0 = _others_cpu(broker)
+            t0, cpu0, sent0, recv0 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
+            others0 = _others_cpu(broker, picos)
             while time.monotonic() < t0 + env.duration:
                 gw.check()
                 time.sleep(0.1)
-            t1, cpu1, sent1, recv1 = time.monotonic(), gw.cpu_seconds(), feeder.sent, sub.received
-            others1 = _others_cpu(broker)
-            feeder.stop()
+            t1, cpu1, sent1, recv1 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
+            others1 = _others_cpu(broker, picos)
+            picos.stop_feed()
             try:
-                wait_for(lambda: sub.received >= feeder.sent, 15, "the last readings", gw.check)
+                wait_for(lambda: sub.received >= picos.sent, 15, "the last readings", gw.check)
                 drained = True
             except TimeoutError:
                 drained = False
             memory = gw.memory_mb()
             if spy is not None:
                 spy.wait(60)
+            written = {device: c.seq for device, c in picos.counts().items()}
         finally:
             gw.stop()
             sub.close()
-            for peer in peers:
-                peer.close()
+            picos.close()
     elapsed, delivered = t1 - t0, recv1 - recv0
-    loss = loss_report(peers, sub, db, since_ms)
+    loss = loss_report(written, sub, db, since_ms)
     result = {
         "links": links,
         "prefilled_rows": _rows_before(db_template),
@@ -74,7 +74,8 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
         "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
         "cpu_cores": (cpu1 - cpu0) / elapsed,
         "broker_cores": (others1[0] - others0[0]) / elapsed,
-        "harness_cores": (others1[1] - others0[1]) / elapsed,
+        "harness_cores": (others1[1] - others0[1]) / elapsed,  # the subscriber's process
+        "feeder_cores": (others1[2] - others0[2]) / elapsed,  # the virtual Picos' process
         "peak_rss_mb": memory.get("VmHWM"),
         "rss_mb": memory.get("VmRSS"),
         "drained": drained,
@@ -86,10 +87,10 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
     return result
 
 
-def _others_cpu(broker: PrivateBroker) -> tuple[float, float]:
-    """CPU seconds of mosquitto and of this process (feeder, peers and subscriber)."""
+def _others_cpu(broker: PrivateBroker, picos: Picos) -> tuple[float, float, float]:
+    """CPU seconds of mosquitto, of this process (the subscriber) and of the virtual Picos."""
     assert broker.proc is not None
-    return cpu_seconds(broker.proc.pid), time.process_time()
+    return cpu_seconds(broker.proc.pid), time.process_time(), cpu_seconds(picos.pid)
 
 
 def _py_spy(pid: int, duration: float, out: Path) -> subprocess.Popen:

@@ -239,7 +239,7 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
                   ">= 15,000/s" if ok16 is not None else "", ok16)
             t.add(f"{links} link(s): gateway CPU s per 1,000 readings",
                   f"{n(m['cpu_s_per_1000'], 3)} ({n(m['cpu_cores'], 2)} cores; broker {n(m['broker_cores'], 2)}, "
-                  f"bench {n(m['harness_cores'], 2)})")
+                  f"subscriber {n(m['harness_cores'], 2)}, Picos {n(m.get('feeder_cores', float('nan')), 2)})")
             t.add(f"{links} link(s): gateway peak RSS", f"{n(m['peak_rss_mb'], 1)} MB")
             lost = sum(r2["missing_on_mqtt"] + r2["missing_in_db"] for r2 in r["runs"])
             t.add(f"{links} link(s): loss (written/stored/received, all runs)",

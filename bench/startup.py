@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 import time
 
-from common import Env, GatewayProcess, Subscriber, make_peers, wait_online, write_config
+from common import Env, GatewayProcess, Subscriber, wait_online, write_config
+from picos import Picos
 
 GATEWAY_ID = "bench"
 IDLE = 5.0  # seconds after READY before reading RSS
@@ -20,14 +21,14 @@ IDLE = 5.0  # seconds after READY before reading RSS
 
 def run(env: Env, devices: int) -> dict:
     work = env.tempdir(f"startup-{devices}")
-    peers = make_peers(devices)
+    picos = Picos(devices)
     with env.broker(work) as broker:
         sub = Subscriber(broker.host, broker.port)
         config = write_config(work / "gateway.toml", GATEWAY_ID, (broker.host, broker.port),
-                              work / "readings.db", peers, env.qos)
+                              work / "readings.db", picos.peers, env.qos)
         gw = GatewayProcess(env.source, config)
         try:
-            ready_at = wait_online(sub, GATEWAY_ID, [p.device for p in peers], gw.started, 60, gw.check)
+            ready_at = wait_online(sub, GATEWAY_ID, picos.devices, gw.started, 60, gw.check)
             bridge_at = sub.first(f"pico/bridge/{GATEWAY_ID}/status", b"online", gw.started)
             time.sleep(IDLE)
             gw.check()
@@ -36,8 +37,7 @@ def run(env: Env, devices: int) -> dict:
         finally:
             gw.stop()
             sub.close()
-            for peer in peers:
-                peer.close()
+            picos.close()
     shutil.rmtree(work, ignore_errors=True)
     return {
         "devices": devices,

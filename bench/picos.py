@@ -1,0 +1,246 @@
+"""The bench's virtual Picos: pseudo-terminals speaking picogw, and the feeder that
+floods them, all in a process of their own.
+
+Why a process: at 20,000 readings/s, encoding frames, writing them and answering
+commands take a sizeable part of a core; in the bench's own process they shared
+one GIL with the subscriber that counts what the gateway publishes, and that
+process, not the gateway, became the limit of the measurement.
+
+    >>> picos = Picos(16)                      # d00 .. d15
+    >>> write_config(path, ..., picos.peers)   # .device and .path of each
+    >>> picos.feed(window=1000)                # flood, flow-controlled by picos.received
+    >>> picos.sent; picos.stop_feed(); picos.counts()["d00"].seq
+    >>> picos.close()
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common import METRIC
+
+from gateway.protocols.picogw import FrameReceiver, encode
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    device: str
+    path: str  # the pseudo-terminal the gateway opens
+
+
+@dataclass(frozen=True)
+class PeerCounts:
+    seq: int  # the number the next reading frame would carry (= frames written)
+    sent_frames: int
+    commands: int  # led commands answered
+
+
+class Picos:
+    """``count`` bench Picos (``<prefix>00`` ...) and their feeder in a child process.
+
+    ``received`` is a shared counter the parent keeps equal to the subscriber's
+    count of sensor messages (``Subscriber(..., counter=picos.received)``): the
+    feeder's flow control reads it."""
+
+    def __init__(self, count: int, prefix: str = "d") -> None:
+        ctx = mp.get_context("spawn")  # the parent has threads (paho): no fork
+        self.received = ctx.RawValue("q", 0)
+        self._sent = ctx.RawValue("q", 0)
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, name="bench-picos",
+                                    args=(count, prefix, child, self.received, self._sent), daemon=True)
+        self._process.start()
+        if not self._conn.poll(30):
+            raise RuntimeError("the bench's virtual Picos did not start")
+        self.peers: list[PeerInfo] = [PeerInfo(d, p) for d, p in self._conn.recv()]
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid  # type: ignore[return-value]
+
+    @property
+    def devices(self) -> list[str]:
+        return [p.device for p in self.peers]
+
+    @property
+    def sent(self) -> int:
+        """Reading frames the feeder has written so far."""
+        return self._sent.value
+
+    def feed(self, window: int, chunk: int = 8) -> Picos:
+        self._call("feed", window, chunk)
+        return self
+
+    def stop_feed(self) -> None:
+        self._call("stop_feed")
+
+    def counts(self) -> dict[str, PeerCounts]:
+        return {d: PeerCounts(*c) for d, c in self._call("counts").items()}
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._call("close")
+            except (OSError, EOFError, RuntimeError):
+                pass
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _call(self, *request: object) -> object:
+        self._conn.send(request)
+        if not self._conn.poll(30):
+            raise RuntimeError(f"the bench's virtual Picos did not answer {request[0]!r}")
+        return self._conn.recv()
+
+
+def _serve(count: int, prefix: str, conn, received, sent) -> None:
+    """Child process: make the peers, then do what the parent asks until ``close``."""
+    peers = [Peer(f"{prefix}{i:02d}") for i in range(count)]
+    conn.send([(p.device, p.path) for p in peers])
+    feeder: Feeder | None = None
+    while True:
+        op, *args = conn.recv()
+        if op == "feed":
+            feeder = Feeder(peers, lambda: received.value, args[0], args[1], sent).start()
+            conn.send(None)
+        elif op == "stop_feed":
+            if feeder is not None:
+                feeder.stop()
+            conn.send(None)
+        elif op == "counts":
+            conn.send({p.device: (p.seq, p.sent_frames, p.commands) for p in peers})
+        elif op == "close":
+            if feeder is not None:
+                feeder.stop()
+            for peer in peers:
+                peer.close()
+            conn.send(None)
+            return
+
+
+class Peer:
+    """The Pico end of a pseudo-terminal speaking picogw.
+
+    Answers ``C`` frames (led, hello, ping) from its reader thread like the
+    firmware does, and sends reading frames when the feeder asks. Writes are
+    whole frames under a lock, so an ack never splits a burst of readings.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.seq = 0  # the number the next reading frame carries
+        self.sent_frames = 0
+        self.led = False
+        self.commands = 0
+        self._lock = threading.Lock()
+        self._rx = FrameReceiver()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read_loop, name=f"peer-{device}", daemon=True)
+        self._thread.start()
+
+    def send_readings(self, frames: int) -> None:
+        with self._lock:
+            seq = self.seq
+            data = b"".join(encode("R", n, [(METRIC, str(n))]) for n in range(seq, seq + frames))
+            self._write(data)
+            self.seq = seq + frames
+            self.sent_frames += frames
+
+    def _send(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.master, view):]
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in self._rx.feed(data):
+                if frame.type == "C":
+                    self._answer(frame.number, frame.fields[0] if frame.fields else ("", None))
+
+    def _answer(self, cid: int, field: tuple[str, str | None]) -> None:
+        key, value = field
+        led = lambda: "on" if self.led else "off"  # noqa: E731
+        if key == "led" and value in ("on", "off", "toggle"):
+            self.commands += 1
+            self.led = (not self.led) if value == "toggle" else value == "on"
+            self._send(encode("A", cid, [("led", led())]))
+        elif key == "led" and value is None:
+            self._send(encode("A", cid, [("led", led())]))
+        elif key == "ping":
+            self._send(encode("A", cid, []))
+        elif key == "hello":
+            with self._lock:  # the hello carries the number the next reading will have
+                self._write(encode("A", cid, []) + encode(
+                    "H", self.seq, [("proto", "1"), ("fw", "bench"), ("dev", self.device[:32]),
+                                    ("led", led()), ("metrics", METRIC)]))
+        else:
+            self._send(encode("N", cid, [("err", "unknown")]))
+
+    def close(self) -> None:
+        self._closed = True
+        for fd in (self.slave, self.master):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+
+class Feeder:
+    """Floods every peer with reading frames, round robin, in chunks, as fast as the
+    gateway keeps up: never more than ``window`` frames written but not yet received
+    by the subscriber (so the rate measured is the sustained one, not a queue filling)."""
+
+    def __init__(self, peers: list[Peer], received: Callable[[], int], window: int, chunk: int, sent) -> None:
+        self.peers = peers
+        self.received = received
+        self.window = window
+        self.chunk = chunk
+        self.sent = sent  # a shared counter (multiprocessing RawValue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def start(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        peers, chunk = self.peers, self.chunk
+        sent = self.sent.value
+        while not self._stop.is_set():
+            wrote = False
+            for peer in peers:
+                if sent - self.received() + chunk <= self.window:
+                    peer.send_readings(chunk)
+                    sent += chunk
+                    self.sent.value = sent
+                    wrote = True
+            if not wrote:
+                time.sleep(0.0002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
