@@ -34,7 +34,8 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -163,7 +164,8 @@ class MqttConnection:
             self.client.on_publish = self._guard(self._on_publish)
         self.client.on_socket_open = self._guard(_no_delay)
         # paho calls this when a packet is queued while none was (from any thread): wake the loop.
-        self.client.on_socket_register_write = lambda client, userdata, sock: self._wake()
+        self._local = threading.local()  # .batching: this thread defers its wake (see batch())
+        self.client.on_socket_register_write = lambda client, userdata, sock: self._wake_soon()
 
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
@@ -178,6 +180,22 @@ class MqttConnection:
         where a caller tracking :func:`published` messages learns that some may be done.
         It must be quick; it runs once per round, not per message."""
         self._after_io_hooks.append(hook)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish many messages from this thread, waking the network thread once at the end.
+
+        Without it, each publish can wake the network thread, which takes the GIL, writes
+        that one message and sleeps again: a system call and a thread switch per message.
+        Messages other threads publish meanwhile go out with the batch."""
+        local = self._local
+        local.batching, local.wake = True, False
+        try:
+            yield
+        finally:
+            local.batching = False
+            if local.wake:
+                self._wake()
 
     def publish_message(self, topic: str, payload: str, qos: int,
                         properties: Properties | None) -> paho.MQTTMessageInfo:
@@ -244,6 +262,13 @@ class MqttConnection:
             self._wake_r = self._wake_w = -1
 
     # -- the network thread ----------------------------------------------------
+    def _wake_soon(self) -> None:
+        local = self._local
+        if getattr(local, "batching", False):
+            local.wake = True
+        else:
+            self._wake()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")

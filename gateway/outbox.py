@@ -191,6 +191,10 @@ class Outbox:
 
     def _send(self) -> None:
         """Publish ready readings, then the backlog, while the window has room."""
+        with self.mqtt.batch():
+            self._send_batch()
+
+    def _send_batch(self) -> None:
         ready = self._ready
         while ready and len(self._inflight) < WINDOW:
             row_id, row = ready.popleft()
