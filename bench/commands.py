@@ -4,8 +4,9 @@
 The publisher is a paho client in its own process (so the bench's feeder and
 subscriber do not hold its GIL); it publishes ``on``/``off`` alternately at QoS 0,
 one at a time, and times until ``result/led`` arrives (``state/led`` comes just
-before it, and is timed too). With ``busy``, every link is flooded with readings
-meanwhile, the commanded one included, as in the ingest measurement.
+before it, and is timed too). With ``busy``, every link sends readings meanwhile,
+the commanded one included: flooded as in the ingest measurement, or at the rate a
+115,200-baud UART carries.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ GATEWAY_ID = "bench"
 TIMEOUT = 5.0  # seconds before a command counts as failed
 
 
-def run(env: Env, links: int, busy: bool, count: int) -> dict:
+WIRE_RATE = 380.0  # reading frames per second one Pico can send at 115,200 baud (~30 bytes, 10 bits a byte)
+
+
+def run(env: Env, links: int, busy: bool, count: int, rate: float | None = None) -> dict:
+    """``busy``: every link sends readings meanwhile, as fast as the gateway takes them,
+    or at ``rate`` frames per second each (``WIRE_RATE``: as fast as a UART can carry)."""
     work = env.tempdir(f"commands-{links}")
     picos = Picos(links)
     target = picos.devices[0]
@@ -35,7 +41,7 @@ def run(env: Env, links: int, busy: bool, count: int) -> dict:
         try:
             wait_online(sub, GATEWAY_ID, picos.devices, gw.started, 60, gw.check)
             if busy:
-                picos.feed(env.window)
+                picos.feed(env.window, rate=rate)
                 time.sleep(env.warmup)
             recv0, t0 = sub.received, time.monotonic()
             ctx = mp.get_context("spawn")
@@ -58,7 +64,7 @@ def run(env: Env, links: int, busy: bool, count: int) -> dict:
     result_ms = [r for r, _ in timings["ok"]]
     state_ms = [s for _, s in timings["ok"] if s is not None]
     return {
-        "links": links, "busy": busy, "commands": count, "failed": timings["failed"],
+        "links": links, "busy": busy, "rate_per_link": rate, "commands": count, "failed": timings["failed"],
         "p50_ms": percentile(result_ms, 50), "p90_ms": percentile(result_ms, 90),
         "p99_ms": percentile(result_ms, 99), "max_ms": max(result_ms, default=float("nan")),
         "state_p50_ms": percentile(state_ms, 50), "state_p99_ms": percentile(state_ms, 99),

@@ -74,8 +74,9 @@ class Picos:
         """Reading frames the feeder has written so far."""
         return self._sent.value
 
-    def feed(self, window: int, chunk: int = 8) -> Picos:
-        self._call("feed", window, chunk)
+    def feed(self, window: int, chunk: int = 8, rate: float | None = None) -> Picos:
+        """Start flooding (``rate``: at most that many frames per second per Pico)."""
+        self._call("feed", window, chunk, rate)
         return self
 
     def stop_feed(self) -> None:
@@ -113,7 +114,7 @@ def _serve(count: int, prefix: str, conn, received, sent) -> None:
     while True:
         op, *args = conn.recv()
         if op == "feed":
-            feeder = Feeder(peers, lambda: received.value, args[0], args[1], sent).start()
+            feeder = Feeder(peers, lambda: received.value, *args[:2], sent, rate=args[2]).start()
             conn.send(None)
         elif op == "stop_feed":
             if feeder is not None:
@@ -215,14 +216,18 @@ class Peer:
 class Feeder:
     """Floods every peer with reading frames, round robin, in chunks, as fast as the
     gateway keeps up: never more than ``window`` frames written but not yet received
-    by the subscriber (so the rate measured is the sustained one, not a queue filling)."""
+    by the subscriber (so the rate measured is the sustained one, not a queue filling).
+    With ``rate``, each peer sends at most that many frames per second, as a Pico
+    on a real wire would (115,200 baud carries about 380 of these frames a second)."""
 
-    def __init__(self, peers: list[Peer], received: Callable[[], int], window: int, chunk: int, sent) -> None:
+    def __init__(self, peers: list[Peer], received: Callable[[], int], window: int, chunk: int, sent,
+                 rate: float | None = None) -> None:
         self.peers = peers
         self.received = received
         self.window = window
         self.chunk = chunk
         self.sent = sent  # a shared counter (multiprocessing RawValue)
+        self.rate = rate
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
 
@@ -232,11 +237,13 @@ class Feeder:
 
     def _run(self) -> None:
         peers, chunk = self.peers, self.chunk
-        sent = self.sent.value
+        sent = first = self.sent.value
+        start = time.monotonic()
         while not self._stop.is_set():
             wrote = False
+            allowed = first + self.rate * len(peers) * (time.monotonic() - start) if self.rate else float("inf")
             for peer in peers:
-                if sent - self.received() + chunk <= self.window:
+                if sent - self.received() + chunk <= self.window and sent + chunk <= allowed:
                     peer.send_readings(chunk)
                     sent += chunk
                     self.sent.value = sent
