@@ -1,31 +1,28 @@
 """A Pico on a serial port (UART or USB CDC): the port's life, whatever the protocol.
 
-The link owns one reader thread. It opens the port (retrying with backoff while
-the cable is out), hands every byte to the protocol session, and closes and
-reopens the port when it fails. The session (picogw or tutorial) turns bytes
-into events and commands into bytes.
+The gateway's one serial thread (``serial_reactor.REACTOR``) opens the port
+(retrying with backoff while the cable is out), hands every byte to the link's
+protocol session, and closes and reopens the port when it fails. The session
+(picogw or tutorial) turns bytes into events and commands into bytes.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import threading
-import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import serial
 from pydantic import Field
 
-from gateway.backoff import Backoff
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, ThreadedLink
+from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents
+from gateway.links.serial_reactor import REACTOR
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-READ_TIMEOUT = 0.05  # seconds a read blocks: bounds how late a heartbeat or stop is noticed
-READ_SIZE = 65536
+WRITE_TIMEOUT = 2.0  # seconds a command's write may block (a hung USB Pico stops reading) before it fails
 
 
 class SerialDeviceConfig(DeviceConfig):
@@ -36,7 +33,7 @@ class SerialDeviceConfig(DeviceConfig):
 
 
 class SerialSession(ABC):
-    """One protocol spoken over an open serial port. Driven by the link's reader thread."""
+    """One protocol spoken over an open serial port. Driven by the serial thread (serial_reactor)."""
 
     def __init__(self, link: SerialLink) -> None:
         self.link = link
@@ -51,14 +48,18 @@ class SerialSession(ABC):
     def received(self, data: bytes) -> None: ...
 
     def poll(self, now: float) -> None:
-        """Called between reads, at least every READ_TIMEOUT while the port is open."""
+        """Called every few tens of milliseconds while the port is open."""
 
     @abstractmethod
     def set_led(self, command: LedCommand) -> bool: ...
 
 
-class SerialLink(ThreadedLink):
-    """Base of the uart and usb links: port handling around a SerialSession."""
+class SerialLink(Link):
+    """Base of the uart and usb links: port handling around a SerialSession.
+
+    The session's ``connected``, ``received``, ``poll`` and ``disconnected`` run on
+    the serial thread and must not block: they write with :meth:`write_nowait`.
+    ``set_led`` runs on the bridge's worker for this device and uses :meth:`write`."""
 
     Config = SerialDeviceConfig
     config: SerialDeviceConfig
@@ -79,60 +80,59 @@ class SerialLink(ThreadedLink):
         return self.session.set_led(command)
 
     def write(self, data: bytes) -> None:
-        """Send bytes to the Pico; CommandError if the port is not open."""
+        """Send bytes to the Pico, blocking up to WRITE_TIMEOUT; CommandError if the port
+        is not open or the write fails."""
         with self._write_lock:
             port = self._port
             if port is None:
                 raise CommandError(f"serial port {self.config.port} is not open")
             try:
                 port.write(data)
-            except (serial.SerialException, OSError) as exc:
+            except (serial.SerialException, OSError, ValueError) as exc:  # (ValueError: closed meanwhile)
                 self.stats["write_errors"] += 1
                 raise CommandError(f"write to {self.config.port} failed: {exc}") from exc
 
-    def open_port(self) -> serial.Serial:
-        return serial.Serial(self.config.port, self.config.baudrate, timeout=READ_TIMEOUT, exclusive=True)
+    def write_nowait(self, data: bytes) -> bool:
+        """Send bytes if that can be done at once (the serial thread's writes: hello, pings).
 
-    def _run(self) -> None:
-        backoff = Backoff()
-        while not self._stop.is_set():
-            try:
-                port = self.open_port()
-            except (serial.SerialException, OSError, ValueError) as exc:
-                self.stats["open_failures"] += 1
-                self.set_online(False, f"cannot open {self.config.port}: {exc}")
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.stats["opens"] += 1
-            with self._write_lock:
-                self._port = port
-            reason = "stopping"
-            try:
-                self.session.connected()
-                fd = port.fileno()
-                while not self._stop.is_set():
-                    # select + one large read, not pyserial's read(): two system calls per
-                    # chunk instead of four (this loop is a third of the gateway's CPU under load).
-                    if select.select([fd], [], [], READ_TIMEOUT)[0]:
-                        data = os.read(fd, READ_SIZE)
-                        if not data:
-                            raise serial.SerialException("the device reports readiness to read but returned "
-                                                         "no data (disconnected?)")
-                        self.session.received(data)
-                    self.session.poll(time.monotonic())
-            except (serial.SerialException, OSError) as exc:
-                self.stats["port_errors"] += 1
-                reason = f"{self.config.port} failed: {exc}"
-            except Exception:  # a bug in a session must not end the link for good
-                self.stats["internal_errors"] += 1
-                self.log.exception("session error; reopening the port")
-                reason = "internal error"
-            finally:
-                with self._write_lock:
-                    self._port = None
-                port.close()
-                self.session.disconnected()
-                self.set_online(False, reason)
-            if not self._stop.is_set():
-                self._stop.wait(backoff.next())
+        False, counted, when another write holds the port or the Pico's buffer is full:
+        these messages are fire-and-forget, and the serial thread must never wait."""
+        if not self._write_lock.acquire(blocking=False):
+            self.stats["writes_skipped"] += 1
+            return False
+        try:
+            port = self._port
+            if port is None:
+                return False
+            written = os.write(port.fileno(), data)  # pyserial keeps the fd non-blocking
+            if written < len(data):
+                self.stats["writes_cut"] += 1  # the Pico drops the partial frame (bad CRC)
+                return False
+            return True
+        except OSError:
+            self.stats["write_errors"] += 1
+            return False
+        finally:
+            self._write_lock.release()
+
+    def open_port(self) -> serial.Serial:
+        return serial.Serial(self.config.port, self.config.baudrate, timeout=0, write_timeout=WRITE_TIMEOUT,
+                             exclusive=True)
+
+    def attach(self, port: serial.Serial) -> None:
+        """The serial thread opened the port. No lock here or in detach: a blocked writer
+        must not hold up the serial thread; it fails on the closed port instead."""
+        self._port = port
+
+    def detach(self) -> None:
+        self._port = None
+
+    def start(self) -> None:
+        REACTOR.add(self)
+
+    def stop(self) -> None:
+        REACTOR.remove(self)
+
+    def alive(self) -> bool:
+        """The serial thread is running (it serves every serial link)."""
+        return REACTOR.alive()

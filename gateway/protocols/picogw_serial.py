@@ -30,7 +30,7 @@ class PicogwSerialSession(SerialSession):
         self._last_rx = time.monotonic()
         self._last_ping = 0.0
 
-    # -- reader thread -------------------------------------------------
+    # -- the serial thread -----------------------------------------------
     def connected(self) -> None:
         self.rx = FrameReceiver()
         self.rx.counts = self.link.stats
@@ -123,11 +123,9 @@ class PicogwSerialSession(SerialSession):
             return self._next_id
 
     def _send(self, key: str, value: str | None) -> None:
-        """Fire-and-forget (hello, ping): a failure shows up as silence, not an error."""
-        try:
-            self.link.write(encode("C", self._new_id(), [(key, value)]))
-        except CommandError:
-            self.link.stats["write_errors"] += 1
+        """Fire-and-forget (hello, ping), from the serial thread: never blocks; a failure
+        shows up as silence (and a count), not an error."""
+        self.link.write_nowait(encode("C", self._new_id(), [(key, value)]))
 
     def set_led(self, command: LedCommand) -> bool:
         cid = self._new_id()

@@ -1,0 +1,223 @@
+"""One thread reads every serial port the gateway has open (uart and usb links).
+
+With a thread per port, 16 busy Picos meant 16 threads, each waking for every few
+frames and queueing for the GIL, and a command's answer waited in that queue too
+(docs/performance.md). Here one thread waits on every port at once (``selectors``),
+reads whatever is ready, hands each port's bytes to its link's session, runs the
+sessions' timers, and reopens a failed port with its own backoff. A port failing
+or a session raising affects only that link.
+
+What the reactor thread must never do is block: it opens ports (quick), reads only
+what select() says is there, and its own writes (a session's hello and pings) go
+through :meth:`SerialLink.write_nowait`. Commands are written by the bridge's
+per-device workers, which may block on their own port only.
+
+    >>> REACTOR.add(link)      # from SerialLink.start(): opened, read, reopened from now on
+    >>> REACTOR.remove(link)   # from SerialLink.stop(): closed when this returns
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import serial
+
+from gateway.backoff import Backoff
+
+if TYPE_CHECKING:
+    from gateway.links.serial_link import SerialLink
+
+log = logging.getLogger("gateway.link.serial")
+
+TICK = 0.05  # seconds between the sessions' timers (heartbeats, offline checks), and the longest sleep
+READ_SIZE = 65536
+
+
+@dataclass
+class _Port:
+    link: SerialLink
+    port: serial.Serial | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    reopen_at: float = 0.0  # monotonic time of the next open attempt while closed
+
+
+class SerialReactor:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: deque[tuple[bool, SerialLink, threading.Event]] = deque()  # (add?, link, done)
+        self._ports: dict[SerialLink, _Port] = {}
+        self._thread: threading.Thread | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+
+    def add(self, link: SerialLink) -> None:
+        """Open ``link``'s port (retrying with backoff) and read it from now on."""
+        self._request(True, link).wait(10)
+
+    def remove(self, link: SerialLink) -> None:
+        """Close ``link``'s port and forget it; returns once it is closed."""
+        if not self._request(False, link).wait(10):
+            log.warning("serial port %s did not close within 10 s", link.config.port)
+
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    # -- any thread --------------------------------------------------------------------
+    def _request(self, add: bool, link: SerialLink) -> threading.Event:
+        done = threading.Event()
+        with self._lock:
+            self._requests.append((add, link, done))
+            if self._thread is None:  # the first link, or the first since the last one left
+                self._selector = selectors.DefaultSelector()
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                os.set_blocking(self._wake_w, False)
+                self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+                self._thread = threading.Thread(target=self._run, name="serial", daemon=True)
+                self._thread.start()
+            else:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except OSError:
+                    pass  # full: the thread is awake anyway
+        return done
+
+    # -- the reactor thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        selector = self._selector
+        assert selector is not None
+        next_tick = 0.0
+        while True:
+            if not self._take_requests():
+                return
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self._tick(now)
+            timeout = max(0.0, next_tick - time.monotonic())
+            for key, _ in selector.select(timeout):
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._read(key.data)
+
+    def _take_requests(self) -> bool:
+        """Apply queued adds and removes; False when no link is left (the thread ends)."""
+        while True:
+            with self._lock:
+                if not self._requests:
+                    if self._ports:
+                        return True
+                    # Last link gone: end, and let the next add start a fresh thread.
+                    assert self._selector is not None
+                    self._selector.close()
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    self._thread = None
+                    return False
+                add, link, done = self._requests.popleft()
+            try:
+                if add:
+                    if link not in self._ports:
+                        self._ports[link] = state = _Port(link)
+                        self._open(state)
+                else:
+                    state = self._ports.pop(link, None)
+                    if state is not None and state.port is not None:
+                        self._close(state, "stopping", reopen=False)
+                    else:
+                        link.set_online(False, "stopping")
+            finally:
+                done.set()
+
+    def _tick(self, now: float) -> None:
+        for state in list(self._ports.values()):
+            if state.port is None:
+                if now >= state.reopen_at:
+                    self._open(state)
+                continue
+            try:
+                state.link.session.poll(now)
+            except Exception:  # a bug in a session must not end the link for good
+                self._failed(state, None)
+
+    def _open(self, state: _Port) -> None:
+        link = state.link
+        try:
+            port = link.open_port()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            link.stats["open_failures"] += 1
+            link.set_online(False, f"cannot open {link.config.port}: {exc}")
+            state.reopen_at = time.monotonic() + state.backoff.next()
+            return
+        state.backoff.reset()
+        link.stats["opens"] += 1
+        state.port = port
+        link.attach(port)
+        assert self._selector is not None
+        self._selector.register(port.fileno(), selectors.EVENT_READ, state)
+        try:
+            link.session.connected()
+        except Exception:
+            self._failed(state, None)
+
+    def _read(self, state: _Port) -> None:
+        port = state.port
+        if port is None:
+            return
+        try:
+            data = os.read(port.fileno(), READ_SIZE)
+            if not data:
+                raise serial.SerialException("the device reports readiness to read but returned no data "
+                                             "(disconnected?)")
+            state.link.session.received(data)
+        except (serial.SerialException, OSError) as exc:
+            self._failed(state, exc)
+        except Exception:
+            self._failed(state, None)
+
+    def _failed(self, state: _Port, exc: Exception | None) -> None:
+        """The port failed (``exc``) or the session raised (None, logged with its traceback)."""
+        link = state.link
+        if exc is None:
+            link.stats["internal_errors"] += 1
+            link.log.exception("session error; reopening the port")
+            reason = "internal error"
+        else:
+            link.stats["port_errors"] += 1
+            reason = f"{link.config.port} failed: {exc}"
+        if state.port is not None:
+            self._close(state, reason, reopen=True)
+
+    def _close(self, state: _Port, reason: str, reopen: bool) -> None:
+        port, state.port = state.port, None
+        assert port is not None and self._selector is not None
+        try:
+            self._selector.unregister(port.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        link = state.link
+        link.detach()
+        port.close()
+        try:
+            link.session.disconnected()
+        except Exception:
+            link.stats["internal_errors"] += 1
+            link.log.exception("session error while closing")
+        link.set_online(False, reason)
+        if reopen:
+            state.reopen_at = time.monotonic() + state.backoff.next()
+
+
+REACTOR = SerialReactor()
