@@ -26,6 +26,7 @@ class PtyPeer:
         self.received = bytearray()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self.deaf = threading.Event()  # set: stop reading, like a hung Pico (the gateway's writes pile up)
         self._thread = threading.Thread(target=self._read_loop, daemon=True)
         self._thread.start()
 
@@ -36,6 +37,9 @@ class PtyPeer:
         # select with a timeout, not a blocking read: close() must really close the
         # master (a thread blocked in read() would keep the pty alive).
         while not self._closed.is_set():
+            if self.deaf.is_set():
+                self._closed.wait(0.05)
+                continue
             try:
                 if not select.select([self.master], [], [], 0.05)[0]:
                     continue

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gateway.links.base import LedCommand
+from gateway.links.base import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from mqtt_helpers import wait_for
 from peers import PicogwPeer
@@ -74,3 +74,41 @@ def test_commands_get_their_own_answers(setup) -> None:
     assert link.set_led(LedCommand.TOGGLE) is False
     ids = [f.number for f in peer.commands if f.fields and f.fields[0][0] == "led"]
     assert len(set(ids)) == 2 and 0 not in ids
+
+
+def test_a_pico_that_stops_reading_holds_up_no_other_serial_link() -> None:
+    # One thread reads every serial port: it must never wait on a write to a Pico that
+    # stopped reading (hung firmware, a full USB buffer).
+    stuck, healthy = PicogwPeer("stuck"), PicogwPeer("healthy")
+    stuck_events, healthy_events = Events(), Events()
+    stuck_link = UartLink(UartConfig(id="stuck", transport="uart", port=stuck.path, heartbeat=0.1), stuck_events)
+    healthy_link = UartLink(UartConfig(id="healthy", transport="uart", port=healthy.path), healthy_events)
+    stuck_link.start()
+    healthy_link.start()
+    try:
+        wait_for(lambda: stuck_events.online and healthy_events.online, 5, "both online")
+        stuck.deaf.set()
+        failed: list[Exception] = []
+
+        def flood() -> None:  # a command worker writing more than the Pico will ever read
+            try:
+                stuck_link.write(b"x" * 1_000_000)
+            except CommandError as exc:
+                failed.append(exc)
+
+        writer = threading.Thread(target=flood)
+        writer.start()
+        wait_for(lambda: stuck_link.stats["writes_skipped"] + stuck_link.stats["writes_cut"], 5,
+                 "the stuck Pico's heartbeat ping skipped, not waited for")
+        for _ in range(20):
+            healthy.reading(temp=21.5)
+        wait_for(lambda: len(healthy_events.readings) == 20, 5, "the healthy Pico's readings meanwhile")
+        assert healthy_link.set_led(LedCommand.ON) is True
+        writer.join(10)
+        assert failed and "failed" in str(failed[0])  # the worker's write gave up after its timeout
+    finally:
+        stuck.deaf.clear()
+        stuck_link.stop()
+        healthy_link.stop()
+        stuck.close()
+        healthy.close()
