@@ -49,7 +49,8 @@ class GatewaySource:
             self.commit = _git("rev-parse", rev)
             self.root = workdir / f"gateway-{self.commit[:12]}"
             self.root.mkdir(parents=True, exist_ok=True)
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", self.commit, "gateway"],
+            # gateway/, and pico/ beside it (the firmware, which gateway/firmware.py looks for there)
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", self.commit, "gateway", "pico"],
                                      check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(self.root)], input=archive, check=True)
 
