@@ -363,6 +363,13 @@ class MqttConnection:
             return
         self._failing = ""
         self._backoff.reset()
+        # paho does not honour the broker's Receive Maximum (MQTT v5; absent means 65,535):
+        # more unacknowledged QoS 1 messages than it allows would end the connection, and
+        # fewer (paho's own limit is 20) leave the outbox's window idle while acks travel.
+        # paho's public setter refuses an open connection; between two positive values
+        # its flow control stays consistent (each ack compares against the limit anew).
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        client._max_inflight_messages = receive_maximum or 65535  # noqa: SLF001
         log.info("connected to %s:%s as %s%s", self.cfg.host, self.cfg.port, self.client_id,
                  " (TLS)" if self.cfg.tls.enabled else "")
         self.stats["connects"] += 1
