@@ -5,6 +5,8 @@ frame after garbage still gets through."""
 from __future__ import annotations
 
 
+import zlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.links.base import LedCommand
 from gateway.links.uart import UartConfig, UartLink
-from gateway.protocols.picogw import MAX_FRAME, FrameReceiver, encode
+from gateway.protocols.picogw import MAX_FRAME, FrameError, FrameReceiver, decode, encode
 from gateway.protocols.picogw_serial import PicogwSerialSession
 from gateway.topics import Topics
 
@@ -123,3 +125,29 @@ def bridge(tmp_path_factory):
     b = Bridge("fz", Topics("pico"), Store(tmp / "r.db"), mqtt)
     b.add(uart_link())
     yield b
+
+
+_value_chars = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "$*,")
+field = st.tuples(st.from_regex(r"[a-z][a-z0-9_]{0,25}", fullmatch=True),
+                  st.one_of(st.none(),
+                            st.text(_value_chars, min_size=30, max_size=34),  # the length limit's edge
+                            st.text(_value_chars, max_size=8),
+                            st.text(st.characters(min_codepoint=0x1f, max_codepoint=0x7f), max_size=34)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(ftype=st.sampled_from("RSHACa"), number=st.integers(0, 2**33), fields=st.lists(field, max_size=8),
+       crc_ok=st.booleans(), cr=st.booleans(), junk=st.sampled_from([b"", b"x", b"$", b"*", b",", b"=", b" "]))
+def test_the_receivers_fast_path_accepts_exactly_what_decode_accepts(
+        ftype: str, number: int, fields: list, crc_ok: bool, cr: bool, junk: bytes) -> None:
+    body = ",".join([ftype, str(number)] + [k if v is None else f"{k}={v}" for k, v in fields]).encode("latin-1")
+    crc = zlib.crc32(body) if crc_ok else zlib.crc32(body) ^ 1
+    line = b"$" + body + junk + b"*" + f"{crc:08x}".encode() + (b"\r" if cr else b"") + b"\n"
+    rx = FrameReceiver()
+    got = rx.feed(line)
+    try:
+        expected = [decode(line)]
+    except FrameError as exc:
+        assert got == [] and rx.counts[exc.kind] == 1
+    else:
+        assert got == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,44 @@ def test_encode_refuses_what_the_spec_forbids() -> None:
             encode("R", 1, fields)
     with pytest.raises(ValueError):
         encode("R", 1, [(f"m{i}", "9" * 30) for i in range(10)])
+
+
+@pytest.mark.parametrize("vec", VECTORS["decode"], ids=lambda v: repr(v["line"])[:40])
+def test_receiver_agrees_with_decode_on_every_vector(vec: dict) -> None:
+    # The receiver takes a one-pass fast path for well-formed lines: it must accept
+    # exactly what decode() accepts, and count a rejection under the same kind.
+    line = vec["line"].encode("latin-1")
+    rx = FrameReceiver()
+    frames = rx.feed(line if line.endswith(b"\n") else line + b"\n")
+    if "error" in vec:
+        assert frames == [] and rx.counts[vec["error"]] == 1
+    else:
+        assert frames == [decode(line)]
+
+
+def _frame_of_length(total: int) -> bytes:
+    """A frame with a right CRC, exactly ``total`` bytes from ``$`` to ``\\n``."""
+    parts, room = ["R", "1"], total - len(b"$R,1*00000000\n")
+    while room > 0:
+        key = f"f{len(parts)}"
+        if room <= 24 + 1:  # the rest fits one bare key (",key")
+            parts.append("k" * (room - 1))
+            break
+        value = min(32, room - len(key) - 2)
+        parts.append(f"{key}={'v' * value}")
+        room -= len(key) + 2 + value
+    body = ",".join(parts).encode()
+    line = b"$" + body + b"*" + f"{zlib.crc32(body):08x}".encode() + b"\n"
+    assert len(line) == total
+    return line
+
+
+def test_the_longest_frame_passes_and_one_byte_more_is_overlong() -> None:
+    longest, too_long = _frame_of_length(MAX_FRAME), _frame_of_length(MAX_FRAME + 1)
+    assert decode(longest).number == 1
+    with pytest.raises(FrameError) as err:
+        decode(too_long)
+    assert err.value.kind == "overlong"
+    rx = FrameReceiver()  # and the receiver's fast path draws the line in the same place
+    assert len(rx.feed(longest + too_long)) == 1
+    assert rx.counts["overlong"] == 1

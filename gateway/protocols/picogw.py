@@ -29,6 +29,12 @@ MAX_FRAME = 200
 _KEY = re.compile(rb"[a-z][a-z0-9_]{0,23}\Z")
 _VALUE_BYTES = frozenset(range(0x20, 0x7F)) - frozenset(b"$*,")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# A well-formed frame as one line without its "\n" (the same rules as decode() and
+# parse_body(), in one pass): the receiver's fast path. Value bytes: 0x20-0x7e but $ * ,
+_WELL_FORMED = re.compile(
+    rb"\$([A-Z]),([0-9]{1,10})((?:,[a-z][a-z0-9_]{0,23}(?:=[\x20-\x23\x25-\x29\x2b\x2d-\x7e]{1,32})?)*)"
+    rb"\*([0-9a-fA-F]{8})\r?")
+_FIELD = re.compile(rb",([a-z0-9_]+)(?:=([^,]+))?")
 
 
 class FrameError(ValueError):
@@ -129,6 +135,20 @@ def parse_body(body: bytes) -> Frame:
     return Frame(chr(ftype[0]), int(num), tuple(fields))
 
 
+def _decode_well_formed(line: bytes) -> Frame | None:
+    """The frame in ``line`` (without its ``\\n``) if it is well formed and its CRC and
+    number check out, else None: then decode() says what is wrong with it. Half the
+    cost of decode(), which matters at tens of thousands of frames a second."""
+    m = _WELL_FORMED.fullmatch(line)
+    if m is None or len(line) >= MAX_FRAME:
+        return None
+    number = int(m[2])
+    if number > 0xFFFFFFFF or zlib.crc32(line[1:m.start(4) - 1]) != int(m[4], 16):
+        return None
+    return Frame(chr(line[1]), number, tuple(
+        (key.decode(), value.decode() if value else None) for key, value in _FIELD.findall(m[3])))
+
+
 class FrameReceiver:
     """Cuts a byte stream into frames, holding at most about MAX_FRAME bytes.
 
@@ -145,16 +165,25 @@ class FrameReceiver:
         frames: list[Frame] = []
         buf = self._buf
         buf += data
-        while (nl := buf.find(b"\n")) >= 0:
-            line = bytes(buf[: nl + 1])
-            del buf[: nl + 1]
-            counted, self._counted = self._counted, False
-            try:
-                frames.append(decode(line))
-                self.counts["frames"] += 1
-            except FrameError as exc:
-                if not (counted and exc.kind == "noise"):
-                    self.counts[exc.kind] += 1
+        end = buf.rfind(b"\n")
+        if end >= 0:
+            lines = bytes(buf[:end]).split(b"\n")  # every complete line, at once
+            del buf[: end + 1]
+            counted, self._counted = self._counted, False  # (only the first line can be a cut one)
+            for line in lines:
+                frame = _decode_well_formed(line)
+                if frame is None:
+                    try:
+                        frame = decode(line + b"\n")
+                    except FrameError as exc:
+                        if not (counted and exc.kind == "noise"):
+                            self.counts[exc.kind] += 1
+                        counted = False
+                        continue
+                counted = False
+                frames.append(frame)
+            if frames:
+                self.counts["frames"] += len(frames)
         if len(buf) > MAX_FRAME:
             self._trim()
         return frames

@@ -28,6 +28,7 @@ class PicogwSerialSession(SerialSession):
         self._id_lock = threading.Lock()
         self._expected_seq: int | None = None
         self._last_rx = time.monotonic()
+        self._rx_ms = now_ms()
         self._last_ping = 0.0
 
     # -- the serial thread -----------------------------------------------
@@ -39,10 +40,15 @@ class PicogwSerialSession(SerialSession):
         self._send("hello", None)
 
     def received(self, data: bytes) -> None:
-        for frame in self.rx.feed(data):
-            self._last_rx = time.monotonic()
-            self.link.set_online(True, "frames arriving")
-            handler = self._handlers.get(frame.type)
+        frames = self.rx.feed(data)
+        if not frames:
+            return
+        self._last_rx = time.monotonic()
+        self._rx_ms = now_ms()  # the frames of one read share its time
+        self.link.set_online(True, "frames arriving")
+        handlers = self._handlers
+        for frame in frames:
+            handler = handlers.get(frame.type)
             if handler is None:
                 self.link.stats["unknown_type"] += 1
             else:
@@ -88,7 +94,7 @@ class PicogwSerialSession(SerialSession):
                 continue
             values.append((key, value))
         if values:
-            self.link.events.reading(self.link.device, values, now_ms(), frame.number)
+            self.link.events.reading(self.link.device, values, self._rx_ms, frame.number)
 
     def _on_state(self, frame: Frame) -> None:
         self._account_seq(frame.number)
