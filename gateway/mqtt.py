@@ -144,6 +144,7 @@ class MqttConnection:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._backoff = Backoff(first=1.0, cap=30.0)
+        self._loop_errors_seen: set[str] = set()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -290,9 +291,12 @@ class MqttConnection:
                 continue
             try:
                 self._round(client, sock)
-            except Exception:  # paho or a hook failed: count, log, carry on
+            except Exception as exc:  # paho or a hook failed: count, log (once per kind), carry on
                 self.stats["loop_errors"] += 1
-                log.exception("error in the MQTT network loop (survived)")
+                kind = f"{type(exc).__name__}: {exc}"[:200]
+                if kind not in self._loop_errors_seen and len(self._loop_errors_seen) < 100:
+                    self._loop_errors_seen.add(kind)
+                    log.exception("error in the MQTT network loop (survived; counted as loop_errors)")
                 self._stopping.wait(0.1)
 
     def _connect(self) -> None:

@@ -305,24 +305,24 @@ def test_backlog_of_a_device_removed_from_the_config_is_still_published(tmp_path
 def test_mqtt_network_thread_survives_an_error_in_its_loop(broker: PrivateBroker, recorder: Recorder,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     # The gateway drives paho from its own thread: a bug met there (here: in a hook run
-    # after each round of I/O) is counted and logged, and the connection carries on.
+    # after each round of I/O) is counted, logged once, and the connection carries on.
     mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "loop-test", None)
     rounds: list[int] = []
 
     def flaky() -> None:
         rounds.append(1)
-        if len(rounds) == 1:
+        if len(rounds) <= 2:
             raise RuntimeError("a bug in a hook")
 
     mqtt.after_io(flaky)
     mqtt.start()
     try:
         assert mqtt.wait_connected(10)
-        wait_for(lambda: mqtt.stats["loop_errors"] == 1, 5, "the error counted")
+        wait_for(lambda: mqtt.stats["loop_errors"] == 2, 5, "both errors counted")
         assert mqtt.publish("pico/x/status", "online", qos=1)
         recorder.wait("pico/x/status", "online")
         assert mqtt.alive()
-        assert "error in the MQTT network loop (survived)" in caplog.text
+        assert caplog.text.count("error in the MQTT network loop (survived") == 1
     finally:
         mqtt.stop()
     assert not mqtt.alive()
