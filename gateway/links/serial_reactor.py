@@ -95,22 +95,30 @@ class SerialReactor:
         selector = self._selector
         assert selector is not None
         next_tick = 0.0
+        errors_seen: set[str] = set()
         while True:
             if not self._take_requests():
                 return
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK
-                self._tick(now)
-            timeout = max(0.0, next_tick - time.monotonic())
-            for key, _ in selector.select(timeout):
-                if key.data is None:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                else:
-                    self._read(key.data)
+            try:
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._tick(now)
+                timeout = max(0.0, next_tick - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.data is None:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._read(key.data)
+            except Exception as exc:  # a bug here would silence every serial Pico: survive it
+                kind = f"{type(exc).__name__}: {exc}"[:200]
+                if kind not in errors_seen and len(errors_seen) < 100:
+                    errors_seen.add(kind)
+                    log.exception("error in the serial thread (survived)")
+                time.sleep(0.1)
 
     def _take_requests(self) -> bool:
         """Apply queued adds and removes; False when no link is left (the thread ends)."""
