@@ -16,8 +16,8 @@
 - Username/password (read from ``mqtt.password_file``, never logged) and TLS
   (verification on unless ``tls.insecure``); a refused password, a missing
   authorisation or a certificate that fails verification is logged as an error
-  saying what to check, counted, and retried with paho's backoff (1 s doubling
-  to 30 s): it never ends the process.
+  saying what to check, counted, and retried with backoff (1 s doubling to
+  30 s): it never ends the process.
 
     >>> conn = MqttConnection(cfg.mqtt, client_id="pico-gateway-pi", will=("pico/bridge/pi/status", "offline"))
     >>> conn.subscribe("pico/+/cmd/led", handler)   # handler(topic, payload, retained)
@@ -368,7 +368,7 @@ class MqttConnection:
         self._failing = ""
         self._backoff.reset()
         # paho does not honour the broker's Receive Maximum (MQTT v5; absent means 65,535):
-        # more unacknowledged QoS 1 messages than it allows would end the connection, and
+        # more unacknowledged QoS 1 messages than it allows is a protocol error, and
         # fewer (paho's own limit is 20) leave the outbox's window idle while acks travel.
         # paho's public setter refuses an open connection; between two positive values
         # its flow control stays consistent (each ack compares against the limit anew).

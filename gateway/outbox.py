@@ -2,7 +2,8 @@
 
 The outbox thread is the only writer of the readings table. Each turn it:
 
-1. takes every reading the links queued, and the acknowledgements paho reported;
+1. takes every reading the links queued, and learns from paho's message infos which
+   readings in flight were written (QoS 0) or acknowledged (QoS 1);
 2. commits them in one transaction: new rows as unsent, acknowledged ones as sent
    (under load at most every COMMIT_GAP; meanwhile they wait in memory, as in the queue);
 3. publishes the new rows at once when connected ("live");
