@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 
-from common import METRIC, Env, Subscriber, cpu_seconds, wait_for
+from common import METRIC, Env, Subscriber, cpu_seconds, loss_report, wait_for
 
 CHUNK = 8  # messages per topic per turn, as the ingest feeder writes frames
 
@@ -34,19 +34,10 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
     stop = ctx.RawValue("b", 0)
     sent = ctx.RawArray("q", topics)  # per topic: how many published (= next sequence number)
     with env.broker(work) as broker:
-        sub = Subscriber(broker.host, broker.port)
+        sub = Subscriber(broker.host, broker.port, counter=received)  # the publisher's window reads it
         publisher = ctx.Process(target=_publish_flood, name="paho-flood",
                                 args=(broker.host, broker.port, topics, qos, ts_property, env.window, received, stop,
                                       sent, threaded))
-        copier_stop = threading.Event()
-
-        def copy_count() -> None:  # the publisher's window needs the subscriber's count
-            while not copier_stop.is_set():
-                received.value = sub.received
-                time.sleep(0.0002)
-
-        copier = threading.Thread(target=copy_count, daemon=True)
-        copier.start()
         publisher.start()
         try:
             wait_for(lambda: sum(sent) > 0, 30, "the paho publisher to start",
@@ -64,16 +55,10 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
                 drained = False
         finally:
             stop.value = 1
-            copier_stop.set()
             if publisher.is_alive():
                 publisher.terminate()
             sub.close()
-    missing = duplicates = 0
-    for i in range(topics):
-        got = [int(p) for p in sub.payloads.get(_topic(i), [])]
-        unique = set(got)
-        duplicates += len(got) - len(unique)
-        missing += sum(1 for n in range(sent[i]) if n not in unique)
+    loss = loss_report({f"d{i:02d}": sent[i] for i in range(topics)}, sub, None)
     elapsed, delivered = t1 - t0, recv1 - recv0
     shutil.rmtree(work, ignore_errors=True)
     return {
@@ -84,9 +69,8 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
         "offered_per_s": (sent1 - sent0) / elapsed,
         "delivered_per_s": delivered / elapsed,
         "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
-        "published": sum(sent), "messages_received": sub.received,
-        "missing_on_mqtt": missing, "duplicates_on_mqtt": duplicates,
-        "zero_loss": drained and not missing and not duplicates,
+        **loss,
+        "zero_loss": drained and not loss["missing_on_mqtt"] and not loss["duplicates_on_mqtt"],
     }
 
 

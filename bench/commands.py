@@ -1,8 +1,8 @@
 """Command round trip: ``cmd/led`` published -> the gateway -> the Pico's ``A`` ack ->
 ``state/led`` and ``result/led`` back at the publisher.
 
-The publisher is a paho client in its own process (so the bench's feeder and
-subscriber do not hold its GIL); it publishes ``on``/``off`` alternately at QoS 0,
+The publisher is a paho client in its own process (so the bench's subscriber
+does not hold its GIL); it publishes ``on``/``off`` alternately at QoS 0,
 one at a time, and times until ``result/led`` arrives (``state/led`` comes just
 before it, and is timed too). With ``busy``, every link sends readings meanwhile,
 the commanded one included: flooded as in the ingest measurement, or at the rate a

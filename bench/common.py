@@ -1,6 +1,6 @@
-"""What every measurement shares: the gateway under test, virtual Picos on
-pseudo-terminals, a counting MQTT subscriber, a flow-controlled feeder, and
-/proc readings of a process's CPU time and memory.
+"""What every measurement shares: the gateway under test, a counting MQTT
+subscriber, loss checks, and /proc readings of a process's CPU time and memory.
+(The virtual Picos and their feeder are in picos.py.)
 
 The gateway runs as the real ``python -m gateway run --config FILE`` process,
 from a source tree given by ``GatewaySource`` (the working tree, or a snapshot
@@ -41,7 +41,6 @@ class GatewaySource:
     """Where ``python -m gateway`` is imported from: the working tree or a git revision."""
 
     def __init__(self, rev: str | None, workdir: Path) -> None:
-        self.rev = rev
         if rev is None:
             self.root = REPO
             self.commit = _git("rev-parse", "HEAD") + ("+dirty" if _git("status", "--porcelain", "gateway") else "")
@@ -209,8 +208,7 @@ def wait_online(sub: Subscriber, gateway_id: str, devices: list[str], after: flo
 
 
 # -- checking what arrived -----------------------------------------------------------------
-def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since_ms: int = 0,
-                base: str = "pico") -> dict[str, int]:
+def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since_ms: int = 0) -> dict[str, int]:
     """Frames written (per device: sequence numbers 0 .. n-1) vs messages received vs
     rows stored, by sequence number per device.
 
@@ -220,7 +218,7 @@ def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since
     sent = sum(written.values())
     missing_mqtt = duplicates_mqtt = 0
     for device, count in written.items():
-        got = [int(p) for p in sub.payloads.get(f"{base}/{device}/sensor/{METRIC}", [])]
+        got = [int(p) for p in sub.payloads.get(f"pico/{device}/sensor/{METRIC}", [])]
         unique = set(got)
         duplicates_mqtt += len(got) - len(unique)
         missing_mqtt += sum(1 for n in range(count) if n not in unique)
@@ -260,7 +258,6 @@ class Env:
     duration: float
     warmup: float
     window: int
-    quick: bool
     qos: int | None = None  # mqtt.readings_qos for every gateway started; None: the revision's default
     broker_conf: str = ""  # extra mosquitto.conf lines, for experiments (e.g. "set_tcp_nodelay true")
 

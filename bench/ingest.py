@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
         "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
         "cpu_cores": (cpu1 - cpu0) / elapsed,
         "broker_cores": (others1[0] - others0[0]) / elapsed,
-        "harness_cores": (others1[1] - others0[1]) / elapsed,  # the subscriber's process
-        "feeder_cores": (others1[2] - others0[2]) / elapsed,  # the virtual Picos' process
+        "subscriber_cores": (others1[1] - others0[1]) / elapsed,  # this process: the subscriber
+        "picos_cores": (others1[2] - others0[2]) / elapsed,  # the virtual Picos and their feeder
         "peak_rss_mb": memory.get("VmHWM"),
         "rss_mb": memory.get("VmRSS"),
         "drained": drained,
@@ -93,11 +94,17 @@ def _others_cpu(broker: PrivateBroker, picos: Picos) -> tuple[float, float, floa
     return cpu_seconds(broker.proc.pid), time.process_time(), cpu_seconds(picos.pid)
 
 
-def _py_spy(pid: int, duration: float, out: Path) -> subprocess.Popen:
-    import sys
+def py_spy_path() -> str | None:
+    """py-spy beside this Python (``.venv/bin/pip install py-spy``), else on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
 
-    spy = Path(sys.executable).with_name("py-spy")
-    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
+
+def _py_spy(pid: int, duration: float, out: Path) -> subprocess.Popen:
+    spy = py_spy_path()
+    if spy is None:
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(duration))),
                              "--rate", "250", "--threads", "--nonblocking", "--format", "speedscope",
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

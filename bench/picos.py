@@ -38,7 +38,6 @@ class PeerInfo:
 @dataclass(frozen=True)
 class PeerCounts:
     seq: int  # the number the next reading frame would carry (= frames written)
-    sent_frames: int
     commands: int  # led commands answered
 
 
@@ -121,7 +120,7 @@ def _serve(count: int, prefix: str, conn, received, sent) -> None:
                 feeder.stop()
             conn.send(None)
         elif op == "counts":
-            conn.send({p.device: (p.seq, p.sent_frames, p.commands) for p in peers})
+            conn.send({p.device: (p.seq, p.commands) for p in peers})
         elif op == "close":
             if feeder is not None:
                 feeder.stop()
@@ -146,7 +145,6 @@ class Peer:
         tty.setraw(self.slave)
         self.path = os.ttyname(self.slave)
         self.seq = 0  # the number the next reading frame carries
-        self.sent_frames = 0
         self.led = False
         self.commands = 0
         self._lock = threading.Lock()
@@ -161,7 +159,6 @@ class Peer:
             data = b"".join(encode("R", n, [(METRIC, str(n))]) for n in range(seq, seq + frames))
             self._write(data)
             self.seq = seq + frames
-            self.sent_frames += frames
 
     def _send(self, data: bytes) -> None:
         with self._lock:

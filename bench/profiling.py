@@ -11,7 +11,6 @@ waiting for the GIL) are not sampled, so shares are of CPU time.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ _PLUMBING = ("thread (", "Thread.run (", "Thread._bootstrap")
 
 
 def available() -> bool:
-    return Path(sys.executable).with_name("py-spy").exists() or shutil.which("py-spy") is not None
+    return ingest.py_spy_path() is not None
 
 
 def run(env: Env, links: int, out: Path) -> dict:

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pico-bench-"))
     source = GatewaySource(args.rev, workdir)
     env = Env(source=source, workdir=workdir, duration=args.duration, warmup=0.5 if args.quick else 1.0,
-              window=args.window, quick=args.quick, qos=args.qos[0],
+              window=args.window, qos=args.qos[0],
               broker_conf="\n".join(args.broker_conf.split(";")) + "\n" if args.broker_conf else "")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
             # The gateway's messages at each QoS asked for (a revision's unknown default has no
             # ceiling of its own), and QoS 0 without properties (the messages before the outbox).
             variants = [(qos, True) for qos in args.qos if qos is not None] + [(0, False)]
-            for q, ts in variants:  # the gateway's messages; and QoS 0 without properties (before the outbox)
+            for q, ts in variants:
                 res[f"paho_QoS {q}{'' if ts else ' no ts'}"] = repeated(
                     reps, f"paho ceiling QoS {q}{'' if ts else ', no ts property'}",
                     lambda: ceilings.paho(env, 16, q, ts), "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
@@ -197,9 +197,8 @@ def main(argv: list[str]) -> int:
                                          "READY {ready_s:.2f} s, idle RSS {idle_rss_mb:.1f} MB")
         if "growth" in args.only:
             prefilled = growth.prefilled_db(env, args.growth_rows) if args.growth_rows else None
-            for rows, template in ((0, None), (args.growth_rows, prefilled)):
-                if rows and template is None:
-                    continue
+            cases = [(0, None)] + ([(args.growth_rows, prefilled)] if args.growth_rows else [])
+            for rows, template in cases:
                 for links in args.growth_devices:
                     res[f"growth_{links}_{rows}"] = repeated(
                         args.growth_repeat, f"growth {links} device(s), {rows:,} rows before",
@@ -246,11 +245,12 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
                   ">= 15,000/s" if ok16 is not None else "", ok16)
             t.add(f"{links} link(s): gateway CPU s per 1,000 readings",
                   f"{n(m['cpu_s_per_1000'], 3)} ({n(m['cpu_cores'], 2)} cores; broker {n(m['broker_cores'], 2)}, "
-                  f"subscriber {n(m['harness_cores'], 2)}, Picos {n(m.get('feeder_cores', float('nan')), 2)})")
+                  f"subscriber {n(m['subscriber_cores'], 2)}, Picos {n(m['picos_cores'], 2)})")
             t.add(f"{links} link(s): gateway peak RSS", f"{n(m['peak_rss_mb'], 1)} MB")
             lost = sum(r2["missing_on_mqtt"] + r2["missing_in_db"] for r2 in r["runs"])
             t.add(f"{links} link(s): loss (written/stored/received, all runs)",
-                  f"{lost} missing, {sum(r2['duplicates_on_mqtt'] for r2 in r['runs'])} duplicated",
+                  f"{lost} missing, "
+                  f"{sum(r2['duplicates_on_mqtt'] + r2['duplicates_in_db'] for r2 in r['runs'])} duplicated",
                   "zero", r["median"]["zero_loss"])
         # Live readings go out without the ts property (only late ones carry it): at QoS 0 the
         # like-for-like ceiling is the bare publisher without properties.
