@@ -66,8 +66,8 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     notifier = Notifier()  # does nothing when not under systemd
     if config.adopt_wifi_picos:
         Adoption(bridge).start()
+    discovery.start()  # subscribes: it publishes at each connect
     mqtt.start()
-    discovery.start()
     bridge.start()  # links first: readings are stored while the broker is still away
     deadline = time.monotonic() + BROKER_WAIT
     while not mqtt.wait_connected(0.1) and not stop.is_set() and time.monotonic() < deadline:

@@ -260,23 +260,21 @@ class Discovery:
             self.publish_device(device_id)
 
     def start(self, stale_scan: float | None = 3.0) -> None:
-        """Subscribe to HA's status and to the retained device configs, publish everything,
-        and ``stale_scan`` seconds later (time for the broker to deliver the retained
-        configs) clear those of devices that left the config (None: leave that to
-        the caller's ``remove_stale``)."""
+        """Before the MQTT connection starts: subscribe to HA's status and to the retained
+        device configs. Each connect then publishes everything (:meth:`on_connect`), and
+        ``stale_scan`` seconds later (time for the broker to deliver the retained configs)
+        clears those of devices that left the config (None: leave that to the caller's
+        ``remove_stale``)."""
         if not self.config.enabled:
             log.info("Home Assistant discovery is off (homeassistant.enabled = false)")
             return
         self._subscribe(self.ha_status_topic(), self._on_ha_status)
         self._subscribe(f"{self.prefix}/device/+/config", self._on_config)
         self._started, self._stale_scan = True, stale_scan
-        self.publish_all()
-        if stale_scan is not None:
-            self._later(stale_scan, self.remove_stale)
 
     def on_connect(self) -> None:
-        """After every (re)connect to the broker: publish again, and look for stale
-        configs among the retained ones the renewed subscription delivers."""
+        """After every connect to the broker, the first included: publish everything, and
+        look for stale configs among the retained ones the subscription delivers."""
         if not self._started:
             return
         self.publish_all()
