@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 
 from gateway.bridge import Bridge
-from gateway.links.base import DEVICE_ID_PATTERN, RESERVED_IDS
+from gateway.links.base import is_device_id
 from gateway.links.wifi import WifiConfig, WifiLink
 
 log = logging.getLogger("gateway.adoption")
 
 MAX_ADOPTED = 64
-_ID = re.compile(DEVICE_ID_PATTERN)
 
 
 class Adoption:
@@ -34,11 +32,11 @@ class Adoption:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.bridge.subscribe(f"{self.bridge.topics.base}/+/hello", self._on_hello)
+        self.bridge.subscribe(self.bridge.topics.all_hellos(), self._on_hello)
 
     def _on_hello(self, topic: str, payload: bytes, retained: bool) -> None:
         device = topic.split("/")[-2]
-        if device in self.bridge.links or not _ID.match(device) or device in RESERVED_IDS:
+        if device in self.bridge.links or not is_device_id(device):
             return
         try:
             hello = json.loads(payload[:1024])
@@ -57,5 +55,5 @@ class Adoption:
             link = WifiLink(WifiConfig(id=device, transport="wifi"), self.bridge)
             self.bridge.add(link)
             self.adopted.append(device)
-        link.start()  # subscribes to its topics: from here on its readings are stored
+        link.start()  # (it subscribed when made): from here on its readings are stored
         log.info("adopted Wi-Fi Pico %r (firmware %s); add it to the config to keep it", device, hello.get("fw"))

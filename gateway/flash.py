@@ -170,7 +170,7 @@ def _open_serial(port: str, baudrate: int) -> Any:
                          "stop it while flashing)") from None
 
 
-def reset_and_wait_hello(usb_port: str, device: DeviceConfig, check_hello: bool, out: Out,
+def reset_and_wait_hello(usb_port: str, device: DeviceConfig, check_hello: bool,
                          timeout: float = HELLO_TIMEOUT) -> str | None:
     """Soft-reset through the USB REPL (main.py runs); return the hello line when asked to wait for it."""
     from gateway.protocols.picogw import FrameError, decode
@@ -250,7 +250,7 @@ def flash(config: GatewayConfig, device_id: str, port: str | None = None, wifi_s
 
     wait = check_hello and device.transport in ("uart", "usb")
     out("3/3 soft reset" + (", waiting for the hello" if wait else ""))
-    hello = reset_and_wait_hello(usb_port, device, wait, out, hello_timeout)
+    hello = reset_and_wait_hello(usb_port, device, wait, hello_timeout)
     if hello:
         out(f"  {device_id} says hello: {hello}")
     else:

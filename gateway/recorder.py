@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import queue
 import re
 import signal
@@ -37,7 +36,8 @@ from collections import Counter
 from typing import Any
 
 from gateway.config import GatewayConfig, SecretError, load_config_or_report
-from gateway.links.base import DEVICE_ID_PATTERN
+from gateway.links.base import is_device_id, now_ms
+from gateway.links.wifi import parse_value
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -46,21 +46,9 @@ log = logging.getLogger("gateway.recorder")
 RECEIVE_MAXIMUM = 1000  # unacknowledged QoS 1 messages the broker may send us at once (bounds memory)
 MAX_BATCH = 1000  # readings per transaction
 RETRY_STORE = 2.0  # seconds between commit attempts while the database refuses
-MAX_VALUE_BYTES = 32
-MAX_METRIC = 64
-_DEVICE = re.compile(DEVICE_ID_PATTERN)
 _METRIC = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TS_MIN, _TS_MAX = 946_684_800_000, 32_503_680_000_000  # 2000-01-01 .. 3000-01-01, in ms
 _STOP = object()
-
-
-class RecorderStore(Store):
-    """The gateway's readings table; a recorder's rows are never published, so they are stored as sent."""
-
-    def record(self, rows: list[Row]) -> None:
-        with self._lock, self._conn:
-            self._conn.executemany(
-                "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 1)", rows)
 
 
 def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, now_ms: int) -> Row | None:
@@ -69,15 +57,10 @@ def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, n
     if parsed is None:
         return None
     device, metric = parsed
-    if device == "bridge" or not _DEVICE.match(device) or not _METRIC.match(metric):
+    if not is_device_id(device) or not _METRIC.match(metric):
         return None
-    if len(payload) > MAX_VALUE_BYTES:
-        return None
-    try:
-        value = float(payload.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not math.isfinite(value):
+    value = parse_value(payload)
+    if value is None:
         return None
     ts = now_ms
     for key, text in getattr(properties, "UserProperty", None) or []:
@@ -101,7 +84,7 @@ class Recorder:
         self.topics = Topics(config.mqtt.base_topic)
         self.path = rc.path or config.store.path
         self.stats: Counter[str] = Counter()
-        self.store = RecorderStore(self.path, config.store.synchronous)
+        self.store = Store(self.path, config.store.synchronous)
         self.status_topic = self.topics.recorder_status(self.id)
         self.mqtt = MqttConnection(
             config.mqtt, f"pico-recorder-{self.id}", will=(self.status_topic, "offline"),
@@ -130,7 +113,7 @@ class Recorder:
         if msg.retain:
             self.stats["retained_ignored"] += 1
         else:
-            reading = parse_reading(self.topics, msg.topic, msg.payload, msg.properties, int(time.time() * 1000))
+            reading = parse_reading(self.topics, msg.topic, msg.payload, msg.properties, now_ms())
             if reading is None:
                 self.stats["malformed"] += 1
         self._queue.put((msg.mid, msg.qos, reading))

@@ -35,6 +35,7 @@ StoredRow = tuple[int, str, str, float, int, "int | None"]  # id + Row
 
 UNSENT, SENT, EXPIRED = 0, 1, 2
 _INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
+_INSERT_SENT = _INSERT.replace("?, 0)", f"?, {SENT})")
 
 
 def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -89,6 +90,11 @@ class Store:
             if ranges:
                 self._conn.executemany("UPDATE readings SET sent = 1 WHERE id BETWEEN ? AND ?", ranges)
         return last - len(rows) + 1
+
+    def record(self, rows: Sequence[Row]) -> None:
+        """Insert rows that need no publishing (a recorder's: the broker has them), as sent."""
+        with self._lock, self._conn:
+            self._conn.executemany(_INSERT_SENT, rows)
 
     def unsent(self, after_id: int, limit: int) -> list[StoredRow]:
         """The oldest unsent readings with ``id > after_id``, in id order."""

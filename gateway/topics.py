@@ -53,6 +53,10 @@ class Topics:
         """The gateway_id of the gateway that owns ``device`` (retained)."""
         return f"{self.base}/{device}/owner"
 
+    def all_hellos(self) -> str:
+        """Our firmware's retained hello on a Pico W (what adoption listens for)."""
+        return f"{self.base}/+/hello"
+
     def all_owners(self) -> str:
         return f"{self.base}/+/owner"
 

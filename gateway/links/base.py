@@ -9,6 +9,7 @@ subclass and one line in ``gateway/links/__init__.py``.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 RESERVED_IDS = frozenset({"bridge"})
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+
+
+def is_device_id(name: str) -> bool:
+    """Whether ``name`` may be a device id (as in a topic from the broker)."""
+    return bool(_DEVICE_ID.match(name)) and name not in RESERVED_IDS
 
 
 class StrictModel(BaseModel):

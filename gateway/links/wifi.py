@@ -16,6 +16,17 @@ from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, Lin
 MAX_VALUE_BYTES = 32
 
 
+def parse_value(payload: bytes) -> float | None:
+    """A reading's value as a Pico W publishes it (``b"21.5"``), or None if it is not one."""
+    if len(payload) > MAX_VALUE_BYTES:
+        return None
+    try:
+        value = float(payload.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 class WifiConfig(DeviceConfig):
     transport: Literal["wifi"]
 
@@ -49,11 +60,8 @@ class WifiLink(Link):
         if not self._running or retained:
             return  # a retained reading is old news (and never ours to store twice)
         metric = topic.rsplit("/", 1)[-1]
-        try:
-            value = float(payload[:MAX_VALUE_BYTES].decode("ascii")) if len(payload) <= MAX_VALUE_BYTES else math.nan
-        except (UnicodeDecodeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
+        value = parse_value(payload)
+        if value is None:
             self.stats["bad_values"] += 1
             return
         self.stats["frames"] += 1
