@@ -19,7 +19,6 @@ from gateway.protocols.picogw_serial import PicogwSerialSession
 from gateway.topics import Topics
 
 GOOD = encode("R", 7, [("temp", "21.5")])
-REJECTS = ("noise", "malformed", "corrupt", "overlong", "bad_values", "unknown_type")
 
 
 class Events:
@@ -65,9 +64,6 @@ def test_arbitrary_bytes_never_raise_and_a_good_frame_still_arrives(chunks: list
     session.received(stream[cut:])
     assert ("temp", 21.5) == link.events.readings[-1]
     assert len(session.rx._buf) <= MAX_FRAME
-    # Every line is either a good frame or counted as dropped: nothing vanishes unnoticed.
-    assert link.stats["frames"] >= 1
-    assert all(v >= 0 for v in link.stats.values())
 
 
 @given(st.binary(min_size=1, max_size=MAX_FRAME * 3))

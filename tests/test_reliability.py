@@ -121,9 +121,10 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
     finally:
         stop_flood.set()
         sub.close()
-        assert gw.stop() == 0
+        code = gw.stop()
         broker.stop()
         peer.close()
+    assert code == 0  # a clean exit (after the cleanup, so a failure leaks no broker)
 
 
 def proc_counts(pid: int) -> tuple[int, int]:
@@ -188,10 +189,10 @@ def test_sigkill_during_a_burst_then_restart(tmp_path: Path, broker, recorder: R
         wait_for(lambda: stored <= {int(v) for v in recorder.on("pico/burst/sensor/temp")}, 10,
                  "every stored reading at the subscriber")
         got = [int(v) for v in recorder.on("pico/burst/sensor/temp")]
-        assert len(got) - len(set(got)) <= 2000  # duplicates: within the documented window
-        # Readings that were still in the gateway's memory at the kill are the only loss, and the
-        # sequence numbers make it visible; nothing committed was lost.
-        assert len(stored) == len(db_rows(db, "burst"))
+        # Duplicates: a sanity bound (the window plus the acknowledgements not yet committed
+        # at the kill, up to half a second of the burst).
+        assert len(got) - len(set(got)) <= 2000
+        assert len(stored) == len(db_rows(db, "burst"))  # and none in the database
     finally:
         gw2.stop()
         peer.close()

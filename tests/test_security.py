@@ -195,9 +195,10 @@ def test_acl_gateway_user_works_anonymous_refused_viewer_cannot_switch(
         assert [list(c.fields) for c in pico.commands if c.fields and c.fields[0][0] == "led"] == [[("led", "toggle")]]
         assert pico.led is True and len(ha.on("pico/greenhouse/result/led")) == 1
     finally:
-        assert gw.stop() == 0
+        code = gw.stop()
         ha.close()
         viewer.close()
+    assert code == 0
     assert PASSWORDS["pico-gateway"] not in gw.output()  # never in the log
 
 
@@ -266,8 +267,9 @@ def test_tls_with_verification_and_a_client_certificate(tmp_path: Path, tls_brok
         ha.wait("pico/greenhouse/sensor/temp", "3.25")
         assert "(TLS)" in gw.output()
     finally:
-        assert gw.stop() == 0
+        code = gw.stop()
         ha.close()
+    assert code == 0
 
 
 def test_tls_with_the_wrong_ca_logs_a_clear_error_and_keeps_running(tmp_path: Path, tls_broker: Broker,

@@ -339,7 +339,7 @@ def test_reset_pin_restarts_in_place(fleet_of):
         assert s.readline() == b"boot cause=1\n"        # PWRON_RESET, as rp2 reports RUN
         pico.wait_led("off", 2)
         pico.reset()
-        pico.reset()                                    # presses during the boot are not lost
+        pico.reset()                                    # a press during the boot does not kill the Pico
         assert s.readline() == b"boot cause=1\n"
     assert pico.endpoint == path and pico.state()["pid"] == pico.pid and pico.alive()
 

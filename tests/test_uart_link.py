@@ -86,7 +86,7 @@ def test_a_pico_that_stops_reading_holds_up_no_other_serial_link() -> None:
     stuck_link.start()
     healthy_link.start()
     try:
-        wait_for(lambda: stuck_events.online and healthy_events.online, 5, "both online")
+        wait_for(lambda: stuck_events.online[-1:] == healthy_events.online[-1:] == [True], 5, "both online")
         stuck.deaf.set()
         failed: list[Exception] = []
 
