@@ -217,6 +217,8 @@ class Outbox:
 
     def _send_batch(self) -> None:
         ready = self._ready
+        if self.settings.qos == 0:
+            self._publish_live_many()
         while ready and len(self._inflight) < WINDOW:
             row_id, row = ready.popleft()
             if not self._publish(row_id, row, live=True):
@@ -242,6 +244,35 @@ class Outbox:
             log.error("cannot write to %s: %s; holding readings in memory (up to %d) and retrying",
                       self.store.path, exc, self.settings.memory_rows)
         time.sleep(RETRY_STORE)
+
+    def _publish_live_many(self) -> None:
+        """QoS 0: ready readings go out as one paho write (``publish_many``), up to the
+        window's room; what cannot go now waits in the database."""
+        ready = self._ready
+        if not ready or not self.mqtt.connected.is_set():
+            return  # (the one-by-one path sends them to the database scan)
+        row_ids: list[int] = []
+        messages: list[tuple[str, str]] = []
+        room = WINDOW - len(self._inflight)
+        while ready and len(row_ids) < room:
+            row_id, (device, metric, value, _, _) = ready.popleft()
+            if self.publishes_itself(device):
+                self._done.add(row_id)  # its Pico published it already
+                continue
+            row_ids.append(row_id)
+            messages.append((self.topics.sensor(device, metric), format_value(value)))
+        if not row_ids:
+            return
+        info = self.mqtt.publish_many(messages)
+        if info.rc != paho.MQTT_ERR_SUCCESS:  # the connection dropped just now
+            self._rescan_from(row_ids[0])
+            ready.clear()
+            return
+        if not self._inflight:
+            self._last_ack = time.monotonic()  # the stall clock starts with the first message out
+        for row_id in row_ids:
+            self._inflight[row_id] = info
+        self.stats["published_live"] += len(row_ids)
 
     def _publish(self, row_id: int, row: Row, live: bool) -> bool:
         """Hand one reading to paho; False when it could not take it now."""
@@ -307,8 +338,11 @@ class Outbox:
         if done:
             self._last_ack = time.monotonic()
             for row_id in done:
-                del self._inflight[row_id]
-            self._done.update(done)
+                if self._inflight.pop(row_id).rc == paho.MQTT_ERR_CONN_LOST:
+                    # QoS 0 that a reconnect found unwritten: paho marks it done, but it is not.
+                    self._rescan_from(row_id)
+                else:
+                    self._done.add(row_id)
 
     def _enforce_bounds(self) -> None:
         s = self.settings

@@ -127,6 +127,47 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
     assert code == 0  # a clean exit (after the cleanup, so a failure leaks no broker)
 
 
+def test_qos0_readings_are_all_published_in_order_across_a_broker_restart(tmp_path: Path) -> None:
+    """Guarantee 1b: at ``mqtt.readings_qos = 0`` the outbox publishes readings many to a
+    write (``publish_many``); every reading goes out once, in order per device, and those
+    made while the broker is down go out, late and with their time, when it returns.
+    (mosquitto queues QoS 0 for the persistent session only with queue_qos0_messages.)"""
+    broker = PrivateBroker(tmp_path / "broker", extra_conf=f"persistence true\npersistence_location {tmp_path}/\n"
+                                                           "queue_qos0_messages true\n")
+    broker.start()
+    sub = SessionSubscriber(broker, "pico/+/sensor/temp")
+    store = Store(tmp_path / "r.db")
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "qos0-test", None, report_refusals=False)
+    outbox = Outbox(store, mqtt, Topics(), OutboxSettings(qos=0))
+    mqtt.start()
+    outbox.start()
+    got = lambda device: [v for t, v, _ in list(sub.got) if t == f"pico/{device}/sensor/temp"]  # noqa: E731
+    try:
+        assert mqtt.wait_connected(10)
+        now = int(time.time() * 1000)
+        for i in range(3000):  # far more than a window: many batches
+            outbox.put(f"d{i % 3}", [("temp", float(i))], now, i)
+        wait_for(lambda: len(sub.got) >= 3000, 20, "3,000 live readings")
+        assert all(got(f"d{d}") == [str(i) for i in range(d, 3000, 3)] for d in range(3))
+        assert all(ts is None for _, _, ts in sub.got)  # live: no time property
+        broker.stop()
+        wait_for(lambda: not mqtt.connected.is_set(), 10, "the gateway to notice")
+        for i in range(3000, 3300):
+            outbox.put(f"d{i % 3}", [("temp", float(i))], now + i, i)
+        wait_for(lambda: outbox.stats["stored"] == 3300, 10, "readings stored while the broker is down")
+        broker.start()
+        wait_for(lambda: len(sub.got) >= 3300, 30, "the outage's readings after the broker returns")
+        assert all(got(f"d{d}") == [str(i) for i in range(d, 3300, 3)] for d in range(3))
+        assert all(ts == str(now + int(v)) for _, v, ts in sub.got[3000:])  # late, with their time
+        wait_for(lambda: all(row[4] == 1 for row in db_rows(tmp_path / "r.db", "d0")), 10, "all marked sent")
+    finally:
+        outbox.stop()
+        mqtt.stop()
+        store.close()
+        sub.close()
+        broker.stop()
+
+
 def proc_counts(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
