@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import sys
 import tomllib
 from pathlib import Path
@@ -63,6 +64,26 @@ class TlsConfig(StrictModel):
         if self.keyfile is not None and self.certfile is None:
             raise ValueError("tls.keyfile is set but tls.certfile is not")
         return self
+
+    def context(self) -> ssl.SSLContext:
+        """The SSL context these settings describe, files parsed; SecretError naming the
+        key when a file cannot be used (missing, unreadable, not PEM, key and certificate
+        not a pair)."""
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SecretError(f"mqtt.tls.ca_file: cannot use {self.ca_file}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if self.certfile is not None:
+            try:
+                ctx.load_cert_chain(str(self.certfile), str(self.keyfile) if self.keyfile else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {self.certfile}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
 
 class MqttConfig(StrictModel):
@@ -133,8 +154,8 @@ class MqttConfig(StrictModel):
         return text or None
 
     def file_problems(self) -> tuple[list[str], list[str]]:
-        """(problems, notes): every password/TLS file that is missing or unreadable, each
-        naming its key; notes for what only the service can check (a systemd credential)."""
+        """(problems, notes): every password/TLS file that is missing or unreadable, and TLS
+        files that do not parse, each naming its key; notes for what only the service can check (a systemd credential)."""
         problems: list[str] = []
         notes: list[str] = []
         try:
@@ -153,6 +174,11 @@ class MqttConfig(StrictModel):
                         f.read(1)
                 except OSError as exc:
                     problems.append(f"mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}")
+            if not problems:  # readable: are they certificates and keys that fit together?
+                try:
+                    self.tls.context()
+                except SecretError as exc:
+                    problems.append(str(exc))
         return problems, notes
 
     @field_validator("base_topic")

@@ -45,7 +45,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.backoff import Backoff
-from gateway.config import MqttConfig, SecretError
+from gateway.config import MqttConfig
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -92,31 +92,12 @@ def topic_field(topic: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw + b"\x00"
 
 
-def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
-    """The SSL context for ``cfg.tls``; SecretError (naming the key) when a file cannot be used."""
-    tls = cfg.tls
-    try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise SecretError(f"mqtt.tls.ca_file: cannot use {tls.ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
-    if tls.certfile is not None:
-        try:
-            ctx.load_cert_chain(str(tls.certfile), str(tls.keyfile) if tls.keyfile else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {tls.certfile}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
-    if tls.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
     """Username, password (from its file) and TLS onto a paho client; SecretError when unusable."""
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.read_password())
     if cfg.tls.enabled:
-        client.tls_set_context(tls_context(cfg))
+        client.tls_set_context(cfg.tls.context())
         if cfg.tls.insecure:
             log.warning("mqtt.tls.insecure = true: the broker's certificate is NOT verified; anyone on the "
                         "network path can pose as the broker")

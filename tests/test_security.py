@@ -7,8 +7,8 @@ here with the openssl command line (no Python package needed).
 
 from __future__ import annotations
 
+import json
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import REPO, GatewayProcess
 from gateway.config import ConfigError, parse_config
+from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer
 
@@ -87,14 +88,7 @@ def start_raw(config: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    return stop_process(proc)
 
 
 def connect_result(broker: Broker, user: str | None = None, password: str | None = None) -> paho.ReasonCode:
@@ -289,3 +283,25 @@ def test_tls_with_the_wrong_ca_logs_a_clear_error_and_keeps_running(tmp_path: Pa
     text = log.read_text()
     assert "mqtt.tls.ca_file" in text and str(pki["other_ca"]) in text and "Traceback" not in text
     assert "failed verification: self-signed certificate in certificate chain" in text  # OpenSSL's reason
+
+
+def test_check_config_parses_the_tls_files_not_only_opens_them(tmp_path: Path, pki: dict[str, Path]) -> None:
+    # A readable file that is not a certificate, or a key that is not the certificate's,
+    # is found by check-config (exit 2, naming the key), not only later by run.
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("this is not a certificate\n")
+    cases = {
+        "mqtt.tls.ca_file: cannot use": {"enabled": True, "ca_file": str(not_pem)},
+        "mqtt.tls.certfile/keyfile: cannot use": {"enabled": True, "ca_file": str(pki["ca"]),
+                                                  "certfile": str(pki["client_crt"]), "keyfile": str(pki["server_key"])},
+    }
+    for expected, tls in cases.items():
+        config = tmp_path / "gw.toml"
+        config.write_text("gateway_id = \"tlsgw\"\n[mqtt]\nport = 8883\n[mqtt.tls]\n"
+                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in tls.items()))  # (JSON strings are TOML strings)
+        check = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+                               capture_output=True, text=True, cwd=REPO)
+        assert check.returncode == 2 and expected in check.stderr, check.stderr
+    good = parse_config({"mqtt": {"tls": {"enabled": True, "ca_file": str(pki["ca"]), "certfile": str(pki["client_crt"]),
+                                          "keyfile": str(pki["client_key"])}}})
+    assert good.mqtt.file_problems() == ([], [])
