@@ -42,6 +42,7 @@ from pydantic import Field, field_validator
 
 from gateway import __version__
 from gateway.links.base import DeviceConfig, StrictModel
+from gateway.topics import Topics
 
 log = logging.getLogger("gateway.discovery")
 
@@ -130,7 +131,7 @@ class Discovery:
         self.config = config
         self.prefix = config.prefix
         self.gateway_id = gateway_id
-        self.base = base_topic
+        self.topics = Topics(base_topic)  # the tree the entities point at
         self.devices = {d.id: d for d in devices}
         self._publish = publish
         self._subscribe = subscribe
@@ -163,14 +164,11 @@ class Discovery:
     def ha_status_topic(self) -> str:
         return f"{self.prefix}/status"
 
-    def _t(self, device: str, *rest: str) -> str:
-        return "/".join((self.base, device) + rest)
-
     def bridge_status(self) -> str:
-        return f"{self.base}/bridge/{self.gateway_id}/status"
+        return self.topics.bridge_status(self.gateway_id)
 
     def diagnostics_topic(self, device: str) -> str:
-        return self._t(device, "diagnostics")
+        return self.topics.diagnostics(device)
 
     def unique_id(self, device: str, component: str) -> str:
         return f"{self.gateway_id}_{device}_{component}"
@@ -182,7 +180,7 @@ class Discovery:
     def _availability(self, device: str | None) -> dict[str, Any]:
         entries = [{"topic": self.bridge_status(), "payload_available": "online", "payload_not_available": "offline"}]
         if device is not None:
-            entries.append({"topic": self._t(device, "status"), "payload_available": "online",
+            entries.append({"topic": self.topics.status(device), "payload_available": "online",
                             "payload_not_available": "offline"})
         return {"availability": entries, "availability_mode": "all"}
 
@@ -201,10 +199,10 @@ class Discovery:
             options = METRIC_OPTIONS.get(metric) or {
                 "name": metric.replace("_", " ").capitalize(), "state_class": "measurement"}
             cmps[metric] = {"p": "sensor", "unique_id": self.unique_id(device_id, metric),
-                            "state_topic": self._t(device_id, "sensor", metric), **options, **pico_avail}
+                            "state_topic": self.topics.sensor(device_id, metric), **options, **pico_avail}
         cmps["led"] = {
             "p": "switch", "name": "LED", "unique_id": self.unique_id(device_id, "led"), "icon": "mdi:led-on",
-            "command_topic": self._t(device_id, "cmd", "led"), "state_topic": self._t(device_id, "state", "led"),
+            "command_topic": self.topics.command(device_id), "state_topic": self.topics.state(device_id),
             "payload_on": "on", "payload_off": "off", "state_on": "on", "state_off": "off",
             "qos": 1, "retain": False, **pico_avail,
         }

@@ -65,28 +65,23 @@ class Topics:
 
     def parse_owner(self, topic: str) -> str | None:
         """The device of ``<base>/<device>/owner``, else None."""
-        prefix = self.base + "/"
-        if not topic.startswith(prefix):
-            return None
-        parts = topic[len(prefix):].split("/")
-        return parts[0] if len(parts) == 2 and parts[1] == "owner" and parts[0] else None
+        parts = self._levels(topic, 2)
+        return parts[0] if parts and parts[1] == "owner" else None
 
     def parse_sensor(self, topic: str) -> tuple[str, str] | None:
         """(device, metric) for ``<base>/<device>/sensor/<metric>``, else None."""
+        parts = self._levels(topic, 3)
+        return (parts[0], parts[2]) if parts and parts[1] == "sensor" else None
+
+    def parse_command(self, topic: str) -> tuple[str, str] | None:
+        """(device, what) for ``<base>/<device>/cmd/<what>``, else None."""
+        parts = self._levels(topic, 3)
+        return (parts[0], parts[2]) if parts and parts[1] == "cmd" else None
+
+    def _levels(self, topic: str, count: int) -> list[str] | None:
+        """The ``count`` non-empty levels of ``topic`` below the base, else None."""
         prefix = self.base + "/"
         if not topic.startswith(prefix):
             return None
         parts = topic[len(prefix):].split("/")
-        if len(parts) != 3 or parts[1] != "sensor" or not parts[0] or not parts[2]:
-            return None
-        return parts[0], parts[2]
-
-    def parse_command(self, topic: str) -> tuple[str, str] | None:
-        """(device, what) for ``<base>/<device>/cmd/<what>``, else None."""
-        prefix = self.base + "/"
-        if not topic.startswith(prefix):
-            return None
-        parts = topic[len(prefix) :].split("/")
-        if len(parts) != 3 or parts[1] != "cmd" or not parts[0] or not parts[2]:
-            return None
-        return parts[0], parts[2]
+        return parts if len(parts) == count and all(parts) else None
