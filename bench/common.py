@@ -27,6 +27,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mosquitto import PrivateBroker
+from gateway.processes import stop_process
 
 if TYPE_CHECKING:
     from picos import PeerInfo
@@ -124,15 +125,9 @@ class GatewayProcess:
         return memory_mb(self.pid)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, grace=20)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 # -- the subscriber --------------------------------------------------------------------

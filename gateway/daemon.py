@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
 import sys
 import threading
@@ -18,7 +17,7 @@ from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
 from gateway.store import Store
-from gateway.systemd import Notifier, Watchdog, gateway_health
+from gateway.systemd import Notifier, Watchdog, gateway_health, stop_on_signals
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway")
@@ -59,9 +58,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     mqtt.on_connect(discovery.on_connect)  # after the bridge's hook: statuses go out first
     bridge.on_metric = discovery.metric_seen
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
 
     notifier = Notifier()  # does nothing when not under systemd
     if config.adopt_wifi_picos:

@@ -8,7 +8,6 @@ table built from what a subscriber receives.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mosquitto import PrivateBroker
+from gateway.processes import stop_process
 from gateway.simulator.cli import dump_toml, simulated_config
 from gateway.simulator.fleet import start_fleet
+from gateway.systemd import stop_on_signals
 
 DEVICES = [
     {"id": "greenhouse", "transport": "uart", "protocol": "picogw", "port": "sim", "heartbeat": 2.0},
@@ -76,8 +77,7 @@ class Board:
 
 def run_demo(duration: float | None = None, workdir: str | None = None) -> int:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     tmp = Path(workdir or tempfile.mkdtemp(prefix="pico-demo-"))
     cleanup = workdir is None
     broker = PrivateBroker(tmp / "broker").start()
@@ -127,13 +127,8 @@ def run_demo(duration: float | None = None, workdir: str | None = None) -> int:
         if client is not None:
             client.loop_stop()
             client.disconnect()
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
+        if gateway is not None:
+            stop_process(gateway)
         if fleet is not None:
             fleet.stop()
         broker.stop()

@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from gateway.processes import stop_process
+
 
 def find_mosquitto() -> str:
     path = shutil.which("mosquitto") or next(
@@ -95,12 +97,7 @@ class PrivateBroker:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, grace=5)
             self.proc = None
 
     def __enter__(self) -> PrivateBroker:

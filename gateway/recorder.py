@@ -28,7 +28,6 @@ import argparse
 import logging
 import queue
 import re
-import signal
 import sqlite3
 import threading
 import time
@@ -39,6 +38,7 @@ from gateway.config import GatewayConfig, SecretError, load_config_or_report
 from gateway.links.base import is_device_id, now_ms
 from gateway.links.wifi import parse_value
 from gateway.store import Row, Store
+from gateway.systemd import setup_logging, stop_on_signals
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway.recorder")
@@ -167,9 +167,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     except (sqlite3.Error, OSError) as exc:
         log.error("cannot open the database: %s (check recorder.path / store.path)", exc)
         return 1
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     recorder.start()
     log.info("recorder %s: %s -> %s", recorder.id, recorder.filter, recorder.path)
     stop.wait()
@@ -179,8 +177,6 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from gateway.systemd import setup_logging
-
     config = load_config_or_report(args.config)
     if config is None:
         return 2

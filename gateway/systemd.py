@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -33,6 +34,15 @@ log = logging.getLogger("gateway.systemd")
 # What a health callable may return: True/False, or (ok, reason) so the log can say why.
 HealthResult = bool | tuple[bool, str]
 Health = Callable[[], HealthResult]
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM (``systemctl stop``) and SIGINT (Ctrl-C) set ``stop``: the process then
+    shuts down in order instead of dying. Only the main thread may install handlers;
+    elsewhere (a test running the daemon in a thread) this does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:

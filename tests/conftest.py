@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,15 +62,9 @@ class GatewayProcess:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import REPO, GatewayProcess, write_config
+from gateway.processes import stop_process
 from gateway.recorder import parse_reading
 from gateway.topics import Topics
 from mqtt_helpers import Broker, Recorder, wait_for
@@ -46,14 +46,7 @@ class RecorderProcess:
         watcher.wait(f"pico/bridge/{rid}/recorder", "online", timeout=15)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 @pytest.fixture
