@@ -92,6 +92,15 @@ def topic_field(topic: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw + b"\x00"
 
 
+def publishable(topic: str) -> bool:
+    """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
+    try:
+        topic_field(topic)
+    except ValueError:
+        return False
+    return True
+
+
 def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
     """Username, password (from its file) and TLS onto a paho client; SecretError when unusable."""
     if cfg.username is not None:
@@ -247,8 +256,9 @@ class MqttConnection:
         if client.socket() is None:
             info.rc = paho.MQTT_ERR_NO_CONN
             return info
-        info.rc = client._packet_queue(paho.PUBLISH,  # noqa: SLF001
-                                        b"".join(parts), 0, 0, info)
+        rc = client._packet_queue(paho.PUBLISH, b"".join(parts), 0, 0, info)  # noqa: SLF001
+        if rc:  # (not a plain assignment: a reconnect meanwhile may have marked it CONN_LOST)
+            info.rc = rc
         return info
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:

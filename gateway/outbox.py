@@ -34,7 +34,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.mqtt import MqttConnection, published
+from gateway.mqtt import MqttConnection, publishable, published
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -91,6 +91,7 @@ class Outbox:
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
         self._last_store_error = ""
+        self._unpublishable_seen: set[str] = set()
         mqtt.after_io(self._after_io)
         mqtt.on_connect(self._wake)  # the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
@@ -263,7 +264,16 @@ class Outbox:
             messages.append((self.topics.sensor(device, metric), format_value(value)))
         if not row_ids:
             return
-        info = self.mqtt.publish_many(messages)
+        try:
+            info = self.mqtt.publish_many(messages)
+        except ValueError:  # a topic no message may have: set those rows aside, send the rest
+            keep = [i for i, (topic, _) in enumerate(messages) if publishable(topic)]
+            for i in sorted(set(range(len(messages))) - set(keep)):
+                self._unpublishable(row_ids[i], messages[i][0])
+            row_ids, messages = [row_ids[i] for i in keep], [messages[i] for i in keep]
+            if not row_ids:
+                return
+            info = self.mqtt.publish_many(messages)
         if info.rc != paho.MQTT_ERR_SUCCESS:  # the connection dropped just now
             self._rescan_from(row_ids[0])
             ready.clear()
@@ -287,8 +297,11 @@ class Outbox:
         if not live:  # a live reading's time is now; a late one says when it was taken
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = ("ts", str(ts))
-        info = self.mqtt.publish_message(self.topics.sensor(device, metric), format_value(value),
-                                         self.settings.qos, props)
+        topic = self.topics.sensor(device, metric)
+        if not publishable(topic):
+            self._unpublishable(row_id, topic)
+            return True
+        info = self.mqtt.publish_message(topic, format_value(value), self.settings.qos, props)
         rc = info.rc
         if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
             # (QoS 1 while the connection just dropped: paho keeps it and sends it on reconnect.)
@@ -299,6 +312,17 @@ class Outbox:
             return True
         self._rescan_from(row_id)
         return False
+
+    def _unpublishable(self, row_id: int, topic: str) -> None:
+        """A reading whose topic MQTT forbids (a wildcard or NUL in a metric name a link let
+        through): it stays in the database, is counted, logged once per topic, and marked
+        sent so that it does not hold up the readings behind it."""
+        self.stats["unpublishable"] += 1
+        self._done.add(row_id)
+        if topic not in self._unpublishable_seen and len(self._unpublishable_seen) < 100:
+            self._unpublishable_seen.add(topic)
+            log.error("cannot publish to %r: MQTT forbids + # and NUL in a topic; the reading stays in the "
+                      "database (counted as unpublishable)", topic)
 
     def _rescan_from(self, row_id: int | None) -> None:
         if row_id is None:
