@@ -24,6 +24,7 @@ from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
 from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.protocols.picogw import is_key
 
 # Register map v1 (docs/protocol.md §2)
 MAGIC, LED, LED_CMD, SEQ_A, NAMES, SLOTS, NAME_LEN = 0x00, 0x04, 0x05, 0x08, 0x40, 12, 8
@@ -115,8 +116,14 @@ class I2cLink(PollingLink):
                           "is it the tutorial firmware? then set protocol = \"tutorial\"")
         count = min(header[3], SLOTS)
         raw = self._read(NAMES, SLOTS * NAME_LEN)
-        self._names = [raw[i * NAME_LEN:(i + 1) * NAME_LEN].rstrip(b"\0").decode("ascii", "replace")
-                       for i in range(count)]
+        names = [raw[i * NAME_LEN:(i + 1) * NAME_LEN].rstrip(b"\0").decode("ascii", "replace")
+                 for i in range(count)]
+        bad = [name for name in names if not is_key(name)]
+        if bad:  # garbled on the bus, or not our firmware: they would become topics
+            self.stats["bad_identity"] += 1
+            raise OSError(f"register map names metric(s) {bad!r} at 0x{self.config.address:02x}; a metric name "
+                          "is [a-z][a-z0-9_]*, at most 24 characters")
+        self._names = names
         self.log.info("register map v1, metrics %s", ",".join(self._names))
 
     def _poll_picogw(self) -> None:

@@ -27,6 +27,13 @@ MAX_FRAME = 200
 """Longest frame in bytes, from ``$`` to ``\\n`` inclusive."""
 
 _KEY = re.compile(rb"[a-z][a-z0-9_]{0,23}\Z")
+
+
+def is_key(name: str) -> bool:
+    """A field (metric) name the protocol allows: ``temp`` yes, ``Temp``, ``a+b``, ``""`` no."""
+    return name.isascii() and bool(_KEY.match(name.encode()))
+
+
 _VALUE_BYTES = frozenset(range(0x20, 0x7F)) - frozenset(b"$*,")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # A well-formed frame as one line without its "\n" (the same rules as decode() and
