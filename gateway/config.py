@@ -76,10 +76,20 @@ class TlsConfig(StrictModel):
                               f"{getattr(exc, 'strerror', None) or exc}") from None
         if self.certfile is not None:
             try:
-                ctx.load_cert_chain(str(self.certfile), str(self.keyfile) if self.keyfile else None)
+                # An encrypted key would make OpenSSL prompt on the terminal; there is no
+                # passphrase setting, so refuse it with an error instead.
+                ctx.load_cert_chain(str(self.certfile), str(self.keyfile) if self.keyfile else None,
+                                    password=lambda: b"")
             except (OSError, ssl.SSLError) as exc:
-                raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {self.certfile}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+                reason = getattr(exc, "strerror", None) or exc
+                try:
+                    encrypted = b"ENCRYPTED" in Path(self.keyfile or self.certfile).read_bytes()
+                except OSError:
+                    encrypted = False
+                if encrypted:
+                    reason = ("the private key is encrypted; the gateway needs it without a passphrase, readable "
+                              "only by its user (openssl pkey -in KEY -out NEWKEY; chmod 600 NEWKEY)")
+                raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {self.certfile}: {reason}") from None
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -165,6 +175,7 @@ class MqttConfig(StrictModel):
         except SecretError as exc:
             problems.append(str(exc))
         if self.tls.enabled:
+            unreadable = []
             for key in ("ca_file", "certfile", "keyfile"):
                 path = getattr(self.tls, key)
                 if path is None:
@@ -173,8 +184,9 @@ class MqttConfig(StrictModel):
                     with open(path, "rb") as f:
                         f.read(1)
                 except OSError as exc:
-                    problems.append(f"mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}")
-            if not problems:  # readable: are they certificates and keys that fit together?
+                    unreadable.append(f"mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}")
+            problems += unreadable
+            if not unreadable:  # readable: are they certificates and keys that fit together?
                 try:
                     self.tls.context()
                 except SecretError as exc:

@@ -286,21 +286,25 @@ def test_tls_with_the_wrong_ca_logs_a_clear_error_and_keeps_running(tmp_path: Pa
 
 
 def test_check_config_parses_the_tls_files_not_only_opens_them(tmp_path: Path, pki: dict[str, Path]) -> None:
-    # A readable file that is not a certificate, or a key that is not the certificate's,
-    # is found by check-config (exit 2, naming the key), not only later by run.
+    # A readable file that is not a certificate, a key that is not the certificate's, or
+    # an encrypted key (OpenSSL would prompt for its passphrase on the terminal) is found
+    # by check-config (exit 2, naming the key, no prompt), not only later by run.
     not_pem = tmp_path / "ca.crt"
     not_pem.write_text("this is not a certificate\n")
+    encrypted = tmp_path / "encrypted.key"
+    _openssl("pkey", "-in", str(pki["client_key"]), "-out", str(encrypted), "-aes256", "-passout", "pass:secret")
+    client = {"enabled": True, "ca_file": str(pki["ca"]), "certfile": str(pki["client_crt"])}
     cases = {
         "mqtt.tls.ca_file: cannot use": {"enabled": True, "ca_file": str(not_pem)},
-        "mqtt.tls.certfile/keyfile: cannot use": {"enabled": True, "ca_file": str(pki["ca"]),
-                                                  "certfile": str(pki["client_crt"]), "keyfile": str(pki["server_key"])},
+        "mqtt.tls.certfile/keyfile: cannot use": {**client, "keyfile": str(pki["server_key"])},
+        "the private key is encrypted": {**client, "keyfile": str(encrypted)},
     }
     for expected, tls in cases.items():
         config = tmp_path / "gw.toml"
         config.write_text("gateway_id = \"tlsgw\"\n[mqtt]\nport = 8883\n[mqtt.tls]\n"
                           + "".join(f"{k} = {json.dumps(v)}\n" for k, v in tls.items()))  # (JSON strings are TOML strings)
         check = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
-                               capture_output=True, text=True, cwd=REPO)
+                               capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=30)
         assert check.returncode == 2 and expected in check.stderr, check.stderr
     good = parse_config({"mqtt": {"tls": {"enabled": True, "ca_file": str(pki["ca"]), "certfile": str(pki["client_crt"]),
                                           "keyfile": str(pki["client_key"])}}})
