@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -56,6 +57,7 @@ BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
+RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
 _PUBLISH_QOS0 = b"\x30"  # PUBLISH, QoS 0, not retained, not a duplicate
 
@@ -125,6 +127,99 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class GatewayClient(paho.Client):
+    """paho's client, with two per-message costs of QoS 1 taken out (docs/performance.md,
+    fourth round); everything else is paho's.
+
+    - Reading: paho asks the socket for a packet's type byte, then each byte of its
+      length, then its body: three ``recv()`` calls per PUBACK. Here one ``recv()``
+      fills a buffer the next ones are served from; :meth:`buffered` tells the network
+      loop that bytes wait there which ``select()`` cannot see (as an SSL socket's
+      ``pending()`` does).
+    - A plain PUBACK (success, or "no matching subscribers", without properties) skips
+      paho's decoder, which builds a ``ReasonCode`` and a ``Properties`` for each;
+      ``on_publish`` gets shared ones (read them, never change them). Any other PUBACK
+      (a refusal, properties) goes through paho's own handling.
+
+    Overrides two private methods of paho 2.x (pinned below 3 in pyproject.toml; every
+    QoS 1 test, plain and TLS, runs through them)."""
+
+    _PUBACK_SUCCESS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
+    _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rx = bytearray()
+        self._rx_sock: object = None  # the socket the buffered bytes came from
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not consumed yet."""
+        return len(self._rx) if self._rx_sock is self._sock else 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        rx = self._rx
+        if self._rx_sock is not self._sock:  # a new connection: what the last one left is void
+            self._rx_sock = self._sock
+            rx.clear()
+        if not rx:
+            data = super()._sock_recv(RECV_CHUNK)  # BlockingIOError when there is nothing
+            if len(data) <= bufsize:  # all of it wanted (or b"": the broker closed)
+                return data
+            rx += data
+        out = bytes(rx[:bufsize])
+        del rx[:bufsize]
+        return out
+
+    def loop_write(self) -> paho.MQTTErrorCode:
+        self._merge_queued()
+        return super().loop_write()
+
+    def _merge_queued(self) -> None:
+        """Join queued packets that need nothing done once written (all but QoS 0 PUBLISH,
+        whose info is marked published, and DISCONNECT, which closes the socket) into one
+        entry: one ``send()`` for a run of QoS 1 messages instead of one each. Only the
+        network thread writes; other threads only append, to the right of what is taken."""
+        queue = self._out_packet
+        count = len(queue)
+        if count < 2:
+            return
+        taken = [queue.popleft() for _ in range(count)]
+        merged: list[Any] = []
+        run: list[Any] = []
+
+        def close_run() -> None:
+            if len(run) == 1:
+                merged.append(run[0])
+            elif run:
+                data = b"".join(bytes(p["packet"]) for p in run)
+                merged.append({**run[0], "packet": data, "to_process": len(data), "pos": 0, "info": None})
+            run.clear()
+
+        for packet in taken:
+            command = packet["command"] & 0xF0
+            if packet["pos"] or command == paho.DISCONNECT or (command == paho.PUBLISH and packet["qos"] == 0):
+                close_run()
+                merged.append(packet)
+            else:
+                run.append(packet)
+        close_run()
+        queue.extendleft(reversed(merged))
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> paho.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        # The id, then nothing (success), or a reason code, or that and an empty property
+        # list (MQTT 5 §3.4.2.1). mosquitto sends the reason code: 0x10 when no one subscribes.
+        size = len(packet)
+        reason = self._PUBACK_SUCCESS.get(packet[2] if size >= 3 else 0)
+        if cmd != "PUBACK" or reason is None or not 2 <= size <= 4 or (size == 4 and packet[3]):
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # (an ack for a message no longer out is ignored, as paho does)
+                return self._do_on_publish(mid, reason, self._NO_PROPERTIES)
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
 class MqttConnection:
     def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str] | None,
                  clean_start: bool = True, session_expiry: int = 0, receive_maximum: int | None = None,
@@ -164,7 +259,7 @@ class MqttConnection:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.client = paho.Client(
+        self.client = GatewayClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
@@ -369,17 +464,17 @@ class MqttConnection:
             self.stats["connect_failures"] += 1
             log.exception("cannot connect to %s:%s (retrying with backoff)", self.cfg.host, self.cfg.port)
 
-    def _round(self, client: paho.Client, sock: socket.socket) -> None:
-        # TLS may hold decrypted bytes that select() cannot see.
-        tls_pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+    def _round(self, client: GatewayClient, sock: socket.socket) -> None:
+        # Bytes select() cannot see: decrypted by TLS, or in the client's read buffer.
+        pending = client.buffered() + (sock.pending() if isinstance(sock, ssl.SSLSocket) else 0)
         readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
-                                       0 if tls_pending else TICK)
+                                       0 if pending else TICK)
         if self._wake_r in readable:
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
-        if sock in readable or tls_pending:
+        if sock in readable or pending:
             client.loop_read()
         if client.socket() is sock and client.want_write():
             client.loop_write()  # whatever is queued, publishes from any thread included

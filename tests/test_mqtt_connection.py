@@ -47,3 +47,23 @@ def test_publish_many_without_a_connection_or_with_a_wildcard_topic() -> None:
     assert info.rc != 0 and not published(info)  # nothing queued: the caller keeps it for later
     with pytest.raises(ValueError, match="not a topic"):
         mqtt.publish_many([("pico/+/sensor/t", "1")])
+
+
+def test_a_burst_of_messages_is_handled_at_once(broker: PrivateBroker, recorder: Recorder) -> None:
+    # GatewayClient reads the socket in large chunks and hands paho one packet at a time:
+    # what it holds is invisible to select(), so the loop must not sleep while it holds any
+    # (it would then take one TICK per message once the burst is over).
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "burst-test", None)
+    got: list[bytes] = []
+    mqtt.subscribe("burst/#", lambda topic, payload, retained: got.append(payload), qos=0)
+    mqtt.start()
+    try:
+        assert mqtt.wait_connected(10)
+        recorder.publish("burst/ready", "0")  # (the subscription is in place once this comes back)
+        wait_for(lambda: got, 5, "the subscription")
+        for i in range(1, 2001):
+            recorder.client.publish("burst/x", str(i), qos=0)
+        wait_for(lambda: len(got) == 2001, 5, "2,000 messages")
+        assert got[1:] == [str(i).encode() for i in range(1, 2001)]
+    finally:
+        mqtt.stop()

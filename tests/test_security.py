@@ -19,7 +19,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import REPO, GatewayProcess
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, MqttConfig, parse_config
+from gateway.mqtt import MqttConnection
 from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer
@@ -309,3 +310,21 @@ def test_check_config_parses_the_tls_files_not_only_opens_them(tmp_path: Path, p
     good = parse_config({"mqtt": {"tls": {"enabled": True, "ca_file": str(pki["ca"]), "certfile": str(pki["client_crt"]),
                                           "keyfile": str(pki["client_key"])}}})
     assert good.mqtt.file_problems() == ([], [])
+
+
+def test_a_message_the_broker_refuses_is_counted_and_logged(tmp_path: Path, locked_broker: Broker,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # The broker's ACL answers a refused QoS 1 publish with PUBACK 0x87: the gateway's
+    # connection counts it (publish_rejected) and says so; accepted ones are not counted.
+    password_file = tmp_path / "viewer-password"
+    password_file.write_text(PASSWORDS["viewer"])
+    mqtt = MqttConnection(MqttConfig(host=locked_broker.host, port=locked_broker.port, username="viewer",
+                                     password_file=str(password_file)), "refusal-test", None)
+    mqtt.start()
+    try:
+        assert mqtt.wait_connected(10)
+        assert mqtt.publish("pico/greenhouse/cmd/led", "on", qos=1)  # the viewer may not switch
+        wait_for(lambda: mqtt.stats["publish_rejected"] == 1, 10, "the refusal counted")
+        assert "the broker refused a message: Not authorized" in caplog.text
+    finally:
+        mqtt.stop()
