@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -58,6 +59,7 @@ NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
 RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
+MERGE_MAX = 65536  # bytes GatewayClient joins into one queued entry at most
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
 _PUBLISH_QOS0 = b"\x30"  # PUBLISH, QoS 0, not retained, not a duplicate
 
@@ -128,7 +130,7 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
 
 
 class GatewayClient(paho.Client):
-    """paho's client, with two per-message costs of QoS 1 taken out (docs/performance.md,
+    """paho's client, with three per-message costs of QoS 1 taken out (docs/performance.md,
     fourth round); everything else is paho's.
 
     - Reading: paho asks the socket for a packet's type byte, then each byte of its
@@ -140,9 +142,15 @@ class GatewayClient(paho.Client):
       paho's decoder, which builds a ``ReasonCode`` and a ``Properties`` for each;
       ``on_publish`` gets shared ones (read them, never change them). Any other PUBACK
       (a refusal, properties) goes through paho's own handling.
+    - Writing: paho sends each queued packet with its own ``send()``; here runs of
+      queued packets that need nothing done once written are joined first
+      (:meth:`_merge_queued`), so the QoS 1 messages paho releases as acks come in go
+      out together.
 
-    Overrides two private methods of paho 2.x (pinned below 3 in pyproject.toml; every
-    QoS 1 test, plain and TLS, runs through them)."""
+    Overrides paho 2.x's private ``_sock_recv`` and ``_handle_pubackcomp`` and rewrites
+    entries of its private ``_out_packet`` queue (paho pinned below 3 in pyproject.toml;
+    every QoS 1 test, plain and TLS, runs through them; tests/test_mqtt_connection.py
+    holds the merge to what paho does with each kind of entry)."""
 
     _PUBACK_SUCCESS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
     _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
@@ -175,34 +183,48 @@ class GatewayClient(paho.Client):
         return super().loop_write()
 
     def _merge_queued(self) -> None:
-        """Join queued packets that need nothing done once written (all but QoS 0 PUBLISH,
-        whose info is marked published, and DISCONNECT, which closes the socket) into one
-        entry: one ``send()`` for a run of QoS 1 messages instead of one each. Only the
-        network thread writes; other threads only append, to the right of what is taken."""
+        """Join runs of queued packets that need nothing done once written (all but a QoS 0
+        PUBLISH, whose info is marked published, and DISCONNECT, which closes the socket)
+        into one entry of at most MERGE_MAX bytes: one ``send()`` for a run of QoS 1
+        messages instead of one each. An entry already merged, or partly written, stays
+        as it is, so a socket that takes nothing for a while costs no copying. Only this
+        (the network) thread takes from the queue; others only append, to the right."""
         queue = self._out_packet
         count = len(queue)
         if count < 2:
             return
-        taken = [queue.popleft() for _ in range(count)]
+        taken = list(itertools.islice(queue, count))  # built first: nothing is lost if this fails
         merged: list[Any] = []
         run: list[Any] = []
+        size = 0
 
         def close_run() -> None:
             if len(run) == 1:
                 merged.append(run[0])
             elif run:
-                data = b"".join(bytes(p["packet"]) for p in run)
-                merged.append({**run[0], "packet": data, "to_process": len(data), "pos": 0, "info": None})
+                data = b"".join(p["packet"] for p in run)
+                merged.append({**run[0], "packet": data, "to_process": len(data), "pos": 0, "info": None,
+                               "merged": True})
             run.clear()
 
         for packet in taken:
             command = packet["command"] & 0xF0
-            if packet["pos"] or command == paho.DISCONNECT or (command == paho.PUBLISH and packet["qos"] == 0):
+            if (packet["pos"] or packet.get("merged") or command == paho.DISCONNECT
+                    or (command == paho.PUBLISH and packet["qos"] == 0)):
                 close_run()
                 merged.append(packet)
-            else:
-                run.append(packet)
+                continue
+            if size + len(packet["packet"]) > MERGE_MAX:
+                close_run()
+            if not run:
+                size = 0
+            run.append(packet)
+            size += len(packet["packet"])
         close_run()
+        if len(merged) == count:
+            return  # nothing joined
+        for _ in range(count):
+            queue.popleft()
         queue.extendleft(reversed(merged))
 
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> paho.MQTTErrorCode:
@@ -211,7 +233,8 @@ class GatewayClient(paho.Client):
         # list (MQTT 5 §3.4.2.1). mosquitto sends the reason code: 0x10 when no one subscribes.
         size = len(packet)
         reason = self._PUBACK_SUCCESS.get(packet[2] if size >= 3 else 0)
-        if cmd != "PUBACK" or reason is None or not 2 <= size <= 4 or (size == 4 and packet[3]):
+        if (cmd != "PUBACK" or reason is None or not 2 <= size <= 4 or (size == 4 and packet[3])
+                or self._protocol != paho.MQTTv5):  # (3.1.1 allows exactly 2 bytes: paho checks)
             return super()._handle_pubackcomp(cmd)
         mid = int.from_bytes(packet[:2], "big")
         with self._out_message_mutex:

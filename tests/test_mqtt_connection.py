@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
-from gateway.mqtt import MqttConnection, published, remaining_length
+from gateway.mqtt import GatewayClient, MqttConnection, published, remaining_length
 from mqtt_helpers import Recorder, wait_for
 
 
@@ -67,3 +69,30 @@ def test_a_burst_of_messages_is_handled_at_once(broker: PrivateBroker, recorder:
         assert got[1:] == [str(i).encode() for i in range(1, 2001)]
     finally:
         mqtt.stop()
+
+
+def test_queued_packets_are_joined_only_where_paho_has_nothing_to_do_once_written() -> None:
+    # paho acts when a QoS 0 PUBLISH has been written (its info is marked published) and
+    # when a DISCONNECT has (it closes the socket): those stay entries of their own; runs
+    # of anything else (QoS 1 PUBLISH, acks, pings) become one entry, in order.
+    client = GatewayClient(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_socket_register_write = lambda *a: None  # (no network loop here)
+    info = paho.MQTTMessageInfo(3)
+    queue = [(paho.PUBLISH | 2, b"A", 1, 1, None), (paho.PUBLISH | 2, b"B", 2, 1, None),
+             (paho.PUBLISH, b"C", 3, 0, info), (paho.PUBACK, b"D", 4, 0, None), (paho.PUBLISH | 2, b"E", 5, 1, None),
+             (paho.DISCONNECT, b"F", 0, 0, None), (paho.PUBLISH | 2, b"G", 6, 1, None)]
+    for command, data, mid, qos, packet_info in queue:
+        client._packet_queue(command, bytearray(data), mid, qos, packet_info)
+    client._merge_queued()
+    entries = list(client._out_packet)
+    assert [bytes(e["packet"]) for e in entries] == [b"AB", b"C", b"DE", b"F", b"G"]
+    assert entries[1]["info"] is info and entries[3]["command"] == paho.DISCONNECT
+    assert all(e["to_process"] == len(e["packet"]) for e in entries)
+    client._merge_queued()  # a merged entry is not copied again (a socket that takes nothing)
+    assert [bytes(e["packet"]) for e in client._out_packet] == [b"AB", b"C", b"DE", b"F", b"G"]
+    client._out_packet.clear()
+    for data in (b"H", b"I", b"J"):
+        client._packet_queue(paho.PUBLISH | 2, bytearray(data), 7, 1, None)
+    client._out_packet[0]["pos"] = 1  # partly written: stays as it is
+    client._merge_queued()
+    assert [bytes(e["packet"]) for e in client._out_packet] == [b"H", b"IJ"]
