@@ -44,8 +44,10 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
                      lambda: _alive(publisher))
             time.sleep(env.warmup)
             t0, sent0, recv0, cpu0 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
+            others0 = cpu_seconds(broker.proc.pid), time.process_time()  # the broker; this process: the subscriber
             time.sleep(env.duration)
             t1, sent1, recv1, cpu1 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
+            others1 = cpu_seconds(broker.proc.pid), time.process_time()
             stop.value = 1
             publisher.join(30)
             try:
@@ -69,6 +71,9 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
         "offered_per_s": (sent1 - sent0) / elapsed,
         "delivered_per_s": delivered / elapsed,
         "cpu_s_per_1000": (cpu1 - cpu0) / delivered * 1000 if delivered else float("nan"),
+        "cpu_cores": (cpu1 - cpu0) / elapsed,
+        "broker_cores": (others1[0] - others0[0]) / elapsed,
+        "subscriber_cores": (others1[1] - others0[1]) / elapsed,
         **loss,
         "zero_loss": drained and not loss["missing_on_mqtt"] and not loss["duplicates_on_mqtt"],
     }
