@@ -11,6 +11,9 @@
   gateway a system call and a thread hand-off per reading. Here a publish from
   any thread wakes the loop only when paho's queue was empty, and the loop
   writes the whole queue before it sleeps again (docs/performance.md).
+- Readings at QoS 0 go out many to a write (:meth:`MqttConnection.publish_many`),
+  and :class:`GatewayClient` takes three per-message costs out of paho's QoS 1
+  path; both lean on paho 2.x internals, which is why paho is pinned below 3.
 - The client id is derived from ``gateway_id``; if the broker drops us because
   another client took that id, the log says so in plain words.
 - Username/password (read from ``mqtt.password_file``, never logged) and TLS
