@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.links.base import CommandError, LedCommand, Link
+from gateway.log_once import Once
 from gateway.mqtt import MqttConnection
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.store import Store
@@ -50,7 +51,7 @@ class Bridge:
         self._led: dict[str, bool] = {}
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
-        self._logged: set[tuple[str, str]] = set()
+        self._logged = Once(limit=10_000)  # (device, kind) warned about already
         self._conflicts: dict[str, set[str]] = {}  # device -> other gateways claiming it
         self._stopping = False
         mqtt.on_connect(self._announce)
@@ -244,8 +245,5 @@ class Bridge:
 
     def _log_once(self, device: str, kind: str, msg: str, *args: object) -> None:
         """Warn the first time a device has a given problem; later ones at debug level."""
-        key = (device[:64], kind[:80])
-        level = logging.DEBUG if key in self._logged else logging.WARNING
-        if len(self._logged) < 10_000:
-            self._logged.add(key)
+        level = logging.WARNING if self._logged.first((device[:64], kind[:80])) else logging.DEBUG
         log.log(level, msg, *args)

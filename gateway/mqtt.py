@@ -51,6 +51,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
+from gateway.log_once import Once
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -280,7 +281,7 @@ class MqttConnection:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._backoff = Backoff(first=1.0, cap=30.0)
-        self._loop_errors_seen: set[str] = set()
+        self._loop_errors = Once()  # kinds of loop error logged already
         self._topic_fields: dict[str, bytes] = {}  # publish_many's encoded topics
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -471,9 +472,7 @@ class MqttConnection:
                 self._round(client, sock)
             except Exception as exc:  # paho or a hook failed: count, log (once per kind), carry on
                 self.stats["loop_errors"] += 1
-                kind = f"{type(exc).__name__}: {exc}"[:200]
-                if kind not in self._loop_errors_seen and len(self._loop_errors_seen) < 100:
-                    self._loop_errors_seen.add(kind)
+                if self._loop_errors.first(f"{type(exc).__name__}: {exc}"[:200]):
                     log.exception("error in the MQTT network loop (survived; counted as loop_errors)")
                 self._stopping.wait(0.1)
 

@@ -34,6 +34,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, publishable, published
 from gateway.store import Row, Store
 from gateway.topics import Topics
@@ -91,7 +92,7 @@ class Outbox:
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
         self._last_store_error = ""
-        self._unpublishable_seen: set[str] = set()
+        self._unpublishable_logged = Once()
         mqtt.after_io(self._after_io)
         mqtt.on_connect(self._wake)  # the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
@@ -319,8 +320,7 @@ class Outbox:
         sent so that it does not hold up the readings behind it."""
         self.stats["unpublishable"] += 1
         self._done.add(row_id)
-        if topic not in self._unpublishable_seen and len(self._unpublishable_seen) < 100:
-            self._unpublishable_seen.add(topic)
+        if self._unpublishable_logged.first(topic):
             log.error("cannot publish to %r: MQTT forbids + # and NUL in a topic; the reading stays in the "
                       "database (counted as unpublishable)", topic)
 

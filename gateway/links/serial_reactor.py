@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import serial
 
 from gateway.backoff import Backoff
+from gateway.log_once import Once
 
 if TYPE_CHECKING:
     from gateway.links.serial_link import SerialLink
@@ -95,7 +96,7 @@ class SerialReactor:
         selector = self._selector
         assert selector is not None
         next_tick = 0.0
-        errors_seen: set[str] = set()
+        errors = Once()  # kinds logged already
         while True:
             if not self._take_requests():
                 return
@@ -114,9 +115,7 @@ class SerialReactor:
                     else:
                         self._read(key.data)
             except Exception as exc:  # a bug here would silence every serial Pico: survive it
-                kind = f"{type(exc).__name__}: {exc}"[:200]
-                if kind not in errors_seen and len(errors_seen) < 100:
-                    errors_seen.add(kind)
+                if errors.first(f"{type(exc).__name__}: {exc}"[:200]):
                     log.exception("error in the serial thread (survived)")
                 time.sleep(0.1)
 
