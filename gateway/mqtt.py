@@ -100,15 +100,6 @@ def topic_field(topic: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw + b"\x00"
 
 
-def publishable(topic: str) -> bool:
-    """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
-    try:
-        topic_field(topic)
-    except ValueError:
-        return False
-    return True
-
-
 def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
     """Username, password (from its file) and TLS onto a paho client; SecretError when unusable."""
     if cfg.username is not None:
@@ -339,8 +330,27 @@ class MqttConnection:
     def publish_message(self, topic: str, payload: str, qos: int,
                         properties: Properties | None) -> paho.MQTTMessageInfo:
         """Publish and return paho's message info, for callers that track delivery with
-        :func:`published`."""
+        :func:`published`. ValueError for a topic no message may have (:func:`topic_field`)."""
+        self._topic_field(topic)
         return self.client.publish(topic, payload, qos=qos, properties=properties)
+
+    def publishable(self, topic: str) -> bool:
+        """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
+        try:
+            self._topic_field(topic)
+        except ValueError:
+            return False
+        return True
+
+    def _topic_field(self, topic: str) -> bytes:
+        """:func:`topic_field`, remembered: readings go to a few topics, over and over."""
+        cache = self._topic_fields
+        field = cache.get(topic)
+        if field is None:
+            if len(cache) >= TOPIC_CACHE:
+                cache.clear()
+            field = cache[topic] = topic_field(topic)
+        return field
 
     def publish_many(self, messages: list[tuple[str, str]]) -> paho.MQTTMessageInfo:
         """Publish ``(topic, payload)`` messages at QoS 0, not retained, as one write.
@@ -367,11 +377,7 @@ class MqttConnection:
         cache, short = self._topic_fields, _SHORT
         parts: list[bytes] = []
         for topic, payload in messages:
-            field = cache.get(topic)
-            if field is None:
-                if len(cache) >= TOPIC_CACHE:
-                    cache.clear()
-                field = cache[topic] = topic_field(topic)
+            field = cache.get(topic) or self._topic_field(topic)
             body = payload.encode()
             size = len(field) + len(body)
             parts += (_PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)

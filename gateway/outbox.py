@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.log_once import Once
-from gateway.mqtt import MqttConnection, publishable, published
+from gateway.mqtt import MqttConnection, published
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -268,7 +268,7 @@ class Outbox:
         try:
             info = self.mqtt.publish_many(messages)
         except ValueError:  # a topic no message may have: set those rows aside, send the rest
-            keep = [i for i, (topic, _) in enumerate(messages) if publishable(topic)]
+            keep = [i for i, (topic, _) in enumerate(messages) if self.mqtt.publishable(topic)]
             for i in sorted(set(range(len(messages))) - set(keep)):
                 self._unpublishable(row_ids[i], messages[i][0])
             row_ids, messages = [row_ids[i] for i in keep], [messages[i] for i in keep]
@@ -299,10 +299,11 @@ class Outbox:
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = ("ts", str(ts))
         topic = self.topics.sensor(device, metric)
-        if not publishable(topic):
+        try:
+            info = self.mqtt.publish_message(topic, format_value(value), self.settings.qos, props)
+        except ValueError:  # a topic no message may have
             self._unpublishable(row_id, topic)
             return True
-        info = self.mqtt.publish_message(topic, format_value(value), self.settings.qos, props)
         rc = info.rc
         if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self.settings.qos > 0):
             # (QoS 1 while the connection just dropped: paho keeps it and sends it on reconnect.)
