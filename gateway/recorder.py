@@ -51,8 +51,9 @@ _TS_MIN, _TS_MAX = 946_684_800_000, 32_503_680_000_000  # 2000-01-01 .. 3000-01-
 _STOP = object()
 
 
-def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, now_ms: int) -> Row | None:
-    """(device, metric, value, ts, None) for a well-formed reading, else None."""
+def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, received_ms: int) -> Row | None:
+    """(device, metric, value, ts, None) for a well-formed reading, else None; ``ts`` is
+    the message's ``ts`` user property when it has a plausible one, else ``received_ms``."""
     parsed = topics.parse_sensor(topic)
     if parsed is None:
         return None
@@ -62,7 +63,7 @@ def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, n
     value = parse_value(payload)
     if value is None:
         return None
-    ts = now_ms
+    ts = received_ms
     for key, text in getattr(properties, "UserProperty", None) or []:
         if key == "ts":
             try:

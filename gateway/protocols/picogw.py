@@ -26,7 +26,8 @@ from typing import Iterable, NamedTuple
 MAX_FRAME = 200
 """Longest frame in bytes, from ``$`` to ``\\n`` inclusive."""
 
-_KEY = re.compile(rb"[a-z][a-z0-9_]{0,23}\Z")
+_KEY_PATTERN = rb"[a-z][a-z0-9_]{0,23}"  # a field's key (a metric name): docs/protocol.md
+_KEY = re.compile(_KEY_PATTERN + rb"\Z")
 
 
 def is_key(name: str) -> bool:
@@ -39,7 +40,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 # A well-formed frame as one line without its "\n" (the same rules as decode() and
 # parse_body(), in one pass): the receiver's fast path. Value bytes: 0x20-0x7e but $ * ,
 _WELL_FORMED = re.compile(
-    rb"\$([A-Z]),([0-9]{1,10})((?:,[a-z][a-z0-9_]{0,23}(?:=[\x20-\x23\x25-\x29\x2b\x2d-\x7e]{1,32})?)*)"
+    rb"\$([A-Z]),([0-9]{1,10})((?:," + _KEY_PATTERN + rb"(?:=[\x20-\x23\x25-\x29\x2b\x2d-\x7e]{1,32})?)*)"
     rb"\*([0-9a-fA-F]{8})\r?")
 _FIELD = re.compile(rb",([a-z0-9_]+)(?:=([^,]+))?")
 
