@@ -26,7 +26,7 @@ from gateway.links.base import CommandError, LedCommand, Link
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection
 from gateway.outbox import Outbox, OutboxSettings
-from gateway.store import Store
+from gateway.store import Row, Store
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway.bridge")
@@ -105,11 +105,16 @@ class Bridge:
 
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
-        self.last_seen[device] = ts_ms
+        self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
+
+    def readings(self, device: str, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self.last_seen[device] = rows[-1][3]
         if self.on_metric is not None:
-            for metric, _ in values:
+            for metric in {row[1] for row in rows}:
                 self.on_metric(device, metric)
-        self.outbox.put(device, values, ts_ms, seq)
+        self.outbox.put(rows)
 
     def led_state(self, device: str, on: bool) -> None:
         with self._state_lock:

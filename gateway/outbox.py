@@ -79,7 +79,7 @@ class Outbox:
         self.settings = settings
         self.publishes_itself = publishes_itself
         self.stats: Counter[str] = Counter()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # lists of rows, None (wake), _STOP
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._inflight: dict[int, paho.MQTTMessageInfo] = {}  # row id -> paho's info, in publish order
         self._done: set[int] = set()  # acknowledged, to be marked sent in the next commit
@@ -108,8 +108,9 @@ class Outbox:
         self._room.set()  # the outbox sleeps on this while readings wait for their commit,
         self._queue.put(None)  # and on the queue otherwise
 
-    def put(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
-        self._queue.put((device, values, ts_ms, seq))
+    def put(self, rows: list[Row]) -> None:
+        """Queue readings for storing and publishing; any thread. The list is the outbox's now."""
+        self._queue.put(rows)
 
     def start(self) -> None:
         self._thread.start()
@@ -150,22 +151,22 @@ class Outbox:
         self._flush()
 
     def _take(self, timeout: float | None) -> tuple[list[Row], bool]:
-        """What the links queued: wait up to ``timeout`` for the first item (None: do not wait)."""
-        items: list[object] = []
+        """What the links queued, up to about MAX_BATCH readings: wait up to ``timeout``
+        for the first item (None: do not wait)."""
+        rows: list[Row] = []
+        stopping = False
         try:
-            if timeout is not None:
-                items.append(self._queue.get(timeout=timeout))
-            while len(items) < MAX_BATCH:
-                items.append(self._queue.get_nowait())
+            item = self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
+            while True:
+                if item.__class__ is list:
+                    rows += item  # type: ignore[arg-type]
+                elif item is _STOP:
+                    stopping = True
+                if len(rows) >= MAX_BATCH:
+                    break
+                item = self._queue.get_nowait()
         except queue.Empty:
             pass
-        stopping = any(item is _STOP for item in items)
-        rows: list[Row] = [
-            (device, metric, value, ts, seq)
-            for item in items if isinstance(item, tuple)
-            for device, values, ts, seq in (item,)
-            for metric, value in values
-        ]
         return rows, stopping
 
     def _turn(self, rows: list[Row], force: bool = False) -> None:

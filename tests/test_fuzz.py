@@ -25,10 +25,10 @@ class Events:
     """The bridge's side of LinkEvents, recording readings."""
 
     def __init__(self) -> None:
-        self.readings: list[tuple[str, float]] = []
+        self.got: list[tuple[str, float]] = []
 
-    def reading(self, device, values, ts_ms, seq) -> None:
-        self.readings.extend(values)
+    def readings(self, device, rows) -> None:  # (what the picogw session calls)
+        self.got.extend((metric, value) for _, metric, value, _, _ in rows)
 
     def led_state(self, device, on) -> None:
         pass
@@ -62,7 +62,7 @@ def test_arbitrary_bytes_never_raise_and_a_good_frame_still_arrives(chunks: list
     cut = min(cut, len(stream))
     session.received(stream[:cut])  # split anywhere
     session.received(stream[cut:])
-    assert ("temp", 21.5) == link.events.readings[-1]
+    assert ("temp", 21.5) == link.events.got[-1]
     assert len(session.rx._buf) <= MAX_FRAME
 
 

@@ -49,10 +49,10 @@ def test_metric_names_from_the_register_map_are_checked(monkeypatch: pytest.Monk
     link.start()
     try:
         if good:
-            wait_for(lambda: events.readings, 5, "a reading")
-            assert [m for m, _ in events.readings[0][1]] == ["temp", "hum"]
+            wait_for(lambda: len(events.got) >= 2, 5, "a reading")
+            assert [metric for _, metric, _, _ in events.got[:2]] == ["temp", "hum"]
         else:
             wait_for(lambda: link.stats["bad_identity"] >= 2, 5, "the map refused, and read again")
-            assert events.readings == [] and True not in events.online
+            assert events.got == [] and True not in events.online
     finally:
         link.stop()

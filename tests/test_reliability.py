@@ -147,14 +147,14 @@ def test_qos0_readings_are_all_published_in_order_across_a_broker_restart(tmp_pa
         assert mqtt.wait_connected(10)
         now = int(time.time() * 1000)
         for i in range(3000):  # far more than a window: many batches
-            outbox.put(f"d{i % 3}", [("temp", float(i))], now, i)
+            outbox.put([(f"d{i % 3}", "temp", float(i), now, i)])
         wait_for(lambda: len(sub.got) >= 3000, 20, "3,000 live readings")
         assert all(got(f"d{d}") == [str(i) for i in range(d, 3000, 3)] for d in range(3))
         assert all(ts is None for _, _, ts in sub.got)  # live: no time property
         broker.stop()
         wait_for(lambda: not mqtt.connected.is_set(), 10, "the gateway to notice")
         for i in range(3000, 3300):
-            outbox.put(f"d{i % 3}", [("temp", float(i))], now + i, i)
+            outbox.put([(f"d{i % 3}", "temp", float(i), now + i, i)])
         wait_for(lambda: outbox.stats["stored"] == 3300, 10, "readings stored while the broker is down")
         broker.start()
         wait_for(lambda: len(sub.got) >= 3300, 30, "the outage's readings after the broker returns")
@@ -186,7 +186,7 @@ def test_a_reading_mqtt_cannot_carry_holds_up_nothing(tmp_path: Path, broker, re
         try:
             assert mqtt.wait_connected(10)
             for i in range(2, 6):
-                outbox.put("d", [("a+b", float(i)), ("temp", float(i))], now + i, i)
+                outbox.put([("d", "a+b", float(i), now + i, i), ("d", "temp", float(i), now + i, i)])
             wait_for(lambda: len(recorder.on("pico/d/sensor/temp")) == 5 * (qos + 1) - qos, 10, "the good readings")
             assert outbox.stats["unpublishable"] == (5 if qos == 0 else 4)
         finally:
@@ -328,7 +328,7 @@ def test_database_refusing_writes_holds_readings_then_recovers(tmp_path: Path, b
     assert mqtt.wait_connected(10)
     outbox.start()
     try:
-        outbox.put("d", [("temp", 1.0)], 1, 0)
+        outbox.put([("d", "temp", 1.0, 1, 0)])
         recorder.wait("pico/d/sensor/temp", "1")
         conn = store._conn
         with store._lock:
@@ -338,7 +338,7 @@ def test_database_refusing_writes_holds_readings_then_recovers(tmp_path: Path, b
             else:
                 conn.execute("PRAGMA query_only = 1")
         for i in range(2, 402):
-            outbox.put("d", [("temp", float(i)), ("pad", float(i) * 1e9 + 0.123456789)], i, i)
+            outbox.put([("d", "temp", float(i), i, i), ("d", "pad", float(i) * 1e9 + 0.123456789, i, i)])
         wait_for(lambda: outbox.stats["store_errors"] >= 1, 10, "the store error")
         wait_for(lambda: outbox.stats["dropped_memory_full"] > 0, 10, "the memory bound")
         assert any("cannot write to" in r.message for r in caplog.records)
@@ -368,7 +368,7 @@ def test_backlog_bound_keeps_rows_but_stops_publishing_the_oldest(tmp_path: Path
     assert mqtt.wait_connected(10)
     outbox.start()
     try:
-        outbox.put("d", [("temp", -1.0)], int(time.time() * 1000), None)
+        outbox.put([("d", "temp", -1.0, int(time.time() * 1000), None)])
         recorder.wait("pico/d/sensor/temp", "-1")
         wait_for(lambda: outbox.stats["backlog_expired"] == 3000, 10, "the old backlog expired")
         assert recorder.on("pico/d/sensor/temp") == ["-1"]

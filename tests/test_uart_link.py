@@ -16,14 +16,17 @@ class Events:
     """A LinkEvents that records what the link reports."""
 
     def __init__(self) -> None:
-        self.readings: list[tuple[str, list[tuple[str, float]], int | None]] = []
+        self.got: list[tuple[str, str, float, int | None]] = []  # (device, metric, value, seq)
         self.leds: list[bool] = []
         self.online: list[bool] = []
         self.lock = threading.Lock()
 
-    def reading(self, device, values, ts_ms, seq) -> None:
+    def reading(self, device, values, ts_ms, seq) -> None:  # (what the i2c link calls)
+        self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
+
+    def readings(self, device, rows) -> None:  # (what the picogw session calls)
         with self.lock:
-            self.readings.append((device, values, seq))
+            self.got.extend((row[0], row[1], row[2], row[4]) for row in rows)
 
     def led_state(self, device, on) -> None:
         self.leds.append(on)
@@ -48,8 +51,8 @@ def test_drops_are_counted_and_good_frames_pass(setup) -> None:
     wait_for(lambda: events.online == [True], 5, "online after the hello")
     peer.send(b"random garbage\n$R,0,temp=1*deadbeef\n$R,0,temp=1,*00\n$" + b"x" * 300 + b"\n")
     peer.reading(temp=5.5, bogus="nan")
-    wait_for(lambda: events.readings, 5, "the good reading")
-    assert events.readings == [("greenhouse", [("temp", 5.5)], 0)]
+    wait_for(lambda: events.got, 5, "the good reading")
+    assert events.got == [("greenhouse", "temp", 5.5, 0)]
     s = link.stats
     assert (s["noise"], s["corrupt"], s["malformed"], s["overlong"], s["bad_values"]) == (1, 1, 1, 1, 1)
 
@@ -62,7 +65,7 @@ def test_sequence_gaps_and_resets_are_counted(setup) -> None:
     peer.reading(temp=2)       # 4 frames lost on the wire
     peer.seq = 0
     peer.reading(temp=3)       # went back without a hello: the Pico restarted
-    wait_for(lambda: len(events.readings) == 3, 5, "three readings")
+    wait_for(lambda: len(events.got) == 3, 5, "three readings")
     assert link.stats["seq_gaps"] == 4
     assert link.stats["seq_resets"] == 1
 
@@ -102,7 +105,7 @@ def test_a_pico_that_stops_reading_holds_up_no_other_serial_link() -> None:
                  "the stuck Pico's heartbeat ping skipped, not waited for")
         for _ in range(20):
             healthy.reading(temp=21.5)
-        wait_for(lambda: len(healthy_events.readings) == 20, 5, "the healthy Pico's readings meanwhile")
+        wait_for(lambda: len(healthy_events.got) == 20, 5, "the healthy Pico's readings meanwhile")
         assert healthy_link.set_led(LedCommand.ON) is True
         writer.join(10)
         assert failed and "failed" in str(failed[0])  # the worker's write gave up after its timeout

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from gateway.backoff import Backoff
 
 if TYPE_CHECKING:
+    from gateway.store import Row
     from gateway.topics import Topics
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -77,7 +78,12 @@ class LinkEvents(Protocol):
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None: ...
 
-    def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None: ...
+    def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
+        """One reading (one or more values taken together)."""
+
+    def readings(self, device: str, rows: list[Row]) -> None:
+        """Many readings at once, as the store's rows ``(device, metric, value, ts_ms, seq)``:
+        what one serial read brought (a dozen frames under load) costs one call, not a dozen."""
 
     def led_state(self, device: str, on: bool) -> None: ...
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from gateway.links.base import CommandError, LedCommand, PendingAnswers, now_ms
 from gateway.links.serial_link import SerialLink, SerialSession
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
+
+if TYPE_CHECKING:
+    from gateway.store import Row
 
 SEQ_MOD = 1 << 32
 
@@ -46,13 +50,19 @@ class PicogwSerialSession(SerialSession):
         self._last_rx = time.monotonic()
         self._rx_ms = now_ms()  # the frames of one read share its time
         self.link.set_online(True, "frames arriving")
+        rows: list[Row] = []  # the readings of this read, handed on in one call
         handlers = self._handlers
         for frame in frames:
+            if frame.type == "R":
+                self._on_reading(frame, rows)
+                continue
             handler = handlers.get(frame.type)
             if handler is None:
                 self.link.stats["unknown_type"] += 1
             else:
                 handler(self, frame)
+        if rows:
+            self.link.events.readings(self.link.device, rows)
 
     def poll(self, now: float) -> None:
         cfg = self.link.config
@@ -81,20 +91,19 @@ class PicogwSerialSession(SerialSession):
         self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), metrics)
         self._led_from(frame)
 
-    def _on_reading(self, frame: Frame) -> None:
-        self._account_seq(frame.number)
-        values = []
+    def _on_reading(self, frame: Frame, rows: list[Row]) -> None:
+        number = frame.number
+        self._account_seq(number)
+        device, ts = self.link.device, self._rx_ms
         for key, raw in frame.fields:
             try:
-                value = float(raw) if raw is not None else math.nan
-            except ValueError:
+                value = float(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):  # (TypeError: a key without a value)
                 value = math.nan
             if not math.isfinite(value):
                 self.link.stats["bad_values"] += 1
                 continue
-            values.append((key, value))
-        if values:
-            self.link.events.reading(self.link.device, values, self._rx_ms, frame.number)
+            rows.append((device, key, value, ts, number))
 
     def _on_state(self, frame: Frame) -> None:
         self._account_seq(frame.number)
@@ -120,7 +129,7 @@ class PicogwSerialSession(SerialSession):
         if led in ("on", "off"):
             self.link.events.led_state(self.link.device, led == "on")
 
-    _handlers = {"H": _on_hello, "R": _on_reading, "S": _on_state, "A": _on_answer, "N": _on_answer}
+    _handlers = {"H": _on_hello, "S": _on_state, "A": _on_answer, "N": _on_answer}
 
     # -- command worker thread --------------------------------------------
     def _new_id(self) -> int:
