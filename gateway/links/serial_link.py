@@ -68,6 +68,7 @@ class SerialLink(Link):
         super().__init__(config, events)
         self._port: serial.Serial | None = None
         self._write_lock = threading.Lock()
+        self.commands_waiting = 0  # the serial thread reads at once, without gathering, while > 0
         self.session = self.make_session()
 
     def make_session(self) -> SerialSession:
@@ -77,7 +78,11 @@ class SerialLink(Link):
         return factory(self)
 
     def set_led(self, command: LedCommand) -> bool:
-        return self.session.set_led(command)
+        self.commands_waiting += 1  # (one worker per device calls this: no lock needed)
+        try:
+            return self.session.set_led(command)
+        finally:
+            self.commands_waiting -= 1
 
     def write(self, data: bytes) -> None:
         """Send bytes to the Pico, blocking up to WRITE_TIMEOUT; CommandError if the port

@@ -41,8 +41,9 @@ TICK = 0.05  # seconds between the sessions' timers (heartbeats, offline checks)
 READ_SIZE = 65536
 GATHER = 0.001  # seconds the thread lets bytes gather after a round that read some, before it waits again
 # on the ports: busy Picos are then read a dozen frames at a time, not one or two (16 ports sending flat out
-# woke it ~2,400 times a second, a system call and a thread switch each; with this, ~750 and 30 % less CPU
-# per reading, docs/performance.md). A quiet port's first bytes are still read at once.
+# woke it ~2,400 times a second, a system call and a thread switch each; with this, ~780 and a third less
+# CPU per reading, docs/performance.md). A quiet port's first bytes are still read at once, and nothing
+# gathers while a command waits for its answer.
 
 
 @dataclass
@@ -120,7 +121,7 @@ class SerialReactor:
                     else:
                         self._read(key.data)
                         busy = True
-                if busy:
+                if busy and not any(link.commands_waiting for link in self._ports):
                     time.sleep(GATHER)
             except Exception as exc:  # a bug here would silence every serial Pico: survive it
                 if errors.first(f"{type(exc).__name__}: {exc}"[:200]):
