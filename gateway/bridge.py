@@ -105,6 +105,9 @@ class Bridge:
 
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
+        if not values:
+            self.last_seen[device] = ts_ms  # heard from, though every value was bad
+            return
         self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
 
     def readings(self, device: str, rows: list[Row]) -> None:
@@ -112,7 +115,7 @@ class Bridge:
             return
         self.last_seen[device] = rows[-1][3]
         if self.on_metric is not None:
-            for metric in {row[1] for row in rows}:
+            for metric in dict.fromkeys(row[1] for row in rows):  # (in order: discovery keeps the first ones)
                 self.on_metric(device, metric)
         self.outbox.put(rows)
 

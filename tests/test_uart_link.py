@@ -8,6 +8,7 @@ import pytest
 
 from gateway.links.base import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
+from gateway.protocols.picogw import encode
 from mqtt_helpers import wait_for
 from peers import PicogwPeer
 
@@ -115,3 +116,41 @@ def test_a_pico_that_stops_reading_holds_up_no_other_serial_link() -> None:
         healthy_link.stop()
         stuck.close()
         healthy.close()
+
+
+class OrderedEvents(Events):
+    """Events that also keep one log of readings and LED states, in the order reported."""
+
+    def __init__(self, fail_on_led: bool = False) -> None:
+        super().__init__()
+        self.log: list[object] = []
+        self.fail_on_led = fail_on_led
+
+    def readings(self, device, rows) -> None:
+        super().readings(device, rows)
+        self.log.extend(row[2] for row in rows)
+
+    def led_state(self, device, on) -> None:
+        if self.fail_on_led:
+            raise RuntimeError("the bridge failed")
+        self.log.append("led on" if on else "led off")
+
+
+READ = encode("R", 0, [("temp", "1")]) + encode("R", 1, [("temp", "2")]) + encode("S", 2, [("led", "on")]) \
+    + encode("R", 3, [("temp", "3")])
+
+
+def test_one_read_keeps_the_picos_order_of_readings_and_states() -> None:
+    # A read's readings go to the bridge in one call, but not past a state between them.
+    events = OrderedEvents()
+    link = UartLink(UartConfig(id="greenhouse", transport="uart", port="/dev/null"), events)
+    link.session.received(READ)  # the serial thread's call, made here without a port
+    assert events.log == [1.0, 2.0, "led on", 3.0]
+
+
+def test_a_failing_handler_loses_none_of_the_readings_before_it() -> None:
+    events = OrderedEvents(fail_on_led=True)
+    link = UartLink(UartConfig(id="greenhouse", transport="uart", port="/dev/null"), events)
+    with pytest.raises(RuntimeError):  # (the serial thread counts it and reopens the port)
+        link.session.received(READ)
+    assert events.log == [1.0, 2.0]

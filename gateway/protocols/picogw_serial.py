@@ -52,17 +52,22 @@ class PicogwSerialSession(SerialSession):
         self.link.set_online(True, "frames arriving")
         rows: list[Row] = []  # the readings of this read, handed on in one call
         handlers = self._handlers
-        for frame in frames:
-            if frame.type == "R":
-                self._on_reading(frame, rows)
-                continue
-            handler = handlers.get(frame.type)
-            if handler is None:
-                self.link.stats["unknown_type"] += 1
-            else:
-                handler(self, frame)
-        if rows:
-            self.link.events.readings(self.link.device, rows)
+        try:
+            for frame in frames:
+                if frame.type == "R":
+                    self._on_reading(frame, rows)
+                    continue
+                if rows:  # (rare: a state or an answer among readings) keep the Pico's order
+                    self.link.events.readings(self.link.device, rows)
+                    rows = []
+                handler = handlers.get(frame.type)
+                if handler is None:
+                    self.link.stats["unknown_type"] += 1
+                else:
+                    handler(self, frame)
+        finally:  # a handler that raised loses none of the readings before it
+            if rows:
+                self.link.events.readings(self.link.device, rows)
 
     def poll(self, now: float) -> None:
         cfg = self.link.config
