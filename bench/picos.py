@@ -34,8 +34,9 @@ from gateway.protocols.picogw import FrameReceiver, encode
 # here; what they cost is taken from the subscriber that bounds both the ingest figure and
 # the paho ceiling (which has no Picos). So they are made cheap: a flood writes FLOOD_CHUNK
 # frames at a time (in 8-frame writes this process switched ~5,000 times a second and the
-# subscriber was preempted 800-1,900 times a second, in 32-frame ones 440-630: see
-# docs/performance.md), and frames are formatted directly, not through encode()'s checks
+# subscriber was preempted 800-1,900 times a second, in 32-frame ones 440-630, and 90-240 once
+# the gateway's serial thread also let bytes gather: see docs/performance.md), and frames are
+# formatted directly, not through encode()'s checks
 # (0.5 against 1.8 µs a frame).
 FLOOD_CHUNK = 32
 RATE_CHUNK = 8  # at a rate (UART speed): a burst every 8 frames' time, close to a wire's steady stream
