@@ -58,10 +58,10 @@ def test_a_burst_of_messages_is_handled_at_once(broker: PrivateBroker, recorder:
     mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "burst-test", None)
     got: list[bytes] = []
     mqtt.subscribe("burst/#", lambda topic, payload, retained: got.append(payload), qos=0)
+    recorder.publish("burst/ready", "0", retain=True)  # delivered when the subscription is in place
     mqtt.start()
     try:
         assert mqtt.wait_connected(10)
-        recorder.publish("burst/ready", "0")  # (the subscription is in place once this comes back)
         wait_for(lambda: got, 5, "the subscription")
         for i in range(1, 2001):
             recorder.client.publish("burst/x", str(i), qos=0)
@@ -69,6 +69,7 @@ def test_a_burst_of_messages_is_handled_at_once(broker: PrivateBroker, recorder:
         assert got[1:] == [str(i).encode() for i in range(1, 2001)]
     finally:
         mqtt.stop()
+        recorder.publish("burst/ready", "", retain=True)
 
 
 def test_queued_packets_are_joined_only_where_paho_has_nothing_to_do_once_written() -> None:
