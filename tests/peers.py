@@ -2,7 +2,7 @@
 
 The end-to-end tests also run the real firmware in the simulator; these peers let a
 test put exact bytes on the wire (garbage, corrupt frames, silence) and see what the
-gateway sends back.
+gateway sends back. ``Events`` is the other side: the bridge as a link reports to it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import select
 import threading
 import tty
 
+from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 
 
@@ -162,3 +163,31 @@ class TutorialTcpPeer:
 
     def close(self) -> None:
         self.server.close()
+
+
+class Events:
+    """A LinkEvents that records what the link reports."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str, float, int | None]] = []  # (device, metric, value, seq)
+        self.leds: list[bool] = []
+        self.online: list[bool] = []
+        self.lock = threading.Lock()
+
+    def reading(self, device, values, ts_ms, seq) -> None:  # (what the i2c link calls)
+        self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
+
+    def readings(self, device, rows) -> None:  # (what the picogw session calls)
+        with self.lock:
+            self.got.extend((row[0], row[1], row[2], row[4]) for row in rows)
+
+    def led_state(self, device, on) -> None:
+        self.leds.append(on)
+
+    def availability(self, device, online) -> None:
+        self.online.append(online)
+
+
+def unopened_uart_link(device: str = "fz", events: Events | None = None) -> UartLink:
+    """A real uart link whose session a test feeds bytes directly (its port is never opened)."""
+    return UartLink(UartConfig(id=device, transport="uart", port="/dev/null"), events or Events())

@@ -13,33 +13,12 @@ from hypothesis import strategies as st
 
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.links.base import LedCommand
-from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols.picogw import MAX_FRAME, FrameError, FrameReceiver, decode, encode
 from gateway.protocols.picogw_serial import PicogwSerialSession
 from gateway.topics import Topics
+from peers import unopened_uart_link
 
 GOOD = encode("R", 7, [("temp", "21.5")])
-
-
-class Events:
-    """The bridge's side of LinkEvents, recording readings."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[str, float]] = []
-
-    def readings(self, device, rows) -> None:  # (what the picogw session calls)
-        self.got.extend((metric, value) for _, metric, value, _, _ in rows)
-
-    def led_state(self, device, on) -> None:
-        pass
-
-    def availability(self, device, online) -> None:
-        pass
-
-
-def uart_link() -> UartLink:
-    """A real uart link whose session is fed bytes directly (the port is not opened)."""
-    return UartLink(UartConfig(id="fz", transport="uart", port="/dev/null"), Events())
 
 
 frame_like = st.one_of(
@@ -55,14 +34,14 @@ frame_like = st.one_of(
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(chunks=st.lists(frame_like, max_size=8), cut=st.integers(min_value=0, max_value=400))
 def test_arbitrary_bytes_never_raise_and_a_good_frame_still_arrives(chunks: list[bytes], cut: int) -> None:
-    link = uart_link()
+    link = unopened_uart_link()
     session = link.session
     assert isinstance(session, PicogwSerialSession)
     stream = b"".join(chunks) + b"\n" + GOOD
     cut = min(cut, len(stream))
     session.received(stream[:cut])  # split anywhere
     session.received(stream[cut:])
-    assert ("temp", 21.5) == link.events.got[-1]
+    assert link.events.got[-1][1:3] == ("temp", 21.5)
     assert len(session.rx._buf) <= MAX_FRAME
 
 
@@ -119,7 +98,7 @@ def bridge(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     mqtt = MqttConnection(MqttConfig(host="127.0.0.1", port=1), "fuzz", ("pico/bridge/fz/status", "offline"))
     b = Bridge("fz", Topics("pico"), Store(tmp / "r.db"), mqtt)
-    b.add(uart_link())
+    b.add(unopened_uart_link())
     yield b
 
 

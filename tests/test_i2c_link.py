@@ -12,7 +12,7 @@ import pytest
 import gateway.links.i2c as i2c
 from gateway.links.i2c import I2cConfig, I2cLink
 from mqtt_helpers import wait_for
-from test_uart_link import Events
+from peers import Events
 
 
 class RegisterBus:
@@ -51,6 +51,7 @@ def test_metric_names_from_the_register_map_are_checked(monkeypatch: pytest.Monk
         if good:
             wait_for(lambda: len(events.got) >= 2, 5, "a reading")
             assert [metric for _, metric, _, _ in events.got[:2]] == ["temp", "hum"]
+            assert link.stats["bad_identity"] == 0 and events.online[-1:] == [True]
         else:
             wait_for(lambda: link.stats["bad_identity"] >= 2, 5, "the map refused, and read again")
             assert events.got == [] and True not in events.online

@@ -13,6 +13,7 @@ from pathlib import Path
 import serial
 
 from conftest import REPO, GatewayProcess
+from gateway.processes import stop_process
 from mqtt_helpers import Recorder, wait_for
 
 HERE = Path(__file__).parent
@@ -104,11 +105,14 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--duration", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines, reader = output_lines(demo)
-    # Its processes (broker, gateway, virtual Picos), once the first table shows them running.
-    wait_for(lambda: any(re.match(r"greenhouse\s", line) for line in list(lines)), 60, "the first table")
-    started = children_of(demo.pid)
-    assert started, "the demo runs its parts as child processes"
-    demo.wait(90)
+    try:
+        # Its processes (broker, gateway, virtual Picos), once the first table shows them running.
+        wait_for(lambda: any(re.match(r"greenhouse\s", line) for line in list(lines)), 60, "the first table")
+        started = children_of(demo.pid)
+        assert started, "the demo runs its parts as child processes"
+        demo.wait(90)
+    finally:
+        stop_process(demo)  # (a failure above must not leave the demo running; else it has exited)
     reader.join(10)
     out = "".join(lines)
     assert demo.returncode == 0, out

@@ -10,30 +10,7 @@ from gateway.links.base import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols.picogw import encode
 from mqtt_helpers import wait_for
-from peers import PicogwPeer
-
-
-class Events:
-    """A LinkEvents that records what the link reports."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[str, str, float, int | None]] = []  # (device, metric, value, seq)
-        self.leds: list[bool] = []
-        self.online: list[bool] = []
-        self.lock = threading.Lock()
-
-    def reading(self, device, values, ts_ms, seq) -> None:  # (what the i2c link calls)
-        self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
-
-    def readings(self, device, rows) -> None:  # (what the picogw session calls)
-        with self.lock:
-            self.got.extend((row[0], row[1], row[2], row[4]) for row in rows)
-
-    def led_state(self, device, on) -> None:
-        self.leds.append(on)
-
-    def availability(self, device, online) -> None:
-        self.online.append(online)
+from peers import Events, PicogwPeer, unopened_uart_link
 
 
 @pytest.fixture
@@ -143,14 +120,12 @@ READ = encode("R", 0, [("temp", "1")]) + encode("R", 1, [("temp", "2")]) + encod
 def test_one_read_keeps_the_picos_order_of_readings_and_states() -> None:
     # A read's readings go to the bridge in one call, but not past a state between them.
     events = OrderedEvents()
-    link = UartLink(UartConfig(id="greenhouse", transport="uart", port="/dev/null"), events)
-    link.session.received(READ)  # the serial thread's call, made here without a port
+    unopened_uart_link("greenhouse", events).session.received(READ)  # (the serial thread's call)
     assert events.log == [1.0, 2.0, "led on", 3.0]
 
 
 def test_a_failing_handler_loses_none_of_the_readings_before_it() -> None:
     events = OrderedEvents(fail_on_led=True)
-    link = UartLink(UartConfig(id="greenhouse", transport="uart", port="/dev/null"), events)
     with pytest.raises(RuntimeError):  # (the serial thread counts it and reopens the port)
-        link.session.received(READ)
+        unopened_uart_link("greenhouse", events).session.received(READ)
     assert events.log == [1.0, 2.0]
