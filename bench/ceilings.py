@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 
-from common import METRIC, Env, Subscriber, cpu_seconds, loss_report, wait_for
+from common import METRIC, Env, Subscriber, cpu_seconds, loss_report, others_cpu, wait_for
 
 CHUNK = 8  # messages per topic per turn, as the ingest feeder wrote frames until it went to 32 (fifth round,
 # docs/performance.md). Left at 8: the publisher is not what bounds the ceiling (it takes ~0.4 of a core,
@@ -46,10 +46,10 @@ def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bo
                      lambda: _alive(publisher))
             time.sleep(env.warmup)
             t0, sent0, recv0, cpu0 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
-            others0 = cpu_seconds(broker.proc.pid), time.process_time()  # the broker; this process: the subscriber
+            others0 = others_cpu(broker)
             time.sleep(env.duration)
             t1, sent1, recv1, cpu1 = time.monotonic(), sum(sent), sub.received, cpu_seconds(publisher.pid)
-            others1 = cpu_seconds(broker.proc.pid), time.process_time()
+            others1 = others_cpu(broker)
             stop.value = 1
             publisher.join(30)
             try:

@@ -79,6 +79,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
 
 
+def others_cpu(broker: PrivateBroker, *pids: int) -> list[float]:
+    """CPU seconds so far of mosquitto, of this process (the bench's subscriber) and of
+    ``pids`` (the virtual Picos): what shares the two cores with the process measured."""
+    assert broker.proc is not None
+    return [cpu_seconds(broker.proc.pid), time.process_time(), *(cpu_seconds(pid) for pid in pids)]
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """VmRSS (now) and VmHWM (peak RSS) in MB, from /proc/<pid>/status."""
     out = {}
@@ -135,7 +142,7 @@ class Subscriber:
     """Counts sensor messages per topic (keeping their payloads, the sequence numbers)
     and records when status/state/result messages arrive."""
 
-    def __init__(self, host: str, port: int, base: str = "pico", counter=None) -> None:
+    def __init__(self, host: str, port: int, counter=None) -> None:
         """``counter``: a shared multiprocessing value kept equal to ``received`` (for a
         feeder or publisher in another process)."""
         self.received = 0
@@ -145,7 +152,7 @@ class Subscriber:
         self._subscribed = threading.Event()
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5,
                                   client_id=f"bench-sub-{os.getpid()}-{time.monotonic_ns()}")
-        filters = [(f"{base}/+/sensor/#", 0)] + [(f"{base}/{t}", 1) for t in (
+        filters = [("pico/+/sensor/#", 0)] + [(f"pico/{t}", 1) for t in (
             "+/status", "+/state/#", "+/result/#", "bridge/#")]  # no overlaps: one copy of each message
         self.client.on_connect = lambda c, *a: c.subscribe(filters)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
@@ -191,9 +198,9 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, check: 
 
 
 def wait_online(sub: Subscriber, gateway_id: str, devices: list[str], after: float, timeout: float,
-                check: Callable[[], None] | None = None, base: str = "pico") -> float:
+                check: Callable[[], None] | None = None) -> float:
     """Monotonic time at which the bridge and every device had said ``online`` (after ``after``)."""
-    topics = [f"{base}/bridge/{gateway_id}/status"] + [f"{base}/{d}/status" for d in devices]
+    topics = [f"pico/bridge/{gateway_id}/status"] + [f"pico/{d}/status" for d in devices]
 
     def all_online() -> float | None:
         times = [sub.first(t, b"online", after) for t in topics]
@@ -204,8 +211,9 @@ def wait_online(sub: Subscriber, gateway_id: str, devices: list[str], after: flo
 
 # -- checking what arrived -----------------------------------------------------------------
 def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since_ms: int = 0) -> dict[str, int]:
-    """Frames written (per device: sequence numbers 0 .. n-1) vs messages received vs
-    rows stored, by sequence number per device.
+    """Messages written (per device, sequence numbers 0 .. n-1: frames from the virtual
+    Picos, or the paho ceiling's PUBLISHes) vs messages received vs rows stored, by
+    sequence number per device.
 
     Only rows with ``ts >= since_ms`` count (a pre-filled database holds older ones)."""
     import sqlite3
@@ -217,7 +225,7 @@ def loss_report(written: dict[str, int], sub: Subscriber, db: Path | None, since
         unique = set(got)
         duplicates_mqtt += len(got) - len(unique)
         missing_mqtt += sum(1 for n in range(count) if n not in unique)
-    report = {"frames_written": sent, "messages_received": sub.received,
+    report = {"written": sent, "messages_received": sub.received,
               "missing_on_mqtt": missing_mqtt, "duplicates_on_mqtt": duplicates_mqtt}
     if db is not None:
         names = list(written)

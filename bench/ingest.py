@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import Env, GatewayProcess, Subscriber, cpu_seconds, loss_report, wait_for, wait_online, write_config
+from common import Env, GatewayProcess, Subscriber, loss_report, others_cpu, wait_for, wait_online, write_config
 from picos import Picos
-
-from gateway.mosquitto import PrivateBroker
 
 GATEWAY_ID = "bench"
 
@@ -44,12 +42,12 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
             time.sleep(env.warmup)
             spy = _py_spy(gw.pid, env.duration, profile) if profile else None
             t0, cpu0, sent0, recv0 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
-            others0 = _others_cpu(broker, picos)
+            others0 = others_cpu(broker, picos.pid)
             while time.monotonic() < t0 + env.duration:
                 gw.check()
                 time.sleep(0.1)
             t1, cpu1, sent1, recv1 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
-            others1 = _others_cpu(broker, picos)
+            others1 = others_cpu(broker, picos.pid)
             picos.stop_feed()
             try:
                 wait_for(lambda: sub.received >= picos.sent, 15, "the last readings", gw.check)
@@ -86,12 +84,6 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
         "missing_on_mqtt", "duplicates_on_mqtt", "missing_in_db", "duplicates_in_db"))
     shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def _others_cpu(broker: PrivateBroker, picos: Picos) -> tuple[float, float, float]:
-    """CPU seconds of mosquitto, of this process (the subscriber) and of the virtual Picos."""
-    assert broker.proc is not None
-    return cpu_seconds(broker.proc.pid), time.process_time(), cpu_seconds(picos.pid)
 
 
 def py_spy_path() -> str | None:

@@ -101,10 +101,10 @@ class Picos:
         """Reading frames the feeder has written so far."""
         return self._sent.value
 
-    def feed(self, window: int, chunk: int | None = None, rate: float | None = None) -> Picos:
-        """Start flooding (``rate``: at most that many frames per second per Pico), ``chunk``
-        frames per write: FLOOD_CHUNK when flooding, RATE_CHUNK at a rate."""
-        self._call("feed", window, chunk or (FLOOD_CHUNK if rate is None else RATE_CHUNK), rate)
+    def feed(self, window: int, rate: float | None = None) -> Picos:
+        """Start flooding (``rate``: at most that many frames per second per Pico), FLOOD_CHUNK
+        frames per write, or RATE_CHUNK at a rate."""
+        self._call("feed", window, FLOOD_CHUNK if rate is None else RATE_CHUNK, rate)
         return self
 
     def stop_feed(self) -> None:

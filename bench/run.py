@@ -271,10 +271,9 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             m = res[key]["median"]
             what = key[5:].replace(" no ts", ", no user property").replace(" single", ", single") \
                 if "no ts" in key else f"{key[5:]}, ts property"
-            others = (f"; broker {n(m['broker_cores'], 2)}, subscriber {n(m['subscriber_cores'], 2)} cores"
-                      if "broker_cores" in m else "")  # (not in results from before they were recorded)
             t.add(f"bare paho publisher, {what}", f"{n(m['delivered_per_s'])}/s "
-                  f"({n(m['cpu_s_per_1000'], 3)} CPU s/1,000 in the publisher{others})", "zero loss", m["zero_loss"])
+                  f"({n(m['cpu_s_per_1000'], 3)} CPU s/1,000 in the publisher; broker {n(m['broker_cores'], 2)}, "
+                  f"subscriber {n(m['subscriber_cores'], 2)} cores)", "zero loss", m["zero_loss"])
         for batch in (2000, 100, 1):
             if f"sqlite_{batch}" in res:
                 m = res[f"sqlite_{batch}"]["median"]
