@@ -35,8 +35,10 @@ class PayloadError(ValueError):
 def parse_led_payload(payload: bytes) -> LedCommand:
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError(f"payload too long ({len(payload)} bytes, at most {MAX_PAYLOAD})")
+    # bytes.strip() and .lower() know ASCII only: str's would also strip control characters
+    # (b"\x1c0" would be "0") and fold look-alike letters into one of the words.
     try:
-        text = payload.decode("utf-8").strip().lower()
+        text = payload.strip().lower().decode("utf-8")
     except UnicodeDecodeError:
         raise PayloadError("payload is not UTF-8 text") from None
     try:

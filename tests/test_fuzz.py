@@ -8,7 +8,7 @@ from __future__ import annotations
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.commands import PayloadError, parse_led_payload
@@ -54,6 +54,7 @@ def test_every_bad_line_is_counted(line: bytes) -> None:
 
 
 @given(st.binary(max_size=200))
+@example(b"\x1c0")  # str.strip() takes control characters for white space: this was "0", off
 def test_any_payload_is_a_command_or_a_clear_error(payload: bytes) -> None:
     try:
         command = parse_led_payload(payload)
