@@ -17,9 +17,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(args.verbose)
-    from gateway.daemon import run
+    from gateway.daemon import exit_process, run
 
-    return run(config)
+    exit_process(run(config))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

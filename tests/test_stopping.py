@@ -1,0 +1,96 @@
+"""Stopping within 5 s, whatever hangs (docs/reliability.md, guarantee 4): a broker that
+no longer answers, a usb board gone silent inside mpremote's raw REPL, a command waiting
+on a mute Pico; and the demo interrupted while it starts. Each test stops the real
+process and holds it to a deadline."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import GatewayProcess, write_config
+from gateway.processes import stop_process
+from mqtt_helpers import Broker, Recorder, wait_for
+from peers import PicogwPeer
+from test_reliability import db_rows
+
+STOP_DEADLINE = 5.0  # seconds from SIGTERM to exit: guarantee 4
+
+
+def sigterm_and_wait(gw: GatewayProcess) -> tuple[int | None, float]:
+    """SIGTERM the gateway; its exit code (None: still running at the deadline) and how long
+    it took. A gateway still running is killed, so a failing test leaves nothing behind."""
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    try:
+        code: int | None = gw.proc.wait(STOP_DEADLINE)
+    except subprocess.TimeoutExpired:
+        code = None
+    took = time.monotonic() - started
+    stop_process(gw.proc, grace=0)
+    gw.log.close()
+    return code, took
+
+
+def test_sigterm_with_the_broker_hung_stops_within_5_s(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """A broker that no longer answers (SIGSTOP) at SIGTERM: the gateway still exits 0
+    within 5 s, with every reading stored; once the broker runs again the bridge shows
+    offline, and the next start publishes every reading the broker never acknowledged."""
+    peers = [PicogwPeer(f"dev{i}") for i in range(8)]
+    devices = [{"id": p.device, "transport": "uart", "port": p.path} for p in peers]
+    config = write_config(tmp_path / "gw.toml", broker, devices)
+    db = tmp_path / "readings.db"
+    gw = GatewayProcess(config, recorder)
+    gw2 = None
+    try:
+        for p in peers:
+            recorder.wait(f"pico/{p.device}/status", "online", timeout=15)
+        bridge_mark = recorder.mark("pico/bridge/testgw/status")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(20):
+                for p in peers:
+                    p.reading(temp=i)
+            wait_for(lambda: all(len(db_rows(db, p.device)) == 20 for p in peers), 10, "every reading stored")
+            code, took = sigterm_and_wait(gw)
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        assert code == 0, (code, gw.output()[-3000:])
+        assert took < STOP_DEADLINE
+        recorder.wait_new("pico/bridge/testgw/status", "offline", bridge_mark)  # (ours, or the will)
+        gw2 = GatewayProcess(config, recorder)
+        for p in peers:
+            wait_for(lambda p=p: {int(v) for v in recorder.on(f"pico/{p.device}/sensor/temp")} == set(range(20)),
+                     15, f"every reading of {p.device} published")
+    finally:
+        stop_process(gw.proc, grace=0)
+        if gw2 is not None:
+            gw2.stop()
+        for p in peers:
+            p.close()
+
+
+def test_sigterm_with_a_command_waiting_on_a_mute_pico_stops_within_5_s(tmp_path: Path, broker: Broker,
+                                                                       recorder: Recorder) -> None:
+    """A command sent to a Pico that stopped answering, with a long ``command_timeout``,
+    still waiting at SIGTERM: the stop does not wait for it."""
+    peer = PicogwPeer("porch")
+    devices = [{"id": "porch", "transport": "uart", "port": peer.path, "command_timeout": 30.0}]
+    gw = GatewayProcess(write_config(tmp_path / "gw.toml", broker, devices), recorder)
+    try:
+        recorder.wait("pico/porch/status", "online")
+        peer.mute = True
+        recorder.publish("pico/porch/cmd/led", "on")
+        wait_for(lambda: any(f.type == "C" and f.get("led") == "on" for f in peer.commands), 10,
+                 "the command at the Pico")
+        mark = recorder.mark("pico/bridge/testgw/status")
+        code, took = sigterm_and_wait(gw)
+        assert code == 0, (code, gw.output()[-3000:])
+        assert took < STOP_DEADLINE
+        recorder.wait_new("pico/bridge/testgw/status", "offline", mark)
+    finally:
+        stop_process(gw.proc, grace=0)
+        peer.close()
