@@ -10,10 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import GatewayProcess, write_config
 from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
-from peers import PicogwPeer
+from peers import PicogwPeer, PtyPeer, RawReplPeer
 from test_reliability import db_rows
 
 STOP_DEADLINE = 5.0  # seconds from SIGTERM to exit: guarantee 4
@@ -71,6 +73,54 @@ def test_sigterm_with_the_broker_hung_stops_within_5_s(tmp_path: Path, broker: B
             gw2.stop()
         for p in peers:
             p.close()
+
+
+@pytest.mark.parametrize("board", ["silent", "silent-after-raw-repl"])
+def test_sigterm_with_a_usb_repl_board_gone_silent_stops_within_5_s(tmp_path: Path, broker: Broker,
+                                                                   recorder: Recorder, board: str) -> None:
+    """A usb link in ``protocol = "tutorial"`` whose board went silent, blocked inside
+    mpremote's raw REPL (entering it; or starting a snippet) at SIGTERM: the gateway still
+    exits 0 within 5 s and says it is offline; the link's thread ends, not left behind."""
+    peer = PtyPeer() if board == "silent" else RawReplPeer(silent_after_entry=True)
+    waits_at = b"\r\x01" if board == "silent" else b"\x05A\x01"  # ctrl-A (enter), raw-paste request
+    devices = [{"id": "bench", "transport": "usb", "protocol": "tutorial", "port": peer.path,
+                "poll_interval": 0.5}]
+    gw = GatewayProcess(write_config(tmp_path / "gw.toml", broker, devices), recorder)
+    try:
+        wait_for(lambda: waits_at in peer.received, 15, f"the gateway's {waits_at!r} to the board")
+        marks = (recorder.mark("pico/bench/status"), recorder.mark("pico/bridge/testgw/status"))
+        code, took = sigterm_and_wait(gw)
+        assert code == 0, (code, gw.output()[-3000:])
+        assert took < STOP_DEADLINE
+        recorder.wait_new("pico/bench/status", "offline", marks[0])
+        recorder.wait_new("pico/bridge/testgw/status", "offline", marks[1])
+        assert "did not stop" not in gw.output()
+    finally:
+        stop_process(gw.proc, grace=0)
+        peer.close()
+
+
+def test_usb_repl_board_that_hangs_goes_offline_then_sigterm_stops_within_5_s(tmp_path: Path, broker: Broker,
+                                                                             recorder: Recorder) -> None:
+    """A stock-MicroPython board that answered polls hangs: the device goes offline (a
+    read that never ends would have kept it "online" with no readings, for good), and
+    SIGTERM still stops the gateway within 5 s."""
+    peer = RawReplPeer()
+    devices = [{"id": "bench", "transport": "usb", "protocol": "tutorial", "port": peer.path,
+                "poll_interval": 0.2}]
+    gw = GatewayProcess(write_config(tmp_path / "gw.toml", broker, devices), recorder)
+    try:
+        recorder.wait("pico/bench/status", "online", timeout=15)
+        recorder.wait("pico/bench/sensor/uptime", count=2)
+        mark = recorder.mark("pico/bench/status")
+        peer.silent.set()
+        recorder.wait_new("pico/bench/status", "offline", mark, timeout=20)
+        code, took = sigterm_and_wait(gw)
+        assert code == 0, (code, gw.output()[-3000:])
+        assert took < STOP_DEADLINE
+    finally:
+        stop_process(gw.proc, grace=0)
+        peer.close()
 
 
 def test_sigterm_with_a_command_waiting_on_a_mute_pico_stops_within_5_s(tmp_path: Path, broker: Broker,
