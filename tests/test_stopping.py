@@ -5,18 +5,21 @@ process and holds it to a deadline."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import GatewayProcess, write_config
+from conftest import REPO, GatewayProcess, write_config
 from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, PtyPeer, RawReplPeer
 from test_reliability import db_rows
+from test_simulate_cli import output_lines
 
 STOP_DEADLINE = 5.0  # seconds from SIGTERM to exit: guarantee 4
 
@@ -144,3 +147,52 @@ def test_sigterm_with_a_command_waiting_on_a_mute_pico_stops_within_5_s(tmp_path
     finally:
         stop_process(gw.proc, grace=0)
         peer.close()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_demo_ctrl_c_while_starting_stops_at_once_and_says_so(tmp_path: Path) -> None:
+    """Ctrl-C as soon as the demo has started its broker (its virtual Picos are still
+    booting): it stops within 5 s, says what it stopped, exits 0, and leaves no process
+    running. Ctrl-C at a terminal signals the whole foreground process group: so here."""
+    workdir = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
+    lines, reader = output_lines(demo)
+    try:
+        wait_for(lambda: any(line.startswith("demo: mosquitto on") for line in list(lines)), 20,
+                 "the demo's first line")
+        started = time.monotonic()
+        os.killpg(demo.pid, signal.SIGINT)
+        try:
+            demo.wait(STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - started
+    finally:
+        stop_process(demo, grace=0)
+        if demo.returncode == -signal.SIGKILL:  # (killed above: what it started is still running)
+            for pid in processes_mentioning(str(workdir)):
+                os.kill(pid, signal.SIGKILL)
+    reader.join(10)
+    out = "".join(lines)
+    assert demo.returncode == 0, out
+    assert took < STOP_DEADLINE, out
+    assert "interrupted" in out and "nothing left running" in out, out
+    assert "Traceback" not in out, out
+    wait_for(lambda: not processes_mentioning(str(workdir)), 5, "every process the demo started to end")
