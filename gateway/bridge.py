@@ -32,6 +32,7 @@ from gateway.topics import Topics
 log = logging.getLogger("gateway.bridge")
 
 MAX_PENDING_COMMANDS = 8  # per device; more are refused as busy
+LINKS_STOP = 1.0  # seconds Bridge.stop waits for all links together (part of the gateway's stop budget)
 
 
 class Bridge:
@@ -80,13 +81,27 @@ class Bridge:
         for link in list(self.links.values()):
             link.start()
 
-    def stop(self) -> list[tuple[str, str]]:
-        """Stop links, flush readings; returns the retained 'offline' messages to send last."""
+    def stop(self, links_timeout: float = LINKS_STOP) -> list[tuple[str, str]]:
+        """Stop every link at once, waiting up to ``links_timeout`` seconds for all of them,
+        then flush readings (the outbox's own bound); returns the retained 'offline' messages
+        to send last. A link still stopping at the deadline (a driver call that does not
+        return) is logged, counted (``links_abandoned``) and left to end with the process,
+        as is a command still running on a worker: neither holds up the stop."""
         self._stopping = True  # our own withdrawn claims must not make us claim again
-        for link in list(self.links.values()):
-            link.stop()
-        for worker in self._workers.values():
-            worker.shutdown(wait=True, cancel_futures=True)
+        deadline = time.monotonic() + links_timeout
+        stoppers = [threading.Thread(target=link.stop, name=f"stop-{device}", daemon=True)
+                    for device, link in list(self.links.items())]
+        for stopper in stoppers:
+            stopper.start()
+        for worker in self._workers.values():  # queued commands are dropped; a running one finishes on its own
+            worker.shutdown(wait=False, cancel_futures=True)
+        for stopper in stoppers:
+            stopper.join(max(0.0, deadline - time.monotonic()))
+        stuck = [s.name.removeprefix("stop-") for s in stoppers if s.is_alive()]
+        if stuck:
+            self.stats["links_abandoned"] += len(stuck)
+            log.warning("link(s) of %s did not stop within %g s; left to end with the process",
+                        ", ".join(sorted(stuck)), links_timeout)
         self.outbox.stop()
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
         # Give up our claims (an empty retained message deletes one): a gateway that

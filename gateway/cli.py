@@ -17,9 +17,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(args.verbose)
-    from gateway.daemon import run
+    from gateway.daemon import exit_process, run
 
-    return run(config)
+    exit_process(run(config))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -40,8 +40,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
-    from gateway.demo import run_demo
-
+    try:
+        from gateway.demo import run_demo
+    except KeyboardInterrupt:  # (Ctrl-C while Python imports, before the demo handles it itself)
+        print("demo: interrupted while starting; nothing had started", flush=True)
+        return 0
     return run_demo(args.duration, args.workdir)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from gateway.adoption import Adoption
 from gateway.bridge import Bridge
@@ -25,6 +27,10 @@ log = logging.getLogger("gateway")
 SWITCH_INTERVAL = 0.001  # seconds; CPython's default of 5 ms made a command wait up to 5 ms at each of
 # its four thread hand-offs (MQTT -> worker -> link reader -> worker -> MQTT) while links were busy
 BROKER_WAIT = 10.0  # seconds to wait for the first connection before saying READY anyway
+STOP_BUDGET = 4.0  # seconds from SIGTERM to the end of run(), whatever hangs: docs/reliability.md promises
+# 5 s, the process's own exit included. Split: the links (bridge.LINKS_STOP, all at once), the outbox's flush
+# (at most 2 s), the final messages (what is left, all at once).
+FINAL_MESSAGES_MIN = 0.5  # seconds the final messages get even when what came before took longer
 
 
 def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
@@ -80,13 +86,33 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
              config.store.path)
     notifier.ready(f"running: {len(config.devices)} device(s)")
     stop.wait()
+    deadline = time.monotonic() + STOP_BUDGET  # one budget for the whole stop, not a sum of per-item timeouts
     watchdog.stop()  # before the links stop, or stopping would look unhealthy
     notifier.stopping()
     log.info("stopping")
     diagnostics.stop()
-    last_words = bridge.stop()
+    last_words = bridge.stop()  # the links within bridge.LINKS_STOP, then the outbox's flush
     diagnostics.publish()  # the final counters, retained
     discovery.stop()
-    mqtt.stop(last_words)
+    mqtt.stop(last_words, timeout=max(FINAL_MESSAGES_MIN, deadline - time.monotonic()))
     store.close()
+    log.info("stopped")
     return 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the gateway's process with ``code``, once :func:`run` has returned.
+
+    Python's own exit waits, without a timeout, for every command worker
+    (concurrent.futures joins them): one still inside a link's call to a Pico that
+    does not answer would hold the process until that call gives up, past the stop
+    budget, or for ever. By now everything is stored and the final messages are
+    out (or their budget is spent), so the process ends here, after flushing the
+    log; any thread left is abandoned with it."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

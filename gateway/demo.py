@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.mosquitto import PrivateBroker
 from gateway.processes import stop_process
 from gateway.simulator.cli import dump_toml, simulated_config
-from gateway.simulator.fleet import start_fleet
+from gateway.simulator.fleet import Cancelled, start_fleet
 from gateway.systemd import stop_on_signals
 
 DEVICES = [
@@ -76,29 +76,46 @@ class Board:
 
 
 def run_demo(duration: float | None = None, workdir: str | None = None) -> int:
+    """Run the demo until Ctrl-C (or SIGTERM) or ``duration``; 0 when stopped so, also while
+    it was still starting, 1 when a part of it failed."""
     stop = threading.Event()
-    stop_on_signals(stop)
+    stop_on_signals(stop)  # (Ctrl-C reaches the broker and the gateway too: a terminal signals the group)
     tmp = Path(workdir or tempfile.mkdtemp(prefix="pico-demo-"))
     cleanup = workdir is None
-    broker = PrivateBroker(tmp / "broker").start()
+    broker = PrivateBroker(tmp / "broker")
+    broker_started = picos_starting = False
     fleet = gateway = client = None
     try:
-        print(f"demo: mosquitto on {broker.host}:{broker.port}, files in {tmp}", flush=True)
-        sim_devices = [{**d, "read_interval": READ_INTERVAL} for d in DEVICES]
-        fleet = start_fleet(sim_devices, tmp / "picos", broker=(broker.host, broker.port), timeout=20)
-        config = simulated_config({"gateway_id": "demo", "mqtt": {"host": broker.host, "port": broker.port},
-                                   "store": {"path": str(tmp / "readings.db")}, "devices": DEVICES}, fleet)
-        config_path = tmp / "gateway.toml"
-        config_path.write_text(dump_toml(config))
-        log = open(tmp / "gateway.log", "ab")
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        board = Board("pico")
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
-        client.on_message = board.on_message
-        client.on_connect = lambda c, *_: c.subscribe("pico/#")
-        client.connect(broker.host, broker.port)
-        client.loop_start()
+        try:
+            broker.start()
+            broker_started = True
+            print(f"demo: mosquitto on {broker.host}:{broker.port}, files in {tmp}", flush=True)
+            sim_devices = [{**d, "read_interval": READ_INTERVAL} for d in DEVICES]
+            picos_starting = True  # (cancelled, start_fleet stops the ones it started itself)
+            fleet = start_fleet(sim_devices, tmp / "picos", broker=(broker.host, broker.port), timeout=20,
+                                cancel=stop)
+            if stop.is_set():
+                raise Cancelled("stopped before the gateway started")
+            config = simulated_config({"gateway_id": "demo", "mqtt": {"host": broker.host, "port": broker.port},
+                                       "store": {"path": str(tmp / "readings.db")}, "devices": DEVICES}, fleet)
+            config_path = tmp / "gateway.toml"
+            config_path.write_text(dump_toml(config))
+            with open(tmp / "gateway.log", "ab") as log:
+                gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
+                                           stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            board = Board("pico")
+            client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+            client.on_message = board.on_message
+            client.on_connect = lambda c, *_: c.subscribe("pico/#")
+            client.connect(broker.host, broker.port)
+            client.loop_start()
+        except Exception:
+            if not stop.is_set():
+                raise
+            # Interrupted while starting: what failed is a consequence (the broker, signalled
+            # too, went away; a wait was cancelled), not news.
+            print("demo: interrupted while starting", flush=True)
+            return 0
         hint = (f"Try, in another terminal:\n"
                 f"  mosquitto_sub -h {broker.host} -p {broker.port} -v -t 'pico/#'\n"
                 f"  mosquitto_pub -h {broker.host} -p {broker.port} -t pico/greenhouse/cmd/led -m toggle\n"
@@ -124,14 +141,21 @@ def run_demo(duration: float | None = None, workdir: str | None = None) -> int:
         print(board.render(), flush=True)
         return 0
     finally:
+        stopped = []
         if client is not None:
             client.loop_stop()
             client.disconnect()
         if gateway is not None:
             stop_process(gateway)
+            stopped.append("the gateway")
         if fleet is not None:
             fleet.stop()
-        broker.stop()
+            stopped.append(f"{len(fleet.picos)} virtual Picos")
+        elif picos_starting:
+            stopped.append("the virtual Picos started so far")
+        broker.stop()  # (also when its start failed: it may have a process to end)
+        if broker_started:
+            stopped.append("the broker")
         if cleanup:
             shutil.rmtree(tmp, ignore_errors=True)
-        print("demo: stopped; nothing left running.", flush=True)
+        print(f"demo: stopped {', '.join(stopped) or 'what had started'}; nothing left running.", flush=True)

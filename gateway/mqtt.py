@@ -62,6 +62,7 @@ BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
+DISCONNECT_TIME = 0.3  # seconds of stop()'s budget kept for writing the DISCONNECT once the acks are waited for
 RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
 MERGE_MAX = 65536  # bytes GatewayClient joins into one queued entry at most
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
@@ -429,20 +430,29 @@ class MqttConnection:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
-    def stop(self, last_words: list[tuple[str, str]] = ()) -> None:
-        """Publish ``last_words`` (retained, QoS 1), wait briefly for them, disconnect."""
+    def stop(self, last_words: list[tuple[str, str]] = (), timeout: float = STOP_WRITE + 1) -> None:
+        """Publish ``last_words`` (retained, QoS 1), wait for their acknowledgements, disconnect:
+        all within ``timeout`` seconds, whatever the broker does (a broker that stopped
+        answering costs the budget once, not once per message). Without a connection, or
+        when the DISCONNECT does not reach the broker, it sends our will instead."""
+        deadline = time.monotonic() + timeout
         infos = [self.client.publish(t, p, qos=1, retain=True) for t, p in last_words]
-        for info in infos:
+        acks_by = deadline - min(DISCONNECT_TIME, timeout / 2)  # the rest is the DISCONNECT's
+        for info in infos:  # (all are out at once: waiting for one is waiting for the others too)
+            left = acks_by - time.monotonic()
+            if left <= 0 or not self.connected.is_set():
+                break
             try:
-                info.wait_for_publish(timeout=2)
+                info.wait_for_publish(timeout=left)
             except (RuntimeError, ValueError):
-                pass  # not connected: the broker will send our will instead
+                pass  # queued while not connected: the broker will send our will instead
         self.client.disconnect()  # queues DISCONNECT; the loop writes it and ends
         self._stopping.set()
         self._wake()
         if self._thread is not None:
-            self._thread.join(STOP_WRITE + 1)
-        if not self.alive():  # (a thread stuck in a connection attempt keeps them, and ends with the process)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if not self.alive():  # (a thread stuck in a connection attempt, or still writing to a broker that
+            # does not read, keeps them and ends with the process: it is a daemon thread)
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = -1

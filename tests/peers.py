@@ -129,6 +129,43 @@ class TutorialPeer(PtyPeer):
                 self.send(b"off\r\n")
 
 
+class RawReplPeer(PtyPeer):
+    """Stock MicroPython's raw REPL as mpremote drives it (no raw-paste), answering every
+    snippet as the reading snippet (temperature, uptime, LED); ``silent`` set: it answers
+    nothing more, like a board that hung. ``silent_after_entry``: it enters the raw REPL,
+    then hangs (mpremote waits for raw-paste's answer)."""
+
+    BANNER = b"raw REPL; CTRL-B to exit\r\n>"
+
+    def __init__(self, silent_after_entry: bool = False) -> None:
+        self.silent = threading.Event()
+        self.silent_after_entry = silent_after_entry
+        self.execs = 0
+        self._code: bytearray | None = None  # in the raw REPL: the snippet being received
+        super().__init__()
+
+    def on_bytes(self, data: bytes) -> None:
+        if self.silent.is_set():
+            return
+        if self._code is None:
+            if b"\x01" in data:  # ctrl-A: enter the raw REPL
+                self._code = bytearray()
+                self.send(self.BANNER)
+                if self.silent_after_entry:
+                    self.silent.set()
+            return
+        if b"\x05A\x01" in data:  # may we use raw-paste? No: the plain raw REPL
+            self.send(b"R\x00")
+            data = data.split(b"\x05A\x01", 1)[1]
+        self._code += data
+        if b"\x02" in self._code:  # ctrl-B: back to the friendly REPL
+            self._code = None
+        elif b"\x04" in self._code:
+            self._code.clear()
+            self.execs += 1
+            self.send(b"OK" + f"21.5 {self.execs} 0\r\n".encode() + b"\x04\x04>")
+
+
 class TutorialTcpPeer:
     """The tutorial's Pico W TCP server on a loopback port: one command per connection."""
 

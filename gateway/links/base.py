@@ -30,6 +30,8 @@ DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 RESERVED_IDS = frozenset({"bridge"})
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+STOP_JOIN = 10.0  # seconds ThreadedLink.stop waits for the link's thread (the bridge waits less: it stops
+# every link at once, in threads of its own, and leaves the ones still stopping at its deadline)
 
 
 def is_device_id(name: str) -> bool:
@@ -163,9 +165,19 @@ class ThreadedLink(Link):
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end and wait up to STOP_JOIN seconds for it. A thread still
+        inside a call that does not return (a driver, a port) is abandoned, logged and
+        counted (``stop_abandoned``): it is a daemon thread and ends with the process; what
+        it holds is released then, not by :meth:`closed`, which it could block."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        thread = self._thread
+        if thread is not None:
+            thread.join(STOP_JOIN)
+            if thread.is_alive():
+                self.stats["stop_abandoned"] += 1
+                self.log.warning("the link's thread did not end within %g s of being asked to stop; "
+                                 "left to end with the process", STOP_JOIN)
+                return
             self._thread = None
         self.closed()
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Literal
+import time
+from typing import Any, Literal
 
+import serial
 from mpremote.transport import TransportError
 from pydantic import Field
 
 from gateway.links.base import CommandError, LedCommand, Link, LinkEvents, PollingLink, now_ms
-from gateway.links.serial_link import SerialDeviceConfig, SerialLink
+from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
 
 # The only code ever sent to a stock-MicroPython Pico. Each prints the LED
 # state last, as 0 or 1; READ prints temperature (°C, RP2040 datasheet formula)
@@ -36,6 +38,66 @@ SNIPPETS = {
              "Pin('LED').value())"),
 }
 READ_METRICS = ("temp", "uptime")
+READ_SLICE = 0.1  # seconds a read of the raw REPL waits before it looks at whether the link is stopping
+
+
+class Stopping(OSError):
+    """The link is stopping: the raw REPL call in progress was cut short."""
+
+
+class BoundedPort:
+    """The serial port as mpremote's SerialTransport uses it (``transport.serial``), with
+    every call bounded. mpremote opens its port without a read timeout: a board that goes
+    silent would hold a read (entering the raw REPL, waiting for raw-paste's answer) and with
+    it the link's thread for ever. Here a read ends after ``timeout`` seconds with what has
+    come, and within READ_SLICE seconds of ``stopping`` being set (raising :class:`Stopping`);
+    a write fails after WRITE_TIMEOUT (a board that stopped reading)."""
+
+    def __init__(self, port: serial.Serial, timeout: float, stopping: threading.Event) -> None:
+        port.timeout = READ_SLICE
+        port.write_timeout = WRITE_TIMEOUT
+        self._port = port
+        self._timeout = timeout
+        self._stopping = stopping
+
+    def _check(self) -> None:
+        if self._stopping.is_set():
+            raise Stopping("the link is stopping")
+
+    def read(self, size: int = 1) -> bytes:
+        deadline = time.monotonic() + self._timeout
+        data = b""
+        while True:
+            self._check()
+            data += self._port.read(size - len(data))
+            if len(data) >= size or time.monotonic() >= deadline:
+                return data
+
+    def inWaiting(self) -> int:  # noqa: N802 (mpremote's name, from pyserial 2)
+        self._check()
+        return self._port.in_waiting
+
+    def write(self, data: bytes) -> int | None:
+        return self._port.write(data)
+
+    @property
+    def rts(self) -> bool:
+        return self._port.rts
+
+    @rts.setter
+    def rts(self, value: bool) -> None:
+        self._port.rts = value
+
+    @property
+    def dtr(self) -> bool:
+        return self._port.dtr
+
+    @dtr.setter
+    def dtr(self, value: bool) -> None:
+        self._port.dtr = value
+
+    def __getattr__(self, name: str) -> Any:  # close(), isOpen(), ...: the port's own
+        return getattr(self._port, name)
 
 
 class UsbConfig(SerialDeviceConfig):
@@ -86,12 +148,14 @@ class UsbReplLink(PollingLink):
         with self._lock:
             try:
                 if self._transport is None:
-                    transport = SerialTransport(self.config.port, baudrate=self.config.baudrate)
+                    transport = SerialTransport(self.config.port, baudrate=self.config.baudrate, timeout=READ_SLICE)
+                    transport.serial = BoundedPort(transport.serial, self.config.command_timeout, self._stop)
                     self._transport = transport
                     transport.enter_raw_repl(soft_reset=False, timeout_overall=self.config.command_timeout + 3)
                 out = self._transport.exec_raw(SNIPPETS[key], timeout=self.config.command_timeout)  # type: ignore[attr-defined]
             except (TransportError, OSError, ValueError) as exc:
-                self.stats["repl_errors"] += 1
+                if not isinstance(exc, Stopping):
+                    self.stats["repl_errors"] += 1
                 self._close()
                 raise OSError(f"{self.config.port}: {exc}") from exc
             stdout, stderr = out

@@ -139,12 +139,16 @@ class VirtualPico:
             json.dump(cur, f)
         os.replace(tmp, self.sim_path)
 
-    def wait_for(self, predicate, timeout=5.0, what="condition"):
+    def wait_for(self, predicate, timeout=5.0, what="condition", cancel=None):
+        """Wait until ``predicate(state)``; TimeoutError, or Cancelled once the
+        ``cancel`` event (if any) is set."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.state()
             if predicate(st):
                 return st
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("virtual Pico %s: cancelled waiting for %s" % (self.id, what))
             if not self.alive():
                 raise RuntimeError("virtual Pico %s exited (%s) waiting for %s:\n%s"
                                    % (self.id, self.proc.returncode, what, self.log()[-3000:]))
@@ -153,11 +157,11 @@ class VirtualPico:
                                    % (self.id, what, timeout, st, self.log()[-3000:]))
             time.sleep(0.02)
 
-    def wait_ready(self, timeout=10.0):
+    def wait_ready(self, timeout=10.0, cancel=None):
         key = READY_KEY[self.transport]
         want = "connected" if key == "mqtt" else None
         return self.wait_for(lambda st: st.get(key) is not None and (want is None or st.get(key) == want),
-                             timeout, "%s endpoint" % key)
+                             timeout, "%s endpoint" % key, cancel)
 
     def wait_led(self, state, timeout=5.0):
         return self.wait_for(lambda st: st.get("led") == state, timeout, "LED %s" % state)
@@ -254,9 +258,15 @@ def _config_values(desc, broker, tcp_port):
     return values
 
 
+class Cancelled(Exception):
+    """A wait ended early: its ``cancel`` event was set (a Ctrl-C, say)."""
+
+
 def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
-                python=None, pico_dir=PICO_DIR):
-    """Start one virtual Pico per device dict; return once all are ready."""
+                python=None, pico_dir=PICO_DIR, cancel=None):
+    """Start one virtual Pico per device dict; return once all are ready.
+    Once the ``cancel`` event (if any) is set, the Picos started so far are
+    stopped and Cancelled is raised, at once instead of after ``timeout``."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     bus_dir = os.path.join(workdir, "i2c-bus")
@@ -280,6 +290,8 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
     env["PYTHONUNBUFFERED"] = "1"
     try:
         for desc in devices:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled starting virtual Picos")
             desc = dict(desc)
             desc.setdefault("firmware", desc.get("protocol", "picogw"))
             transport = desc["transport"]
@@ -316,7 +328,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
                                         start_new_session=True)
             fleet.picos[desc["id"]] = VirtualPico(desc, d, proc, log_path, sim_path, tuple(broker))
         for p in fleet:
-            p.wait_ready(timeout)
+            p.wait_ready(timeout, cancel)
     except BaseException:
         fleet.stop()
         raise
