@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from gateway.backoff import Backoff
+from gateway.log_once import Once
 
 if TYPE_CHECKING:
     from gateway.store import Row
@@ -181,11 +182,18 @@ class PollingLink(ThreadedLink):
 
     ``poll`` raises OSError when the Pico does not answer: the device goes
     offline and is asked again with backoff (doubling up to ``max_backoff``);
-    the first answer brings it back online.
+    the first answer brings it back online. Any other exception is a bug (ours, a
+    driver's, a library's): it is counted as ``internal_errors``, logged once per
+    kind with its traceback, and treated the same way, so that the device comes back
+    when the fault goes instead of staying dead behind a healthy-looking process.
     """
 
     online_reason = "answers polls"
     max_backoff = 60.0
+
+    def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self._bugs = Once()  # kinds of internal error logged already
 
     @abstractmethod
     def poll(self) -> None: ...
@@ -196,14 +204,29 @@ class PollingLink(ThreadedLink):
         while not self._stop.is_set():
             try:
                 self.poll()
+                backoff.reset()
+                self.set_online(True, self.online_reason)
+                delay = interval
             except OSError as exc:
                 self.stats["poll_errors"] += 1
-                self.set_online(False, str(exc))
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.set_online(True, self.online_reason)
-            self._stop.wait(interval)
+                self._offline(str(exc))
+                delay = backoff.next()
+            except Exception as exc:  # a bug must not end this device's polling for good
+                self.stats["internal_errors"] += 1
+                if self._bugs.first(f"{type(exc).__name__}: {exc}"[:200]):
+                    self.log.exception("error while polling (survived, counted as internal_errors; "
+                                       "polling again with backoff)")
+                self._offline(f"internal error: {type(exc).__name__}")
+                delay = backoff.next()
+            self._stop.wait(delay)
+
+    def _offline(self, reason: str) -> None:
+        try:
+            self.set_online(False, reason)
+        except Exception:  # reporting went wrong too: counted, and the loop goes on
+            self.stats["internal_errors"] += 1
+            if self._bugs.first("set_online"):
+                self.log.exception("error while reporting the device offline (survived)")
 
 
 class PendingAnswers:
