@@ -52,6 +52,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
 from gateway.log_once import Once
+from gateway.progress import Heartbeat
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -61,6 +62,7 @@ SESSION_TAKEN_OVER = 142  # MQTT v5 reason codes
 BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
+CONNECT_TIME = 30.0  # seconds a connection attempt may block in paho: a slow name lookup, a TCP and a TLS timeout
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
 RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
 MERGE_MAX = 65536  # bytes GatewayClient joins into one queued entry at most
@@ -274,6 +276,7 @@ class MqttConnection:
         self._backoff = Backoff(first=1.0, cap=30.0)
         self._loop_errors = Once()  # kinds of loop error logged already
         self._callback_errors = Once()  # kinds of callback and handler error logged already
+        self.heartbeat = Heartbeat("mqtt", TICK)
         self._topic_fields: dict[str, bytes] = {}  # publish_many's encoded topics
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -468,6 +471,8 @@ class MqttConnection:
         stop_deadline = None
         while True:
             sock = client.socket()
+            # A connection attempt waits out its backoff, then paho's connect (a name lookup, TCP, TLS).
+            self.heartbeat.beat(None if sock is not None else self._backoff.cap + CONNECT_TIME)
             if self._stopping.is_set():
                 stop_deadline = stop_deadline or time.monotonic() + STOP_WRITE
                 if sock is None or not client.want_write() or time.monotonic() > stop_deadline:

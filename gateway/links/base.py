@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from gateway.backoff import Backoff
 from gateway.log_once import Once
+from gateway.progress import Heartbeat
 
 if TYPE_CHECKING:
     from gateway.store import Row
@@ -140,6 +141,11 @@ class Link(ABC):
         thread = getattr(self, "_thread", None)
         return thread is None or thread.is_alive()
 
+    def heartbeats(self) -> list[Heartbeat]:
+        """The loops this link's life depends on, which the watchdog checks turn (see
+        gateway/progress.py); none for a link that lives on the MQTT thread (wifi)."""
+        return []
+
     @abstractmethod
     def start(self) -> None: ...
 
@@ -186,22 +192,40 @@ class PollingLink(ThreadedLink):
     driver's, a library's): it is counted as ``internal_errors``, logged once per
     kind with its traceback, and treated the same way, so that the device comes back
     when the fault goes instead of staying dead behind a healthy-looking process.
+
+    The thread beats its heartbeat (``link-<device>``) before each poll, with the
+    poll's own timeouts, and before each sleep, with the sleep: it is stalled only
+    when a poll outlasts every timeout it has (see :meth:`poll_timeout`).
     """
 
     online_reason = "answers polls"
     max_backoff = 60.0
+    POLL_EXCHANGES = 6  # exchanges a poll may wait for: its own (tcp: two), a command's ahead of
+    # it on the link's lock (a toggle over tcp: three), and one more for a slow name lookup
 
     def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
+        self.heartbeat = Heartbeat(f"link-{config.id}", self.poll_timeout())
         self._bugs = Once()  # kinds of internal error logged already
 
     @abstractmethod
     def poll(self) -> None: ...
 
+    def poll_timeout(self) -> float:
+        """The longest one poll may legitimately take, in seconds: POLL_EXCHANGES
+        exchanges, each within the link's ``command_timeout`` and ``connect_timeout``."""
+        per_exchange = self.config.command_timeout + getattr(self.config, "connect_timeout", 0.0)
+        return self.POLL_EXCHANGES * per_exchange
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self.heartbeat]
+
     def _run(self) -> None:
         interval: float = self.config.poll_interval  # type: ignore[attr-defined]
         backoff = Backoff(min(interval, 0.5), max(self.max_backoff, interval))
+        heartbeat = self.heartbeat
         while not self._stop.is_set():
+            heartbeat.beat()
             try:
                 self.poll()
                 backoff.reset()
@@ -218,6 +242,7 @@ class PollingLink(ThreadedLink):
                                        "polling again with backoff)")
                 self._offline(f"internal error: {type(exc).__name__}")
                 delay = backoff.next()
+            heartbeat.beat(delay)
             self._stop.wait(delay)
 
     def _offline(self, reason: str) -> None:
