@@ -112,10 +112,8 @@ class Bridge:
 
     def heartbeats(self) -> list[Heartbeat]:
         """Every loop the gateway depends on, each once (the serial links share one)."""
-        beats = {id(hb): hb for hb in (self.mqtt.heartbeat, self.outbox.heartbeat)}
-        for link in list(self.links.values()):
-            beats.update((id(hb), hb) for hb in link.heartbeats())
-        return list(beats.values())
+        links = [hb for link in list(self.links.values()) for hb in link.heartbeats()]
+        return list(dict.fromkeys([self.mqtt.heartbeat, self.outbox.heartbeat, *links]))
 
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:

@@ -142,7 +142,7 @@ class Link(ABC):
         return thread is None or thread.is_alive()
 
     def heartbeats(self) -> list[Heartbeat]:
-        """The loops this link's life depends on, which the watchdog checks turn (see
+        """The loops this link depends on, whose turning the watchdog checks (see
         gateway/progress.py); none for a link that lives on the MQTT thread (wifi)."""
         return []
 
