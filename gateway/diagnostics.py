@@ -18,6 +18,7 @@ Counters count since the gateway started. See docs/topics.md.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
+
+log = logging.getLogger("gateway.diagnostics")
 
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
 REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers")
@@ -64,12 +67,16 @@ def _state(health: dict) -> tuple[object, ...]:
 
 
 class Diagnostics:
-    def __init__(self, bridge: Bridge, interval: float) -> None:
+    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False) -> None:
+        """``log_health``: log each change of health (the daemon asks for it when systemd's
+        watchdog, which logs them itself, is not active)."""
         self.bridge = bridge
         self.interval = interval
+        self.log_health = log_health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="diagnostics", daemon=True)
-        self._published: tuple[object, ...] = ()
+        self._published: tuple[object, ...] = ()  # the health last published
+        self._logged: tuple[object, ...] = ()  # and logged
         self._backlog: int | None = None  # the last count (None: not counted yet)
 
     def start(self) -> None:
@@ -110,7 +117,14 @@ class Diagnostics:
         while not self._stop.wait(max(0.0, min(HEALTH_CHECK, next_publish - time.monotonic()))):
             try:
                 health = health_report(self.bridge)
-                if _state(health) != self._published or time.monotonic() >= next_publish:
+                state = _state(health)
+                if self.log_health and state != self._logged:
+                    if health["state"] == "unhealthy":
+                        log.error("unhealthy: %s", health["problem"])
+                    elif self._logged:
+                        log.warning("healthy again")
+                    self._logged = state
+                if state != self._published or time.monotonic() >= next_publish:
                     next_publish = time.monotonic() + self.interval
                     self.publish(health)
             except Exception:  # never let reporting take anything down

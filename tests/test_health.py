@@ -213,7 +213,7 @@ class Gateway:
         self.bridge.add(self.porch)
         self.bridge.add(self.cellar)
         self.health = gateway_health(self.mqtt, self.bridge)
-        self.diagnostics = diagnostics.Diagnostics(self.bridge, interval=3600)
+        self.diagnostics = diagnostics.Diagnostics(self.bridge, interval=3600, log_health=True)
         self.outbox = self.bridge.outbox
         self.outbox.heartbeat.expected = 0.5  # its longest wait when the disk is well
         for heartbeat in self.bridge.heartbeats():
@@ -272,8 +272,8 @@ def freeze_link(gw: Gateway, release: threading.Event) -> None:
 @pytest.mark.parametrize("loop, freeze", [("mqtt", freeze_mqtt), ("outbox", freeze_outbox),
                                           ("serial", freeze_serial), ("link-cellar", freeze_link)])
 def test_a_frozen_loop_makes_the_gateway_unhealthy_naming_it_until_it_turns_again(
-        gateway: Gateway, recorder: Recorder, capsys: pytest.CaptureFixture[str], tmp_path: Path,
-        broker: Broker, loop: str, freeze: Callable[[Gateway, threading.Event], None]) -> None:
+        gateway: Gateway, recorder: Recorder, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        tmp_path: Path, broker: Broker, loop: str, freeze: Callable[[Gateway, threading.Event], None]) -> None:
     gw = gateway
     wait_for(lambda: gw.health() == (True, ""), 10, "healthy at first")
     sent: list[str] = []
@@ -294,6 +294,8 @@ def test_a_frozen_loop_makes_the_gateway_unhealthy_naming_it_until_it_turns_agai
         sent.clear()
         assert not watchdog.tick() and "WATCHDOG=1" not in sent
         assert any(f.startswith(f"STATUS=unhealthy: the {loop} loop has not turned for") for f in sent), sent
+        wait_for(lambda: any(r.name == "gateway.diagnostics" and f"the {loop} loop" in r.getMessage()
+                             for r in caplog.records), 15, "the stall logged")
         if loop != "mqtt":
             def published_stall() -> dict | None:
                 last = recorder.last("pico/bridge/t/diagnostics")
@@ -312,6 +314,10 @@ def test_a_frozen_loop_makes_the_gateway_unhealthy_naming_it_until_it_turns_agai
     assert watchdog.tick() and sent[-1] == "WATCHDOG=1" and "STATUS=running" in sent
     wait_for(lambda: json.loads(recorder.last("pico/bridge/t/diagnostics") or "{}").get("health", {}).get("state")
              == "healthy", 15, "healthy again in the bridge's diagnostics")
+    # Without systemd's watchdog the diagnostics log it: once for the spell, and its end.
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.diagnostics"]
+    assert sum(m.startswith(f"unhealthy: the {loop} loop has not turned for") for m in logged) == 1, logged
+    assert logged[-1] == "healthy again"
 
 
 def test_a_heartbeat_is_judged_against_what_each_turn_expects() -> None:
