@@ -26,6 +26,7 @@ from gateway.links.base import CommandError, LedCommand, Link
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection
 from gateway.outbox import Outbox, OutboxSettings
+from gateway.progress import Heartbeat, first_stall
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -110,13 +111,24 @@ class Bridge:
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, why not): the writer thread and every link's thread are running."""
+        """(healthy, why not): the writer thread and every link's thread are running, and
+        every loop the gateway depends on (MQTT, the writer, each link's) turns within its
+        bound (gateway/progress.py). Whether the MQTT thread runs at all is
+        :func:`gateway.systemd.gateway_health`'s question."""
         if not self.outbox.alive():
             return False, "the outbox (database writer) thread has died"
         for device, link in list(self.links.items()):
             if not link.alive():
                 return False, f"the link thread of device {device!r} has died"
+        stall = first_stall(self.heartbeats())
+        if stall is not None:
+            return False, str(stall)
         return True, ""
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """Every loop the gateway depends on, each once (the serial links share one)."""
+        links = [hb for link in list(self.links.values()) for hb in link.heartbeats()]
+        return list(dict.fromkeys([self.mqtt.heartbeat, self.outbox.heartbeat, *links]))
 
     # -- LinkEvents (called from link threads) -----------------------------------
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:

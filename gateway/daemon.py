@@ -80,7 +80,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
                     config.mqtt.host, config.mqtt.port)
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
     watchdog.start()
-    diagnostics = Diagnostics(bridge, config.diagnostics_interval)
+    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog.active)
     diagnostics.start()
     log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
              config.store.path)

@@ -5,7 +5,12 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
 * ``<base>/<device>/diagnostics``: ``{"online", "frames", "rejected", "noise",
   "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
   "last_seen_ms", "counters": {every raw counter of the link}}``
-* ``<base>/bridge/<gateway_id>/diagnostics``: the outbox, MQTT and store counters.
+* ``<base>/bridge/<gateway_id>/diagnostics``: the outbox, MQTT and store counters, and
+  ``"health"``: ``{"state": "healthy" | "unhealthy" | "stopped", "problem": why not
+  healthy (e.g. "the outbox loop has not turned for 42.0 s (bound 30.0 s)"), "at_ms",
+  "loops": {"mqtt": {"idle_s", "bound_s", "stalled"}, "outbox": ..., "serial": ...,
+  "link-<device>": ...}}``, the watchdog's view (gateway/progress.py). Also published
+  within HEALTH_CHECK seconds of a change of state, not only every ``interval``.
 
 Counters count since the gateway started. See docs/topics.md.
 """
@@ -13,13 +18,18 @@ Counters count since the gateway started. See docs/topics.md.
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
 
+log = logging.getLogger("gateway.diagnostics")
+
+HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
 REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers")
 
 
@@ -39,12 +49,35 @@ def device_report(link_stats: Counter[str], online: bool, backlog: int, last_see
     }
 
 
+def health_report(bridge: Bridge, stopped: bool = False) -> dict:
+    """The bridge's health and each loop's last turn, as published (see above)."""
+    if stopped:
+        return {"state": "stopped", "problem": "", "at_ms": time.time_ns() // 1_000_000, "loops": {}}
+    ok, problem = bridge.health()
+    now = time.monotonic()
+    return {"state": "healthy" if ok else "unhealthy", "problem": problem, "at_ms": time.time_ns() // 1_000_000,
+            "loops": {hb.loop: hb.report(now) for hb in bridge.heartbeats()}}
+
+
+def _state(health: dict) -> tuple[object, ...]:
+    """What makes a health report news: its state and which loops are stalled (a stall's
+    duration grows by the second; that alone is not worth a message)."""
+    stalled = tuple(sorted(loop for loop, report in health["loops"].items() if report["stalled"]))
+    return health["state"], stalled, "" if stalled else health["problem"]
+
+
 class Diagnostics:
-    def __init__(self, bridge: Bridge, interval: float) -> None:
+    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False) -> None:
+        """``log_health``: log each change of health (the daemon asks for it when systemd's
+        watchdog, which logs them itself, is not active)."""
         self.bridge = bridge
         self.interval = interval
+        self.log_health = log_health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="diagnostics", daemon=True)
+        self._published: tuple[object, ...] = ()  # the health last published
+        self._logged: tuple[object, ...] = ()  # and logged
+        self._backlog: int | None = None  # the last count (None: not counted yet)
 
     def start(self) -> None:
         self._thread.start()
@@ -53,24 +86,46 @@ class Diagnostics:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def publish(self) -> None:
+    def publish(self, health: dict | None = None) -> None:
         bridge = self.bridge
+        health = health or health_report(bridge, stopped=self._stop.is_set())
+        if health["state"] == "unhealthy":
+            # The stalled loop may be the outbox, holding the store: say so before asking the store.
+            self._publish_summary(self._backlog, health)
         backlog = bridge.outbox.store.count_unsent_by_device()
+        self._backlog = sum(backlog.values())
         for device, link in list(bridge.links.items()):
             report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
+        self._publish_summary(self._backlog, health)
+
+    def _publish_summary(self, backlog: int | None, health: dict) -> None:
+        bridge = self.bridge
         summary = {
-            "backlog": sum(backlog.values()),
+            "backlog": backlog,
             "outbox": dict(sorted(bridge.outbox.stats.items())),
             "mqtt": dict(sorted(bridge.mqtt.stats.items())),
             "bridge": dict(sorted(bridge.stats.items())),
+            "health": health,
         }
         bridge.mqtt.publish(bridge.topics.bridge_diagnostics(bridge.gateway_id), json.dumps(summary),
                             qos=1, retain=True)
+        self._published = _state(health)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        next_publish = time.monotonic() + self.interval
+        while not self._stop.wait(max(0.0, min(HEALTH_CHECK, next_publish - time.monotonic()))):
             try:
-                self.publish()
+                health = health_report(self.bridge)
+                state = _state(health)
+                if self.log_health and state != self._logged:
+                    if health["state"] == "unhealthy":
+                        log.error("unhealthy: %s", health["problem"])
+                    elif self._logged:
+                        log.warning("healthy again")
+                    self._logged = state
+                if state != self._published or time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + self.interval
+                    self.publish(health)
             except Exception:  # never let reporting take anything down
                 self.bridge.stats["diagnostics_errors"] += 1

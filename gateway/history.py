@@ -263,11 +263,30 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
         client.disconnect()
 
 
+def health_line(raw: bytes | None) -> str:
+    """The gateway's own health from its retained bridge diagnostics (gateway/diagnostics.py):
+    ``healthy``, ``unhealthy: the outbox loop has not turned for 42.0 s (bound 30.0 s)``,
+    ``stopped``, each with when it was published; "" when there is nothing to show."""
+    try:
+        health = json.loads(raw or b"").get("health")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(health, dict) or not isinstance(health.get("state"), str):
+        return ""
+    text = health["state"]
+    if health.get("problem"):
+        text += f": {health['problem']}"
+    if isinstance(health.get("at_ms"), (int, float)):
+        text += f" (as of {local_time(int(health['at_ms']))})"
+    return text
+
+
 def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     base = config.mqtt.base_topic
     bridge_topic = f"{base}/bridge/{config.gateway_id}/status"
-    topics = [bridge_topic]
+    health_topic = f"{base}/bridge/{config.gateway_id}/diagnostics"
+    topics = [bridge_topic, health_topic]
     for d in config.devices:
         topics += [f"{base}/{d.id}/status", f"{base}/{d.id}/state/led", f"{base}/{d.id}/diagnostics"]
     view = fetch_retained(config.mqtt, topics, timeout)
@@ -283,6 +302,9 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
     if view.reachable:
         gw = view.retained.get(bridge_topic, b"").decode(errors="replace") or "unknown (nothing retained)"
         out.write(f"gateway {config.gateway_id}: {gw} (broker {broker})\n")
+        health = health_line(view.retained.get(health_topic))
+        if health:
+            out.write(f"health: {health}\n")
     else:
         out.write(f"gateway {config.gateway_id}: broker {broker} not reachable ({view.error}); "
                   "showing the database only\n")

@@ -52,6 +52,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
 from gateway.log_once import Once
+from gateway.progress import Heartbeat
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -61,6 +62,7 @@ SESSION_TAKEN_OVER = 142  # MQTT v5 reason codes
 BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
+CONNECT_TIME = 30.0  # seconds a connection attempt may block in paho: a slow name lookup, a TCP and a TLS timeout
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
 DISCONNECT_TIME = 0.3  # seconds of stop()'s budget kept for writing the DISCONNECT once the acks are waited for
 RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
@@ -274,6 +276,8 @@ class MqttConnection:
         self._stopping = threading.Event()
         self._backoff = Backoff(first=1.0, cap=30.0)
         self._loop_errors = Once()  # kinds of loop error logged already
+        self._callback_errors = Once()  # kinds of callback and handler error logged already
+        self.heartbeat = Heartbeat("mqtt", TICK)
         self._topic_fields: dict[str, bytes] = {}  # publish_many's encoded topics
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -477,6 +481,8 @@ class MqttConnection:
         stop_deadline = None
         while True:
             sock = client.socket()
+            # A connection attempt waits out its backoff, then paho's connect (a name lookup, TCP, TLS).
+            self.heartbeat.beat(None if sock is not None else self._backoff.cap + CONNECT_TIME)
             if self._stopping.is_set():
                 stop_deadline = stop_deadline or time.monotonic() + STOP_WRITE
                 if sock is None or not client.want_write() or time.monotonic() > stop_deadline:
@@ -528,11 +534,18 @@ class MqttConnection:
         def guarded(*args: object) -> None:
             try:
                 callback(*args)
-            except Exception:
-                self.stats["callback_errors"] += 1
-                log.exception("error in MQTT callback %s (survived)", callback.__name__)
+            except Exception as exc:
+                self._callback_failed(callback, exc)
 
         return guarded
+
+    def _callback_failed(self, callback: Callable[..., object], exc: Exception) -> None:
+        """Count it; log it with its traceback once per callback and kind (a handler failing on
+        every message must not write a line per message). Call from an ``except`` block."""
+        self.stats["callback_errors"] += 1
+        name = getattr(callback, "__qualname__", repr(callback))
+        if self._callback_errors.first((name, f"{type(exc).__name__}: {exc}"[:200])):
+            log.exception("error in MQTT callback %s (survived; counted as callback_errors)", name)
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object,
                     reason: ReasonCode, properties: Properties | None) -> None:
@@ -626,10 +639,14 @@ class MqttConnection:
             if topic_filter.startswith("$share/"):
                 topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
             if paho.topic_matches_sub(topic_filter, msg.topic):
-                if raw:
-                    owned = True
-                    handler(msg)  # type: ignore[call-arg]
-                else:
-                    handler(msg.topic, msg.payload, bool(msg.retain))  # type: ignore[call-arg]
+                # Each handler on its own: one that raises must not keep the message from the others.
+                try:
+                    if raw:
+                        owned = True
+                        handler(msg)  # type: ignore[call-arg]
+                    else:
+                        handler(msg.topic, msg.payload, bool(msg.retain))  # type: ignore[call-arg]
+                except Exception as exc:
+                    self._callback_failed(handler, exc)
         if self._manual_ack and not owned and msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
+from gateway.progress import Heartbeat
 from gateway.store import Row, Store
 from gateway.topics import Topics
 
@@ -93,6 +94,9 @@ class Outbox:
         self._lost_connection = threading.Event()
         self._last_store_error = ""
         self._unpublishable_logged = Once()
+        # A turn waits 0.5 s at most; rarely, a commit waits out the store's busy timeout (5 s), a
+        # refused one RETRY_STORE, or the bounds check updates a large backlog: 15 s covers them.
+        self.heartbeat = Heartbeat("outbox", 15.0)
         mqtt.after_io(self._after_io)
         mqtt.on_connect(self._wake)  # the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
@@ -129,6 +133,7 @@ class Outbox:
         next_expiry = 0.0
         stopping = False
         while not stopping:
+            self.heartbeat.beat()
             if self._pending and not self._last_store_error:
                 # Readings wait for the next commit; meanwhile publish what is committed
                 # whenever the window has room.

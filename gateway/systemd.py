@@ -4,7 +4,8 @@
   the AF_UNIX socket named in ``$NOTIFY_SOCKET`` (abstract namespace when the name
   starts with ``@``). Every method is a no-op when we are not under systemd.
 - :class:`Watchdog` is a daemon thread that sends ``WATCHDOG=1`` every half of
-  ``$WATCHDOG_USEC``, but only while a health callable says the gateway works.
+  ``$WATCHDOG_USEC``, but only while a health callable says the gateway works
+  (:func:`gateway_health`: every loop alive *and turning*).
   When it does not, petting stops, the reason is logged once, and systemd kills
   and restarts the service after ``WatchdogSec=``.
 - :func:`setup_logging` logs to stderr; when stderr *is* the journal
@@ -211,7 +212,10 @@ class Watchdog:
 
 def gateway_health(mqtt: Any, bridge: Any) -> Health:
     """The daemon's health: the MQTT network thread, the bridge's writer thread and every
-    link thread are alive. Links without a thread of their own (wifi) are skipped.
+    link thread are alive, and each of their loops turns within its bound: a thread that
+    is alive but stuck (a deadlock, a read that never returns) is unhealthy too, named
+    with how long it has not turned (gateway/progress.py). Links without a thread of
+    their own (wifi) have only the MQTT loop to depend on.
 
     ``mqtt`` is a :class:`gateway.mqtt.MqttConnection`, ``bridge`` a
     :class:`gateway.bridge.Bridge`; both started."""

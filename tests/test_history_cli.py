@@ -107,8 +107,9 @@ def test_readings_while_the_database_is_written(tmp_path, db, capsys) -> None:
     store = Writer(db)  # the gateway's own connection, WAL mode, open
     try:
         store.add([("greenhouse", "temp", 30.0, NOW_MS, 10)])
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(NOW_MS / 1000 - 60))  # (NOW_MS is import time)
         assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "temp",
-                     "--since", "1m", "--format", "json"]) == 0
+                     "--since", since, "--format", "json"]) == 0
         assert [d["value"] for d in json.loads(capsys.readouterr().out)] == [30.0]
         store.add([("greenhouse", "temp", 31.0, NOW_MS + 1, 11)])
     finally:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from gateway.backoff import Backoff
+from gateway.log_once import Once
+from gateway.progress import Heartbeat
 
 if TYPE_CHECKING:
     from gateway.store import Row
@@ -141,6 +143,11 @@ class Link(ABC):
         thread = getattr(self, "_thread", None)
         return thread is None or thread.is_alive()
 
+    def heartbeats(self) -> list[Heartbeat]:
+        """The loops this link depends on, whose turning the watchdog checks (see
+        gateway/progress.py); none for a link that lives on the MQTT thread (wifi)."""
+        return []
+
     @abstractmethod
     def start(self) -> None: ...
 
@@ -193,29 +200,70 @@ class PollingLink(ThreadedLink):
 
     ``poll`` raises OSError when the Pico does not answer: the device goes
     offline and is asked again with backoff (doubling up to ``max_backoff``);
-    the first answer brings it back online.
+    the first answer brings it back online. Any other exception is a bug (ours, a
+    driver's, a library's): it is counted as ``internal_errors``, logged once per
+    kind with its traceback, and treated the same way, so that the device comes back
+    when the fault goes instead of staying dead behind a healthy-looking process.
+
+    The thread beats its heartbeat (``link-<device>``) before each poll, with the
+    poll's own timeouts, and before each sleep, with the sleep: it is stalled only
+    when a poll outlasts every timeout it has (see :meth:`poll_timeout`).
     """
 
     online_reason = "answers polls"
     max_backoff = 60.0
+    POLL_EXCHANGES = 6  # exchanges a poll may wait for: its own (tcp: two), a command's ahead of
+    # it on the link's lock (a toggle over tcp: three), and one more for a slow name lookup
+
+    def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
+        super().__init__(config, events)
+        self.heartbeat = Heartbeat(f"link-{config.id}", self.poll_timeout())
+        self._bugs = Once()  # kinds of internal error logged already
 
     @abstractmethod
     def poll(self) -> None: ...
 
+    def poll_timeout(self) -> float:
+        """The longest one poll may legitimately take, in seconds: POLL_EXCHANGES
+        exchanges, each within the link's ``command_timeout`` and ``connect_timeout``."""
+        per_exchange = self.config.command_timeout + getattr(self.config, "connect_timeout", 0.0)
+        return self.POLL_EXCHANGES * per_exchange
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [self.heartbeat]
+
     def _run(self) -> None:
         interval: float = self.config.poll_interval  # type: ignore[attr-defined]
         backoff = Backoff(min(interval, 0.5), max(self.max_backoff, interval))
+        heartbeat = self.heartbeat
         while not self._stop.is_set():
+            heartbeat.beat()
             try:
                 self.poll()
+                backoff.reset()
+                self.set_online(True, self.online_reason)
+                delay = interval
             except OSError as exc:
                 self.stats["poll_errors"] += 1
-                self.set_online(False, str(exc))
-                self._stop.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.set_online(True, self.online_reason)
-            self._stop.wait(interval)
+                self._offline(str(exc))
+                delay = backoff.next()
+            except Exception as exc:  # a bug must not end this device's polling for good
+                self.stats["internal_errors"] += 1
+                if self._bugs.first(f"{type(exc).__name__}: {exc}"[:200]):
+                    self.log.exception("error while polling (survived, counted as internal_errors; "
+                                       "polling again with backoff)")
+                self._offline(f"internal error: {type(exc).__name__}")
+                delay = backoff.next()
+            heartbeat.beat(delay)
+            self._stop.wait(delay)
+
+    def _offline(self, reason: str) -> None:
+        try:
+            self.set_online(False, reason)
+        except Exception:  # reporting went wrong too: counted, and the loop goes on
+            self.stats["internal_errors"] += 1
+            if self._bugs.first("set_online"):
+                self.log.exception("error while reporting the device offline (survived)")
 
 
 class PendingAnswers:

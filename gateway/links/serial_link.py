@@ -22,6 +22,8 @@ from gateway.links.serial_reactor import REACTOR
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from gateway.progress import Heartbeat
+
 WRITE_TIMEOUT = 2.0  # seconds a command's write may block (a hung USB Pico stops reading) before it fails
 
 
@@ -141,3 +143,6 @@ class SerialLink(Link):
     def alive(self) -> bool:
         """The serial thread is running (it serves every serial link)."""
         return REACTOR.alive()
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [REACTOR.heartbeat]

@@ -31,6 +31,7 @@ import serial
 
 from gateway.backoff import Backoff
 from gateway.log_once import Once
+from gateway.progress import Heartbeat
 
 if TYPE_CHECKING:
     from gateway.links.serial_link import SerialLink
@@ -62,6 +63,8 @@ class SerialReactor:
         self._thread: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        # Nothing in a turn blocks (see above): it waits TICK at most.
+        self.heartbeat = Heartbeat("serial", TICK)
 
     def add(self, link: SerialLink) -> None:
         """Open ``link``'s port (retrying with backoff) and read it from now on."""
@@ -102,7 +105,9 @@ class SerialReactor:
         assert selector is not None
         next_tick = 0.0
         errors = Once()  # kinds logged already
+        heartbeat = self.heartbeat
         while True:
+            heartbeat.beat()
             if not self._take_requests():
                 return
             try:

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from gateway.links.base import CommandError, LedCommand, Link, LinkEvents, PollingLink, now_ms
 from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
+from gateway.progress import Heartbeat
 
 # The only code ever sent to a stock-MicroPython Pico. Each prints the LED
 # state last, as 0 or 1; READ prints temperature (°C, RP2040 datasheet formula)
@@ -211,6 +212,9 @@ class UsbLink(Link):
 
     def alive(self) -> bool:
         return self.impl.alive()
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return self.impl.heartbeats()
 
     def start(self) -> None:
         self.impl.start()
