@@ -38,6 +38,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -79,17 +80,22 @@ class Flood:
     rate: float | None = None  # messages/s; None: as fast as the publisher goes
 
 
-def floods(quick: bool) -> list[Flood]:
-    """The issue's floods; ``quick`` shortens the command flood (30 -> 5 s) and the metric one."""
+NAMES = ("owner", "ha_status", "cmd_led", "metric_names")
+
+
+def floods(quick: bool, names: Iterable[str] = NAMES) -> list[Flood]:
+    """The issue's floods (those in ``names``); ``quick`` shortens the command flood (30 -> 5 s)
+    and the metric one."""
     cmd_seconds = 5 if quick else 30
-    names = 3_000 if quick else 10_000
-    return [
+    count = 3_000 if quick else 10_000
+    every = [
         Flood("owner", f"3,000 distinct claims on pico/{TARGET}/owner", 3_000),
         Flood("ha_status", "homeassistant/status = online x 5,000", 5_000),
         Flood("cmd_led", f"cmd/led to {TARGET} at 10,000/s for {cmd_seconds} s", 10_000 * cmd_seconds, 10_000.0),
-        Flood("metric_names", f"{names:,} distinct metric names on pico/{WIFI}/sensor/+, "
-                              f"every {LONG_EVERY}th {LONG_NAME:,} chars", names),
+        Flood("metric_names", f"{count:,} distinct metric names on pico/{WIFI}/sensor/+, "
+                              f"every {LONG_EVERY}th {LONG_NAME:,} chars", count),
     ]
+    return [f for f in every if f.name in set(names)]
 
 
 def message(kind: str, i: int) -> tuple[str, bytes]:
@@ -238,6 +244,7 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
             final = sampler.samples[-1:]
             during = sampler.between(t0, t2)
             log1 = _log_size(gw)
+            log_sample = _log_sample(gw, log0[1])
             effects = _effects(flood.name, sub, db, online, t0)
             hwm = gw.memory_mb().get("VmHWM", float("nan"))
         finally:
@@ -269,7 +276,7 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
         "probe_commands": len(ok_ms) + timings["failed"], "probe_failed": timings["failed"],
         "probe_p50_ms": percentile(ok_ms, 50), "probe_p99_ms": percentile(ok_ms, 99),
         "probe_max_ms": max(ok_ms, default=float("nan")),
-        "log_lines": log1[0] - log0[0], "log_kb": (log1[1] - log0[1]) / 1024,
+        "log_lines": log1[0] - log0[0], "log_kb": (log1[1] - log0[1]) / 1024, "log_first": log_sample,
         **effects,
     }
     result["rss_ok"] = max(result["peak_total_rss_mb"], result["peak_rss_mb"]) < RSS_LIMIT_MB
@@ -286,6 +293,13 @@ def _answers(sub: Subscriber, device: str, after: float) -> int:
 def _log_size(gw: GatewayProcess) -> tuple[int, int]:
     data = gw.log_path.read_bytes()
     return data.count(b"\n"), len(data)
+
+
+def _log_sample(gw: GatewayProcess, since: int, lines: int = 5) -> list[str]:
+    """The first ``lines`` log lines written after byte ``since``, shortened: what the flood made it say."""
+    with open(gw.log_path, "rb") as f:
+        f.seek(since)
+        return [f.readline().decode("utf-8", "replace").rstrip()[:300] for _ in range(lines) if f.peek(1)]
 
 
 def _effects(kind: str, sub: Subscriber, db: Path, online: float, t0: float) -> dict[str, float]:

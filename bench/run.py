@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="runs per figure, the median is reported (default 3)")
     p.add_argument("--growth-repeat", type=int, help="runs per growth figure (default 1: 8 cells)")
     p.add_argument("--flood-repeat", type=int, default=1, help="runs per flood (default 1)")
+    p.add_argument("--floods", default=",".join(floods.NAMES),
+                   help=f"comma-separated subset of {','.join(floods.NAMES)} (default: all)")
     p.add_argument("--commands", type=int, help="commands per round-trip measurement (default 1000)")
     p.add_argument("--links", default="1,4,16", help="link counts for ingest (default 1,4,16)")
     p.add_argument("--growth-devices", default="1,4,16,64")
@@ -76,6 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.growth_devices = [int(n) for n in args.growth_devices.split(",")]
     args.qos = [None if q == "default" else int(q) for q in args.qos.split(",")]
     args.only = set(args.only.split(","))
+    args.floods = args.floods.split(",")
+    if set(args.floods) - set(floods.NAMES):
+        p.error(f"unknown flood(s): {', '.join(sorted(set(args.floods) - set(floods.NAMES)))}")
     if args.no_profile:
         args.only.discard("profile")
     unknown = args.only - set(SECTIONS)
@@ -209,7 +214,7 @@ def main(argv: list[str]) -> int:
                         args.growth_repeat, f"growth {links} device(s), {rows:,} rows before",
                         lambda: growth.run(env, links, template), ingest_show)
         if "floods" in args.only:
-            for flood in floods.floods(args.quick):
+            for flood in floods.floods(args.quick, args.floods):
                 res[f"flood_{flood.name}"] = repeated(
                     args.flood_repeat, f"flood {flood.name}", lambda flood=flood: floods.run(env, flood),
                     "{achieved_per_s:,.0f}/s published, RSS peak {peak_total_rss_mb:.1f} MB (idle "
@@ -326,7 +331,7 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
 
 def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
     """Per flood: the publisher's rate, then the three targets of issue 14, then what the gateway did."""
-    shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick) if f"flood_{f.name}" in res]
+    shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick, args.floods) if f"flood_{f.name}" in res]
     if not shown:
         return
     t.section(f"floods (issue 14); final = {floods.SETTLE:g} s after the gateway caught up")
@@ -335,7 +340,7 @@ def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
         asked = f" (asked {n(flood.rate)}/s)" if flood.rate else ""
         t.add(f"{name}: {flood.what}",
               f"{n(m['messages'])} messages ({n(m['bytes'] / 1e6, 1)} MB) at {n(m['achieved_per_s'])}/s{asked}; "
-              (f"gateway caught up after {n(m['caught_up_s'], 1)} s" if not math.isnan(m["caught_up_s"]) else
+              + (f"gateway caught up after {n(m['caught_up_s'], 1)} s" if not math.isnan(m["caught_up_s"]) else
                f"gateway not caught up {floods.CATCH_UP:g} s after") + f" ({n(m['gateway_cores'], 2)} cores)")
         children = f"; main process {n(m['peak_rss_mb'], 1)} / {n(m['final_rss_mb'], 1)}, " \
                    f"{n(m['children_max'])} child(ren)" if m["children_max"] else ""
