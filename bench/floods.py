@@ -214,14 +214,15 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
                                   args=(broker.host, broker.port, flood.name, flood.count, flood.rate, ready, go,
                                         flood_child))
             flooder.start()
+            if not ready.wait(30):
+                raise RuntimeError("the flood's publisher did not connect")
+            # Started last, so that few of its commands come before the flood's first message.
             probe_conn, probe_child = ctx.Pipe()
             probe_start = time.monotonic()
             probe = ctx.Process(target=commands._command_client, name="flood-probe",
                                 args=(broker.host, broker.port, PROBE, 10_000_000, probe_child, stop_probe))
             probe.start()
             wait_for(lambda: _answers(sub, PROBE, probe_start), 30, "the command client's first answer", gw.check)
-            if not ready.wait(30):
-                raise RuntimeError("the flood's publisher did not connect")
             cpu0, t0 = gw.cpu_seconds(), time.monotonic()
             go.set()
             if not flood_conn.poll(flood.count / (flood.rate or 1000) * 3 + 120):
@@ -245,7 +246,7 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
             during = sampler.between(t0, t2)
             log1 = _log_size(gw)
             log_sample = _log_sample(gw, log0[1])
-            effects = _effects(flood.name, sub, db, online, t0)
+            effects = _effects(flood.name, sub, db, t0)
             hwm = gw.memory_mb().get("VmHWM", float("nan"))
         finally:
             stop_probe.set()
@@ -272,6 +273,7 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
         "final_rss_mb": last.rss_mb if last else float("nan"),
         "final_total_rss_mb": last.total_rss_mb if last else float("nan"),
         "final_threads": last.threads if last else float("nan"),
+        "final_total_threads": last.total_threads if last else float("nan"),
         "children_max": max((s.children for s in during), default=0),
         "probe_commands": len(ok_ms) + timings["failed"], "probe_failed": timings["failed"],
         "probe_p50_ms": percentile(ok_ms, 50), "probe_p99_ms": percentile(ok_ms, 99),
@@ -302,7 +304,7 @@ def _log_sample(gw: GatewayProcess, since: int, lines: int = 5) -> list[str]:
         return [f.readline().decode("utf-8", "replace").rstrip()[:300] for _ in range(lines) if f.peek(1)]
 
 
-def _effects(kind: str, sub: Subscriber, db: Path, online: float, t0: float) -> dict[str, float]:
+def _effects(kind: str, sub: Subscriber, db: Path, t0: float) -> dict[str, float]:
     """What the flood made the gateway do that a subscriber or the database sees."""
     events = [(top, pay) for t, top, pay in list(sub.events) if t >= t0]
     if kind == "owner":

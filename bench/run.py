@@ -348,7 +348,7 @@ def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
               f"{n(m['peak_total_rss_mb'], 1)} / {n(m['final_total_rss_mb'], 1)} MB "
               f"({n(m['idle_total_rss_mb'], 1)}){children}", f"< {floods.RSS_LIMIT_MB:g} MB", m["rss_ok"])
         t.add(f"{name}: threads peak / final (idle)",
-              f"{n(m['peak_total_threads'])} / {n(m['final_threads'])} ({n(m['idle_total_threads'])})",
+              f"{n(m['peak_total_threads'])} / {n(m['final_total_threads'])} ({n(m['idle_total_threads'])})",
               f"<= idle + {floods.THREADS_OVER_IDLE}", m["threads_ok"])
         t.add(f"{name}: cmd/led to {floods.PROBE}, p50 / p99 (max)",
               f"{n(m['probe_p50_ms'], 1)} / {n(m['probe_p99_ms'], 1)} ({n(m['probe_max_ms'], 1)}) ms, "
