@@ -72,23 +72,29 @@ def run(env: Env, links: int, busy: bool, count: int, rate: float | None = None)
     }
 
 
-def _command_client(host: str, port: int, device: str, count: int, conn) -> None:
-    """Child process: ``count`` commands, one at a time; sends back the timings in ms."""
+def _command_client(host: str, port: int, device: str, count: int, conn, stop=None) -> None:
+    """Child process: ``count`` commands, one at a time (fewer if the multiprocessing Event
+    ``stop`` is set first); sends back the timings in ms."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     base = f"pico/{device}"
     got: dict[str, float] = {}
+    want = [b""]  # the command in flight: its answer names it
     arrived = threading.Event()
     subscribed = threading.Event()
 
     def on_message(client, userdata, msg) -> None:
         if msg.retain:
             return  # the retained state from before
-        got[msg.topic.rsplit("/", 2)[-2]] = time.perf_counter()  # "state" or "result"
         if msg.topic.endswith("/result/led"):
+            if b'"command": "%s"' % (b"off" if want[0] == b"on" else b"on") in msg.payload:
+                return  # a late answer to the command before (one that timed out)
+            got["result"] = time.perf_counter()
             got["ok"] = float(b'"ok": true' in msg.payload)
             arrived.set()
+        elif msg.payload == want[0]:
+            got["state"] = time.perf_counter()
 
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_connect = lambda c, *a: c.subscribe([(f"{base}/state/led", 1), (f"{base}/result/led", 1)])
@@ -104,10 +110,13 @@ def _command_client(host: str, port: int, device: str, count: int, conn) -> None
     ok: list[tuple[float, float | None]] = []
     failed = 0
     for i in range(count):
+        if stop is not None and stop.is_set():
+            break
         got.clear()
         arrived.clear()
+        want[0] = b"on" if i % 2 == 0 else b"off"
         start = time.perf_counter()
-        client.publish(f"{base}/cmd/led", "on" if i % 2 == 0 else "off", qos=0)
+        client.publish(f"{base}/cmd/led", want[0], qos=0)
         if arrived.wait(TIMEOUT) and got.get("ok"):
             state = got.get("state")
             ok.append(((got["result"] - start) * 1000, None if state is None else (state - start) * 1000))

@@ -96,6 +96,38 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def rss_threads(pid: int) -> tuple[float, int]:
+    """VmRSS in MB and the number of threads of one process, now (/proc/<pid>/status)."""
+    rss, threads = 0.0, 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "VmRSS":
+            rss = int(rest.split()[0]) / 1024
+        elif key == "Threads":
+            threads = int(rest)
+    return rss, threads
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes a process started, and theirs, from the parent pids in /proc/*/stat
+    (this kernel has no /proc/<pid>/task/<tid>/children)."""
+    children: defaultdict[int, list[int]] = defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children[ppid].append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def write_config(path: Path, gateway_id: str, broker: tuple[str, int], db: Path, peers: Iterable[PeerInfo],
                  qos: int | None = None) -> Path:
     """A config with one uart picogw device per peer; ``qos``: mqtt.readings_qos (None: the default)."""

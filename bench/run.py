@@ -4,13 +4,16 @@ Runs the real gateway process against a private mosquitto and virtual Picos on
 pseudo-terminals, and prints one table (also saved as JSON in bench/results/):
 ingest with 1/4/16 links and its ceilings (bare paho, bare sqlite3), command
 round trips idle and under load, start-up time and memory, growth with devices
-and database size, then a py-spy profile of the 16-link ingest. Every figure is
-the median of ``--repeat`` runs (other work on the machine moves single runs).
+and database size, memory, threads and commands under floods (issue 14), then
+a py-spy profile of the 16-link ingest. Every figure is the median of
+``--repeat`` runs (other work on the machine moves single runs; growth and
+floods: one run each unless asked).
 
     ./dev bench                   # the full run, ~15 minutes
     ./dev bench --quick           # a smoke run: 3 s measurements, one run each
     ./dev bench --rev HEAD~3      # measure another revision (a snapshot of its gateway/)
     ./dev bench --only ingest,ceilings --links 16
+    ./dev bench --only floods --quick
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from pathlib import Path
 
 import ceilings
 import commands
+import floods
 import growth
 import ingest
 import profiling
 import startup
 from common import REPO, Env, GatewaySource, median
 
-SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "profile")
+SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "profile")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -47,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds each throughput is measured over (default 10)")
     p.add_argument("--repeat", type=int, help="runs per figure, the median is reported (default 3)")
     p.add_argument("--growth-repeat", type=int, help="runs per growth figure (default 1: 8 cells)")
+    p.add_argument("--flood-repeat", type=int, default=1, help="runs per flood (default 1)")
+    p.add_argument("--floods", default=",".join(floods.NAMES),
+                   help=f"comma-separated subset of {','.join(floods.NAMES)} (default: all)")
     p.add_argument("--commands", type=int, help="commands per round-trip measurement (default 1000)")
     p.add_argument("--links", default="1,4,16", help="link counts for ingest (default 1,4,16)")
     p.add_argument("--growth-devices", default="1,4,16,64")
@@ -71,6 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.growth_devices = [int(n) for n in args.growth_devices.split(",")]
     args.qos = [None if q == "default" else int(q) for q in args.qos.split(",")]
     args.only = set(args.only.split(","))
+    args.floods = args.floods.split(",")
+    if set(args.floods) - set(floods.NAMES):
+        p.error(f"unknown flood(s): {', '.join(sorted(set(args.floods) - set(floods.NAMES)))}")
     if args.no_profile:
         args.only.discard("profile")
     unknown = args.only - set(SECTIONS)
@@ -203,6 +213,13 @@ def main(argv: list[str]) -> int:
                     res[f"growth_{links}_{rows}"] = repeated(
                         args.growth_repeat, f"growth {links} device(s), {rows:,} rows before",
                         lambda: growth.run(env, links, template), ingest_show)
+        if "floods" in args.only:
+            for flood in floods.floods(args.quick, args.floods):
+                res[f"flood_{flood.name}"] = repeated(
+                    args.flood_repeat, f"flood {flood.name}", lambda flood=flood: floods.run(env, flood),
+                    "{achieved_per_s:,.0f}/s published, RSS peak {peak_total_rss_mb:.1f} MB (idle "
+                    "{idle_total_rss_mb:.1f}), threads peak {peak_total_threads} (idle {idle_total_threads}), "
+                    "commands p99 {probe_p99_ms:.1f} ms, {probe_failed} failed")
         if "profile" in args.only:
             if profiling.available():
                 spy_out = RESULTS / f"{stamp}-profile.speedscope.json"
@@ -309,6 +326,47 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             m = res[key]["median"]
             t.add(f"{links} device(s), {int(rows):,} rows before",
                   f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "zero loss", m["zero_loss"])
+    fill_floods(t, res, args)
+
+
+def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
+    """Per flood: the publisher's rate, then the three targets of issue 14, then what the gateway did."""
+    shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick, args.floods) if f"flood_{f.name}" in res]
+    if not shown:
+        return
+    t.section(f"floods (issue 14); final = {floods.SETTLE:g} s after the gateway caught up")
+    for flood, m in shown:
+        name = flood.name
+        asked = f" (asked {n(flood.rate)}/s)" if flood.rate else ""
+        t.add(f"{name}: {flood.what}",
+              f"{n(m['messages'])} messages ({n(m['bytes'] / 1e6, 1)} MB) at {n(m['achieved_per_s'])}/s{asked}; "
+              + (f"gateway caught up after {n(m['caught_up_s'], 1)} s" if not math.isnan(m["caught_up_s"]) else
+               f"gateway not caught up {floods.CATCH_UP:g} s after") + f" ({n(m['gateway_cores'], 2)} cores)")
+        children = f"; main process {n(m['peak_rss_mb'], 1)} / {n(m['final_rss_mb'], 1)}, " \
+                   f"{n(m['children_max'])} child(ren)" if m["children_max"] else ""
+        t.add(f"{name}: RSS peak / final (idle)",
+              f"{n(m['peak_total_rss_mb'], 1)} / {n(m['final_total_rss_mb'], 1)} MB "
+              f"({n(m['idle_total_rss_mb'], 1)}){children}", f"< {floods.RSS_LIMIT_MB:g} MB", m["rss_ok"])
+        t.add(f"{name}: threads peak / final (idle)",
+              f"{n(m['peak_total_threads'])} / {n(m['final_total_threads'])} ({n(m['idle_total_threads'])})",
+              f"<= idle + {floods.THREADS_OVER_IDLE}", m["threads_ok"])
+        t.add(f"{name}: cmd/led to {floods.PROBE}, p50 / p99 (max)",
+              f"{n(m['probe_p50_ms'], 1)} / {n(m['probe_p99_ms'], 1)} ({n(m['probe_max_ms'], 1)}) ms, "
+              f"{n(m['probe_failed'])} of {n(m['probe_commands'])} unanswered in {commands.TIMEOUT:g} s",
+              "all answered", m["commands_ok"])
+        t.add(f"{name}: what the gateway did", f"{flood_effect(name, m)}; log +{n(m['log_lines'])} lines ({n(m['log_kb'])} KB)")
+
+
+def flood_effect(name: str, m: dict) -> str:
+    """What a flood made the gateway do, as a subscriber or the database sees it."""
+    if name == "owner":
+        return f"{n(m['conflicts_messages'])} conflicts messages, the last {n(m['conflicts_last_kb'], 1)} KB"
+    if name == "ha_status":
+        return f"{n(m['discovery_messages'])} discovery configs published"
+    if name == "cmd_led":
+        return f"{n(m['target_answers'])} result/led answers for {floods.TARGET}"
+    return (f"{n(m['rows_stored'])} rows, {n(m['names_stored'])} names stored, "
+            f"the longest {n(m['longest_name_stored'])} chars")
 
 
 def print_profile(p: dict) -> None:
