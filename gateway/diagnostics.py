@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
 
-REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers")
+REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers", "bad_metric")
 
 
 def device_report(link_stats: Counter[str], online: bool, backlog: int, last_seen_ms: int | None) -> dict:
