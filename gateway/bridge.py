@@ -16,10 +16,13 @@ loop will), so every path is bounded:
 - readings: a metric name must be one plain topic level (gateway/topics.py
   ``is_metric``), checked here once for every link; others are counted per device
   (``bad_metric``) and logged once per device;
-- commands: at most MAX_PENDING_COMMANDS wait per device, more are refused at once
-  as busy; refusal answers go out at REFUSALS_PER_SECOND per device at most (a
-  burst of REFUSAL_BURST), the rest are counted (``refusals_unanswered``) and the
-  next answer says how many; every carried-out command is answered;
+- commands: at most MAX_PENDING_COMMANDS wait per device, to be carried out or for
+  the broker to acknowledge their answer (paho keeps each answer until then, so
+  answers cannot pile up behind a flood the broker is still handing us); more are
+  refused at once as busy. Refusal answers go out at REFUSALS_PER_SECOND per device
+  at most (a burst of REFUSAL_BURST, as many unacknowledged at most); the rest are
+  counted (``refusals_unanswered``) and the next answer says how many. Every
+  carried-out command is answered;
 - owner claims: the latest MAX_CLAIMANTS claimants per device are kept (older ones
   forgotten, counted), an error is logged for each up to that many, then one
   summary line; the conflicts message is republished once per burst of claims,
@@ -226,7 +229,7 @@ class Bridge:
         device = self.topics.parse_owner(topic)
         if device is None or device not in self.links:
             return
-        claimant = payload[:65].decode("utf-8", "replace").strip()
+        claimant = payload[:65].decode("utf-8", "replace").strip()  # (65: one too long for an id)
         if claimant == self.gateway_id:
             return
         if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands
