@@ -9,31 +9,59 @@ reaches it (with several gateways on one broker, each hears only its own).
 Ownership is announced on the retained ``<base>/<device>/owner`` topic; a device
 that another gateway claims too is logged, counted and published, retained, on
 ``<base>/bridge/<gateway_id>/conflicts`` (docs/scaling.md).
+
+Anyone who may publish to the broker can flood these topics (a Node-RED flow in a
+loop will), so every path is bounded:
+
+- readings: a metric name must be one plain topic level (gateway/topics.py
+  ``is_metric``), checked here once for every link; others are counted per device
+  (``bad_metric``) and logged once per device;
+- commands: at most MAX_PENDING_COMMANDS wait per device, to be carried out or for
+  the broker to acknowledge their answer (paho keeps each answer until then, so
+  answers cannot pile up behind a flood the broker is still handing us); more are
+  refused at once as busy. Refusal answers go out at REFUSALS_PER_SECOND per device
+  at most (a burst of REFUSAL_BURST, as many unacknowledged at most); the rest are
+  counted (``refusals_unanswered``) and the next answer says how many. Every
+  carried-out command is answered;
+- owner claims: the latest MAX_CLAIMANTS claimants per device are kept (older ones
+  forgotten, counted), an error is logged for each up to that many, then one
+  summary line; the conflicts message is republished once per burst of claims,
+  CLAIMS_SPACING seconds apart at most.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import paho.mqtt.client as paho
+
+from gateway.coalesce import Coalesced
 from gateway.commands import PayloadError, parse_led_payload
-from gateway.links.base import CommandError, LedCommand, Link
+from gateway.links.base import DEVICE_ID_PATTERN, CommandError, LedCommand, Link
 from gateway.log_once import Once
-from gateway.mqtt import MqttConnection
+from gateway.mqtt import MqttConnection, published
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.progress import Heartbeat, first_stall
 from gateway.store import Row, Store
-from gateway.topics import Topics
+from gateway.topics import METRIC_PATTERN, Topics, is_metric
 
 log = logging.getLogger("gateway.bridge")
 
 MAX_PENDING_COMMANDS = 8  # per device; more are refused as busy
 LINKS_STOP = 1.0  # seconds Bridge.stop waits for all links together (part of the gateway's stop budget)
+REFUSALS_PER_SECOND = 5  # refusal answers per device, sustained; the rest are counted, not answered
+REFUSAL_BURST = 20  # refusal answers per device before the rate applies
+MAX_CLAIMANTS = 4  # other gateways remembered per device claimed by them too
+CLAIMS_SPACING = 1.0  # seconds between two publishes of the claims news (conflicts, our re-claims)
+MAX_KNOWN_METRICS = 4096  # metric names remembered as good: the readings' hot path checks a set, not a regex
+_GATEWAY_ID = re.compile(DEVICE_ID_PATTERN)  # what a claim must say (config.py's gateway_id rule)
 
 
 class Bridge:
@@ -54,9 +82,26 @@ class Bridge:
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
         self._logged = Once(limit=10_000)  # (device, kind) warned about already
-        self._conflicts: dict[str, set[str]] = {}  # device -> other gateways claiming it
+        self._good_metrics: set[str] = set()
+        # Refusal answers, per device: a token bucket, and the refusals not answered since the last answer.
+        self._refusal_tokens: dict[str, tuple[float, float]] = {}  # device -> (tokens, at monotonic time)
+        self._unanswered: Counter[str] = Counter()
+        # Answers the broker has not acknowledged yet, per device (paho keeps each until then):
+        # (message info, answer of a carried-out command?). Commands and refusals wait for room.
+        self._undelivered: dict[str, deque[tuple[paho.MQTTMessageInfo, bool]]] = {}
+        self._undelivered_count = 0
+        self._carried_undelivered: Counter[str] = Counter()
+        self._refusals_undelivered: Counter[str] = Counter()
+        # device -> other gateways claiming it, oldest first (a dict: ordered, no duplicates)
+        self._conflicts: dict[str, dict[str, None]] = {}
+        self._forgotten: Counter[str] = Counter()  # device -> claimants dropped for newer ones
+        self._claims_logged: Counter[str] = Counter()  # device -> error lines logged for its claims
+        self._reclaim: set[str] = set()  # devices whose claim was deleted: claim them again
+        self._conflicts_changed = False
+        self._claims_news = Coalesced(self._publish_claims_news, "owner-claims", spacing=CLAIMS_SPACING)
         self._stopping = False
         mqtt.on_connect(self._announce)
+        mqtt.after_io(self._answers_delivered)
         mqtt.subscribe(topics.all_owners(), self._on_owner)
 
     def _publishes_itself(self, device: str) -> bool:
@@ -138,13 +183,44 @@ class Bridge:
         self.readings(device, [(device, metric, value, ts_ms, seq) for metric, value in values])
 
     def readings(self, device: str, rows: list[Row]) -> None:
+        """Every link's readings, on their way to the outbox: the one place a metric name is checked."""
         if not rows:
             return
-        self.last_seen[device] = rows[-1][3]
+        self.last_seen[device] = rows[-1][3]  # heard from, even if every name is refused
+        metrics = dict.fromkeys(row[1] for row in rows)  # (in order: discovery keeps the first ones)
+        good = self._good_metrics
+        for metric in metrics:
+            if metric not in good and not self._learn_metric(metric):
+                rows = self._refuse_bad_metrics(device, rows)
+                if not rows:
+                    return
+                metrics = dict.fromkeys(row[1] for row in rows)
+                break
         if self.on_metric is not None:
-            for metric in dict.fromkeys(row[1] for row in rows):  # (in order: discovery keeps the first ones)
+            for metric in metrics:
                 self.on_metric(device, metric)
         self.outbox.put(rows)
+
+    def _learn_metric(self, metric: str) -> bool:
+        if not is_metric(metric):
+            return False
+        if len(self._good_metrics) < MAX_KNOWN_METRICS:  # past that, good names are checked each time
+            self._good_metrics.add(metric)
+        return True
+
+    def _refuse_bad_metrics(self, device: str, rows: list[Row]) -> list[Row]:
+        kept = [row for row in rows if row[1] in self._good_metrics or is_metric(row[1])]
+        refused = len(rows) - len(kept)
+        link = self.links.get(device)
+        if link is not None:
+            link.stats["bad_metric"] += refused
+        self.stats["bad_metric"] += refused
+        if self._logged.first((device[:64], "bad_metric")):
+            bad = next(row[1] for row in rows if not is_metric(row[1]))
+            log.warning("device %s: reading(s) with metric name %r refused: a metric name is %s (one topic "
+                        "level: no '/', '+', '#', capitals or dots); counted as bad_metric, logged once per "
+                        "device", device, bad[:40] + ("..." if len(bad) > 40 else ""), METRIC_PATTERN)
+        return kept
 
     def led_state(self, device: str, on: bool) -> None:
         with self._state_lock:
@@ -180,32 +256,65 @@ class Bridge:
         device = self.topics.parse_owner(topic)
         if device is None or device not in self.links:
             return
-        claimant = payload[:64].decode("utf-8", "replace").strip()
+        claimant = payload[:65].decode("utf-8", "replace").strip()  # (65: one too long for an id)
         if claimant == self.gateway_id:
             return
         if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands
             if self._stopping:
                 return
-            self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+            with self._state_lock:
+                self._reclaim.add(device)
+            self._claims_news.request()
+            return
+        if not _GATEWAY_ID.match(claimant):  # no gateway can have that id: not a claim
+            self.stats["owner_claims_malformed"] += 1
+            self._log_once(device, "malformed claim", "ignoring a claim on %s that is not a gateway id: %r",
+                           self.topics.owner(device), claimant[:40])
             return
         with self._state_lock:
-            others = self._conflicts.setdefault(device, set())
-            new = claimant not in others
-            others.add(claimant)
-        if new:
-            self.stats["owner_conflicts"] += 1
+            others = self._conflicts.setdefault(device, {})
+            if claimant in others:
+                return
+            if len(others) >= MAX_CLAIMANTS:
+                del others[next(iter(others))]  # the oldest: a flood of claims keeps the latest few
+                self._forgotten[device] += 1
+            others[claimant] = None
+            self._conflicts_changed = True
+            self._claims_logged[device] += 1
+            logged = self._claims_logged[device]
+        self.stats["owner_conflicts"] += 1
+        if logged <= MAX_CLAIMANTS:
             log.error("device %r is also claimed by gateway %r: two gateways own the same device id and "
                       "would both store its readings and answer its commands; remove it from one config or "
                       "rename it (its claim: %s)", device, claimant, self.topics.owner(device))
-            self._publish_conflicts()
+        elif logged == MAX_CLAIMANTS + 1:
+            log.error("device %r is claimed by more than %d other gateways: further claims are counted "
+                      "(owner_conflicts) and the latest %d listed on %s, not logged", device, MAX_CLAIMANTS,
+                      MAX_CLAIMANTS, self.topics.bridge_conflicts(self.gateway_id))
+        self._claims_news.request()
 
     def conflicts(self) -> dict[str, list[str]]:
+        """Device -> the other gateways claiming it (the latest MAX_CLAIMANTS), sorted."""
         with self._state_lock:
             return {d: sorted(others) for d, others in sorted(self._conflicts.items())}
 
     def _publish_conflicts(self) -> None:
-        body = {"gateway": self.gateway_id, "devices": self.conflicts()}
+        with self._state_lock:
+            self._conflicts_changed = False
+            forgotten = dict(sorted(self._forgotten.items()))
+        body = {"gateway": self.gateway_id, "devices": self.conflicts(), "forgotten": forgotten}
         self.mqtt.publish(self.topics.bridge_conflicts(self.gateway_id), json.dumps(body), qos=1, retain=True)
+
+    def _publish_claims_news(self) -> None:
+        """What a burst of owner messages changed, once: our claims again, the conflicts."""
+        with self._state_lock:
+            reclaim, self._reclaim = self._reclaim, set()
+            changed = self._conflicts_changed
+        if not self._stopping:
+            for device in sorted(reclaim):
+                self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+        if changed:
+            self._publish_conflicts()
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = self.topics.parse_command(topic)
@@ -221,21 +330,23 @@ class Bridge:
             return  # the Pico subscribes to its own commands
         if retained:
             # A retained command replays on every reconnect ("ghost switching").
-            self._answer(device, ok=False, error="retained commands are ignored; publish without retain (-r)")
+            self._refuse(device, "retained", error="retained commands are ignored; publish without retain (-r)")
             return
         try:
             command = parse_led_payload(payload)
         except PayloadError as exc:
-            self._answer(device, ok=False, error=str(exc))
+            self._refuse(device, "payload", error=str(exc))
             return
         with self._pending_lock:
-            if self._pending[device] >= MAX_PENDING_COMMANDS:
+            # Waiting: to be carried out, or for the broker to take the answer (when the broker is
+            # slow to acknowledge, e.g. behind a flood it forwards to us, answers must not pile up).
+            if self._pending[device] + self._carried_undelivered[device] >= MAX_PENDING_COMMANDS:
                 busy = True
             else:
                 busy = False
                 self._pending[device] += 1
         if busy:
-            self._answer(device, ok=False, command=command, error="busy: too many commands waiting for this Pico")
+            self._refuse(device, "busy", command, "busy: too many commands waiting for this Pico")
             return
         self._workers[device].submit(self._execute, link, command)
 
@@ -253,10 +364,10 @@ class Bridge:
         try:
             state = link.set_led(command)
         except CommandError as exc:
-            self._answer(link.device, ok=False, command=command, error=str(exc))
+            self._refuse(link.device, str(exc), command, str(exc))
         except Exception as exc:  # a link bug must not kill the worker
             log.exception("command %s for %s failed unexpectedly", command.value, link.device)
-            self._answer(link.device, ok=False, command=command, error=f"internal error: {type(exc).__name__}")
+            self._refuse(link.device, "internal", command, f"internal error: {type(exc).__name__}")
         else:
             self.led_state(link.device, state)
             self._answer(link.device, ok=True, command=command, state=state)
@@ -264,21 +375,66 @@ class Bridge:
             with self._pending_lock:
                 self._pending[link.device] -= 1
 
+    def _refuse(self, device: str, kind: str, command: LedCommand | None = None, error: str = "") -> None:
+        """A command not carried out: counted, logged once per ``kind``, and answered unless this
+        device's refusal answers exceed their rate, or REFUSAL_BURST of them wait for the broker
+        (then counted as refusals_unanswered, and said in the next answer)."""
+        self.stats["commands_failed"] += 1
+        link = self.links[device]
+        link.stats["commands_failed"] += 1
+        self._log_once(device, kind, "command for %s refused: %s", device, error)
+        now = time.monotonic()
+        with self._pending_lock:
+            tokens, then = self._refusal_tokens.get(device, (REFUSAL_BURST, now))
+            tokens = min(REFUSAL_BURST, tokens + (now - then) * REFUSALS_PER_SECOND)
+            answer = tokens >= 1 and self._refusals_undelivered[device] < REFUSAL_BURST
+            self._refusal_tokens[device] = (tokens - 1 if answer else tokens, now)
+            if answer:
+                unanswered = self._unanswered.pop(device, 0)
+            else:
+                self._unanswered[device] += 1
+        if not answer:
+            self.stats["refusals_unanswered"] += 1
+            link.stats["refusals_unanswered"] += 1
+            self._log_once(device, "unanswered", "commands for %s arrive faster than they can be refused one by "
+                           "one: more than %d refusals a second are counted (refusals_unanswered), not answered",
+                           device, REFUSALS_PER_SECOND)
+            return
+        if unanswered:
+            error += f" ({unanswered} more command(s) refused without an answer)"
+        self._answer(device, ok=False, command=command, error=error)
+
     def _answer(self, device: str, ok: bool, command: LedCommand | None = None,
                 state: bool | None = None, error: str | None = None) -> None:
-        self.stats["commands_ok" if ok else "commands_failed"] += 1
-        self.links[device].stats["commands_ok" if ok else "commands_failed"] += 1
-        if not ok:
-            self._log_once(device, error or "", "command for %s refused: %s", device, error)
+        if ok:
+            self.stats["commands_ok"] += 1
+            self.links[device].stats["commands_ok"] += 1
         body = {
             "ok": ok,
             "command": command.value if command else None,
             "state": None if state is None else ("on" if state else "off"),
             "error": error,
         }
-        self.mqtt.publish(self.topics.result(device), json.dumps(body), qos=1)
+        info = self.mqtt.publish_message(self.topics.result(device), json.dumps(body), 1, None)
+        with self._pending_lock:
+            self._undelivered.setdefault(device, deque()).append((info, ok))
+            self._undelivered_count += 1
+            (self._carried_undelivered if ok else self._refusals_undelivered)[device] += 1
+
+    def _answers_delivered(self) -> None:
+        """The MQTT network thread, after each round of I/O: make room for the answers acknowledged."""
+        if not self._undelivered_count:
+            return
+        with self._pending_lock:
+            for device, answers in self._undelivered.items():
+                while answers and published(answers[0][0]):
+                    _, ok = answers.popleft()
+                    self._undelivered_count -= 1
+                    (self._carried_undelivered if ok else self._refusals_undelivered)[device] -= 1
 
     def _log_once(self, device: str, kind: str, msg: str, *args: object) -> None:
         """Warn the first time a device has a given problem; later ones at debug level."""
-        level = logging.WARNING if self._logged.first((device[:64], kind[:80])) else logging.DEBUG
-        log.log(level, msg, *args)
+        if self._logged.first((device[:64], kind[:80])):
+            log.warning(msg, *args)
+        elif log.isEnabledFor(logging.DEBUG):  # (a flood of refusals passes here: keep it cheap)
+            log.debug(msg, *args)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.diagnostics")
 
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
-REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers")
+REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers", "bad_metric")
 
 
 def device_report(link_stats: Counter[str], online: bool, backlog: int, last_seen_ms: int | None) -> dict:

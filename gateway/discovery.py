@@ -17,7 +17,8 @@ Home Assistant forgets discovered entities it has not seen when it restarts
 without a persistent broker session, so the configs are retained, published
 again after every (re)connect, and again a short random time after
 ``<prefix>/status`` says ``online`` (spreading the load when several gateways
-answer the same birth message).
+answer the same birth message). However many ``online`` arrive, one republish
+is pending at most, and two are at least ``republish_delay`` (and 1 s) apart.
 
 The class only needs a ``publish`` and a ``subscribe`` callable; the daemon
 hands it its MqttConnection's::
@@ -41,8 +42,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from gateway import __version__
+from gateway.coalesce import Coalesced
 from gateway.links.base import DeviceConfig, StrictModel
-from gateway.topics import Topics
+from gateway.topics import Topics, is_metric
 
 log = logging.getLogger("gateway.discovery")
 
@@ -52,7 +54,7 @@ Handler = Callable[[str, bytes, bool], None]
 Publish = Callable[[str, str, int, bool], object]
 Subscribe = Callable[[str, Handler], None]
 
-METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MIN_REPUBLISH_SPACING = 1.0  # seconds between two republishes for HA's birth message, at least
 MAX_METRICS = 32  # per device: a misbehaving Wi-Fi Pico must not grow a config without end
 
 # Metrics each kind of Pico has before the gateway has seen a reading.
@@ -141,10 +143,13 @@ class Discovery:
         self._firmware: dict[str, str] = {}
         self._timers: list[threading.Timer] = []
         self._stopped = threading.Event()
+        self._republish_spacing = max(MIN_REPUBLISH_SPACING, config.republish_delay)
+        self._republish = Coalesced(self._republish_all, "ha-republish", spacing=self._republish_spacing,
+                                    delay=lambda: random.uniform(0, self.config.republish_delay))
         self._started = False
         self._stale_scan: float | None = None
         self.stale_seen: set[str] = set()  # object ids of our retained configs no longer configured
-        self.stats = {"published": 0, "removed": 0, "republish_requests": 0}
+        self.stats = {"published": 0, "removed": 0, "republish_requests": 0, "republished": 0}
 
     # -- topics and ids --------------------------------------------------------------
     @property
@@ -289,7 +294,7 @@ class Discovery:
             metrics = self._metrics.setdefault(device, [])
             if metric in metrics:
                 return
-            if not METRIC_NAME.match(metric) or len(metrics) >= MAX_METRICS:
+            if not is_metric(metric) or len(metrics) >= MAX_METRICS:
                 return
             metrics.append(metric)
         log.info("device %s has a new metric %r: publishing its discovery config again", device, metric)
@@ -321,6 +326,7 @@ class Discovery:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._republish.stop()
         with self._lock:
             timers, self._timers = self._timers, []
         for timer in timers:
@@ -331,9 +337,10 @@ class Discovery:
         if payload.strip().lower() != b"online" or self._stopped.is_set():
             return
         self.stats["republish_requests"] += 1
-        delay = random.uniform(0, self.config.republish_delay)
-        log.info("Home Assistant is online: publishing discovery again in %.1f s", delay)
-        self._later(delay, self._republish)
+        # However many arrive (a flow stuck in a loop sends thousands), one republish pending.
+        if self._republish.request():
+            log.info("Home Assistant is online: publishing discovery again within %.1f s",
+                     max(self.config.republish_delay, self._republish_spacing))
 
     def _later(self, delay: float, action: Callable[[], object]) -> None:
         def run() -> None:
@@ -349,7 +356,8 @@ class Discovery:
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         timer.start()
 
-    def _republish(self) -> None:
+    def _republish_all(self) -> None:
+        self.stats["republished"] += 1
         self.publish_all()
 
     def _on_config(self, topic: str, payload: bytes, retained: bool) -> None:

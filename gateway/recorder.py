@@ -14,7 +14,8 @@ least once; see docs/scaling.md.
 - A reading's time is its ``ts`` user property (Unix ms, set by the gateway on
   late readings, docs/reliability.md) when present and plausible, else the time
   it arrived.
-- Topic parts and payloads are checked against the tree's rules and bounded;
+- Topic parts and payloads are checked against the tree's rules and bounded (a
+  metric name by the gateway's one rule, gateway/topics.py ``is_metric``);
   anything else is counted and dropped (and acknowledged).
 
 It reuses the gateway's config file: ``[mqtt]`` (with auth and TLS), ``[store]``
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -39,14 +39,13 @@ from gateway.links.base import is_device_id, now_ms
 from gateway.links.wifi import parse_value
 from gateway.store import Row, Store
 from gateway.systemd import setup_logging, stop_on_signals
-from gateway.topics import Topics
+from gateway.topics import Topics, is_metric
 
 log = logging.getLogger("gateway.recorder")
 
 RECEIVE_MAXIMUM = 1000  # unacknowledged QoS 1 messages the broker may send us at once (bounds memory)
 MAX_BATCH = 1000  # readings per transaction
 RETRY_STORE = 2.0  # seconds between commit attempts while the database refuses
-_METRIC = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TS_MIN, _TS_MAX = 946_684_800_000, 32_503_680_000_000  # 2000-01-01 .. 3000-01-01, in ms
 _STOP = object()
 
@@ -58,7 +57,7 @@ def parse_reading(topics: Topics, topic: str, payload: bytes, properties: Any, r
     if parsed is None:
         return None
     device, metric = parsed
-    if not is_device_id(device) or not _METRIC.match(metric):
+    if not is_device_id(device) or not is_metric(metric):
         return None
     value = parse_value(payload)
     if value is None:

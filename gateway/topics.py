@@ -9,7 +9,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+METRIC_PATTERN = "[a-z][a-z0-9_]{0,23}"
+"""A metric name, the last level of ``<base>/<device>/sensor/<metric>``: what
+docs/protocol.md allows a picogw field key, for every link alike (docs/topics.md).
+No ``/``, ``+``, ``#``, dots or capitals: a name is one plain topic level."""
+_METRIC = re.compile(METRIC_PATTERN + r"\Z")
+
+
+def is_metric(name: str) -> bool:
+    """Whether ``name`` may be a metric: ``temp``, ``mem_free`` yes; ``Temp``, ``a#``,
+    ``Temp/../x``, ``""`` and anything longer than 24 characters no.
+
+        >>> is_metric("temp"), is_metric("Temp/../x"), is_metric("a" * 25)
+        (True, False, False)
+    """
+    return _METRIC.match(name) is not None
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,10 @@ class TcpLink(PollingLink):
                 value = float(raw)
             except ValueError:
                 value = math.nan
-            if not name or not math.isfinite(value):
+            if not math.isfinite(value):
                 self.stats["bad_values"] += 1
                 continue
-            values.append((name, value))
+            values.append((name, value))  # the name is the bridge's to check, as for every link
         if values:
             self.events.reading(self.device, values, now_ms(), None)
 

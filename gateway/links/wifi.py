@@ -59,7 +59,7 @@ class WifiLink(Link):
     def _on_sensor(self, topic: str, payload: bytes, retained: bool) -> None:
         if not self._running or retained:
             return  # a retained reading is old news (and never ours to store twice)
-        metric = topic.rsplit("/", 1)[-1]
+        metric = topic.rsplit("/", 1)[-1]  # any topic level: the bridge checks it, as for every link
         value = parse_value(payload)
         if value is None:
             self.stats["bad_values"] += 1

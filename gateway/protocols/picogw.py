@@ -23,16 +23,18 @@ import zlib
 from collections import Counter
 from typing import Iterable, NamedTuple
 
+from gateway.topics import METRIC_PATTERN, is_metric
+
 MAX_FRAME = 200
 """Longest frame in bytes, from ``$`` to ``\\n`` inclusive."""
 
-_KEY_PATTERN = rb"[a-z][a-z0-9_]{0,23}"  # a field's key (a metric name): docs/protocol.md
+_KEY_PATTERN = METRIC_PATTERN.encode("ascii")  # a field's key is a metric name: docs/protocol.md
 _KEY = re.compile(_KEY_PATTERN + rb"\Z")
 
 
 def is_key(name: str) -> bool:
     """A field (metric) name the protocol allows: ``temp`` yes, ``Temp``, ``a+b``, ``""`` no."""
-    return name.isascii() and bool(_KEY.match(name.encode()))
+    return is_metric(name)
 
 
 _VALUE_BYTES = frozenset(range(0x20, 0x7F)) - frozenset(b"$*,")
