@@ -91,7 +91,7 @@ def test_readings_table_csv_json(tmp_path, db, capsys) -> None:
 
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(NOW_MS / 1000 - 16 * 60))  # local, no offset
     assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--metric", "uptime",
-                 "--since", "1m", "--format", "json"]) == 0
+                 "--since", since, "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["value"] for d in data] == [4800.0, 5400.0]
     assert set(data[0]) == {"ts", "ts_ms", "metric", "value", "seq"}
