@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway import store_writer
-from gateway.store_writer import EXPIRED, SENT, UNSENT, id_ranges, read_message, write_message
+from gateway.store_writer import (
+    EXPIRED,
+    SENT,
+    UNSENT,
+    id_ranges,
+    read_message,
+    write_message,
+)
 
 __all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoredRow", "WriterDied", "id_ranges"]
 

@@ -32,7 +32,8 @@ import sqlite3
 import struct
 import sys
 import time
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import IO, Any
 
 UNSENT, SENT, EXPIRED = 0, 1, 2
 INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
@@ -48,16 +49,16 @@ WAL_PAGES = 1000
 MIN_WAL_PAGES = 16
 FREE_SPACE_CHECK = 1.0
 SCHEMA = [
-    'CREATE TABLE IF NOT EXISTS "readings" ("id" INTEGER PRIMARY KEY, "device" TEXT NOT NULL, '
-    '"metric" TEXT NOT NULL, "value" REAL NOT NULL, "ts" INTEGER NOT NULL, "seq" INTEGER, '
-    '"sent" INTEGER NOT NULL DEFAULT 1)',
+    ('CREATE TABLE IF NOT EXISTS "readings" ("id" INTEGER PRIMARY KEY, "device" TEXT NOT NULL, '
+     '"metric" TEXT NOT NULL, "value" REAL NOT NULL, "ts" INTEGER NOT NULL, "seq" INTEGER, '
+     '"sent" INTEGER NOT NULL DEFAULT 1)'),
     'CREATE INDEX IF NOT EXISTS "idx_readings_device_metric_ts" ON "readings" ("device", "metric", "ts")',
     "CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0",
 ]
 _HEADER = struct.Struct("<I")
 
 
-def read_message(stream: BinaryIO) -> Any:
+def read_message(stream: IO[bytes]) -> Any:
     """One framed message; EOFError when the other side closed."""
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
@@ -69,7 +70,7 @@ def read_message(stream: BinaryIO) -> Any:
     return marshal.loads(body)
 
 
-def write_message(stream: BinaryIO, message: object) -> None:
+def write_message(stream: IO[bytes], message: Any) -> None:
     body = marshal.dumps(message)
     stream.write(_HEADER.pack(len(body)) + body)
     stream.flush()
@@ -97,8 +98,8 @@ class Writer:
     def __init__(self, path: str, synchronous: str) -> None:
         self.path = path
         self.synchronous = synchronous
-        self.conn: sqlite3.Connection | None
-        self.conn, self.identity = self._open()
+        self._conn: sqlite3.Connection | None
+        self._conn, self.identity = self._open()
         self.stale = False  # reopen before the next request
         # After the file was deleted or replaced: the unpublished rows to carry into the new
         # file, how many rows the lost one held, and why; conn is None until the new one is open.
@@ -124,6 +125,16 @@ class Writer:
         self.next_space_check = 0.0
         return conn, (st.st_dev, st.st_ino)
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.OperationalError(f"{self.path} {self.reason}; a new file is not open yet")
+        return self._conn
+
+    @property
+    def opened(self) -> bool:
+        return self._conn is not None
+
     def fit_wal_to_free_space(self) -> None:
         now = time.monotonic()
         if now < self.next_space_check:
@@ -145,7 +156,7 @@ class Writer:
         """Raise FileChanged when ``path`` was deleted, or now names another file (or a
         new one could not be opened yet). One stat per commit: far cheaper than the
         commit's fsync."""
-        if self.conn is None:
+        if self._conn is None:
             raise FileChanged(self.reason)
         try:
             st = os.stat(self.path)
@@ -158,7 +169,7 @@ class Writer:
         """Carry the unpublished rows of the open (deleted or replaced) file into the file
         now at ``path`` (a new one if there is none), and go on with that. When opening it
         fails, the rows wait here and the next commit tries again."""
-        if self.conn is not None:
+        if self._conn is not None:
             done = {i for lo, hi in sent_ranges for i in range(lo, hi + 1)}  # acknowledged: not carried
             try:
                 self.carry = [row[1:] for row in self.conn.execute(
@@ -171,7 +182,7 @@ class Writer:
             # the path, unless a reader still has them open: a new file there must not
             # find (and replay) them.
             self.conn.close()
-            self.conn = None
+            self._conn = None
             self.reason = reason
             if reason == DELETED:
                 for suffix in ("-wal", "-shm"):
@@ -187,7 +198,7 @@ class Writer:
         except sqlite3.Error:
             conn.close()
             raise
-        self.conn, self.identity = conn, identity
+        self._conn, self.identity = conn, identity
         held = "an unknown number of" if self.lost is None else f"the {self.lost}"
         carried, self.carry = len(self.carry), []
         return (f"the database file {self.path} {self.reason} while the gateway was running: {held} reading(s) "
@@ -235,9 +246,9 @@ class Writer:
         return by_rows, by_age
 
     def reopen_if_stale(self) -> None:
-        if self.stale and self.conn is not None:
+        if self.stale and self._conn is not None:
             self.conn.close()
-            self.conn, self.identity = self._open()
+            self._conn, self.identity = self._open()
             self.stale = False
 
     def set_fault(self, pragma: str, value: int) -> None:
@@ -255,7 +266,7 @@ class Writer:
         A full disk: the WAL holds pages that a checkpoint can move into the database,
         and truncating it gives its space back (SQLite reuses a WAL only after a
         checkpoint, and checkpoints on its own only after a commit succeeds)."""
-        if self.conn is None:
+        if self._conn is None:
             return
         if self.conn.in_transaction:
             try:
@@ -272,8 +283,8 @@ class Writer:
                 pass  # still full, or a reader holds the WAL: the next attempt tries again
 
 
-def serve(writer: Writer, requests: BinaryIO, answers: BinaryIO) -> None:
-    handlers = {"commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
+def serve(writer: Writer, requests: IO[bytes], answers: IO[bytes]) -> None:
+    handlers: dict[str, Callable[..., Any]] = {"commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
                 "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
                 "set_fault": writer.set_fault}
     while True:
@@ -282,14 +293,12 @@ def serve(writer: Writer, requests: BinaryIO, answers: BinaryIO) -> None:
         except EOFError:
             return
         if op == "close":
-            if writer.conn is not None:
+            if writer.opened:
                 writer.conn.close()
             write_message(answers, ("ok", None))
             return
         try:
             writer.reopen_if_stale()
-            if writer.conn is None and op not in ("commit", "record"):  # (only a commit moves to a new file)
-                raise sqlite3.OperationalError(f"{writer.path} {writer.reason}; a new file is not open yet")
             answer: tuple = ("ok", handlers[op](*args))
         except FileChanged as exc:
             try:

@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import GatewayProcess, write_config
+from mqtt_helpers import Recorder, wait_for
+from peers import PicogwPeer
+
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
 from gateway.mqtt import MqttConnection
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.store import Store
 from gateway.topics import Topics
-from mqtt_helpers import Recorder, wait_for
-from peers import PicogwPeer
 
 
 def db_values(db: Path, device: str) -> list[tuple[float, int]]:
@@ -51,7 +51,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB filesystem (tmpfs), unmounted afterwards."""
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True,
+                          check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
     try:
