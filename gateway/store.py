@@ -98,7 +98,12 @@ class Store:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.writer_starts += 1
         self._proc = proc
-        self._answer(proc)  # it answers once it has the database open
+        try:
+            self._answer(proc)  # it answers once it has the database open
+        except sqlite3.Error:
+            if self._proc is proc:  # it could not open the database, and exits: reap it
+                self._died(proc)
+            raise
 
     def _answer(self, proc: subprocess.Popen[bytes]) -> Any:
         assert proc.stdout is not None
