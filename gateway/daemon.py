@@ -92,7 +92,10 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     log.info("stopping")
     diagnostics.stop()
     last_words = bridge.stop()  # the links within bridge.LINKS_STOP, then the outbox's flush
-    diagnostics.publish()  # the final counters, retained
+    try:
+        diagnostics.publish()  # the final counters, retained
+    except sqlite3.Error as exc:  # (the backlog count needs the database)
+        log.error("final diagnostics not published: %s", exc)
     discovery.stop()
     mqtt.stop(last_words, timeout=max(FINAL_MESSAGES_MIN, deadline - time.monotonic()))
     store.close()

@@ -37,7 +37,7 @@ from paho.mqtt.properties import Properties
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
 from gateway.progress import Heartbeat
-from gateway.store import Row, Store
+from gateway.store import DatabaseReplaced, Row, Store
 from gateway.topics import Topics
 
 log = logging.getLogger("gateway.outbox")
@@ -92,11 +92,18 @@ class Outbox:
         self._room = threading.Event()  # set when the window has room again, or there is news
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
-        self._last_store_error = ""
+        self._last_store_error = ""  # while the database refuses writes: its last error
+        self._store_errors_logged = Once()  # the distinct errors of the current refusal
         self._unpublishable_logged = Once()
         # A turn waits 0.5 s at most; rarely, a commit waits out the store's busy timeout (5 s), a
         # refused one RETRY_STORE, or the bounds check updates a large backlog: 15 s covers them.
         self.heartbeat = Heartbeat("outbox", 15.0)
+        # Ages for the backlog bound: the rows this process stored are timed by the monotonic
+        # clock (a wall-clock step, a Pi's first NTP sync, must not age them); (when, last id).
+        self._own_from: int | None = None  # the first id this process stored
+        self._last_id = 0
+        self._marks: deque[tuple[float, int]] = deque()
+        self._own_expired_until = 0  # ids up to here, stored by this process, are past the age bound
         mqtt.after_io(self._after_io)
         mqtt.on_connect(self._wake)  # the backlog can move
         mqtt.on_disconnect(self._lost_connection.set)
@@ -201,7 +208,11 @@ class Outbox:
             self._send()
             return
         try:
-            first_id = self.store.commit(rows, self._done)
+            try:
+                first_id = self.store.commit(rows, self._done)
+            except DatabaseReplaced as exc:
+                self._moved_to_new_file(exc)
+                first_id = self.store.commit(rows, self._done)
             self._last_commit = time.monotonic()
         except sqlite3.Error as exc:
             self._hold(rows, exc)
@@ -209,6 +220,10 @@ class Outbox:
         if self._last_store_error:
             log.warning("the database takes writes again; %d held reading(s) stored", len(rows))
             self._last_store_error = ""
+            self._store_errors_logged = Once()
+        if rows:
+            self._own_from = first_id if self._own_from is None else self._own_from
+            self._last_id = first_id + len(rows) - 1
         self.stats["stored"] += len(rows)
         self._pending = []
         self._done = set()
@@ -247,11 +262,24 @@ class Outbox:
                       "reading(s)", overflow)
             rows = rows[overflow:]
         self._pending = rows
-        if str(exc) != self._last_store_error:
-            self._last_store_error = str(exc)
+        self._last_store_error = str(exc)
+        if self._store_errors_logged.first(str(exc)):
             log.error("cannot write to %s: %s; holding readings in memory (up to %d) and retrying",
                       self.store.path, exc, self.settings.memory_rows)
         time.sleep(RETRY_STORE)
+
+    def _moved_to_new_file(self, exc: DatabaseReplaced) -> None:
+        """The database file was deleted or replaced, and the store carried the unpublished
+        rows into a new one, under new ids: what the outbox knows by id starts over."""
+        self.stats["database_replaced"] += 1
+        log.error("%s", exc)
+        self._inflight.clear()  # (paho may still deliver them: duplicates, at most the window)
+        self._done = set()
+        self._ready.clear()
+        self._backlog_from = 0
+        self._own_from, self._last_id = None, 0
+        self._marks.clear()
+        self._own_expired_until = 0
 
     def _publish_live_many(self) -> None:
         """QoS 0: ready readings go out as one paho write (``publish_many``), up to the
@@ -377,26 +405,49 @@ class Outbox:
 
     def _enforce_bounds(self) -> None:
         s = self.settings
-        expired = self.store.expire_unsent(s.max_backlog_rows, int((time.time() - s.max_backlog_age_s) * 1000))
-        if expired:
-            self.stats["backlog_expired"] += expired
-            log.warning("backlog bound reached (%d rows or %g h): %d oldest unpublished reading(s) will not be "
-                        "published; they stay in the database", s.max_backlog_rows, s.max_backlog_age_s / 3600,
-                        expired)
+        now = time.monotonic()
+        if not self._marks or self._marks[-1][1] != self._last_id:
+            self._marks.append((now, self._last_id))
+        while self._marks and self._marks[0][0] <= now - s.max_backlog_age_s:
+            self._own_expired_until = self._marks.popleft()[1]
+        try:
+            by_rows, by_age = self.store.expire_unsent(s.max_backlog_rows,
+                                                       int((time.time() - s.max_backlog_age_s) * 1000),
+                                                       self._own_from, self._own_expired_until)
+        except sqlite3.Error as exc:  # the database refuses writes: commits report it, and retry
+            if self._store_errors_logged.first(str(exc)):
+                log.error("cannot apply the backlog bound to %s: %s", self.store.path, exc)
+            return
+        self.stats["backlog_expired"] += by_rows + by_age
+        if by_rows:
+            log.warning("backlog bound reached (store.max_backlog_rows = %d): %d oldest unpublished reading(s) will "
+                        "not be published; they stay in the database", s.max_backlog_rows, by_rows)
+        if by_age:
+            log.warning("backlog bound reached (store.max_backlog_hours = %g): %d unpublished reading(s) stored "
+                        "longer ago will not be published; they stay in the database", s.max_backlog_age_s / 3600,
+                        by_age)
 
     def _flush(self, wait: float = 2.0) -> None:
         """At stop: store what is pending, publish what is ready window by window for up
         to ``wait`` seconds, record the acknowledgements. Whatever is left stays unsent in
-        the database and goes out at the next start."""
+        the database and goes out at the next start; readings the database still refuses
+        are lost, and the log says how many."""
         deadline = time.monotonic() + wait
         try:
-            self._turn([], force=True)
+            if not self._last_store_error:  # (held readings get one last attempt below, without the pause)
+                self._turn([], force=True)
             while (self._ready or self._inflight) and self.mqtt.connected.is_set() and time.monotonic() < deadline:
                 time.sleep(0.005)
                 self._resolve_acks()
                 self._send()
             if self._done or self._pending:
-                self.store.commit(self._pending, self._done)
+                try:
+                    self.store.commit(self._pending, self._done)
+                except DatabaseReplaced as exc:
+                    self._moved_to_new_file(exc)
+                    self.store.commit(self._pending, [])
                 self._pending, self._done = [], set()
         except sqlite3.Error as exc:
-            log.error("could not store %d reading(s) at shutdown: %s", len(self._pending), exc)
+            self.stats["lost_at_shutdown"] += len(self._pending)
+            log.error("stopping while the database refuses writes (%s): %d held reading(s) lost", exc,
+                      len(self._pending))

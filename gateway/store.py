@@ -1,4 +1,4 @@
-"""Every reading, in SQLite (through sqlite-utils), and the outbox of what MQTT has not yet taken.
+"""Every reading, in SQLite, and the outbox of what MQTT has not yet taken.
 
     >>> store = Store("/tmp/readings.db")
     >>> first_id = store.commit([("greenhouse", "temp", 21.5, 1764070000000, 7)])
@@ -18,105 +18,197 @@ the unsent rows cheap to find however big the table grows.
 ``commit`` returns only after the transaction is durable at the configured
 ``synchronous`` level (FULL by default): a reading is on disk before it is
 published. See docs/reliability.md for what a power cut can cost.
+
+The SQLite connection itself lives in a small child process
+(gateway/store_writer.py), so that a SIGBUS from SQLite's memory-mapped WAL index
+(the database files made read-only or immutable under a running gateway) ends
+that process, not the gateway: the call raises ``WriterDied``, a
+``sqlite3.OperationalError`` that says what happened, and the next call starts a
+new writer. The writer also notices when the database file is deleted or
+replaced under it (``DatabaseReplaced``), and checkpoints and truncates the WAL
+after a full disk.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import sqlite_utils
+from gateway import store_writer
+from gateway.store_writer import (
+    EXPIRED,
+    SENT,
+    UNSENT,
+    id_ranges,
+    read_message,
+    write_message,
+)
+
+__all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoredRow", "WriterDied", "id_ranges"]
+
+log = logging.getLogger("gateway.store")
 
 Row = tuple[str, str, float, int, "int | None"]  # device, metric, value, ts_ms, seq
 StoredRow = tuple[int, str, str, float, int, "int | None"]  # id + Row
 
-UNSENT, SENT, EXPIRED = 0, 1, 2
-_INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
-_INSERT_SENT = _INSERT.replace("?, 0)", f"?, {SENT})")
+_WRITER = str(Path(store_writer.__file__).resolve())
+_CLOSE_WAIT = 10.0  # seconds for the writer to finish its last transaction and exit after close()
 
 
-def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """[3, 1, 2, 7] -> [(1, 3), (7, 7)]: acknowledgements mostly come in runs."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(ids):
-        if out and i == out[-1][1] + 1:
-            out[-1] = (out[-1][0], i)
-        elif not out or i != out[-1][1]:
-            out.append((i, i))
-    return out
+class WriterDied(sqlite3.OperationalError):
+    """The writer process ended during a request; the request may or may not have been done."""
+
+
+class DatabaseReplaced(sqlite3.DatabaseError):
+    """The database file was deleted or replaced; the store now writes to the file at
+    its path, with the unpublished rows carried over under new ids. The request was not done."""
+
+
+def _death(code: int) -> str:
+    if code == -signal.SIGBUS:
+        return ("the database writer process was killed by SIGBUS: the filesystem refused a write into "
+                "SQLite's memory-mapped WAL index (-shm): the database files are read-only or immutable, "
+                "or the filesystem is full or failing")
+    if code < 0:
+        return f"the database writer process was killed by {signal.Signals(-code).name}"
+    return f"the database writer process exited with code {code}"
 
 
 class Store:
     def __init__(self, path: str | Path, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = Path(path)
+        self.synchronous = synchronous
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used under a lock: the outbox thread writes, others read.
-        self._conn = sqlite3.connect(self.path, check_same_thread=False)
+        self.writer_starts = 0
+        # One writer process, one request at a time: the outbox thread writes, others read.
         self._lock = threading.Lock()
-        self.db = sqlite_utils.Database(self._conn)
-        self.db.enable_wal()
-        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        readings = self.db.table("readings")
-        readings.create(
-            {"id": int, "device": str, "metric": str, "value": float, "ts": int, "seq": int},
-            pk="id",
-            not_null={"device", "metric", "value", "ts"},
-            if_not_exists=True,
-        )
-        if "sent" not in readings.columns_dict:
-            # Rows from before the outbox existed count as sent: never replay history.
-            readings.add_column("sent", int, not_null_default=SENT)
-        readings.create_index(["device", "metric", "ts"], if_not_exists=True)
-        self._conn.execute("CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0")
-        self._conn.commit()
+        self._proc: subprocess.Popen[bytes] | None = None
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", _WRITER, str(self.path), self.synchronous],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.writer_starts += 1
+        self._proc = proc
+        try:
+            self._answer(proc)  # it answers once it has the database open
+        except sqlite3.Error:
+            if self._proc is proc:  # it could not open the database, and exits: reap it
+                self._died(proc)
+            raise
+
+    def _answer(self, proc: subprocess.Popen[bytes]) -> Any:
+        assert proc.stdout is not None
+        try:
+            answer = read_message(proc.stdout)
+        except (EOFError, OSError, ValueError):
+            raise self._died(proc) from None
+        if answer[0] == "ok":
+            return answer[1]
+        if answer[0] == "replaced":
+            raise DatabaseReplaced(answer[1])
+        error = getattr(sqlite3, answer[1], None)
+        if not (isinstance(error, type) and issubclass(error, sqlite3.Error)):
+            error = sqlite3.Error
+        raise error(answer[2])
+
+    def _died(self, proc: subprocess.Popen[bytes]) -> WriterDied:
+        self._proc = None
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        try:
+            code = proc.wait(_CLOSE_WAIT)
+        except subprocess.TimeoutExpired:  # its pipes broke but it lives on: end it
+            proc.kill()
+            code = proc.wait()
+        return WriterDied(_death(code))
+
+    def _call(self, op: str, *args: object) -> Any:
+        with self._lock:
+            if self._proc is None:
+                self._start()
+            proc = self._proc
+            assert proc is not None and proc.stdin is not None
+            try:
+                write_message(proc.stdin, (op, *args))
+            except (OSError, ValueError):
+                raise self._died(proc) from None
+            return self._answer(proc)
 
     def commit(self, rows: Sequence[Row], sent_ids: Iterable[int] = ()) -> int:
         """Insert ``rows`` as unsent and mark ``sent_ids`` sent, in one transaction.
 
         Returns the id of the first inserted row (the others follow it, in order:
-        this connection is the only writer). Raises sqlite3.Error (disk full,
-        read-only file) with nothing changed.
+        this store is the only writer). Raises sqlite3.Error (disk full, read-only
+        file) with nothing changed; ``WriterDied`` when the writer process died
+        (the transaction may have been stored: at most this one is stored twice
+        when retried); ``DatabaseReplaced`` (nothing changed) when the file was
+        deleted or replaced and the store moved on to a new one.
         """
-        # executemany on the connection, not table.insert_all: this is the hot path,
-        # and insert_all's per-row dict handling costs several times more.
-        with self._lock, self._conn:
-            self._conn.executemany(_INSERT, rows)
-            last = self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            ranges = id_ranges(sent_ids)
-            if ranges:
-                self._conn.executemany("UPDATE readings SET sent = 1 WHERE id BETWEEN ? AND ?", ranges)
-        return last - len(rows) + 1
+        return self._call("commit", list(rows), list(sent_ids))
 
     def record(self, rows: Sequence[Row]) -> None:
         """Insert rows that need no publishing (a recorder's: the broker has them), as sent."""
-        with self._lock, self._conn:
-            self._conn.executemany(_INSERT_SENT, rows)
+        try:
+            self._call("record", list(rows))
+        except DatabaseReplaced as exc:
+            log.error("%s", exc)
+            self._call("record", list(rows))
 
     def unsent(self, after_id: int, limit: int) -> list[StoredRow]:
         """The oldest unsent readings with ``id > after_id``, in id order."""
-        with self._lock:
-            return self._conn.execute(
-                "SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 AND id > ? "
-                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return self._call("unsent", after_id, limit)
 
     def count_unsent_by_device(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._conn.execute("SELECT device, count(*) FROM readings WHERE sent = 0 GROUP BY device"))
+        return dict(self._call("count_unsent_by_device"))
 
-    def expire_unsent(self, keep_rows: int, older_than_ms: int) -> int:
-        """Give up publishing the oldest unsent readings beyond ``keep_rows``, and any
-        older than ``older_than_ms``; they stay in the table (sent = 2). Returns how many."""
-        with self._lock, self._conn:
-            cur = self._conn.execute(
-                "UPDATE readings SET sent = 2 WHERE sent = 0 AND (ts < ? OR id <= "
-                "(SELECT id FROM readings WHERE sent = 0 ORDER BY id DESC LIMIT 1 OFFSET ?))",
-                (older_than_ms, keep_rows))
-            return cur.rowcount
+    def expire_unsent(self, keep_rows: int, older_than_ms: int, own_from_id: int | None = None,
+                      own_until_id: int = 0) -> tuple[int, int]:
+        """Give up publishing the oldest unsent readings beyond ``keep_rows`` (first
+        count), and those too old (second count); they stay in the table (sent = 2).
+
+        Age: rows from ``own_from_id`` on were stored by the caller, which knows
+        their age by its monotonic clock: those up to ``own_until_id`` are too old.
+        Older rows (from an earlier run), and all when ``own_from_id`` is None, are
+        too old when their ``ts`` is before ``older_than_ms``.
+        """
+        return tuple(self._call("expire_unsent", keep_rows, older_than_ms,
+                                own_from_id if own_from_id is not None else 1 << 62, own_until_id))  # type: ignore[return-value]
+
+    def _set_fault(self, pragma: str, value: int) -> None:
+        """For tests: ``("max_page_count", 0)`` makes SQLite refuse to grow the file (a full
+        disk), ``("query_only", 1)`` refuses writes; ``max_page_count`` 1073741823 and
+        ``query_only`` 0 end the fault."""
+        self._call("set_fault", pragma, value)
 
     def close(self) -> None:
+        """Let the writer finish and exit (it checkpoints the WAL on its way out)."""
         with self._lock:
-            self._conn.close()
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                write_message(proc.stdin, ("close",))
+                read_message(proc.stdout)
+            except (EOFError, OSError, ValueError):
+                pass  # it died: nothing left to close
+            proc.stdin.close()
+            proc.stdout.close()
+            try:
+                proc.wait(_CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

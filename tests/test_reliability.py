@@ -335,21 +335,14 @@ def test_database_refusing_writes_holds_readings_then_recovers(tmp_path: Path, b
     try:
         outbox.put([("d", "temp", 1.0, 1, 0)])
         recorder.wait("pico/d/sensor/temp", "1")
-        conn = store._conn
-        with store._lock:
-            if fault == "full":
-                pages = conn.execute("PRAGMA page_count").fetchone()[0]
-                conn.execute(f"PRAGMA max_page_count = {pages}")
-            else:
-                conn.execute("PRAGMA query_only = 1")
+        store._set_fault(*(("max_page_count", 0) if fault == "full" else ("query_only", 1)))
         for i in range(2, 402):
             outbox.put([("d", "temp", float(i), i, i), ("d", "pad", float(i) * 1e9 + 0.123456789, i, i)])
         wait_for(lambda: outbox.stats["store_errors"] >= 1, 10, "the store error")
         wait_for(lambda: outbox.stats["dropped_memory_full"] > 0, 10, "the memory bound")
         assert any("cannot write to" in r.message for r in caplog.records)
         assert recorder.on("pico/d/sensor/temp") == ["1"]  # nothing published before it is stored
-        with store._lock:
-            conn.execute("PRAGMA max_page_count = 1073741823" if fault == "full" else "PRAGMA query_only = 0")
+        store._set_fault(*(("max_page_count", 1073741823) if fault == "full" else ("query_only", 0)))
         wait_for(lambda: outbox.stats["store_errors"] and not outbox._pending, 10, "recovery")
         dropped = outbox.stats["dropped_memory_full"]
         kept = 2 * 400 - dropped  # readings of both metrics that fitted in memory

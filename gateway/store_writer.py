@@ -1,0 +1,335 @@
+"""The process that holds the gateway's SQLite connection (run by gateway/store.py).
+
+Why a process of its own: in WAL mode SQLite memory-maps the WAL index
+(``readings.db-shm``). When the filesystem cannot back a write into a mapped page
+(the files made immutable or read-only under a running gateway, some full or
+failing filesystems) the kernel answers with SIGBUS, which no Python code can
+catch: the process dies on the spot. Here it is only this small process that
+dies; the gateway notices, holds its readings in memory and starts a new writer
+at its next attempt.
+
+It is run as ``python -I -S store_writer.py PATH SYNCHRONOUS`` (standard library
+only, no site packages: about 10 MB of memory), reads requests on stdin and
+answers on stdout, one at a time, each a marshal-encoded tuple behind a 4-byte
+length. It ignores SIGTERM and SIGINT (a service manager signals the whole
+process group; the gateway still needs its writer to store what it holds while
+it stops) and exits when its stdin closes, which is also what happens when the
+gateway dies.
+
+Requests ``(op, *args)``; answers ``("ok", result)``, ``("error", kind, message)``
+with ``kind`` an ``sqlite3`` exception class name, or ``("replaced", message)``
+when the database file was deleted or replaced under it: it then has opened a
+new file at the path, carrying over the unpublished rows, and did not do the
+request.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import sqlite3
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+UNSENT, SENT, EXPIRED = 0, 1, 2
+INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
+INSERT_SENT = INSERT.replace("?, 0)", f"?, {SENT})")
+# The WAL's bound: SQLite checkpoints it every WAL_PAGES pages (its default, 4 MiB at 4 KiB
+# pages), and cuts it back to that size after a checkpoint (journal_size_limit; unbounded by
+# default). On a nearly full filesystem the bound shrinks to an eighth of the free space (down
+# to MIN_WAL_PAGES): a WAL that took the last free bytes would leave a checkpoint no room to
+# grow the database into, and storing would stall for good. Checked at most every
+# FREE_SPACE_CHECK seconds (one statvfs). A smaller bound costs more checkpoints (measured in
+# docs/reliability.md), so it is only paid where the space is short.
+WAL_PAGES = 1000
+MIN_WAL_PAGES = 16
+FREE_SPACE_CHECK = 1.0
+SCHEMA = [
+    ('CREATE TABLE IF NOT EXISTS "readings" ("id" INTEGER PRIMARY KEY, "device" TEXT NOT NULL, '
+     '"metric" TEXT NOT NULL, "value" REAL NOT NULL, "ts" INTEGER NOT NULL, "seq" INTEGER, '
+     '"sent" INTEGER NOT NULL DEFAULT 1)'),
+    'CREATE INDEX IF NOT EXISTS "idx_readings_device_metric_ts" ON "readings" ("device", "metric", "ts")',
+    "CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0",
+]
+_HEADER = struct.Struct("<I")
+
+
+def read_message(stream: IO[bytes]) -> Any:
+    """One framed message; EOFError when the other side closed."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    body = stream.read(size)
+    if len(body) < size:
+        raise EOFError
+    return marshal.loads(body)
+
+
+def write_message(stream: IO[bytes], message: Any) -> None:
+    body = marshal.dumps(message)
+    stream.write(_HEADER.pack(len(body)) + body)
+    stream.flush()
+
+
+def id_ranges(ids: list[int]) -> list[tuple[int, int]]:
+    """[3, 1, 2, 7] -> [(1, 3), (7, 7)]: acknowledgements mostly come in runs."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        elif not out or i != out[-1][1]:
+            out.append((i, i))
+    return out
+
+
+DELETED = "was deleted"
+
+
+class FileChanged(Exception):
+    """The path no longer names the file this connection has open."""
+
+
+class Writer:
+    def __init__(self, path: str, synchronous: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._conn: sqlite3.Connection | None
+        self._conn, self.identity = self._open()
+        self.stale = False  # reopen before the next request
+        # After the file was deleted or replaced: the unpublished rows to carry into the new
+        # file, how many rows the lost one held, and why; conn is None until the new one is open.
+        self.carry: list[tuple] = []
+        self.lost: int | None = None
+        self.reason = ""
+
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        conn = sqlite3.connect(self.path, isolation_level=None)  # transactions are explicit
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(readings)")}
+        with conn:
+            conn.execute("BEGIN")
+            if columns and "sent" not in columns:
+                # Rows from before the outbox existed count as sent: never replay history.
+                conn.execute(f'ALTER TABLE readings ADD COLUMN "sent" INTEGER NOT NULL DEFAULT {SENT}')
+            for statement in SCHEMA:
+                conn.execute(statement)
+        st = os.stat(self.path)  # (the file exists now: the schema is in it)
+        self.wal_pages = 0  # (a new connection: fit_wal_to_free_space sets its bound)
+        self.next_space_check = 0.0
+        return conn, (st.st_dev, st.st_ino)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.OperationalError(f"{self.path} {self.reason}; a new file is not open yet")
+        return self._conn
+
+    @property
+    def opened(self) -> bool:
+        return self._conn is not None
+
+    def fit_wal_to_free_space(self) -> None:
+        now = time.monotonic()
+        if now < self.next_space_check:
+            return
+        self.next_space_check = now + FREE_SPACE_CHECK
+        page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 1 << 62
+        pages = max(MIN_WAL_PAGES, min(WAL_PAGES, free // 8 // page_size))
+        if pages != self.wal_pages:
+            self.wal_pages = pages
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            self.conn.execute(f"PRAGMA journal_size_limit={pages * page_size}")
+
+    def check_identity(self) -> None:
+        """Raise FileChanged when ``path`` was deleted, or now names another file (or a
+        new one could not be opened yet). One stat per commit: far cheaper than the
+        commit's fsync."""
+        if self._conn is None:
+            raise FileChanged(self.reason)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise FileChanged(DELETED) from None
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise FileChanged("was replaced by another file")
+
+    def switch(self, reason: str, sent_ranges: list[tuple[int, int]]) -> str:
+        """Carry the unpublished rows of the open (deleted or replaced) file into the file
+        now at ``path`` (a new one if there is none), and go on with that. When opening it
+        fails, the rows wait here and the next commit tries again."""
+        if self._conn is not None:
+            done = {i for lo, hi in sent_ranges for i in range(lo, hi + 1)}  # acknowledged: not carried
+            try:
+                self.carry = [row[1:] for row in self.conn.execute(
+                    "SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 ORDER BY id")
+                    if row[0] not in done]
+                self.lost = self.conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+            except sqlite3.Error:
+                self.carry, self.lost = [], None
+            # Closing checkpoints into the old file and removes its -wal and -shm beside
+            # the path, unless a reader still has them open: a new file there must not
+            # find (and replay) them.
+            self.conn.close()
+            self._conn = None
+            self.reason = reason
+            if reason == DELETED:
+                for suffix in ("-wal", "-shm"):
+                    try:
+                        os.unlink(self.path + suffix)
+                    except FileNotFoundError:
+                        pass
+        conn, identity = self._open()
+        try:
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany(INSERT, self.carry)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self._conn, self.identity = conn, identity
+        held = "an unknown number of" if self.lost is None else f"the {self.lost}"
+        carried, self.carry = len(self.carry), []
+        return (f"the database file {self.path} {self.reason} while the gateway was running: {held} reading(s) "
+                f"it held are gone with it (history included); carried its {carried} unpublished reading(s) "
+                f"into the file now at that path, and carrying on there")
+
+    # -- requests ------------------------------------------------------------------------
+    def commit(self, rows: list[tuple], sent_ids: list[int]) -> int:
+        self.check_identity()
+        self.fit_wal_to_free_space()
+        conn = self.conn
+        with conn:
+            conn.execute("BEGIN")
+            conn.executemany(INSERT, rows)
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            ranges = id_ranges(sent_ids)
+            if ranges:
+                conn.executemany("UPDATE readings SET sent = 1 WHERE id BETWEEN ? AND ?", ranges)
+        return last - len(rows) + 1
+
+    def record(self, rows: list[tuple]) -> None:
+        self.check_identity()
+        self.fit_wal_to_free_space()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(INSERT_SENT, rows)
+
+    def unsent(self, after_id: int, limit: int) -> list[tuple]:
+        return self.conn.execute("SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 AND id > ? "
+                                 "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+
+    def count_unsent_by_device(self) -> list[tuple[str, int]]:
+        return self.conn.execute("SELECT device, count(*) FROM readings WHERE sent = 0 GROUP BY device").fetchall()
+
+    def expire_unsent(self, keep_rows: int, older_than_ms: int, own_from_id: int, own_until_id: int) -> tuple[int, int]:
+        """(by count, by age): see Store.expire_unsent."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            by_rows = self.conn.execute(
+                "UPDATE readings SET sent = 2 WHERE sent = 0 AND id <= "
+                "(SELECT id FROM readings WHERE sent = 0 ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep_rows,)).rowcount
+            by_age = self.conn.execute(
+                "UPDATE readings SET sent = 2 WHERE sent = 0 AND (id <= ? OR (id < ? AND ts < ?))",
+                (own_until_id, own_from_id, older_than_ms)).rowcount
+        return by_rows, by_age
+
+    def reopen_if_stale(self) -> None:
+        if self.stale and self._conn is not None:
+            self.conn.close()
+            self._conn, self.identity = self._open()
+            self.stale = False
+
+    def set_fault(self, pragma: str, value: int) -> None:
+        """For tests: make SQLite itself refuse writes (max_page_count: SQLITE_FULL exactly
+        as a full disk; query_only: SQLITE_READONLY)."""
+        if pragma not in ("max_page_count", "query_only"):
+            raise sqlite3.ProgrammingError(f"not a fault pragma: {pragma}")
+        if pragma == "max_page_count" and value == 0:
+            value = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        self.conn.execute(f"PRAGMA {pragma} = {int(value)}")
+
+    def after_error(self, exc: sqlite3.Error) -> None:
+        """Read-only: SQLite falls back to a read-only connection when it cannot open
+        the file for writing, and stays so: the next request opens it again.
+        A full disk: the WAL holds pages that a checkpoint can move into the database,
+        and truncating it gives its space back (SQLite reuses a WAL only after a
+        checkpoint, and checkpoints on its own only after a commit succeeds)."""
+        if self._conn is None:
+            return
+        if self.conn.in_transaction:
+            try:
+                self.conn.rollback()
+            except sqlite3.Error:
+                pass
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_READONLY and not self.conn.execute("PRAGMA query_only").fetchone()[0]:
+            self.stale = True
+        elif code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # still full, or a reader holds the WAL: the next attempt tries again
+
+
+def serve(writer: Writer, requests: IO[bytes], answers: IO[bytes]) -> None:
+    handlers: dict[str, Callable[..., Any]] = {"commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
+                "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
+                "set_fault": writer.set_fault}
+    while True:
+        try:
+            op, *args = read_message(requests)
+        except EOFError:
+            return
+        if op == "close":
+            if writer.opened:
+                writer.conn.close()
+            write_message(answers, ("ok", None))
+            return
+        try:
+            writer.reopen_if_stale()
+            answer: tuple = ("ok", handlers[op](*args))
+        except FileChanged as exc:
+            try:
+                answer = ("replaced", writer.switch(str(exc), id_ranges(args[1]) if op == "commit" else []))
+            except sqlite3.Error as err:
+                answer = ("error", type(err).__name__, f"{writer.path} {exc}, and opening a new one failed: {err}")
+        except sqlite3.Error as exc:
+            writer.after_error(exc)
+            answer = ("error", type(exc).__name__, str(exc))
+        write_message(answers, answer)
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print must not break the protocol
+    requests = sys.stdin.buffer
+    path, synchronous = argv
+    try:
+        writer = Writer(path, synchronous)
+    except sqlite3.Error as exc:
+        write_message(answers, ("error", type(exc).__name__, str(exc)))
+        return 1
+    except OSError as exc:
+        write_message(answers, ("error", "OperationalError", str(exc)))
+        return 1
+    write_message(answers, ("ok", None))
+    serve(writer, requests, answers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
