@@ -29,7 +29,8 @@ SWITCH_INTERVAL = 0.001  # seconds; CPython's default of 5 ms made a command wai
 BROKER_WAIT = 10.0  # seconds to wait for the first connection before saying READY anyway
 STOP_BUDGET = 4.0  # seconds from SIGTERM to the end of run(), whatever hangs: docs/reliability.md promises
 # 5 s, the process's own exit included. Split: the links (bridge.LINKS_STOP, all at once), the outbox's flush
-# (at most 2 s), the final messages (what is left, all at once).
+# (outbox.STOP_TIMEOUT), the final counters (0.2 s for the store), the final messages (what is left, all at
+# once), the database writer's exit (store._CLOSE_LOCK when a commit hangs).
 FINAL_MESSAGES_MIN = 0.5  # seconds the final messages get even when what came before took longer
 
 
@@ -93,7 +94,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     diagnostics.stop()
     last_words = bridge.stop()  # the links within bridge.LINKS_STOP, then the outbox's flush
     try:
-        diagnostics.publish()  # the final counters, retained
+        diagnostics.publish(store_wait=0.2)  # the final counters, retained
     except sqlite3.Error as exc:  # (the backlog count needs the database)
         log.error("final diagnostics not published: %s", exc)
     discovery.stop()

@@ -24,11 +24,15 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from gateway.log_once import Once
+from gateway.store import StoreBusy
+
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
 
 log = logging.getLogger("gateway.diagnostics")
 
+STORE_WAIT = 1.0  # seconds the backlog count waits for the database writer
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
 REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers", "bad_metric")
 
@@ -78,22 +82,31 @@ class Diagnostics:
         self._published: tuple[object, ...] = ()  # the health last published
         self._logged: tuple[object, ...] = ()  # and logged
         self._backlog: int | None = None  # the last count (None: not counted yet)
+        self._backlog_by_device: dict[str, int] = {}
+        self._errors_logged = Once()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=0.1)  # (a round waiting for the store ends on its own; the stop must not wait)
 
-    def publish(self, health: dict | None = None) -> None:
+    def publish(self, health: dict | None = None, store_wait: float = STORE_WAIT) -> None:
+        """Publish every device's counters and the bridge's summary, retained; the backlog
+        counts wait ``store_wait`` seconds at most for the database writer."""
         bridge = self.bridge
         health = health or health_report(bridge, stopped=self._stop.is_set())
         if health["state"] == "unhealthy":
             # The stalled loop may be the outbox, holding the store: say so before asking the store.
             self._publish_summary(self._backlog, health)
-        backlog = bridge.outbox.store.count_unsent_by_device()
-        self._backlog = sum(backlog.values())
+        try:  # (bounded: a commit the disk does not answer holds the store, and must not hold this too)
+            backlog = bridge.outbox.store.count_unsent_by_device(wait=store_wait)
+            self._backlog_by_device = backlog
+            self._backlog = sum(backlog.values())
+        except StoreBusy:  # the counters matter most then: publish them with the last backlog known
+            bridge.stats["diagnostics_store_busy"] += 1
+            backlog = self._backlog_by_device
         for device, link in list(bridge.links.items()):
             report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
@@ -127,5 +140,7 @@ class Diagnostics:
                 if state != self._published or time.monotonic() >= next_publish:
                     next_publish = time.monotonic() + self.interval
                     self.publish(health)
-            except Exception:  # never let reporting take anything down
+            except Exception as exc:  # never let reporting take anything down
                 self.bridge.stats["diagnostics_errors"] += 1
+                if self._errors_logged.first(f"{type(exc).__name__}: {exc}"[:200]):
+                    log.exception("publishing the diagnostics failed (survived; counted as diagnostics_errors)")

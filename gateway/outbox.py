@@ -52,6 +52,7 @@ COMMIT_GAP = 0.01  # seconds between commits under load: readings wait (in memor
 # queue) and go into the database together; each commit costs ~0.4 ms of CPU here (its WAL write and
 # fsync), far more on a Pi's SD card. After a quiet spell a reading is committed at once.
 STALLED = 60.0  # seconds without any acknowledgement, while connected, before in-flight ones are sent again
+STOP_TIMEOUT = 2.2  # seconds Outbox.stop waits: the flush's 2 s for acks, then the last commit
 ACK_FLUSH = 0.25  # seconds acknowledgements may wait for a commit of their own (bounds duplicates after a crash)
 _STOP = object()
 
@@ -92,6 +93,8 @@ class Outbox:
         self._room = threading.Event()  # set when the window has room again, or there is news
         self._backlog_from: int | None = 0  # scan position; None: nothing left to scan
         self._lost_connection = threading.Event()
+        self._stop_requested = threading.Event()
+        self._committing = 0  # readings inside the commit in progress (what a stuck one would lose)
         self._last_store_error = ""  # while the database refuses writes: its last error
         self._store_errors_logged = Once()  # the distinct errors of the current refusal
         self._unpublishable_logged = Once()
@@ -129,11 +132,27 @@ class Outbox:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self) -> None:
-        """Commit and publish what is queued, wait up to 2 s for acks, stop."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Commit and publish what is queued, wait up to 2 s for acks, stop; at most
+        ``timeout`` seconds, so that a commit stuck on a disk that does not answer cannot
+        hold up the gateway's stop (its readings then are lost with the process, and said)."""
+        self._stop_requested.set()
         self._queue.put(_STOP)
         self._room.set()
-        self._thread.join(10)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Stuck in a commit: what it commits, and what waits behind it, is lost with the process.
+            lost = self._committing
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item.__class__ is list:
+                    lost += len(item)  # type: ignore[arg-type]
+            self.stats["lost_at_shutdown"] += lost
+            log.error("the outbox did not finish within %g s (a commit the disk does not answer?): "
+                      "%d held reading(s) lost", timeout, lost)
 
     # -- outbox thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -208,11 +227,14 @@ class Outbox:
             self._send()
             return
         try:
+            self._committing = len(rows)
             try:
                 first_id = self.store.commit(rows, self._done)
             except DatabaseReplaced as exc:
                 self._moved_to_new_file(exc)
                 first_id = self.store.commit(rows, self._done)
+            finally:
+                self._committing = 0
             self._last_commit = time.monotonic()
         except sqlite3.Error as exc:
             self._hold(rows, exc)
@@ -266,7 +288,7 @@ class Outbox:
         if self._store_errors_logged.first(str(exc)):
             log.error("cannot write to %s: %s; holding readings in memory (up to %d) and retrying",
                       self.store.path, exc, self.settings.memory_rows)
-        time.sleep(RETRY_STORE)
+        self._stop_requested.wait(RETRY_STORE)  # (a stop must not wait out the pause)
 
     def _moved_to_new_file(self, exc: DatabaseReplaced) -> None:
         """The database file was deleted or replaced, and the store carried the unpublished
@@ -441,11 +463,13 @@ class Outbox:
                 self._resolve_acks()
                 self._send()
             if self._done or self._pending:
+                self._committing = len(self._pending)
                 try:
                     self.store.commit(self._pending, self._done)
                 except DatabaseReplaced as exc:
                     self._moved_to_new_file(exc)
                     self.store.commit(self._pending, [])
+                self._committing = 0
                 self._pending, self._done = [], set()
         except sqlite3.Error as exc:
             self.stats["lost_at_shutdown"] += len(self._pending)

@@ -51,7 +51,7 @@ from gateway.store_writer import (
     write_message,
 )
 
-__all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoredRow", "WriterDied", "id_ranges"]
+__all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoreBusy", "StoredRow", "WriterDied", "id_ranges"]
 
 log = logging.getLogger("gateway.store")
 
@@ -59,11 +59,18 @@ Row = tuple[str, str, float, int, "int | None"]  # device, metric, value, ts_ms,
 StoredRow = tuple[int, str, str, float, int, "int | None"]  # id + Row
 
 _WRITER = str(Path(store_writer.__file__).resolve())
-_CLOSE_WAIT = 10.0  # seconds for the writer to finish its last transaction and exit after close()
+_CLOSE_WAIT = 10.0  # seconds for a writer whose pipes broke to exit before it is killed
+_CLOSE_LOCK = 0.5  # seconds close() waits for a request in progress (a disk that does not answer)
+_EXIT_WAIT = 1.0  # seconds close() waits for the writer's exit (its last checkpoint), then leaves it to finish
 
 
 class WriterDied(sqlite3.OperationalError):
     """The writer process ended during a request; the request may or may not have been done."""
+
+
+class StoreBusy(sqlite3.OperationalError):
+    """A request that may wait only so long found the writer still busy with another
+    (a commit the disk does not answer): nothing was done."""
 
 
 class DatabaseReplaced(sqlite3.DatabaseError):
@@ -135,8 +142,12 @@ class Store:
             code = proc.wait()
         return WriterDied(_death(code))
 
-    def _call(self, op: str, *args: object) -> Any:
-        with self._lock:
+    def _call(self, op: str, *args: object, wait: float | None = None) -> Any:
+        """One request to the writer; ``wait``: seconds to wait for a request in progress
+        (None: as long as it takes), StoreBusy after that."""
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise StoreBusy(f"the database writer has been busy with one request for over {wait:g} s")
+        try:
             if self._proc is None:
                 self._start()
             proc = self._proc
@@ -146,6 +157,8 @@ class Store:
             except (OSError, ValueError):
                 raise self._died(proc) from None
             return self._answer(proc)
+        finally:
+            self._lock.release()
 
     def commit(self, rows: Sequence[Row], sent_ids: Iterable[int] = ()) -> int:
         """Insert ``rows`` as unsent and mark ``sent_ids`` sent, in one transaction.
@@ -171,8 +184,10 @@ class Store:
         """The oldest unsent readings with ``id > after_id``, in id order."""
         return self._call("unsent", after_id, limit)
 
-    def count_unsent_by_device(self) -> dict[str, int]:
-        return dict(self._call("count_unsent_by_device"))
+    def count_unsent_by_device(self, wait: float | None = None) -> dict[str, int]:
+        """Unsent readings per device; ``wait``: see StoreBusy (diagnostics must not hang
+        behind a commit that the disk does not answer)."""
+        return dict(self._call("count_unsent_by_device", wait=wait))
 
     def expire_unsent(self, keep_rows: int, older_than_ms: int, own_from_id: int | None = None,
                       own_until_id: int = 0) -> tuple[int, int]:
@@ -194,21 +209,34 @@ class Store:
         self._call("set_fault", pragma, value)
 
     def close(self) -> None:
-        """Let the writer finish and exit (it checkpoints the WAL on its way out)."""
-        with self._lock:
+        """Let the writer finish and exit (it checkpoints the WAL on its way out), in about
+        two seconds at most, so that a disk that does not answer cannot hold up the
+        gateway's stop: a writer still inside a request after _CLOSE_LOCK is killed (SQLite
+        rolls its transaction back), one still checkpointing after _EXIT_WAIT is left to
+        finish on its own (it has its end of file)."""
+        locked = self._lock.acquire(timeout=_CLOSE_LOCK)
+        try:
             proc, self._proc = self._proc, None
             if proc is None:
                 return
             assert proc.stdin is not None and proc.stdout is not None
+            if not locked:
+                log.error("the database writer is still inside a request after %g s (a disk that does not "
+                          "answer?): ending it; its transaction is rolled back", _CLOSE_LOCK)
+                proc.kill()
+                return
             try:
                 write_message(proc.stdin, ("close",))
-                read_message(proc.stdout)
-            except (EOFError, OSError, ValueError):
+                proc.stdin.close()
+            except (OSError, ValueError):
                 pass  # it died: nothing left to close
-            proc.stdin.close()
-            proc.stdout.close()
             try:
-                proc.wait(_CLOSE_WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                proc.wait(_EXIT_WAIT)
+            except subprocess.TimeoutExpired:  # (its answer pipe stays open: it may still write to it)
+                log.warning("the database writer is still finishing after %g s; leaving it to end by itself",
+                            _EXIT_WAIT)
+            else:
+                proc.stdout.close()
+        finally:
+            if locked:
+                self._lock.release()

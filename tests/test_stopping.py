@@ -5,7 +5,9 @@ process and holds it to a deadline."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,3 +198,43 @@ def test_demo_ctrl_c_while_starting_stops_at_once_and_says_so(tmp_path: Path) ->
     assert "interrupted" in out and "nothing left running" in out, out
     assert "Traceback" not in out, out
     wait_for(lambda: not processes_mentioning(str(workdir)), 5, "every process the demo started to end")
+
+
+def test_sigterm_with_the_disk_not_answering_stops_within_5_s_and_says_what_is_lost(
+        tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """A commit that never returns (an SD card that stopped answering; here the database
+    writer process is frozen with SIGSTOP) at SIGTERM: the gateway still exits 0 within
+    5 s, and the log says exactly how many readings it could not store."""
+    peer = PicogwPeer("cellar")
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "cellar", "transport": "uart", "port": peer.path}],
+                          diagnostics_interval=1)
+    db = tmp_path / "readings.db"
+    gw = GatewayProcess(config, recorder)
+    writers: list[int] = []
+    try:
+        recorder.wait("pico/cellar/status", "online", timeout=15)
+        def frames() -> int:
+            return json.loads(recorder.last("pico/cellar/diagnostics") or "{}").get("frames", 0)
+
+        peer.reading(temp=0)
+        wait_for(lambda: len(db_rows(db, "cellar")) == 1, 10, "the first reading stored")
+        before = wait_for(frames, 10, "the first diagnostics")
+        writers = [int(pid) for pid in Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()]
+        assert len(writers) == 1, writers  # the database writer
+        os.kill(writers[0], signal.SIGSTOP)
+        for i in range(1, 31):
+            peer.reading(temp=i)
+        wait_for(lambda: frames() == before + 30, 15, "the 30 readings received by the gateway")
+        code, took = sigterm_and_wait(gw)
+        assert code == 0, (code, gw.output()[-3000:])
+        assert took < STOP_DEADLINE
+        lost = [int(n) for n in re.findall(r"(\d+) held reading\(s\) lost", gw.output())]
+        assert lost == [30], gw.output()[-3000:]  # every reading after the freeze, counted once
+    finally:
+        for pid in writers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stop_process(gw.proc, grace=0)
+        peer.close()
