@@ -56,6 +56,7 @@ PICO_DIR = firmware_dir()
 SKIP = {"config_example.py", "config.py"}
 CHUNK = 256  # bytes per raw-REPL write, as mpremote's own fs commands use
 HELLO_TIMEOUT = 15.0
+READ_TIMEOUT = 10.0  # seconds any one read from the board may wait: a board gone silent fails the flash, not hangs it
 
 Out = Callable[[str], None]
 
@@ -136,6 +137,13 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
     except (TransportError, OSError) as exc:
         raise FlashError(f"cannot open {port}: {exc} (is the gateway or another mpremote using it? "
                          "stop it first: sudo systemctl stop pico-gateway)") from None
+    import threading
+
+    from gateway.links.usb import BoundedPort
+
+    # mpremote reads its port without a timeout: a board that stops answering would hang
+    # the flash for ever (a TransportError instead, below).
+    transport.serial = BoundedPort(transport.serial, READ_TIMEOUT, threading.Event())
     try:
         # a soft reset stops whatever program runs, with a clean heap for the copy
         transport.enter_raw_repl(soft_reset=True)
