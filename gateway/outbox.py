@@ -227,14 +227,7 @@ class Outbox:
             self._send()
             return
         try:
-            self._committing = len(rows)
-            try:
-                first_id = self.store.commit(rows, self._done)
-            except DatabaseReplaced as exc:
-                self._moved_to_new_file(exc)
-                first_id = self.store.commit(rows, self._done)
-            finally:
-                self._committing = 0
+            first_id = self._commit(rows)
             self._last_commit = time.monotonic()
         except sqlite3.Error as exc:
             self._hold(rows, exc)
@@ -289,6 +282,20 @@ class Outbox:
             log.error("cannot write to %s: %s; holding readings in memory (up to %d) and retrying",
                       self.store.path, exc, self.settings.memory_rows)
         self._stop_requested.wait(RETRY_STORE)  # (a stop must not wait out the pause)
+
+    def _commit(self, rows: list[Row]) -> int:
+        """``store.commit`` of ``rows`` and the acknowledged ids, counting the rows inside it
+        (what a commit stuck on the disk would lose); when the file was replaced, once more
+        into the new one. Raises sqlite3.Error as the store does."""
+        self._committing = len(rows)
+        try:
+            try:
+                return self.store.commit(rows, self._done)
+            except DatabaseReplaced as exc:
+                self._moved_to_new_file(exc)  # (forgets the acknowledged ids: they were the old file's)
+                return self.store.commit(rows, self._done)
+        finally:
+            self._committing = 0
 
     def _moved_to_new_file(self, exc: DatabaseReplaced) -> None:
         """The database file was deleted or replaced, and the store carried the unpublished
@@ -463,13 +470,7 @@ class Outbox:
                 self._resolve_acks()
                 self._send()
             if self._done or self._pending:
-                self._committing = len(self._pending)
-                try:
-                    self.store.commit(self._pending, self._done)
-                except DatabaseReplaced as exc:
-                    self._moved_to_new_file(exc)
-                    self.store.commit(self._pending, [])
-                self._committing = 0
+                self._commit(self._pending)
                 self._pending, self._done = [], set()
         except sqlite3.Error as exc:
             self.stats["lost_at_shutdown"] += len(self._pending)

@@ -65,29 +65,26 @@ class Heartbeat:
     def bound(self, expected: float) -> float:
         return expected + max(self.slack, expected)
 
-    def idle(self, now: float | None = None) -> float | None:
-        """Seconds since the last turn began; None before the first."""
+    def _overdue(self, now: float | None) -> tuple[float, float] | None:
+        """(seconds since the last turn began, the bound for it); None before the first turn."""
         last = self._last
         if last is None:
             return None
-        return (time.monotonic() if now is None else now) - last[0]
+        return (time.monotonic() if now is None else now) - last[0], self.bound(last[1])
 
     def stall(self, now: float | None = None) -> Stall | None:
         """A Stall when the loop is overdue, else None (also before its first turn)."""
-        last = self._last
-        if last is None:
+        overdue = self._overdue(now)
+        if overdue is None or overdue[0] <= overdue[1]:
             return None
-        idle = (time.monotonic() if now is None else now) - last[0]
-        bound = self.bound(last[1])
-        return Stall(self.loop, idle, bound) if idle > bound else None
+        return Stall(self.loop, *overdue)
 
     def report(self, now: float | None = None) -> dict[str, float | bool | None]:
         """For the diagnostics: seconds since its last turn, its bound now, and whether it is stalled."""
-        last = self._last
-        if last is None:
+        overdue = self._overdue(now)
+        if overdue is None:
             return {"idle_s": None, "bound_s": None, "stalled": False}
-        idle = (time.monotonic() if now is None else now) - last[0]
-        bound = self.bound(last[1])
+        idle, bound = overdue
         return {"idle_s": round(idle, 1), "bound_s": round(bound, 1), "stalled": idle > bound}
 
 

@@ -322,7 +322,7 @@ def test_a_frozen_loop_makes_the_gateway_unhealthy_naming_it_until_it_turns_agai
 
 def test_a_heartbeat_is_judged_against_what_each_turn_expects() -> None:
     beat = Heartbeat("link-shed", expected=1.0)
-    assert beat.stall() is None and beat.idle() is None  # not started: not judged
+    assert beat.stall() is None and beat.report()["idle_s"] is None  # not started: not judged
     beat.beat()
     now = time.monotonic()
     assert beat.stall(now + 10.9) is None  # a 1 s turn: at least 10 s of slack
