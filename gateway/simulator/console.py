@@ -24,8 +24,24 @@ executing = False      # a program (main.py or REPL input) is running
 _main_ident = threading.main_thread().ident
 
 
+_interrupts_taken = 0   # SIGINTs the main thread has turned into KeyboardInterrupt
+
+
+def _on_sigint(signum, frame):
+    global _interrupts_taken
+    _interrupts_taken += 1
+    raise KeyboardInterrupt
+
+
 def _interrupt_main():
     signal.pthread_kill(_main_ident, signal.SIGINT)
+
+
+def _where_main_is():
+    import sys
+    import traceback
+    frame = sys._current_frames().get(_main_ident)
+    return "".join(traceback.format_stack(frame)[-4:]).rstrip() if frame else "(no frame)"
 
 
 class Console:
@@ -41,6 +57,10 @@ class Console:
         os.set_inheritable(self.slave, True)
         os.environ["PICOSIM_FD_USB"] = "%d,%d,%s" % (self.master, self.slave, self.path)
         self._rpipe, self._wpipe = os.pipe()
+        # Counting the interrupts taken tells a program that caught Ctrl-C from a main
+        # thread that never got to it: a board can never lose a Ctrl-C, so say which.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _on_sigint)
         self.stdin = UsbStdin(self)
         self.stdout = UsbStdout(self)
         threading.Thread(target=self._reader, daemon=True, name="usb-console").start()
@@ -67,6 +87,7 @@ class Console:
                     before, _, after = data.partition(ch)
                     if before:
                         os.write(self._wpipe, before)
+                    taken = _interrupts_taken
                     _interrupt_main()
                     # Hold further input until the program has stopped (or
                     # caught the interrupt and carried on): the rest is for
@@ -74,6 +95,10 @@ class Console:
                     deadline = time.monotonic() + 1.0
                     while executing and time.monotonic() < deadline:
                         time.sleep(0.005)
+                    if executing:
+                        runtime.log("usb: Ctrl-C, the program still runs after 1 s: %s" % (
+                            "it caught KeyboardInterrupt" if _interrupts_taken > taken else
+                            "the interrupt was not taken; the main thread is at\n" + _where_main_is()))
                     if after:
                         os.write(self._wpipe, after)
                     continue
