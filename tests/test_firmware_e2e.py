@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -178,6 +179,20 @@ def test_usb_repl_noise_between_frames(pico) -> None:
         assert wire.command(1, "ping").type == "A"
         counts = wire.rx.counts
         assert counts["noise"] >= 3 and counts["malformed"] == counts["corrupt"] == counts["overlong"] == 0, counts
+
+
+def test_ctrl_c_interrupts_the_firmware_even_when_the_host_ignores_sigint(pico) -> None:
+    """A run started in the background of a shell passes SIGINT on ignored to every child; a
+    board takes Ctrl-C whatever its host does, and so must the virtual Pico."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the Pico's process
+    try:
+        p = pico("usb", read_interval=0.05)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    with Wire(p.endpoint) as wire:
+        wire.next_frame(lambda f: f.type == "R")
+        wire.write(b"\x03")
+        p.wait_for(lambda st: str(st.get("firmware")).startswith("crashed: KeyboardInterrupt"), 5, "the interrupt")
 
 
 # --- through the gateway --------------------------------------------------------------------------
