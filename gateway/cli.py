@@ -8,13 +8,18 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__, flash, history, recorder
-from gateway.config import load_config_or_report
+from gateway.config import ConfigError, load_config_or_report, load_runnable
 from gateway.systemd import setup_logging
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config_or_report(args.config)
-    if config is None:
+    # Every problem check-config finds stops run here, before anything starts, with exit 2:
+    # the systemd unit restarts on any other failure (RestartPreventExitStatus=2), and a
+    # restart every 5 s cannot fix a config.
+    try:
+        config, _ = load_runnable(args.config, running=True)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
         return 2
     setup_logging(args.verbose)
     from gateway.daemon import exit_process, run
@@ -23,16 +28,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config_or_report(args.config)
-    if config is None:
+    try:
+        config, notes = load_runnable(args.config, running=False)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
         return 2
-    problems, notes = config.mqtt.file_problems()  # the password and TLS files: present and readable?
     for note in notes:
         print(f"{args.config}: note: {note}", file=sys.stderr)
-    if problems:
-        print("\n".join([f"{args.config}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems]),
-              file=sys.stderr)
-        return 2
     print(f"{args.config}: ok, gateway {config.gateway_id}, {len(config.devices)} device(s): "
           + ", ".join(f"{d.id} ({d.transport}, {d.protocol})" for d in config.devices))
     return 0

@@ -42,9 +42,10 @@ def is_device_id(name: str) -> bool:
 
 
 class StrictModel(BaseModel):
-    """Config models reject unknown keys: a typo must not be silently ignored."""
+    """Config models reject unknown keys: a typo must not be silently ignored. Numbers are
+    finite: an interval of ``inf`` would end a link's thread at its first wait."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceConfig(StrictModel):
