@@ -78,6 +78,7 @@ class Bridge:
         self._pending_lock = threading.Lock()
         self.last_seen: dict[str, int] = {}  # device -> ts_ms of its last reading
         self.on_metric: Callable[[str, str], None] | None = None  # discovery learns new metrics
+        self.on_firmware: Callable[[str, str], None] | None = None  # discovery shows each Pico's firmware
         self._led: dict[str, bool] = {}
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
@@ -228,6 +229,10 @@ class Bridge:
             self._led[device] = on
         if changed and not self.links[device].publishes_itself:
             self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
+
+    def firmware(self, device: str, version: str) -> None:
+        if self.on_firmware is not None:
+            self.on_firmware(device, version)
 
     def availability(self, device: str, online: bool) -> None:
         with self._state_lock:

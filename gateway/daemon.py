@@ -64,6 +64,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
                           publish=mqtt.publish, subscribe=mqtt.subscribe)
     mqtt.on_connect(discovery.on_connect)  # after the bridge's hook: statuses go out first
     bridge.on_metric = discovery.metric_seen
+    bridge.on_firmware = discovery.firmware_seen
 
     stop_on_signals(stop)
 

@@ -70,6 +70,10 @@ class Topics:
         """The gateway_id of the gateway that owns ``device`` (retained)."""
         return f"{self.base}/{device}/owner"
 
+    def hello(self, device: str) -> str:
+        """Our firmware's retained hello on a Pico W: ``{"proto": 1, "fw": ..., "metrics": [...]}``."""
+        return f"{self.base}/{device}/hello"
+
     def all_hellos(self) -> str:
         """Our firmware's retained hello on a Pico W (what adoption listens for)."""
         return f"{self.base}/+/hello"

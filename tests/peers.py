@@ -209,6 +209,7 @@ class Events:
         self.got: list[tuple[str, str, float, int | None]] = []  # (device, metric, value, seq)
         self.leds: list[bool] = []
         self.online: list[bool] = []
+        self.firmware_versions: list[str] = []
         self.lock = threading.Lock()
 
     def reading(self, device, values, ts_ms, seq) -> None:  # (what the i2c link calls)
@@ -220,6 +221,9 @@ class Events:
 
     def led_state(self, device, on) -> None:
         self.leds.append(on)
+
+    def firmware(self, device, version) -> None:
+        self.firmware_versions.append(version)
 
     def availability(self, device, online) -> None:
         self.online.append(online)

@@ -92,6 +92,9 @@ class LinkEvents(Protocol):
 
     def led_state(self, device: str, on: bool) -> None: ...
 
+    def firmware(self, device: str, version: str) -> None:
+        """The Pico's hello named the firmware it runs."""
+
     def availability(self, device: str, online: bool) -> None: ...
 
 

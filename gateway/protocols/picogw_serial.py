@@ -94,6 +94,7 @@ class PicogwSerialSession(SerialSession):
             self.link.log.warning("the Pico calls itself %r; using the configured id %r", dev, self.link.device)
         metrics = "|".join(v for k, v in frame.fields if k == "metrics" and v)  # may span several fields
         self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), metrics)
+        self.link.events.firmware(self.link.device, frame.get("fw") or "")
         self._led_from(frame)
 
     def _on_reading(self, frame: Frame, rows: list[Row]) -> None:
