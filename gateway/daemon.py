@@ -77,7 +77,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     deadline = time.monotonic() + BROKER_WAIT
     while not mqtt.wait_connected(0.1) and not stop.is_set() and time.monotonic() < deadline:
         pass  # a SIGTERM while the broker refuses us (auth, TLS) must not wait for the deadline
-    if not mqtt.connected.is_set() and not stop.is_set():
+    if not mqtt.connected.is_set() and not stop.is_set() and not mqtt.refused():  # (a refusal said what to check)
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
                     config.mqtt.host, config.mqtt.port)
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
