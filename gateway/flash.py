@@ -57,6 +57,10 @@ SKIP = {"config_example.py", "config.py"}
 CHUNK = 256  # bytes per raw-REPL write, as mpremote's own fs commands use
 HELLO_TIMEOUT = 15.0
 READ_TIMEOUT = 10.0  # seconds any one read from the board may wait: a board gone silent fails the flash, not hangs it
+# Seconds the board has to stop its program and enter the raw REPL. A program that turned
+# Ctrl-C off (micropython.kbd_intr(-1)) and keeps printing would otherwise hold the flash for
+# ever: every read returns something, so no read timeout ends it.
+RAW_REPL_TIMEOUT = 15.0
 
 Out = Callable[[str], None]
 
@@ -139,14 +143,27 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
                          "stop it first: sudo systemctl stop pico-gateway)") from None
     import threading
 
-    from gateway.links.usb import BoundedPort
+    from gateway.links.usb import BoundedPort, Stopping
 
     # mpremote reads its port without a timeout: a board that stops answering would hang
     # the flash for ever (a TransportError instead, below).
-    transport.serial = BoundedPort(transport.serial, READ_TIMEOUT, threading.Event())
+    too_long = threading.Event()
+    transport.serial = BoundedPort(transport.serial, READ_TIMEOUT, too_long)
     try:
         # a soft reset stops whatever program runs, with a clean heap for the copy
-        transport.enter_raw_repl(soft_reset=True)
+        deadline = threading.Timer(RAW_REPL_TIMEOUT, too_long.set)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            transport.enter_raw_repl(soft_reset=True)
+        except Stopping:
+            raise FlashError(f"the board on {port} keeps running its program: it did not stop for Ctrl-C within "
+                             f"{RAW_REPL_TIMEOUT:.0f} s (a program may turn Ctrl-C off with micropython.kbd_intr(-1)). "
+                             "Unplug it, hold BOOTSEL while plugging it in, copy MicroPython's UF2 to the "
+                             "drive that appears, then flash again") from None
+        finally:
+            deadline.cancel()
+            too_long.clear()
         for name, data in files.items():
             transport.fs_writefile(name, data, chunk_size=CHUNK)
             if _sha256_on_board(transport, name) != hashlib.sha256(data).hexdigest():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import write_config
+from gateway import flash as flash_module
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.flash import PICO_DIR, FlashError, config_values, firmware_files, flash, load_secrets
@@ -55,6 +57,28 @@ def test_flash_again_over_running_firmware(tmp_path, blank_pico, capsys) -> None
         capsys.readouterr().err
     assert (fs / "core.py").read_bytes() == (PICO_DIR / "core.py").read_bytes()
     assert "says hello" in capsys.readouterr().out
+
+
+def test_flash_of_a_board_that_ignores_ctrl_c_fails_in_time_saying_why(tmp_path, monkeypatch, capsys) -> None:
+    """A program that turned Ctrl-C off and keeps printing never lets the raw REPL in: every read
+    returns bytes, so only an overall bound ends the flash, with what to do instead."""
+    program = Path(__file__).parent / "sim_programs" / "no_ctrl_c.py"
+    fleet = start_fleet([{"id": "x", "transport": "usb", "firmware": str(program)}], tmp_path / "picos")
+    try:
+        pico = fleet["x"]
+        pico.wait_for(lambda st: st.get("firmware") == "running", 5, "the program running")
+        monkeypatch.setattr(flash_module, "RAW_REPL_TIMEOUT", 1.5)
+        cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb", "port": pico.endpoint}])
+        result: list[int] = []
+        worker = threading.Thread(target=lambda: result.append(main(["flash", "--config", str(cfg), "--device", "x"])),
+                                  daemon=True)
+        worker.start()
+        worker.join(30)
+        assert result == [1], "the flash did not end"
+        err = capsys.readouterr().err
+        assert "did not stop for Ctrl-C" in err and "BOOTSEL" in err, err
+    finally:
+        fleet.stop()
 
 
 def test_flash_wifi_pico_without_mip(tmp_path, blank_pico, capsys) -> None:
