@@ -108,6 +108,7 @@ class PicogwSerialSession(SerialSession):
         self._hello_tries = 0
         self._last_hello_request = -HELLO_RETRY
         self._last_clock_ping = 0.0
+        self._hello_said: tuple[str | None, str] | None = None  # (firmware, metrics) of the last hello logged
 
     # -- the serial thread -----------------------------------------------
     def connected(self) -> None:
@@ -199,7 +200,10 @@ class PicogwSerialSession(SerialSession):
             self.link.stats["id_mismatch"] += 1
             self.link.log.warning("the Pico calls itself %r; using the configured id %r", dev, self.link.device)
         metrics = "|".join(v for k, v in frame.fields if k == "metrics" and v)  # may span several fields
-        self.link.log.info("hello: firmware %s, metrics %s", frame.get("fw"), metrics)
+        said = (frame.get("fw"), metrics)
+        if said != self._hello_said:  # (hellos asked for after lost frames may come every second)
+            self._hello_said = said
+            self.link.log.info("hello: firmware %s, metrics %s", *said)
         self.link.events.firmware(self.link.device, frame.get("fw") or "")
         self._led_from(frame)
 
