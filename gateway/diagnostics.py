@@ -4,7 +4,8 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
 
 * ``<base>/<device>/diagnostics``: ``{"online", "frames", "rejected", "noise",
   "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
-  "last_seen_ms", "counters": {every raw counter of the link}}``
+  "last_seen_ms", "counters": {every raw counter of the link}}``, plus the fields the
+  link adds of its own (``Link.diagnostic_fields``; a tutorial UART Pico's ``led_state``)
 * ``<base>/bridge/<gateway_id>/diagnostics``: the outbox, MQTT and store counters, and
   ``"health"``: ``{"state": "healthy" | "unhealthy" | "stopped", "problem": why not
   healthy (e.g. "the outbox loop has not turned for 42.0 s (bound 30.0 s)"), "at_ms",
@@ -113,7 +114,8 @@ class Diagnostics:
             bridge.stats["diagnostics_store_busy"] += 1
             backlog = self._backlog_by_device
         for device, link in list(bridge.links.items()):
-            report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
+            report = {**link.diagnostic_fields,  # (the common keys win over a link's own)
+                      **device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))}
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
         self._publish_summary(self._backlog, health)
         if self.kept is not None:

@@ -95,11 +95,12 @@ def run(frame, regmap, frames_vec, regmap_vec):
     res["reader"] = out
 
     res["fixed100"] = [regmap.fixed100(v[0]) for v in regmap_vec["fixed100"]]
+    res["boot_ids"] = [regmap.boot_id(v[0]) for v in regmap_vec["boot_ids"]]
     out = []
     for v in regmap_vec["layouts"]:
         _pause()
         buf = regmap.new_buffer()
-        regmap.init(buf, v["device"], v["names"], v["led"])
+        regmap.init(buf, v["device"], v["names"], v["led"], v["boot_id"])
         regmap.write_snapshot(buf, v["seq"], v["values"])
         out.append(_hex(buf))
     res["layouts"] = out
@@ -132,6 +133,7 @@ def expected(frames_vec, regmap_vec):
     res["crc_fallback"] = [True for _ in frames_vec["encode"]]
     res["reader"] = [[s[1], s[2], s[3]] for s in STREAMS]
     res["fixed100"] = [v[1] for v in regmap_vec["fixed100"]]
+    res["boot_ids"] = [v[1] for v in regmap_vec["boot_ids"]]
     res["layouts"] = [v["hex"] for v in regmap_vec["layouts"]]
     res["commands"] = [[v["result"], v["after"]] for v in regmap_vec["commands"]]
     return res
@@ -224,6 +226,7 @@ gc.collect()
 gc.disable()
 res = firmware_vectors.run(frame, regmap, fv, rv)
 res["implementation"] = sys.implementation.name
+res["new_boot_id"] = regmap.new_boot_id()
 res["mem_free"] = gc.mem_free()
 import core, led, sensors
 res["node"] = firmware_vectors.run_node(core, led, frame, sensors)

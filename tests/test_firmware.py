@@ -100,7 +100,7 @@ def test_fw_version_in_one_place():
 
 # --- 2. shared vectors, CPython and MicroPython --------------------------
 
-SECTIONS = ["encode", "decode", "crc_fallback", "reader", "fixed100", "layouts", "commands"]
+SECTIONS = ["encode", "decode", "crc_fallback", "reader", "fixed100", "boot_ids", "layouts", "commands"]
 
 
 def check(results, want):
@@ -153,6 +153,7 @@ def test_vectors_micropython(force_py_crc, tmp_path):
     assert line, f"no result from MicroPython:\n{result.stdout}\n{result.stderr}"
     res = json.loads(line[0][len("RESULT "):])
     assert res["implementation"] == "micropython"
+    assert 0 < res["new_boot_id"] <= 0xFFFFFFFF  # (this WASI port has no working os.urandom nor random)
     fv, rv = vectors()
     check(res, firmware_vectors.expected(fv, rv))
     # the serial core says exactly what it says under CPython
@@ -171,6 +172,8 @@ def test_regmap_vectors_follow_the_spec():
     assert int.from_bytes(b[0x0C:0x10], "little", signed=True) == 2153
     assert b[0x40:0x48] == b"temp\0\0\0\0" and b[0x50:0x58] == b"mem_free"
     assert b[0xA0:0xB0] == b"greenhouse" + bytes(6)
+    assert b[0xB0:0xB4] == (rv["layouts"][0]["boot_id"]).to_bytes(4, "little") and b[0xB0:0xB4] != bytes(4)
+    assert [n for n, boot in rv["boot_ids"] if boot == 0] == []  # 0 means "no BOOT_ID": never one
 
 
 # --- 3. pure logic with stand-in hardware --------------------------------
@@ -449,6 +452,27 @@ def test_i2c_command_poll_order():
     p = regmap.parse(w)
     assert (p["led"], p["led_cmd"], p["cmd_done"]) == (1, 0xFF, 1)
     assert regmap.pending_command(w, 1) is None
+
+
+def test_a_new_boot_id_at_every_boot(monkeypatch):
+    """BOOT_ID differs from boot to boot and is never 0 (firmware without it), with
+    os.urandom and on a port without it."""
+    import os
+
+    regmap = load("regmap")
+    ids = {regmap.new_boot_id() for _ in range(8)}
+    assert len(ids) == 8 and all(0 < n <= 0xFFFFFFFF for n in ids)
+
+    def no_urandom(n):
+        raise NotImplementedError("no urandom on this port")
+
+    monkeypatch.setattr(os, "urandom", no_urandom)
+    ids = {regmap.new_boot_id() for _ in range(8)}
+    assert len(ids) == 8 and all(0 < n <= 0xFFFFFFFF for n in ids)
+    buf = regmap.new_buffer()
+    regmap.init(buf, "cellar", ["temp"], 0, 0xC0FFEE)
+    regmap.write_static(buf, "cellar", ["temp"], 1, 0xC0FFEE)  # the firmware re-asserts it each snapshot
+    assert regmap.parse(buf)["boot_id"] == 0xC0FFEE
 
 
 def test_i2c_snapshot_write_order():

@@ -121,6 +121,10 @@ class Link(ABC):
         self.device = config.id
         self.events = events
         self.stats: Counter[str] = Counter()
+        self.diagnostic_fields: dict[str, object] = {}
+        """Fields this link adds to its device's diagnostics (gateway/diagnostics.py), such as
+        how far the state it shows can be trusted. Replaced whole, never changed in place:
+        the diagnostics thread reads it while the link's own thread may set it."""
         self.log = logging.getLogger(f"gateway.link.{config.id}")
         self._online: bool | None = None
         self._online_lock = threading.Lock()
