@@ -3,8 +3,9 @@
 Both read the SQLite database at the config's ``store.path`` read-only (an
 ``file:...?mode=ro`` URI), so they work next to a running gateway and never
 create or change the database. ``status`` also asks the broker, briefly, for
-the retained ``status``, ``state/led`` and ``diagnostics`` of each device; when
-the broker cannot be reached it says so and shows what the database knows.
+the retained ``status``, ``state/led`` and ``diagnostics`` of each device, and
+asks a gateway that is online for fresh diagnostics (each shown with its age);
+when the broker cannot be reached it says so and shows what the database knows.
 
     pico-gateway readings --config gateway.toml --device greenhouse          # the newest 1000
     pico-gateway readings --config gateway.toml --device greenhouse --metric temp --since 2h
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gateway.config import GatewayConfig, MqttConfig, SecretError, load_config_or_report
+from gateway.topics import Topics
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 DEFAULT_LIMIT = 1000  # readings shown when neither --since, --limit nor --all says how many
@@ -286,18 +288,35 @@ def readings(config: GatewayConfig, device: str, metric: str | None = None, sinc
 
 # -- status: the broker's retained messages ------------------------------------------------------
 
+REFRESH_WAIT = 2.0  # seconds status waits for the gateway's fresh diagnostics (its spacing is 1 s)
+
+
+@dataclass
+class Refresh:
+    """Ask for fresh messages: publish on ``request`` when ``gate`` says ``online`` (a gateway
+    that is offline answers nothing), then wait for a live message on ``answer``."""
+    gate: str
+    request: str
+    answer: str
+
+
 @dataclass
 class BrokerView:
     reachable: bool
     error: str = ""
-    retained: dict[str, bytes] = field(default_factory=dict)
+    messages: dict[str, bytes] = field(default_factory=dict)  # topic -> the latest payload
+    refreshed: bool | None = None  # None: not asked; False: asked, no answer in time
 
 
-def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, quiet: float = 0.3) -> BrokerView:
+def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, quiet: float = 0.3,
+                   refresh: Refresh | None = None) -> BrokerView:
     """The retained messages on ``topics`` (exact topics), or why the broker could not be asked.
 
     Retained messages come right after the subscription is acknowledged; we stop
-    ``quiet`` seconds after the last one (or once every topic answered)."""
+    ``quiet`` seconds after the last one (or once every topic answered). With
+    ``refresh``, we then ask for fresh ones and wait up to REFRESH_WAIT seconds
+    more (within ``timeout``) for the answer; messages published meanwhile replace
+    the retained ones."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -309,6 +328,7 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
     connected = threading.Event()
     refused: list[str] = []
     last = [time.monotonic()]
+    live: set[str] = set()  # topics with a message published since we subscribed
 
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                          client_id=f"pico-gateway-status-{os.getpid()}-{int(time.time() * 1000) % 100000}",
@@ -327,10 +347,11 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
         subscribed.set()
 
     def on_message(c, userdata, msg):  # noqa: ANN001
-        if msg.retain:
-            with lock:
-                got[msg.topic] = msg.payload
-                last[0] = time.monotonic()
+        with lock:
+            got[msg.topic] = msg.payload
+            last[0] = time.monotonic()
+            if not msg.retain:  # (a message published while we listen comes without the retain flag)
+                live.add(msg.topic)
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     try:
@@ -354,11 +375,20 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
                 if len(got) >= len(topics) or time.monotonic() - last[0] >= quiet:
                     break
             time.sleep(0.02)
+        refreshed = None
+        if refresh is not None and got.get(refresh.gate, b"").strip() == b"online":
+            with lock:
+                live.discard(refresh.answer)
+            client.publish(refresh.request, b"", qos=1)
+            until = min(deadline, time.monotonic() + REFRESH_WAIT)
+            while time.monotonic() < until and refresh.answer not in live:
+                time.sleep(0.02)
+            refreshed = refresh.answer in live
         with lock:
-            return BrokerView(True, retained=dict(got))
+            return BrokerView(True, messages=dict(got), refreshed=refreshed)
     finally:
+        client.disconnect()  # first: it wakes the network thread, which loop_stop would wait up to 1 s for
         client.loop_stop()
-        client.disconnect()
 
 
 def health_line(raw: bytes | None) -> str:
@@ -387,7 +417,9 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
     topics = [bridge_topic, health_topic]
     for d in config.devices:
         topics += [f"{base}/{d.id}/status", f"{base}/{d.id}/state/led", f"{base}/{d.id}/diagnostics"]
-    view = fetch_retained(config.mqtt, topics, timeout)
+    # The retained counters are up to diagnostics_interval old: ask the gateway for fresh ones.
+    refresh = Refresh(bridge_topic, Topics(base).bridge_refresh(config.gateway_id), health_topic)
+    view = fetch_retained(config.mqtt, topics, timeout, refresh=refresh)
 
     conn: sqlite3.Connection | None = None
     db_note = ""
@@ -398,11 +430,14 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
 
     broker = f"{config.mqtt.host}:{config.mqtt.port}"
     if view.reachable:
-        gw = view.retained.get(bridge_topic, b"").decode(errors="replace") or "unknown (nothing retained)"
+        gw = view.messages.get(bridge_topic, b"").decode(errors="replace") or "unknown (nothing retained)"
         out.write(f"gateway {config.gateway_id}: {gw} (broker {broker})\n")
-        health = health_line(view.retained.get(health_topic))
+        health = health_line(view.messages.get(health_topic))
         if health:
             out.write(f"health: {health}\n")
+        if view.refreshed is False:
+            out.write(f"diagnostics: the gateway did not answer a refresh request within {REFRESH_WAIT:g} s; "
+                      "the link counters below are the retained ones, as old as each says\n")
     else:
         out.write(f"gateway {config.gateway_id}: broker {broker} not reachable ({view.error}); "
                   "showing the database only\n")
@@ -417,8 +452,8 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
         for d in config.devices:
             out.write(f"\n{d.id}  ({d.transport}, {d.protocol})\n")
             if view.reachable:
-                avail = view.retained.get(f"{base}/{d.id}/status", b"").decode(errors="replace") or "unknown"
-                led = view.retained.get(f"{base}/{d.id}/state/led", b"").decode(errors="replace") or "unknown"
+                avail = view.messages.get(f"{base}/{d.id}/status", b"").decode(errors="replace") or "unknown"
+                led = view.messages.get(f"{base}/{d.id}/state/led", b"").decode(errors="replace") or "unknown"
                 out.write(f"  status   {avail}\n  led      {led}\n")
             if conn is not None:
                 values = latest(conn, d.id)
@@ -429,7 +464,7 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
                               + "\n")
                 else:
                     out.write("  last     no readings stored\n")
-            raw = view.retained.get(f"{base}/{d.id}/diagnostics") if view.reachable else None
+            raw = view.messages.get(f"{base}/{d.id}/diagnostics") if view.reachable else None
             if raw:
                 try:
                     diag = json.loads(raw)
@@ -439,7 +474,10 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
                     parts = [f"{k}={diag[k]}" for k in DIAGNOSTIC_KEYS if k in diag and k != "last_seen_ms"]
                     if isinstance(diag.get("last_seen_ms"), (int, float)):
                         parts.append(f"last_seen={local_time(int(diag['last_seen_ms']))}")
-                    out.write("  link     " + " ".join(parts) + "\n")
+                    at = diag.get("at_ms")
+                    when = f"as of {local_time(int(at))}, {ago(int(at))}" if isinstance(at, (int, float)) else \
+                        "age unknown"
+                    out.write("  link     " + " ".join(parts) + f" ({when})\n")
     finally:
         if conn is not None:
             conn.close()

@@ -59,6 +59,10 @@ class Topics:
     def bridge_status(self, gateway_id: str) -> str:
         return f"{self.base}/bridge/{gateway_id}/status"
 
+    def bridge_refresh(self, gateway_id: str) -> str:
+        """Any message here (not retained) asks the gateway to publish its diagnostics now."""
+        return f"{self.base}/bridge/{gateway_id}/diagnostics/refresh"
+
     def bridge_conflicts(self, gateway_id: str) -> str:
         """Devices this gateway owns that another gateway claims too (JSON, retained)."""
         return f"{self.base}/bridge/{gateway_id}/conflicts"

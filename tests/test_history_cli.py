@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+import gateway.diagnostics as diagnostics
 import gateway.history as history
 from conftest import REPO, write_config
 from gateway.cli import SIGPIPE_EXIT, main
 from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
 from gateway.mosquitto import free_port
+from inprocess import InProcessGateway
+from mqtt_helpers import wait_for
+from peers import PicogwPeer
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
           "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")
@@ -224,7 +228,42 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, year) -> Non
     assert proc.stderr.read() == b""
 
 
-def test_status_with_broker(tmp_path, db, broker, recorder, capsys) -> None:
+def test_status_asks_the_gateway_for_fresh_counters_and_shows_their_age(tmp_path, broker, recorder, capsys,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setattr(diagnostics, "HEALTH_CHECK", 3600)  # only a refresh request publishes counters here
+    monkeypatch.setattr(diagnostics, "REFRESH_SPACING", 0.2)  # (1 s in the gateway)
+    pico = PicogwPeer("greenhouse")
+    gw = InProcessGateway(broker, tmp_path, "testgw", {"greenhouse": pico.path})
+    try:
+        gw.start()
+        recorder.wait("pico/greenhouse/status", "online", timeout=10)
+        for n in range(1, 9):  # eight successful commands, and no diagnostics published since
+            recorder.publish("pico/greenhouse/cmd/led", "toggle")
+            recorder.wait("pico/greenhouse/result/led", count=n, timeout=10)
+        cfg = write_config(tmp_path / "gw.toml", broker, [{"id": "greenhouse", "transport": "uart",
+                                                            "port": pico.path}], db=tmp_path / "testgw.db")
+        assert main(["status", "--config", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        assert "commands_ok=8 commands_failed=0" in out and " s ago)" in out, out
+        assert "did not answer" not in out
+
+        # Anyone may ask: a burst of requests is one or two publishes, a retained one none.
+        runs = gw.diagnostics._refresh.stats["runs"]
+        for _ in range(100):
+            recorder.publish("pico/bridge/testgw/diagnostics/refresh", "", qos=0)
+        recorder.publish("pico/bridge/testgw/diagnostics/refresh", "please", retain=True)
+        wait_for(lambda: gw.bridge.stats["diagnostics_refresh_requests"] == 101
+                 and gw.bridge.stats["diagnostics_refresh_retained"] == 1
+                 and not gw.diagnostics._refresh.pending(), 10, "every request handled")
+        assert gw.diagnostics._refresh.stats["runs"] - runs <= 2
+        recorder.publish("pico/bridge/testgw/diagnostics/refresh", "", retain=True)
+    finally:
+        gw.stop()
+        pico.close()
+
+
+def test_status_with_broker(tmp_path, db, broker, recorder, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(history, "REFRESH_WAIT", 0.2)  # nothing answers refresh requests here
     cfg = config_for(tmp_path, broker, db)
     recorder.publish("pico/bridge/testgw/status", "online", retain=True)
     recorder.publish("pico/greenhouse/status", "online", retain=True)
@@ -241,6 +280,8 @@ def test_status_with_broker(tmp_path, db, broker, recorder, capsys) -> None:
     assert "status   online" in greenhouse and "led      on" in greenhouse
     assert "temp=24.5" in greenhouse and "uptime=5400" in greenhouse and "min ago" in greenhouse
     assert "frames=120 rejected=2 seq_gaps=1" in greenhouse and "last_seen=" in greenhouse
+    assert "(age unknown)" in greenhouse  # (counters without at_ms)
+    assert "the gateway did not answer a refresh request" in out
     assert "(uart, tutorial)" in porch and "status   offline" in porch and "led      unknown" in porch
     assert "no readings stored" in porch
 
