@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -94,7 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (here, not at the interpreter's exit, where a closed pipe is a traceback)
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pico-gateway status | head -3`): stop quietly, as a Unix tool
+        # killed by SIGPIPE does. Python's own flush of stdout at exit must not fail again:
+        # point stdout at /dev/null (the recipe of Python's signal module docs).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # (a stdout without a file descriptor)
+            pass
+        return SIGPIPE_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
         return cmd_simulate(argv[1:])  # its own argument parser

@@ -139,8 +139,9 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
     try:
         transport = SerialTransport(port, baudrate=115200)
     except (TransportError, OSError) as exc:
-        raise FlashError(f"cannot open {port}: {exc} (is the gateway or another mpremote using it? "
-                         "stop it first: sudo systemctl stop pico-gateway)") from None
+        raise no_such_port(port) or FlashError(
+            f"cannot open {port}: {exc} (is the gateway or another mpremote using it? "
+            "stop it first: sudo systemctl stop pico-gateway)") from None
     import threading
 
     from gateway.links.usb import BoundedPort, Stopping
@@ -176,6 +177,30 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
         transport.close()
 
 
+def serial_ports() -> list[str]:
+    """The serial ports of this machine, each with what it is, then their stable names
+    (/dev/serial/by-id/, what a config should use) with the port each points to."""
+    from serial.tools.list_ports import comports
+
+    found = [p.device + (f" ({p.description})" if p.description and p.description != "n/a" else "")
+             for p in sorted(comports(), key=lambda p: p.device)]
+    by_id = Path("/dev/serial/by-id")
+    if by_id.is_dir():
+        found += [f"{link} (-> {link.resolve()})" for link in sorted(by_id.iterdir())]
+    return found
+
+
+def no_such_port(port: str) -> FlashError | None:
+    """The error for a port that does not exist, naming those that do; None when it exists."""
+    if os.path.exists(port):
+        return None
+    ports = serial_ports()
+    there = ("serial ports here: " + ", ".join(ports)) if ports else "this machine has no serial port at all"
+    return FlashError(f"{port} does not exist; {there}. Is the Pico plugged in, with a data cable (not a "
+                      "charging-only one)? A Pico in BOOTSEL mode is a USB drive, not a port: copy MicroPython's "
+                      "UF2 onto it first")
+
+
 def mip_install(port: str, out: Out, package: str = "umqtt.simple") -> None:
     cmd = [sys.executable, "-m", "mpremote", "connect", port, "mip", "install", package]
     out(f"  {' '.join(cmd[2:])}")
@@ -191,8 +216,9 @@ def _open_serial(port: str, baudrate: int) -> Any:
     try:
         return serial.Serial(port, baudrate=baudrate, timeout=0.1, exclusive=True)
     except (serial.SerialException, OSError) as exc:
-        raise FlashError(f"cannot open {port} to listen for the hello: {exc} (the gateway may hold it; "
-                         "stop it while flashing)") from None
+        raise no_such_port(port) or FlashError(
+            f"cannot open {port} to listen for the hello: {exc} (the gateway may hold it; "
+            "stop it while flashing)") from None
 
 
 def reset_and_wait_hello(usb_port: str, device: DeviceConfig, check_hello: bool,

@@ -129,9 +129,21 @@ def test_config_values_and_errors(tmp_path) -> None:
         load_secrets(bad)
 
 
-def test_port_that_is_not_a_pico(tmp_path, capsys) -> None:
-    cfg = write_config(tmp_path / "gw.toml", NoBroker(),
-                       [{"id": "x", "transport": "usb", "port": str(tmp_path / "no-such-port")}])
+def test_a_port_that_does_not_exist_is_named_with_the_ports_that_do(tmp_path, capsys) -> None:
+    from serial.tools.list_ports import comports
+
+    missing = str(tmp_path / "ttyACM9")
+    cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb", "port": missing}])
     assert main(["flash", "--config", str(cfg), "--device", "x"]) == 1
-    assert "cannot open" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "using it" not in err  # not "is the gateway using it?"
+    ports = [p.device for p in comports()]
+    assert all(port in err for port in ports) and (ports or "no serial port at all" in err), err
+
+    # a file that is there but is no serial port: it cannot be opened, which is another story
+    not_a_port = tmp_path / "not-a-port"
+    not_a_port.write_text("")
+    assert main(["flash", "--config", str(cfg), "--device", "x", "--port", str(not_a_port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot open {not_a_port}" in err and "does not exist" not in err
 
