@@ -42,7 +42,7 @@ def test_readings_are_stored_then_published_in_order(pico, start_gateway, record
     for value in (21.5, 21.75, -3.0):
         pico.reading(temp=value, uptime=12)
     assert recorder.wait("pico/greenhouse/sensor/temp", count=3) == ["21.5", "21.75", "-3"]
-    assert recorder.on("pico/greenhouse/sensor/uptime") == ["12"] * 3
+    assert recorder.wait("pico/greenhouse/sensor/uptime", count=3) == ["12"] * 3
     stored = rows(tmp_path / "readings.db")
     assert [(m, v, s) for m, v, _, s in stored if m == "temp"] == [("temp", 21.5, 0), ("temp", 21.75, 1), ("temp", -3.0, 2)]
     assert all(before - 1000 <= ts <= time.time() * 1000 for _, _, ts, _ in stored)
