@@ -367,8 +367,12 @@ def test_switching_mode_hands_the_entities_over_and_clears_the_old_form(broker, 
         assert configs == new_configs
         kept = {t for t in old_configs if "/gw_porch/" not in t}
         assert d.stats["handed_over"] == len(kept) and d.stats["removed"] == len(old_configs) - len(kept)
-        with ha._lock:
-            got = [(m.topic, m.payload.decode(), bool(m.retain)) for m in ha.messages]
+        def received() -> list[tuple[str, str, bool]] | None:  # once the subscriber has the clears too
+            with ha._lock:
+                got = [(m.topic, m.payload.decode(), bool(m.retain)) for m in ha.messages]
+            return got if {t for t, p, _ in got if t in old_configs and not p} == set(old_configs) else None
+
+        got = wait_for(received, 10, "the clears delivered")
         migrate = {t: i for i, (t, p, _) in enumerate(got) if p.startswith("{") and json.loads(p) == {
             "migrate_discovery": True}}
         assert set(migrate) == kept and not any(got[i][2] for i in migrate.values())  # not retained
