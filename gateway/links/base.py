@@ -74,6 +74,11 @@ class CommandError(Exception):
     """A command that was not carried out; the message is shown to the user."""
 
 
+# Ends the error of a command that reached a Pico which takes no deadline and did not answer:
+# a Pico that was stuck reads the command when it wakes and carries it out then.
+MAY_STILL_HAPPEN = "its firmware takes no deadline, so it may still carry the command out later"
+
+
 class LinkEvents(Protocol):
     """The bridge as a link sees it: where it reports, from its own threads (never
     blocking long), and, for links that live on MQTT themselves (wifi), the topic

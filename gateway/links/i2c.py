@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
 from gateway.protocols.picogw import is_key
 
 # Register map v1 (docs/protocol.md §2)
@@ -238,7 +238,8 @@ class I2cLink(PollingLink):
                 return led == 1
             if time.monotonic() > deadline:
                 self.stats["command_timeouts"] += 1
-                raise CommandError(f"the Pico did not apply the command within {self.config.command_timeout:g} s")
+                raise CommandError(f"the Pico did not apply the command within {self.config.command_timeout:g} s; "
+                                   f"{MAY_STILL_HAPPEN}")
             time.sleep(COMMAND_POLL)
 
     def poll(self) -> None:

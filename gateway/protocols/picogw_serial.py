@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from gateway.links.base import CommandError, LedCommand, PendingAnswers, now_ms
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand, PendingAnswers, now_ms
 from gateway.links.serial_link import SerialLink, SerialSession
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 
@@ -327,8 +327,7 @@ class PicogwSerialSession(SerialSession):
         if answer is None:
             self.link.stats["command_timeouts"] += 1
             if pico_deadline is None:
-                raise CommandError(f"no answer from the Pico within {timeout:g} s; its firmware takes no deadline, "
-                                   f"so it may still carry the command out later")
+                raise CommandError(f"no answer from the Pico within {timeout:g} s; {MAY_STILL_HAPPEN}")
             raise CommandError(f"no answer from the Pico within {timeout:g} s; the command has expired: "
                                f"the Pico will not carry it out later")
         if answer.type == "N":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from gateway.links.base import CommandError, LedCommand
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand
 from gateway.links.serial_link import SerialLink, SerialSession
 
 MAX_LINE = 64  # the firmware's answers are 4 bytes; anything longer is noise
@@ -69,7 +69,8 @@ class TutorialUartSession(SerialSession):
         if answer is None:
             self.link.stats["command_timeouts"] += 1
             self.link.set_online(False, "no answer to a command")
-            raise CommandError(f"no answer from the Pico within {self.link.config.command_timeout:g} s")
+            raise CommandError(f"no answer from the Pico within {self.link.config.command_timeout:g} s; "
+                               f"{MAY_STILL_HAPPEN}")
         if answer != command.value:
             raise CommandError(f"the Pico answered {answer!r} to {command.value!r}")
         return answer == "on"
