@@ -315,7 +315,13 @@ class MqttConnection:
             # public is_published() raising even once it is acknowledged (see published_public).
             # (The fast path reads paho's flag itself, and callers accept either rc.)
             info.rc = paho.MQTT_ERR_SUCCESS
+        # (QoS 1 while disconnected is queued, not refused: paho sends it on reconnect)
+        self._count(1, paho.MQTT_ERR_SUCCESS if qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN else info.rc)
         return info
+
+    def _count(self, n: int, rc: int) -> None:
+        """Every message handed to paho is counted, by whichever call: ``published`` or ``publish_refused``."""
+        self.stats["published" if rc == paho.MQTT_ERR_SUCCESS else "publish_refused"] += n
 
     def publishable(self, topic: str) -> bool:
         """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
@@ -366,16 +372,19 @@ class MqttConnection:
             parts += (_PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
         if messages and client.socket() is None:
             info.rc = paho.MQTT_ERR_NO_CONN
+            self._count(len(messages), info.rc)
             return info
         rc = internals.queue_publishes(client, b"".join(parts), info)
         if rc:  # (not a plain assignment: a reconnect meanwhile may have marked it CONN_LOST)
             info.rc = rc
+        self._count(len(messages), rc)
         return info
 
     def _publish_each(self, messages: list[tuple[str, str]]) -> PublicBatch:
         for topic, _ in messages:
             self._topic_field(topic)  # every topic checked before any message goes
         if messages and self.client.socket() is None:
+            self._count(len(messages), paho.MQTT_ERR_NO_CONN)
             return PublicBatch([], paho.MQTT_ERR_NO_CONN)
         infos: list[paho.MQTTMessageInfo] = []
         with self.batch():  # one wake of the network thread for the lot
@@ -384,6 +393,9 @@ class MqttConnection:
                 infos.append(info)
                 if info.rc:
                     break  # the connection dropped: the rest would not go either
+        sent = len(infos) - (1 if infos and infos[-1].rc else 0)
+        self._count(sent, paho.MQTT_ERR_SUCCESS)
+        self._count(len(messages) - sent, paho.MQTT_ERR_NO_CONN)
         return PublicBatch(infos)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -409,11 +421,8 @@ class MqttConnection:
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> bool:
         """Queue a message; False when paho refused it (e.g. QoS 0 while offline)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            self.stats["publish_refused"] += 1
-            return False
-        self.stats["published"] += 1
-        return True
+        self._count(1, info.rc)
+        return info.rc == paho.MQTT_ERR_SUCCESS
 
     def start(self) -> None:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,

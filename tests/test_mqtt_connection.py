@@ -49,6 +49,9 @@ def test_publish_many_delivers_every_message_exactly_and_in_order(broker: Privat
         got = [(m.topic, m.payload.decode()) for m in recorder.messages if m.topic.startswith("pico/")]
         assert got == sent
         assert all(m.qos == 0 and not m.retain for m in recorder.messages)
+        answer = mqtt.publish_message("pico/d0/result/led", '{"ok": true}', 1, None)  # (how commands are answered)
+        wait_for(lambda: published(answer), 10, "the answer acknowledged")
+        assert mqtt.stats["published"] == len(sent) + 1  # diagnostics count every message, however sent
     finally:
         mqtt.stop()
 
