@@ -46,7 +46,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -59,9 +58,23 @@ from gateway import paho_internals as internals
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
 from gateway.log_once import Once
+from gateway.mqtt_batch import (
+    PUBLISH_QOS0,
+    SHORT_LENGTHS,
+    Delivery,
+    PublicBatch,
+    published,
+    published_public,
+    remaining_length,
+    topic_field,
+)
 from gateway.progress import Heartbeat
 
 log = logging.getLogger("gateway.mqtt")
+_fallback_logged = Once()
+
+__all__ = ["Delivery", "MqttConnection", "PublicBatch", "apply_security", "published", "published_public",
+           "remaining_length", "topic_field"]
 
 Handler = Callable[[str, bytes, bool], None]
 RawHandler = Callable[[paho.MQTTMessage], None]
@@ -76,7 +89,6 @@ DISCONNECT_TIME = 0.3  # seconds of stop()'s budget kept for writing the DISCONN
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
 MATCH_CACHE = 1024  # received topics whose matching subscriptions are kept (cleared when full)
 MATCH_TOPIC_MAX = 256  # characters; longer topics are matched each time, never kept
-_PUBLISH_QOS0 = b"\x30"  # PUBLISH, QoS 0, not retained, not a duplicate
 FALLBACK_INFLIGHT = 20  # QoS 1 messages unacknowledged at once without the fast path: paho's default, and
 # the Receive Maximum mosquitto announces by default (paho can change its limit only before connecting)
 KICK_WINDOW = 120.0  # seconds: a connection the broker closes sooner, without a reason, may have been taken over
@@ -84,88 +96,10 @@ KICKS = 3  # such closes in a row, each followed by a connection at the first at
 KICK_REPORT = 600.0  # seconds between two reports of a client id conflict that goes on
 
 
-class Delivery(Protocol):
-    """What a publish returns: paho's ``MQTTMessageInfo``, or :class:`PublicBatch`.
-    Ask :func:`published` whether it is done; ``rc`` is paho's error code."""
-
-    @property
-    def rc(self) -> paho.MQTTErrorCode | int: ...
-
-
-def published(info: Delivery) -> bool:
-    """Whether paho has written (QoS 0) or the broker acknowledged (QoS 1) a message or batch."""
-    if type(info) is paho.MQTTMessageInfo:
-        return _info_published(info)
-    return info.published()  # type: ignore[attr-defined]
-
-
-def published_public(info: paho.MQTTMessageInfo) -> bool:
-    """:func:`published` through paho's public API. ``is_published()`` raises for a
-    message whose ``rc`` is an error: one never queued (no connection: not done), or a
-    QoS 0 message a reconnect found unwritten (``MQTT_ERR_CONN_LOST``: paho is done with
-    it, and its ``rc`` says it was lost). A QoS 1 message queued while disconnected is
-    given ``rc`` success by :meth:`MqttConnection.publish_message` (paho keeps it and
-    sends it on reconnect), so that this can see its acknowledgement."""
-    if info.rc == paho.MQTT_ERR_CONN_LOST:
-        return True
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return False
-
-
-# The check of paho's internals runs once, at start-up (importing this module).
-_info_published = internals.is_published if internals.problem() is None else published_public
-_fallback_logged = Once()
-
-
-class PublicBatch:
-    """:meth:`MqttConnection.publish_many` without the fast path: its messages, each
-    published with paho's public ``publish``, answering as one. ``rc`` is the first
-    error among them (``MQTT_ERR_NO_CONN`` when the connection dropped during the
-    batch; ``MQTT_ERR_CONN_LOST`` when a reconnect found one unwritten)."""
-
-    __slots__ = ("_infos", "_rc")
-
-    def __init__(self, infos: list[paho.MQTTMessageInfo], rc: paho.MQTTErrorCode = paho.MQTT_ERR_SUCCESS) -> None:
-        self._infos = infos
-        self._rc = rc
-
-    @property
-    def rc(self) -> paho.MQTTErrorCode | int:
-        return self._rc or next((info.rc for info in self._infos if info.rc), paho.MQTT_ERR_SUCCESS)
-
-    def published(self) -> bool:
-        return not self._rc and all(published_public(info) for info in self._infos)
-
-
 def _matches(topic_filter: str, topic: str) -> bool:
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     return paho.topic_matches_sub(topic_filter, topic)
-
-
-def remaining_length(n: int) -> bytes:
-    """MQTT's variable-length integer (spec 1.5.5): ``127`` -> ``b"\\x7f"``, ``128`` -> ``b"\\x80\\x01"``."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_SHORT = [bytes((n,)) for n in range(128)]  # the length of a reading's packet: one byte
-
-
-def topic_field(topic: str) -> bytes:
-    """A PUBLISH packet's variable header for ``topic`` in MQTT v5: the topic as a
-    length-prefixed UTF-8 string, then an empty property list.
-    ValueError for a topic a publish may not use (empty, a wildcard, a NUL, too long)."""
-    raw = topic.encode()
-    if not raw or len(raw) > 65535 or b"+" in raw or b"#" in raw or b"\0" in raw:
-        raise ValueError(f"not a topic to publish to: {topic!r}")
-    return len(raw).to_bytes(2, "big") + raw + b"\x00"
 
 
 def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
@@ -363,13 +297,13 @@ class MqttConnection:
             return self._publish_each(messages)
         client = self.client
         info = paho.MQTTMessageInfo(0)
-        cache, short = self._topic_fields, _SHORT
+        cache, short = self._topic_fields, SHORT_LENGTHS
         parts: list[bytes] = []
         for topic, payload in messages:
             field = cache.get(topic) or self._topic_field(topic)
             body = payload.encode()
             size = len(field) + len(body)
-            parts += (_PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
+            parts += (PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
         if messages and client.socket() is None:
             info.rc = paho.MQTT_ERR_NO_CONN
             self._count(len(messages), info.rc)
