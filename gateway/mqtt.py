@@ -96,6 +96,18 @@ KICKS = 3  # such closes in a row, each followed by a connection at the first at
 KICK_REPORT = 600.0  # seconds between two reports of a client id conflict that goes on
 
 
+Remover = Callable[[], None]
+
+
+def _add_hook(hooks: list[Callable[[], None]], hook: Callable[[], None]) -> Remover:
+    hooks.append(hook)
+
+    def remove() -> None:
+        if hook in hooks:
+            hooks.remove(hook)
+    return remove
+
+
 def _matches(topic_filter: str, topic: str) -> bool:
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
@@ -208,19 +220,20 @@ class MqttConnection:
         self._local = threading.local()  # .batching: this thread defers its wake (see batch())
         self.client.on_socket_register_write = lambda client, userdata, sock: self._wake_soon()
 
-    def on_connect(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
-        self._on_connect_hooks.append(hook)
+    def on_connect(self, hook: Callable[[], None]) -> Remover:
+        """Run ``hook`` after every (re)connection, once the subscriptions are renewed.
+        Returns what removes it (Home Assistant's pattern: whoever adds a hook can take it back)."""
+        return _add_hook(self._on_connect_hooks, hook)
 
-    def on_disconnect(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` (on paho's thread) whenever the connection is lost."""
-        self._on_disconnect_hooks.append(hook)
+    def on_disconnect(self, hook: Callable[[], None]) -> Remover:
+        """Run ``hook`` (on paho's thread) whenever the connection is lost; returns its remover."""
+        return _add_hook(self._on_disconnect_hooks, hook)
 
-    def after_io(self, hook: Callable[[], None]) -> None:
+    def after_io(self, hook: Callable[[], None]) -> Remover:
         """Run ``hook`` on the network thread after every round of reading and writing:
         where a caller tracking :func:`published` messages learns that some may be done.
-        It must be quick; it runs once per round, not per message."""
-        self._after_io_hooks.append(hook)
+        It must be quick; it runs once per round, not per message. Returns its remover."""
+        return _add_hook(self._after_io_hooks, hook)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -332,21 +345,38 @@ class MqttConnection:
         self._count(len(messages) - sent, paho.MQTT_ERR_NO_CONN)
         return PublicBatch(infos)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        with self._lock:
-            self._subscriptions.append((topic_filter, qos, handler, False))
-            self._matches.clear()
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, options=_options(qos))
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> Remover:
+        """``handler(topic, payload, retained)`` for every message matching ``topic_filter``,
+        from now on and after every reconnect. Returns what unsubscribes it again::
 
-    def subscribe_messages(self, topic_filter: str, handler: RawHandler, qos: int = 1) -> None:
+            remove = conn.subscribe("pico/+/cmd/led", on_command)
+            remove()   # the broker is told once no other handler wants the filter
+        """
+        return self._subscribe((topic_filter, qos, handler, False))
+
+    def subscribe_messages(self, topic_filter: str, handler: RawHandler, qos: int = 1) -> Remover:
         """Like subscribe, but ``handler(msg)`` gets paho's message (properties, mid, qos).
         ``$share/<group>/<filter>`` subscribes to a shared subscription."""
+        return self._subscribe((topic_filter, qos, handler, True))
+
+    def _subscribe(self, entry: tuple[str, int, Handler | RawHandler, bool]) -> Remover:
         with self._lock:
-            self._subscriptions.append((topic_filter, qos, handler, True))
+            self._subscriptions.append(entry)
             self._matches.clear()
         if self.connected.is_set():
-            self.client.subscribe(topic_filter, options=_options(qos))
+            self.client.subscribe(entry[0], options=_options(entry[1]))
+
+        def remove() -> None:
+            with self._lock:
+                kept = [sub for sub in self._subscriptions if sub is not entry]
+                if len(kept) == len(self._subscriptions):
+                    return  # removed before
+                self._subscriptions = kept
+                self._matches.clear()
+                wanted = any(sub[0] == entry[0] for sub in kept)
+            if not wanted and self.connected.is_set():
+                self.client.unsubscribe(entry[0])
+        return remove
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message received with ``manual_ack``."""
@@ -470,7 +500,7 @@ class MqttConnection:
         if client.socket() is sock and client.want_write():
             client.loop_write()  # whatever is queued, publishes from any thread included
         client.loop_misc()  # keepalive: PINGREQ, and a dead broker noticed
-        for hook in self._after_io_hooks:
+        for hook in tuple(self._after_io_hooks):  # (a hook may be removed meanwhile)
             hook()
 
     # -- paho callbacks (network thread) -------------------------------------
@@ -544,7 +574,7 @@ class MqttConnection:
         if subs:
             client.subscribe([(f, _options(q)) for f, q, _, _ in subs])
         self.connected.set()
-        for hook in self._on_connect_hooks:
+        for hook in tuple(self._on_connect_hooks):
             hook()
 
     def _refusal(self, kind: object, msg: str, *args: object) -> None:
@@ -603,7 +633,7 @@ class MqttConnection:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         if was:
             self.stats["disconnects"] += 1
-        for hook in self._on_disconnect_hooks:
+        for hook in tuple(self._on_disconnect_hooks):
             hook()
 
     def _report_conflict(self, taken_over: bool) -> None:
