@@ -24,9 +24,9 @@ import time
 
 from common import METRIC, Env, Subscriber, cpu_seconds, loss_report, others_cpu, wait_for
 
-CHUNK = 8  # messages per topic per turn, as the ingest feeder wrote frames until it went to 32 (fifth round,
-# docs/performance.md). Left at 8: the publisher is not what bounds the ceiling (it takes ~0.4 of a core,
-# the subscriber a whole one), and every ceiling since the third round was measured with it.
+CHUNK = 8  # messages per topic per turn (the ingest feeder writes 32 frames per link, docs/performance.md).
+# Left at 8: the publisher is not what bounds the ceiling (it takes ~0.4 of a core, the subscriber a whole
+# one), and the ceilings the docs report were measured with it.
 
 
 def paho(env: Env, topics: int, qos: int, ts_property: bool = True, threaded: bool = True) -> dict:

@@ -1,4 +1,4 @@
-"""Floods (issue 14): what anyone who can publish to the broker can send the gateway,
+"""Floods: what anyone who can publish to the broker can send the gateway,
 and what it costs the gateway meanwhile.
 
 Four floods, each against a fresh gateway with two uart Picos (``d00``, the
@@ -84,7 +84,7 @@ NAMES = ("owner", "ha_status", "cmd_led", "metric_names")
 
 
 def floods(quick: bool, names: Iterable[str] = NAMES) -> list[Flood]:
-    """The issue's floods (those in ``names``); ``quick`` shortens the command flood (30 -> 5 s)
+    """The floods (those in ``names``); ``quick`` shortens the command flood (30 -> 5 s)
     and the metric one."""
     cmd_seconds = 5 if quick else 30
     count = 3_000 if quick else 10_000

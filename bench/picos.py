@@ -6,11 +6,11 @@ commands take a sizeable part of a core; in the bench's own process they shared
 one GIL with the subscriber that counts what the gateway publishes, and that
 process, not the gateway, became the limit of the measurement.
 
-    >>> picos = Picos(16)                      # d00 .. d15
-    >>> write_config(path, ..., picos.peers)   # .device and .path of each
-    >>> picos.feed(window=1000)                # flood, flow-controlled by picos.received
-    >>> picos.sent; picos.stop_feed(); picos.counts()["d00"].seq
-    >>> picos.close()
+    picos = Picos(16)                      # d00 .. d15
+    write_config(path, ..., picos.peers)   # .device and .path of each
+    picos.feed(window=1000)                # flood, flow-controlled by picos.received
+    picos.sent; picos.stop_feed(); picos.counts()["d00"].seq
+    picos.close()
 """
 
 from __future__ import annotations

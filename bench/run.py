@@ -1,10 +1,10 @@
-"""``./dev bench``: the gateway's performance, measured end to end (issue 7).
+"""``./dev bench``: the gateway's performance, measured end to end (docs/performance.md).
 
 Runs the real gateway process against a private mosquitto and virtual Picos on
 pseudo-terminals, and prints one table (also saved as JSON in bench/results/):
 ingest with 1/4/16 links and its ceilings (bare paho, bare sqlite3), command
 round trips idle and under load, start-up time and memory, growth with devices
-and database size, memory, threads and commands under floods (issue 14), then
+and database size, memory, threads and commands under floods, then
 a py-spy profile of the 16-link ingest. Every figure is the median of
 ``--repeat`` runs (other work on the machine moves single runs; growth and
 floods: one run each unless asked).
@@ -330,11 +330,11 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
 
 
 def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
-    """Per flood: the publisher's rate, then the three targets of issue 14, then what the gateway did."""
+    """Per flood: the publisher's rate, then the three flood targets (docs/performance.md), then what the gateway did."""
     shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick, args.floods) if f"flood_{f.name}" in res]
     if not shown:
         return
-    t.section(f"floods (issue 14); final = {floods.SETTLE:g} s after the gateway caught up")
+    t.section(f"floods; final = {floods.SETTLE:g} s after the gateway caught up")
     for flood, m in shown:
         name = flood.name
         asked = f" (asked {n(flood.rate)}/s)" if flood.rate else ""

@@ -1,8 +1,7 @@
 """The configuration file (TOML), validated by pydantic.
 
-    >>> cfg = load_config("config/gateway.toml")
-    >>> cfg.devices[0].transport
-    'uart'
+    cfg = load_config("config/gateway.toml")
+    cfg.devices[0].transport            # 'uart'
 
 Unknown keys are errors, and every error names its key path and device id::
 

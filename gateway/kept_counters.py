@@ -8,9 +8,9 @@ diagnostics are published (every ``diagnostics_interval`` and at stop) if it
 changed. A gateway killed outright loses at most the counts since the last
 publish.
 
-    >>> kept = KeptCounters(store)
-    >>> kept.restore(bridge.links)      # before bridge.start()
-    >>> kept.save(bridge.links, wait=1.0)
+    kept = KeptCounters(store)
+    kept.restore(bridge.links)      # before bridge.start()
+    kept.save(bridge.links, wait=1.0)
 """
 
 from __future__ import annotations

@@ -2,8 +2,13 @@
 input must not become a flood of log lines (it is counted anyway).
 
     >>> once = Once()
-    >>> if once.first("ValueError: bad frame"):
-    ...     log.warning("...")
+    >>> once.first("ValueError: bad frame"), once.first("ValueError: bad frame")
+    (True, False)
+
+so that a caller writes::
+
+    if once.first("ValueError: bad frame"):
+        log.warning("...")
 """
 
 from __future__ import annotations

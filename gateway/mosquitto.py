@@ -1,7 +1,7 @@
 """A private mosquitto on a free loopback port, for the demo, the tests and the benchmarks.
 
-    >>> with PrivateBroker(workdir) as broker:
-    ...     print(broker.host, broker.port)
+    with PrivateBroker(workdir) as broker:
+        print(broker.host, broker.port)
 
 Debian's ``mosquitto`` (``apt install mosquitto``; ``./dev`` installs it). It is
 started with its own config file in ``workdir`` and never touches the system's.

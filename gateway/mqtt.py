@@ -29,9 +29,9 @@
   error saying what to check, counted, and retried with backoff (1 s doubling to
   30 s): it never ends the process.
 
-    >>> conn = MqttConnection(cfg.mqtt, client_id="pico-gateway-pi", will=("pico/bridge/pi/status", "offline"))
-    >>> conn.subscribe("pico/+/cmd/led", handler)   # handler(topic, payload, retained)
-    >>> conn.start(); conn.publish("pico/x/status", "online", qos=1, retain=True)
+    conn = MqttConnection(cfg.mqtt, client_id="pico-gateway-pi", will=("pico/bridge/pi/status", "offline"))
+    conn.subscribe("pico/+/cmd/led", handler)   # handler(topic, payload, retained)
+    conn.start(); conn.publish("pico/x/status", "online", qos=1, retain=True)
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ class MqttConnection:
         single QoS 0 message. ValueError, before anything is queued, when a topic is not
         one to publish to (:func:`topic_field`).
 
-            >>> info = conn.publish_many([("pico/a/sensor/t", "21.5"), ("pico/a/sensor/h", "40")])
+            info = conn.publish_many([("pico/a/sensor/t", "21.5"), ("pico/a/sensor/h", "40")])
 
         Without the fast path, each message goes through paho's ``publish`` (same
         messages, same order) and a :class:`PublicBatch` answers for them."""

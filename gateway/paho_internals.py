@@ -95,7 +95,7 @@ def queue_publishes(client: paho.Client, packets: bytes, info: paho.MQTTMessageI
 
 class FastClient(paho.Client):
     """paho's client, with three per-message costs of QoS 1 taken out (docs/performance.md,
-    fourth round); everything else is paho's.
+    "How the gateway keeps a reading cheap"); everything else is paho's.
 
     - Reading: paho asks the socket for a packet's type byte, then each byte of its
       length, then its body: three ``recv()`` calls per PUBACK. Here one ``recv()``

@@ -1,7 +1,7 @@
 """Ending a child process politely: SIGTERM, a grace period, then SIGKILL.
 
-    >>> proc = subprocess.Popen(["mosquitto", "-c", conf])
-    >>> stop_process(proc, grace=5)   # the exit code; -9 if it had to be killed
+    proc = subprocess.Popen(["mosquitto", "-c", conf])
+    stop_process(proc, grace=5)   # the exit code; -9 if it had to be killed
 """
 
 from __future__ import annotations

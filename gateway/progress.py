@@ -16,11 +16,11 @@ backoff of up to a minute) before it sleeps.
 A beat costs one ``time.monotonic()`` and one attribute store, no lock: the
 watchdog and the diagnostics read the last beat from their own threads.
 
-    >>> heartbeat = Heartbeat("outbox", expected=0.5)
-    >>> while running:
-    ...     heartbeat.beat()          # or heartbeat.beat(expected=60) before a long sleep
-    ...     turn()
-    >>> first_stall([heartbeat])       # from another thread: None, or a Stall naming it
+    heartbeat = Heartbeat("outbox", expected=0.5)
+    while running:
+        heartbeat.beat()          # or heartbeat.beat(expected=60) before a long sleep
+        turn()
+    first_stall([heartbeat])      # from another thread: None, or a Stall naming it
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Every reading, in SQLite, and the outbox of what MQTT has not yet taken.
 
-    >>> store = Store("/tmp/readings.db")
-    >>> first_id = store.commit([("greenhouse", "temp", 21.5, 1764070000000, 7)])
-    >>> store.unsent(first_id - 1, 10)[0][1:4]
-    ('greenhouse', 'temp', 21.5)
+    store = Store("/tmp/readings.db")
+    first_id = store.commit([("greenhouse", "temp", 21.5, 1764070000000, 7)])
+    store.unsent(first_id - 1, 10)[0][1:4]     # ('greenhouse', 'temp', 21.5)
 
 (History is read by ``pico-gateway readings``, gateway/history.py, over its own
 read-only connection.)

@@ -13,10 +13,10 @@
   ``<N>`` syslog priority prefix (sd-daemon(3)) and no timestamp, since journald
   keeps both itself.
 
-    >>> notifier = Notifier()
-    >>> watchdog = Watchdog(notifier, gateway_health(mqtt, bridge)); watchdog.start()
-    >>> notifier.ready("running: 3 device(s)")
-    >>> ...; watchdog.stop(); notifier.stopping()
+    notifier = Notifier()
+    watchdog = Watchdog(notifier, gateway_health(mqtt, bridge)); watchdog.start()
+    notifier.ready("running: 3 device(s)")
+    ...; watchdog.stop(); notifier.stopping()
 """
 
 from __future__ import annotations

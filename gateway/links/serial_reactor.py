@@ -12,8 +12,8 @@ what select() says is there, and its own writes (a session's hello and pings) go
 through :meth:`SerialLink.write_nowait`. Commands are written by the bridge's
 per-device workers, which may block on their own port only.
 
-    >>> REACTOR.add(link)      # from SerialLink.start(): opened, read, reopened from now on
-    >>> REACTOR.remove(link)   # from SerialLink.stop(): closed when this returns
+    REACTOR.add(link)      # from SerialLink.start(): opened, read, reopened from now on
+    REACTOR.remove(link)   # from SerialLink.stop(): closed when this returns
 """
 
 from __future__ import annotations
