@@ -59,7 +59,8 @@ from pydantic import Field, field_validator
 
 from gateway import __version__
 from gateway.coalesce import Coalesced
-from gateway.links.base import DeviceConfig, StrictModel
+from gateway.domain import StrictModel
+from gateway.links.base import DeviceConfig
 from gateway.log_once import Once
 from gateway.topics import Topics, is_metric
 

@@ -9,18 +9,16 @@ subclass and one line in ``gateway/links/__init__.py``.
 from __future__ import annotations
 
 import logging
-import re
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from enum import Enum
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import Field, field_validator
 
 from gateway.backoff import Backoff
+from gateway.domain import RESERVED_IDS, DeviceId, LedCommand, StrictModel
 from gateway.log_once import Once
 from gateway.progress import Heartbeat
 
@@ -28,24 +26,8 @@ if TYPE_CHECKING:
     from gateway.store import Row
     from gateway.topics import Topics
 
-DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
-RESERVED_IDS = frozenset({"bridge"})
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 STOP_JOIN = 10.0  # seconds ThreadedLink.stop waits for the link's thread (the bridge waits less: it stops
 # every link at once, in threads of its own, and leaves the ones still stopping at its deadline)
-
-
-def is_device_id(name: str) -> bool:
-    """Whether ``name`` may be a device id (as in a topic from the broker)."""
-    return bool(_DEVICE_ID.match(name)) and name not in RESERVED_IDS
-
-
-class StrictModel(BaseModel):
-    """Config models reject unknown keys: a typo must not be silently ignored. Numbers are
-    finite: an interval of ``inf`` would end a link's thread at its first wait."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceConfig(StrictModel):
@@ -62,21 +44,6 @@ class DeviceConfig(StrictModel):
         if value in RESERVED_IDS:
             raise ValueError(f"'{value}' is reserved for the gateway's own topics")
         return value
-
-
-class LedCommand(str, Enum):
-    ON = "on"
-    OFF = "off"
-    TOGGLE = "toggle"
-
-
-class CommandError(Exception):
-    """A command that was not carried out; the message is shown to the user."""
-
-
-# Ends the error of a command that reached a Pico which takes no deadline and did not answer:
-# a Pico that was stuck reads the command when it wakes and carries it out then.
-MAY_STILL_HAPPEN = "its firmware takes no deadline, so it may still carry the command out later"
 
 
 class LinkEvents(Protocol):
@@ -101,10 +68,6 @@ class LinkEvents(Protocol):
         """The Pico's hello named the firmware it runs."""
 
     def availability(self, device: str, online: bool) -> None: ...
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Link(ABC):

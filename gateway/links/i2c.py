@@ -27,7 +27,8 @@ from typing import Any, Literal
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
 from gateway.protocols.picogw import is_key
 
 # Register map v1 (docs/protocol.md §2)

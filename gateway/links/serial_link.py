@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import serial
 from pydantic import Field
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents
+from gateway.domain import CommandError, LedCommand
+from gateway.links.base import DeviceConfig, Link, LinkEvents
 from gateway.links.serial_reactor import REACTOR
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
 
 MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
 

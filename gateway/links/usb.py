@@ -25,7 +25,8 @@ import serial
 from mpremote.transport import TransportError
 from pydantic import Field
 
-from gateway.links.base import CommandError, LedCommand, Link, LinkEvents, PollingLink, now_ms
+from gateway.domain import CommandError, LedCommand, now_ms
+from gateway.links.base import Link, LinkEvents, PollingLink
 from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
 from gateway.progress import Heartbeat
 

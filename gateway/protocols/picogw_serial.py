@@ -23,7 +23,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand, PendingAnswers, now_ms
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.links.base import PendingAnswers
 from gateway.links.serial_link import SerialLink, SerialSession
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 

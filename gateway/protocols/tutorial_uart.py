@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand
 from gateway.links.serial_link import SerialLink, SerialSession
 
 MAX_LINE = 64  # the firmware's answers are 4 bytes; anything longer is noise
