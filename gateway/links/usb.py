@@ -19,6 +19,7 @@ import inspect
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import serial
@@ -29,6 +30,7 @@ from gateway.domain import CommandError, LedCommand, now_ms
 from gateway.links.base import Link, LinkEvents, PollingLink
 from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
 from gateway.progress import Heartbeat
+from gateway.protocols import PROTOCOLS, ProtocolKind
 
 # The only code ever sent to a stock-MicroPython Pico. Each prints the LED
 # state last, as 0 or 1; READ prints temperature (°C, RP2040 datasheet formula)
@@ -214,6 +216,12 @@ class UsbReplLink(PollingLink):
         self.events.reading(self.device, values, now_ms(), None)
         self.events.led_state(self.device, fields[2] == "1")
 
+USB: ProtocolKind[Callable[[UsbConfig, LinkEvents], Link]] = ProtocolKind("usb")
+"""The usb link runs another link for each protocol: frames on the console, or the raw REPL."""
+PROTOCOLS.register(USB, "picogw", UsbSerialLink)
+PROTOCOLS.register(USB, "tutorial", UsbReplLink)
+
+
 class UsbLink(Link):
     """The usb transport: our firmware's frames, or stock MicroPython's REPL."""
 
@@ -222,7 +230,7 @@ class UsbLink(Link):
 
     def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
-        self.impl: Link = (UsbReplLink if config.protocol == "tutorial" else UsbSerialLink)(config, events)
+        self.impl: Link = PROTOCOLS.lookup(USB, config.protocol)(config, events)
         self.stats = self.impl.stats
 
     @property
