@@ -83,6 +83,20 @@ class Link(ABC):
     publishes_itself: ClassVar[bool] = False
     """True when the Pico publishes its own readings, state and status (wifi): the
     bridge then stores what it hears but publishes nothing, and leaves commands to it."""
+    board: ClassVar[str] = "Raspberry Pi Pico"
+    """The board this transport implies (one reached over Wi-Fi is a Pico W), as
+    discovery names it in the device's model."""
+
+    @classmethod
+    def software(cls, protocol: str) -> str:
+        """What runs on the Pico, in words, for the device's model in discovery."""
+        return "pico-gateway firmware" if protocol == "picogw" else "tutorial program"
+
+    @classmethod
+    def default_metrics(cls, protocol: str) -> tuple[str, ...]:
+        """The metrics a Pico on this link has before any reading, when the link itself
+        decides them (picogw firmware names its own). The tutorial's programs: none."""
+        return ()
 
     def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
         self.config = config

@@ -47,6 +47,7 @@ TCP: ProtocolKind[TcpPoll] = ProtocolKind("tcp")
 class TcpLink(PollingLink):
     online_reason = "answers"
     transport = "tcp"
+    board = "Raspberry Pi Pico W"
     Config = TcpConfig
     config: TcpConfig
 

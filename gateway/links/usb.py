@@ -228,6 +228,14 @@ class UsbLink(Link):
     transport = "usb"
     Config = UsbConfig
 
+    @classmethod
+    def software(cls, protocol: str) -> str:
+        return "stock MicroPython" if protocol == "tutorial" else super().software(protocol)
+
+    @classmethod
+    def default_metrics(cls, protocol: str) -> tuple[str, ...]:
+        return READ_METRICS if protocol == "tutorial" else ()  # what the gateway's snippet reads
+
     def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
         self.impl: Link = PROTOCOLS.lookup(USB, config.protocol)(config, events)

@@ -23,6 +23,7 @@ class WifiConfig(DeviceConfig):
 
 class WifiLink(Link):
     transport = "wifi"
+    board = "Raspberry Pi Pico W"
     Config = WifiConfig
     publishes_itself = True
 
