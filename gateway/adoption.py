@@ -17,7 +17,7 @@ import logging
 import threading
 
 from gateway.bridge import Bridge
-from gateway.links.base import is_device_id
+from gateway.domain import is_device_id
 from gateway.links.wifi import WifiConfig, WifiLink
 
 log = logging.getLogger("gateway.adoption")

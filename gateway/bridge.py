@@ -51,7 +51,8 @@ import paho.mqtt.client as paho
 
 from gateway.coalesce import Coalesced
 from gateway.commands import PayloadError, parse_led_payload
-from gateway.links.base import DEVICE_ID_PATTERN, CommandError, LedCommand, Link
+from gateway.domain import DEVICE_ID_PATTERN, CommandError, LedCommand
+from gateway.links.base import Link
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
 from gateway.outbox import Outbox, OutboxSettings

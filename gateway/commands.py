@@ -13,7 +13,7 @@ path, or part of what is sent to a Pico.
 
 from __future__ import annotations
 
-from gateway.links.base import LedCommand
+from gateway.domain import LedCommand
 
 MAX_PAYLOAD = 64  # bytes; longer payloads are refused unread
 

@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_valid
 
 from gateway.discovery import DiscoveryConfig
 from gateway.links import LINKS
-from gateway.links.base import DEVICE_ID_PATTERN, DeviceConfig, StrictModel
+from gateway.domain import DEVICE_ID_PATTERN, StrictModel
+from gateway.links.base import DeviceConfig
 from gateway.links.i2c import I2cConfig
 from gateway.links.serial_link import SerialDeviceConfig
 from gateway.links.tcp import TcpConfig

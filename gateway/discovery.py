@@ -59,7 +59,9 @@ from pydantic import Field, field_validator
 
 from gateway import __version__
 from gateway.coalesce import Coalesced
-from gateway.links.base import DeviceConfig, StrictModel
+from gateway.domain import StrictModel
+from gateway.links import LINKS
+from gateway.links.base import DeviceConfig
 from gateway.log_once import Once
 from gateway.topics import Topics, is_metric
 
@@ -81,9 +83,8 @@ MIGRATE_WAIT = 2.0  # seconds between the hand-over messages and the new form (H
 MAX_SEEN = 4096  # retained configs of ours remembered per scan (forged ones must not fill memory)
 FIRMWARE_VERSION = re.compile(r"[0-9A-Za-z._+-]{1,32}")
 
-# Metrics each kind of Pico has before the gateway has seen a reading.
+# Metrics our firmware has before the gateway has seen a reading (other firmware: its link says).
 PICOGW_METRICS = ("temp", "uptime", "mem_free")
-USB_TUTORIAL_METRICS = ("temp", "uptime")
 
 # metric -> entity options (full HA key names). Others: a plain measurement.
 METRIC_OPTIONS: dict[str, dict[str, Any]] = {
@@ -134,23 +135,15 @@ class DiscoveryConfig(StrictModel):
 
 
 def known_metrics(device: DeviceConfig) -> tuple[str, ...]:
-    """The metrics a Pico has by its transport and protocol, before any reading."""
+    """The metrics a Pico has by its protocol and link, before any reading."""
     if device.protocol == "picogw":
         return PICOGW_METRICS
-    if device.transport == "usb":  # stock MicroPython, polled by the gateway
-        return USB_TUTORIAL_METRICS
-    return ()  # the tutorial's uart, i2c and tcp programs: an LED and nothing else
+    return LINKS[device.transport].default_metrics(device.protocol)
 
 
 def model(device: DeviceConfig) -> str:
-    board = "Raspberry Pi Pico W" if device.transport in ("wifi", "tcp") else "Raspberry Pi Pico"
-    if device.protocol == "picogw":
-        software = "pico-gateway firmware"
-    elif device.transport == "usb":
-        software = "stock MicroPython"
-    else:
-        software = "tutorial program"
-    return f"{board} ({device.transport}, {software})"
+    link = LINKS[device.transport]
+    return f"{link.board} ({device.transport}, {link.software(device.protocol)})"
 
 
 class Discovery:
@@ -231,9 +224,9 @@ class Discovery:
 
     def device_payload(self, device_id: str) -> dict[str, Any]:
         device = self.devices[device_id]
-        # A Wi-Fi Pico talks to the broker itself: its entities do not depend on the gateway.
+        # A Pico that publishes for itself (wifi) talks to the broker: its entities do not depend on the gateway.
         pico_avail = self._availability(device_id)
-        if device.transport == "wifi":
+        if LINKS[device.transport].publishes_itself:
             pico_avail = {"availability": pico_avail["availability"][1:], "availability_mode": "all"}
         cmps: dict[str, dict[str, Any]] = {}
         for metric in self.metrics(device_id):
@@ -247,7 +240,7 @@ class Discovery:
             "payload_on": "on", "payload_off": "off", "state_on": "on", "state_off": "off",
             "qos": 1, "retain": False, **pico_avail,
         }
-        if device.transport != "wifi":  # the gateway has no link of its own to a Wi-Fi Pico
+        if not LINKS[device.transport].publishes_itself:  # the gateway has no link of its own to such a Pico
             gateway_avail = self._availability(None)
             for key, component, options in DIAGNOSTICS:
                 if key == "last_seen_ms":

@@ -35,8 +35,7 @@ from collections import Counter
 from typing import Any
 
 from gateway.config import GatewayConfig, SecretError, load_config_or_report
-from gateway.links.base import is_device_id, now_ms
-from gateway.links.wifi import parse_value
+from gateway.domain import is_device_id, now_ms, parse_value
 from gateway.store import Row, Store
 from gateway.systemd import setup_logging, stop_on_signals
 from gateway.topics import Topics, is_metric

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import serial
 
-from gateway.links.base import CommandError, LedCommand
+from gateway.domain import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 from gateway.simulator.fleet import start_fleet

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.commands import PayloadError, parse_led_payload
-from gateway.links.base import LedCommand
+from gateway.domain import LedCommand
 from gateway.protocols.picogw import MAX_FRAME, FrameError, FrameReceiver, decode, encode
 from gateway.protocols.picogw_serial import PicogwSerialSession
 from gateway.topics import Topics

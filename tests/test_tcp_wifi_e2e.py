@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.links.base import CommandError, LedCommand
+from gateway.domain import CommandError, LedCommand
 from gateway.links.tcp import TcpConfig, TcpLink
 from mqtt_helpers import Recorder, wait_for
 from peers import Events, TutorialTcpPeer

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gateway.links.base import CommandError, LedCommand
+from gateway.domain import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols import picogw_serial
 from gateway.protocols.picogw import encode

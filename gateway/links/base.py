@@ -9,18 +9,16 @@ subclass and one line in ``gateway/links/__init__.py``.
 from __future__ import annotations
 
 import logging
-import re
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from enum import Enum
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import Field, field_validator
 
 from gateway.backoff import Backoff
+from gateway.domain import RESERVED_IDS, DeviceId, LedCommand, StrictModel
 from gateway.log_once import Once
 from gateway.progress import Heartbeat
 
@@ -28,24 +26,8 @@ if TYPE_CHECKING:
     from gateway.store import Row
     from gateway.topics import Topics
 
-DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
-RESERVED_IDS = frozenset({"bridge"})
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 STOP_JOIN = 10.0  # seconds ThreadedLink.stop waits for the link's thread (the bridge waits less: it stops
 # every link at once, in threads of its own, and leaves the ones still stopping at its deadline)
-
-
-def is_device_id(name: str) -> bool:
-    """Whether ``name`` may be a device id (as in a topic from the broker)."""
-    return bool(_DEVICE_ID.match(name)) and name not in RESERVED_IDS
-
-
-class StrictModel(BaseModel):
-    """Config models reject unknown keys: a typo must not be silently ignored. Numbers are
-    finite: an interval of ``inf`` would end a link's thread at its first wait."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceConfig(StrictModel):
@@ -62,21 +44,6 @@ class DeviceConfig(StrictModel):
         if value in RESERVED_IDS:
             raise ValueError(f"'{value}' is reserved for the gateway's own topics")
         return value
-
-
-class LedCommand(str, Enum):
-    ON = "on"
-    OFF = "off"
-    TOGGLE = "toggle"
-
-
-class CommandError(Exception):
-    """A command that was not carried out; the message is shown to the user."""
-
-
-# Ends the error of a command that reached a Pico which takes no deadline and did not answer:
-# a Pico that was stuck reads the command when it wakes and carries it out then.
-MAY_STILL_HAPPEN = "its firmware takes no deadline, so it may still carry the command out later"
 
 
 class LinkEvents(Protocol):
@@ -103,10 +70,6 @@ class LinkEvents(Protocol):
     def availability(self, device: str, online: bool) -> None: ...
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Link(ABC):
     """One Pico behind one transport.
 
@@ -120,6 +83,20 @@ class Link(ABC):
     publishes_itself: ClassVar[bool] = False
     """True when the Pico publishes its own readings, state and status (wifi): the
     bridge then stores what it hears but publishes nothing, and leaves commands to it."""
+    board: ClassVar[str] = "Raspberry Pi Pico"
+    """The board this transport implies (one reached over Wi-Fi is a Pico W), as
+    discovery names it in the device's model."""
+
+    @classmethod
+    def software(cls, protocol: str) -> str:
+        """What runs on the Pico, in words, for the device's model in discovery."""
+        return "pico-gateway firmware" if protocol == "picogw" else "tutorial program"
+
+    @classmethod
+    def default_metrics(cls, protocol: str) -> tuple[str, ...]:
+        """The metrics a Pico on this link has before any reading, when the link itself
+        decides them (picogw firmware names its own). The tutorial's programs: none."""
+        return ()
 
     def __init__(self, config: DeviceConfig, events: LinkEvents) -> None:
         self.config = config
@@ -277,40 +254,3 @@ class PollingLink(ThreadedLink):
             self.stats["internal_errors"] += 1
             if self._bugs.first("set_online"):
                 self.log.exception("error while reporting the device offline (survived)")
-
-
-class PendingAnswers:
-    """Command ids waiting for their answer, shared by a sender and a reader thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[threading.Event, list[object]]] = {}
-
-    def expect(self, key: int) -> None:
-        with self._lock:
-            self._waiting[key] = (threading.Event(), [])
-
-    def resolve(self, key: int, answer: object) -> bool:
-        """Hand ``answer`` to whoever waits for ``key``; False if nobody does."""
-        with self._lock:
-            slot = self._waiting.get(key)
-        if slot is None:
-            return False
-        slot[1].append(answer)
-        slot[0].set()
-        return True
-
-    def wait(self, key: int, timeout: float) -> object | None:
-        """The answer, or None after ``timeout`` seconds. Always forgets ``key``."""
-        with self._lock:
-            slot = self._waiting.get(key)
-        try:
-            if slot is None or not slot[0].wait(timeout):
-                return None
-            return slot[1][0]
-        finally:
-            self.forget(key)
-
-    def forget(self, key: int) -> None:
-        with self._lock:
-            self._waiting.pop(key, None)

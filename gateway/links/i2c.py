@@ -22,12 +22,15 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
+from gateway.protocols import PROTOCOLS, ProtocolKind
 from gateway.protocols.picogw import is_key
 
 # Register map v1 (docs/protocol.md §2)
@@ -59,6 +62,17 @@ def open_bus(bus: int | str) -> Any:
     return SimulatedSMBus(bus)
 
 
+class I2cSpeech(NamedTuple):
+    """How the i2c link speaks one protocol: one poll, and one LED command (both under the
+    link's lock)."""
+
+    poll: Callable[[I2cLink], None]
+    set_led: Callable[[I2cLink, LedCommand], bool]
+
+
+I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
+
+
 class I2cLink(PollingLink):
     transport = "i2c"
     Config = I2cConfig
@@ -66,6 +80,7 @@ class I2cLink(PollingLink):
 
     def __init__(self, config: I2cConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
+        self._speech = PROTOCOLS.lookup(I2C, config.protocol)
         self._lock = threading.Lock()  # one transaction sequence at a time on our handle
         self._bus: Any = None
         self._names: list[str] | None = None  # None: read the identity before the next snapshot
@@ -210,9 +225,7 @@ class I2cLink(PollingLink):
     def set_led(self, command: LedCommand) -> bool:
         try:
             with self._lock:
-                if self.config.protocol == "tutorial":
-                    return self._set_led_tutorial(command)
-                return self._set_led_picogw(command)
+                return self._speech.set_led(self, command)
         except OSError as exc:
             self.stats["command_errors"] += 1
             raise CommandError(str(exc)) from exc
@@ -244,7 +257,8 @@ class I2cLink(PollingLink):
 
     def poll(self) -> None:
         with self._lock:
-            if self.config.protocol == "tutorial":
-                self._poll_tutorial()
-            else:
-                self._poll_picogw()
+            self._speech.poll(self)
+
+
+PROTOCOLS.register(I2C, "picogw", I2cSpeech(I2cLink._poll_picogw, I2cLink._set_led_picogw))
+PROTOCOLS.register(I2C, "tutorial", I2cSpeech(I2cLink._poll_tutorial, I2cLink._set_led_tutorial))

@@ -3,25 +3,25 @@
 The gateway's one serial thread (``serial_reactor.REACTOR``) opens the port
 (retrying with backoff while the cable is out), hands every byte to the link's
 protocol session, and closes and reopens the port when it fails. The session
-(picogw or tutorial) turns bytes into events and commands into bytes.
+(picogw or tutorial, from gateway/protocols/, which knows the link only as a
+ByteLink) turns bytes into events and commands into bytes.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import serial
 from pydantic import Field
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents
+from gateway.domain import CommandError, LedCommand
+from gateway.links.base import DeviceConfig, Link, LinkEvents
 from gateway.links.serial_reactor import REACTOR
+from gateway.protocols import PROTOCOLS, SERIAL, SerialSession
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from gateway.progress import Heartbeat
 
 WRITE_TIMEOUT = 2.0  # seconds a command's write may block (a hung USB Pico stops reading) before it fails
@@ -32,28 +32,6 @@ class SerialDeviceConfig(DeviceConfig):
     baudrate: int = Field(115200, gt=0)
     heartbeat: float = Field(10.0, gt=0, description="ping the Pico after this long without a frame")
     offline_after: float = Field(30.0, gt=0, description="offline after this long without a frame")
-
-
-class SerialSession(ABC):
-    """One protocol spoken over an open serial port. Driven by the serial thread (serial_reactor)."""
-
-    def __init__(self, link: SerialLink) -> None:
-        self.link = link
-
-    def connected(self) -> None:
-        """The port has just been opened."""
-
-    def disconnected(self) -> None:
-        """The port is closed (unplugged, failed, or stopping)."""
-
-    @abstractmethod
-    def received(self, data: bytes) -> None: ...
-
-    def poll(self, now: float) -> None:
-        """Called every few tens of milliseconds while the port is open."""
-
-    @abstractmethod
-    def set_led(self, command: LedCommand) -> bool: ...
 
 
 class SerialLink(Link):
@@ -74,10 +52,7 @@ class SerialLink(Link):
         self.session = self.make_session()
 
     def make_session(self) -> SerialSession:
-        from gateway.protocols import serial_sessions
-
-        factory: Callable[[SerialLink], SerialSession] = serial_sessions[self.config.protocol]
-        return factory(self)
+        return PROTOCOLS.lookup(SERIAL, self.config.protocol)(self)
 
     def set_led(self, command: LedCommand) -> bool:
         self.commands_waiting += 1  # (one worker per device calls this: no lock needed)

@@ -23,9 +23,9 @@ import os
 import selectors
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import serial
 
@@ -34,7 +34,7 @@ from gateway.log_once import Once
 from gateway.progress import Heartbeat
 
 if TYPE_CHECKING:
-    from gateway.links.serial_link import SerialLink
+    from gateway.protocols.session import SerialSession
 
 log = logging.getLogger("gateway.link.serial")
 
@@ -47,9 +47,32 @@ GATHER = 0.001  # seconds the thread lets bytes gather after a round that read s
 # gathers while a command waits for its answer.
 
 
+class PortConfig(Protocol):
+    @property
+    def port(self) -> str: ...
+
+
+class ReactorLink(Protocol):
+    """What the serial thread needs of a link it serves (gateway/links/serial_link.py's
+    SerialLink), named here so that this module does not import that one."""
+
+    session: SerialSession
+    commands_waiting: int
+    stats: Counter[str]
+    log: logging.Logger
+
+    @property
+    def config(self) -> PortConfig: ...
+
+    def open_port(self) -> serial.Serial: ...
+    def attach(self, port: serial.Serial) -> None: ...
+    def detach(self) -> None: ...
+    def set_online(self, online: bool, reason: str = "") -> None: ...
+
+
 @dataclass
 class _Port:
-    link: SerialLink
+    link: ReactorLink
     port: serial.Serial | None = None
     backoff: Backoff = field(default_factory=Backoff)
     reopen_at: float = 0.0  # monotonic time of the next open attempt while closed
@@ -58,19 +81,19 @@ class _Port:
 class SerialReactor:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: deque[tuple[bool, SerialLink, threading.Event]] = deque()  # (add?, link, done)
-        self._ports: dict[SerialLink, _Port] = {}
+        self._requests: deque[tuple[bool, ReactorLink, threading.Event]] = deque()  # (add?, link, done)
+        self._ports: dict[ReactorLink, _Port] = {}
         self._thread: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         # Nothing in a turn blocks (see above): it waits TICK at most.
         self.heartbeat = Heartbeat("serial", TICK)
 
-    def add(self, link: SerialLink) -> None:
+    def add(self, link: ReactorLink) -> None:
         """Open ``link``'s port (retrying with backoff) and read it from now on."""
         self._request(True, link).wait(10)
 
-    def remove(self, link: SerialLink) -> None:
+    def remove(self, link: ReactorLink) -> None:
         """Close ``link``'s port and forget it; returns once it is closed."""
         if not self._request(False, link).wait(10):
             log.warning("serial port %s did not close within 10 s", link.config.port)
@@ -80,7 +103,7 @@ class SerialReactor:
         return thread is not None and thread.is_alive()
 
     # -- any thread --------------------------------------------------------------------
-    def _request(self, add: bool, link: SerialLink) -> threading.Event:
+    def _request(self, add: bool, link: ReactorLink) -> threading.Event:
         done = threading.Event()
         with self._lock:
             self._requests.append((add, link, done))

@@ -15,11 +15,14 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
+from gateway.protocols import PROTOCOLS, ProtocolKind
 
 MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
 
@@ -36,14 +39,21 @@ class TcpConfig(DeviceConfig):
     connect_timeout: float = Field(2.0, gt=0, le=30)
 
 
+TcpPoll = Callable[["TcpLink"], None]
+"""What one poll asks, by protocol (commands are the same in both)."""
+TCP: ProtocolKind[TcpPoll] = ProtocolKind("tcp")
+
+
 class TcpLink(PollingLink):
     online_reason = "answers"
     transport = "tcp"
+    board = "Raspberry Pi Pico W"
     Config = TcpConfig
     config: TcpConfig
 
     def __init__(self, config: TcpConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
+        self._protocol_poll = PROTOCOLS.lookup(TCP, config.protocol)
         self._talk = threading.Lock()  # the tutorial server serves one connection at a time
 
     def exchange(self, request: bytes) -> bytes:
@@ -113,10 +123,19 @@ class TcpLink(PollingLink):
         if values:
             self.events.reading(self.device, values, now_ms(), None)
 
+    def _poll_picogw(self) -> None:
+        self.query()
+        self._poll_readings()
+
+    def _poll_tutorial(self) -> None:
+        self.query()
+
     def poll(self) -> None:
         try:
-            self.query()
-            if self.config.protocol == "picogw":
-                self._poll_readings()
+            self._protocol_poll(self)
         except OSError as exc:
             raise OSError(f"{self.config.host}:{self.config.port}: {exc}") from exc
+
+
+PROTOCOLS.register(TCP, "picogw", TcpLink._poll_picogw)
+PROTOCOLS.register(TCP, "tutorial", TcpLink._poll_tutorial)

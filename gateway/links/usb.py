@@ -19,15 +19,18 @@ import inspect
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import serial
 from mpremote.transport import TransportError
 from pydantic import Field
 
-from gateway.links.base import CommandError, LedCommand, Link, LinkEvents, PollingLink, now_ms
+from gateway.domain import CommandError, LedCommand, now_ms
+from gateway.links.base import Link, LinkEvents, PollingLink
 from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
 from gateway.progress import Heartbeat
+from gateway.protocols import PROTOCOLS, ProtocolKind
 
 # The only code ever sent to a stock-MicroPython Pico. Each prints the LED
 # state last, as 0 or 1; READ prints temperature (°C, RP2040 datasheet formula)
@@ -213,15 +216,29 @@ class UsbReplLink(PollingLink):
         self.events.reading(self.device, values, now_ms(), None)
         self.events.led_state(self.device, fields[2] == "1")
 
+USB: ProtocolKind[Callable[[UsbConfig, LinkEvents], Link]] = ProtocolKind("usb")
+"""The usb link runs another link for each protocol: frames on the console, or the raw REPL."""
+PROTOCOLS.register(USB, "picogw", UsbSerialLink)
+PROTOCOLS.register(USB, "tutorial", UsbReplLink)
+
+
 class UsbLink(Link):
     """The usb transport: our firmware's frames, or stock MicroPython's REPL."""
 
     transport = "usb"
     Config = UsbConfig
 
+    @classmethod
+    def software(cls, protocol: str) -> str:
+        return "stock MicroPython" if protocol == "tutorial" else super().software(protocol)
+
+    @classmethod
+    def default_metrics(cls, protocol: str) -> tuple[str, ...]:
+        return READ_METRICS if protocol == "tutorial" else ()  # what the gateway's snippet reads
+
     def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
-        self.impl: Link = (UsbReplLink if config.protocol == "tutorial" else UsbSerialLink)(config, events)
+        self.impl: Link = PROTOCOLS.lookup(USB, config.protocol)(config, events)
         self.stats = self.impl.stats
 
     @property

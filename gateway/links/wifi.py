@@ -9,24 +9,12 @@ tracks its availability; it re-publishes nothing and never re-sends commands.
 from __future__ import annotations
 
 import json
-import math
 from typing import Literal
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
+from gateway.domain import CommandError, LedCommand, now_ms, parse_value
+from gateway.links.base import DeviceConfig, Link, LinkEvents
 
-MAX_VALUE_BYTES = 32
 MAX_HELLO_BYTES = 1024
-
-
-def parse_value(payload: bytes) -> float | None:
-    """A reading's value as a Pico W publishes it (``b"21.5"``), or None if it is not one."""
-    if len(payload) > MAX_VALUE_BYTES:
-        return None
-    try:
-        value = float(payload.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 class WifiConfig(DeviceConfig):
@@ -35,6 +23,7 @@ class WifiConfig(DeviceConfig):
 
 class WifiLink(Link):
     transport = "wifi"
+    board = "Raspberry Pi Pico W"
     Config = WifiConfig
     publishes_itself = True
 

@@ -23,9 +23,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand, PendingAnswers, now_ms
-from gateway.links.serial_link import SerialLink, SerialSession
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.protocols.answers import PendingAnswers
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
+from gateway.protocols.session import ByteLink, SerialSession
 
 if TYPE_CHECKING:
     from gateway.store import Row
@@ -88,7 +89,7 @@ def _remember(ids: dict[int, None], cid: int) -> None:
 
 
 class PicogwSerialSession(SerialSession):
-    def __init__(self, link: SerialLink) -> None:
+    def __init__(self, link: ByteLink) -> None:
         super().__init__(link)
         self.rx = FrameReceiver()
         self.rx.counts = link.stats  # drops and good frames are counted on the link

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import threading
 
-from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand
-from gateway.links.serial_link import SerialLink, SerialSession
+from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand
+from gateway.protocols.session import ByteLink, SerialSession
 
 MAX_LINE = 64  # the firmware's answers are 4 bytes; anything longer is noise
 
 
 class TutorialUartSession(SerialSession):
-    def __init__(self, link: SerialLink) -> None:
+    def __init__(self, link: ByteLink) -> None:
         super().__init__(link)
         self._buf = bytearray()
         self._answer: str | None = None

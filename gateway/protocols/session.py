@@ -1,0 +1,91 @@
+"""A protocol session over a byte stream, and the byte link it runs over.
+
+A session (picogw, tutorial) turns bytes into events and commands into bytes. It
+knows its link only through :class:`ByteLink`: a way to write (blocking, or not at
+all), availability, counters and where to report. A serial port is one such link;
+any other byte stream (a BLE UART, a TCP stream) can carry the same sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.protocols.registry import ProtocolKind
+
+if TYPE_CHECKING:
+    from gateway.domain import LedCommand
+    from gateway.store import Row
+
+
+class SessionConfig(Protocol):
+    """The device's settings a session reads (seconds)."""
+
+    @property
+    def command_timeout(self) -> float: ...
+    @property
+    def heartbeat(self) -> float: ...
+    @property
+    def offline_after(self) -> float: ...
+
+
+class SessionEvents(Protocol):
+    """Where a session reports (the bridge, through the link)."""
+
+    def readings(self, device: str, rows: list[Row]) -> None: ...
+    def led_state(self, device: str, on: bool) -> None: ...
+    def firmware(self, device: str, version: str) -> None: ...
+
+
+class ByteLink(Protocol):
+    """What a session needs of the link that carries its bytes."""
+
+    stats: Counter[str]
+    diagnostic_fields: dict[str, object]
+    log: logging.Logger
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def config(self) -> SessionConfig: ...
+    @property
+    def events(self) -> SessionEvents: ...
+
+    def write(self, data: bytes) -> None:
+        """Send bytes, blocking a bounded time; CommandError when they cannot be sent."""
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Send bytes if that can be done at once; False (counted by the link) if not."""
+
+    def set_online(self, online: bool, reason: str = "") -> None: ...
+
+
+class SerialSession(ABC):
+    """One protocol spoken over an open byte stream. Driven by the link's reader thread:
+    ``connected``, ``received``, ``poll`` and ``disconnected`` must not block."""
+
+    def __init__(self, link: ByteLink) -> None:
+        self.link = link
+
+    def connected(self) -> None:
+        """The stream has just been opened."""
+
+    def disconnected(self) -> None:
+        """The stream is closed (unplugged, failed, or stopping)."""
+
+    @abstractmethod
+    def received(self, data: bytes) -> None: ...
+
+    def poll(self, now: float) -> None:
+        """Called every few tens of milliseconds while the stream is open."""
+
+    @abstractmethod
+    def set_led(self, command: LedCommand) -> bool: ...
+
+
+SessionFactory = Callable[[ByteLink], SerialSession]
+SERIAL: ProtocolKind[SessionFactory] = ProtocolKind("serial")
+"""Protocols spoken over a byte stream (the uart link, and the usb link's picogw)."""
