@@ -12,10 +12,10 @@ a flood of made-up hellos cannot grow the gateway without end.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
+from gateway import payloads
 from gateway.bridge import Bridge
 from gateway.domain import is_device_id
 from gateway.links.wifi import WifiConfig, WifiLink
@@ -38,11 +38,8 @@ class Adoption:
         device = topic.split("/")[-2]
         if device in self.bridge.links or not is_device_id(device):
             return
-        try:
-            hello = json.loads(payload[:1024])
-        except ValueError:
-            hello = None
-        if not isinstance(hello, dict) or hello.get("proto") != 1:
+        hello = payloads.decode_hello(payload, 1024)
+        if not payloads.is_our_hello(hello):
             self.bridge.stats["adoption_refused"] += 1
             return
         with self._lock:

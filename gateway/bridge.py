@@ -38,7 +38,6 @@ loop will), so every path is bounded:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -49,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as paho
 
+from gateway import payloads
 from gateway.coalesce import Coalesced
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.domain import DEVICE_ID_PATTERN, CommandError, LedCommand
@@ -166,7 +166,7 @@ class Bridge:
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
         # Give up our claims (an empty retained message deletes one): a gateway that
         # claims the same device too takes it over instead of seeing a stale claim.
-        last += [(self.topics.owner(d), "") for d in self.links]
+        last += [(self.topics.owner(d), payloads.owner("")) for d in self.links]
         return last + [(self.topics.bridge_status(self.gateway_id), "offline")]
 
     def health(self) -> tuple[bool, str]:
@@ -273,7 +273,7 @@ class Bridge:
             self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
             if led is not None:
                 self.mqtt.publish(self.topics.state(device), "on" if led else "off", qos=1, retain=True)
-        self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+        self.mqtt.publish(self.topics.owner(device), payloads.owner(self.gateway_id), qos=1, retain=True)
 
     def _on_gateway_status(self, topic: str, payload: bytes, retained: bool) -> None:
         """``<base>/bridge/<gateway_id>/status`` of every gateway: one that goes offline (its
@@ -307,7 +307,7 @@ class Bridge:
         device = self.topics.parse_owner(topic)
         if device is None or device not in self.links:
             return
-        claimant = payload[:65].decode("utf-8", "replace").strip()  # (65: one too long for an id)
+        claimant = payloads.decode_owner(payload)
         if claimant == self.gateway_id:
             return
         if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands, and our state
@@ -363,8 +363,8 @@ class Bridge:
         with self._state_lock:
             self._conflicts_changed = False
             forgotten = dict(sorted(self._forgotten.items()))
-        body = {"gateway": self.gateway_id, "devices": self.conflicts(), "forgotten": forgotten}
-        self.mqtt.publish(self.topics.bridge_conflicts(self.gateway_id), json.dumps(body), qos=1, retain=True)
+        body = payloads.conflicts(self.gateway_id, self.conflicts(), forgotten)
+        self.mqtt.publish(self.topics.bridge_conflicts(self.gateway_id), payloads.encode(body), qos=1, retain=True)
 
     def _publish_claims_news(self) -> None:
         """What a burst of owner messages changed, once: our claims again, the conflicts."""
@@ -470,13 +470,8 @@ class Bridge:
         if ok:
             self.stats["commands_ok"] += 1
             self.links[device].stats["commands_ok"] += 1
-        body = {
-            "ok": ok,
-            "command": command.value if command else None,
-            "state": None if state is None else ("on" if state else "off"),
-            "error": error,
-        }
-        info = self.mqtt.publish_message(self.topics.result(device), json.dumps(body), 1, None)
+        body = payloads.command_result(ok, command.value if command else None, state, error)
+        info = self.mqtt.publish_message(self.topics.result(device), payloads.encode(body), 1, None)
         with self._pending_lock:
             self._undelivered.setdefault(device, deque()).append((info, ok))
             self._undelivered_count += 1

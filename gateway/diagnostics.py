@@ -2,12 +2,11 @@
 
 Every ``interval`` seconds (and at stop) the gateway publishes, retained:
 
-* ``<base>/<device>/diagnostics``: ``{"online", "frames", "rejected", "noise",
-  "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
-  "last_seen_ms", "at_ms" (when counted), "counters": {every raw counter of the link}}``,
-  plus the fields the link adds of its own (``Link.diagnostic_fields``; a tutorial UART
-  Pico's ``led_state``)
-* ``<base>/bridge/<gateway_id>/diagnostics``: the outbox, MQTT and store counters, and
+* ``<base>/<device>/diagnostics``: ``gateway.payloads.DeviceDiagnostics``, the
+  link's counters (``"counters"``: every raw one), plus the fields the link adds of
+  its own (``Link.diagnostic_fields``; a tutorial UART Pico's ``led_state``)
+* ``<base>/bridge/<gateway_id>/diagnostics``: ``gateway.payloads.BridgeDiagnostics``,
+  the outbox, MQTT and store counters, and
   ``"health"``: ``{"state": "healthy" | "unhealthy" | "stopped", "problem": why not
   healthy (e.g. "the outbox loop has not turned for 42.0 s (bound 30.0 s)"), "at_ms",
   "loops": {"mqtt": {"idle_s", "bound_s", "stalled"}, "outbox": ..., "serial": ...,
@@ -26,16 +25,16 @@ as the database lives (gateway/kept_counters.py). See docs/topics.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway import payloads
 from gateway.coalesce import Coalesced
 from gateway.log_once import Once
+from gateway.payloads import Health
 from gateway.store import StoreBusy
 
 if TYPE_CHECKING:
@@ -47,27 +46,9 @@ log = logging.getLogger("gateway.diagnostics")
 STORE_WAIT = 1.0  # seconds the backlog count waits for the database writer
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
 REFRESH_SPACING = 1.0  # seconds between two publishes that refresh requests ask for
-REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers", "bad_metric")
 
 
-def device_report(link_stats: Counter[str], online: bool, backlog: int, last_seen_ms: int | None) -> dict:
-    return {
-        "online": online,
-        "frames": link_stats["frames"],
-        "rejected": sum(link_stats[k] for k in REJECTED),
-        "noise": link_stats["noise"],
-        "seq_gaps": link_stats["seq_gaps"],
-        "reconnects": link_stats["went_offline"],
-        "commands_ok": link_stats["commands_ok"],
-        "commands_failed": link_stats["commands_failed"],
-        "backlog": backlog,
-        "last_seen_ms": last_seen_ms,
-        "at_ms": time.time_ns() // 1_000_000,
-        "counters": dict(sorted(link_stats.items())),
-    }
-
-
-def health_report(bridge: Bridge, stopped: bool = False) -> dict:
+def health_report(bridge: Bridge, stopped: bool = False) -> Health:
     """The bridge's health and each loop's last turn, as published (see above)."""
     if stopped:
         return {"state": "stopped", "problem": "", "at_ms": time.time_ns() // 1_000_000, "loops": {}}
@@ -77,7 +58,7 @@ def health_report(bridge: Bridge, stopped: bool = False) -> dict:
             "loops": {hb.loop: hb.report(now) for hb in bridge.heartbeats()}}
 
 
-def _state(health: dict) -> tuple[object, ...]:
+def _state(health: Health) -> tuple[object, ...]:
     """What makes a health report news: its state and which loops are stalled (a stall's
     duration grows by the second; that alone is not worth a message)."""
     stalled = tuple(sorted(loop for loop, report in health["loops"].items() if report["stalled"]))
@@ -129,13 +110,13 @@ class Diagnostics:
         if not self._stop.is_set():
             self._guarded(self.publish)
 
-    def publish(self, health: dict | None = None, store_wait: float = STORE_WAIT) -> None:
+    def publish(self, health: Health | None = None, store_wait: float = STORE_WAIT) -> None:
         """Publish every device's counters and the bridge's summary, retained; the backlog
         counts wait ``store_wait`` seconds at most for the database writer."""
         with self._publishing:
             self._publish(health, store_wait)
 
-    def _publish(self, health: dict | None, store_wait: float) -> None:
+    def _publish(self, health: Health | None, store_wait: float) -> None:
         bridge = self.bridge
         health = health or health_report(bridge, stopped=self._stop.is_set())
         if health["state"] == "unhealthy":
@@ -149,23 +130,18 @@ class Diagnostics:
             bridge.stats["diagnostics_store_busy"] += 1
             backlog = self._backlog_by_device
         for device, link in list(bridge.links.items()):
-            report = {**link.diagnostic_fields,  # (the common keys win over a link's own)
-                      **device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))}
-            bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
+            report = payloads.device_diagnostics(link.stats, link.online, backlog.get(device, 0),
+                                                 bridge.last_seen.get(device), time.time_ns() // 1_000_000,
+                                                 link.diagnostic_fields)
+            bridge.mqtt.publish(bridge.topics.diagnostics(device), payloads.encode(report), qos=1, retain=True)
         self._publish_summary(self._backlog, health)
         if self.kept is not None:
             self.kept.save(bridge.links, wait=store_wait)
 
-    def _publish_summary(self, backlog: int | None, health: dict) -> None:
+    def _publish_summary(self, backlog: int | None, health: Health) -> None:
         bridge = self.bridge
-        summary = {
-            "backlog": backlog,
-            "outbox": dict(sorted(bridge.outbox.stats.items())),
-            "mqtt": dict(sorted(bridge.mqtt.stats.items())),
-            "bridge": dict(sorted(bridge.stats.items())),
-            "health": health,
-        }
-        bridge.mqtt.publish(bridge.topics.bridge_diagnostics(bridge.gateway_id), json.dumps(summary),
+        summary = payloads.bridge_diagnostics(backlog, bridge.outbox.stats, bridge.mqtt.stats, bridge.stats, health)
+        bridge.mqtt.publish(bridge.topics.bridge_diagnostics(bridge.gateway_id), payloads.encode(summary),
                             qos=1, retain=True)
         self._published = _state(health)
 

@@ -96,7 +96,7 @@ METRIC_OPTIONS: dict[str, dict[str, Any]] = {
                  "unit_of_measurement": "B", "entity_category": "diagnostic"},
 }
 
-# key of the diagnostics JSON -> (component id, entity options)
+# key of the diagnostics JSON (gateway.payloads.DIAGNOSTIC_KEYS) -> (component id, entity options)
 DIAGNOSTICS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("seq_gaps", "seq_gaps", {"name": "Sequence gaps", "state_class": "total_increasing", "icon": "mdi:counter"}),
     ("rejected", "errors", {"name": "Errors", "state_class": "total_increasing", "icon": "mdi:alert-circle-outline"}),

@@ -33,14 +33,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from gateway import payloads
 from gateway.config import GatewayConfig, MqttConfig, SecretError, load_config_or_report
 from gateway.topics import Topics
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 DEFAULT_LIMIT = 1000  # readings shown when neither --since, --limit nor --all says how many
 UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-DIAGNOSTIC_KEYS = ("frames", "rejected", "noise", "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
-                   "last_seen_ms")
 
 
 class HistoryError(Exception):
@@ -229,12 +228,13 @@ def write_readings(rows: Iterable[Reading], fmt: str, out: IO[str]) -> int:
     if fmt == "json":
         out.write("[")
         for count, (ts, _, metric, value, seq) in enumerate(rows, 1):
-            out.write(("\n" if count == 1 else ",\n") + json.dumps(
-                {"ts": _iso_utc(ts), "ts_ms": ts, "metric": metric, "value": value, "seq": seq}))
+            row: payloads.ExportedReading = {"ts": _iso_utc(ts), "ts_ms": ts, "metric": metric, "value": value,
+                                             "seq": seq}
+            out.write(("\n" if count == 1 else ",\n") + json.dumps(row))
         out.write("\n]\n" if count else "]\n")
     elif fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["ts", "ts_ms", "metric", "value", "seq"])
+        writer.writerow(payloads.EXPORT_COLUMNS)
         for count, (ts, _, metric, value, seq) in enumerate(rows, 1):
             writer.writerow([_iso_utc(ts), ts, metric, value, "" if seq is None else seq])
     else:
@@ -395,11 +395,8 @@ def health_line(raw: bytes | None) -> str:
     """The gateway's own health from its retained bridge diagnostics (gateway/diagnostics.py):
     ``healthy``, ``unhealthy: the outbox loop has not turned for 42.0 s (bound 30.0 s)``,
     ``stopped``, each with when it was published; "" when there is nothing to show."""
-    try:
-        health = json.loads(raw or b"").get("health")
-    except (ValueError, AttributeError):
-        return ""
-    if not isinstance(health, dict) or not isinstance(health.get("state"), str):
+    health = payloads.decode_health(raw)
+    if health is None:
         return ""
     text = health["state"]
     if health.get("problem"):
@@ -466,12 +463,9 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
                     out.write("  last     no readings stored\n")
             raw = view.messages.get(f"{base}/{d.id}/diagnostics") if view.reachable else None
             if raw:
-                try:
-                    diag = json.loads(raw)
-                except ValueError:
-                    diag = None
-                if isinstance(diag, dict):
-                    parts = [f"{k}={diag[k]}" for k in DIAGNOSTIC_KEYS if k in diag and k != "last_seen_ms"]
+                diag = payloads.decode_device_diagnostics(raw)
+                if diag is not None:
+                    parts = [f"{k}={diag[k]}" for k in payloads.DIAGNOSTIC_KEYS if k in diag and k != "last_seen_ms"]
                     if isinstance(diag.get("last_seen_ms"), (int, float)):
                         parts.append(f"last_seen={local_time(int(diag['last_seen_ms']))}")
                     at = diag.get("at_ms")

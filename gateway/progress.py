@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.payloads import LoopReport
+
 SLACK = 10.0  # seconds a turn may overrun what its loop expects, at least
 
 
@@ -79,7 +81,7 @@ class Heartbeat:
             return None
         return Stall(self.loop, *overdue)
 
-    def report(self, now: float | None = None) -> dict[str, float | bool | None]:
+    def report(self, now: float | None = None) -> LoopReport:
         """For the diagnostics: seconds since its last turn, its bound now, and whether it is stalled."""
         overdue = self._overdue(now)
         if overdue is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+from gateway.topics import METRIC_PATTERN, is_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 PICO = ROOT / "pico"
@@ -558,7 +561,7 @@ except ImportError:  # pragma: no cover
     given = None
 
 if given is not None:
-    KEY = st.from_regex(r"[a-z][a-z0-9_]{0,23}", fullmatch=True)
+    KEY = st.from_regex(METRIC_PATTERN, fullmatch=True)
     VALUE = st.text(alphabet=[chr(c) for c in range(0x20, 0x7F) if chr(c) not in "$*,"],
                     min_size=1, max_size=32)
     FIELDS = st.lists(st.tuples(KEY, st.one_of(st.none(), VALUE)), max_size=4)
@@ -594,3 +597,21 @@ if given is not None:
             assert len(r.buf) <= 200
         lines = r.feed(b"\n" + good)
         assert lines and frame.decode(lines[-1]) == ("R", 1, [("temp", "21.5")])
+
+
+# -- the metric-name rule: the firmware's copies of gateway/topics.py's --------------------------
+
+METRIC_NAMES = ["temp", "mem_free", "a", "a" * 24, "a" * 25, "", "Temp", "1temp", "_x", "a#", "a+b", "a/b", "a.b",
+                "a-b", "x9_", "\u00e9", "a\n", "z" * 60_000, "Temp/../x"]
+
+
+def test_the_firmware_keeps_the_gateways_metric_rule() -> None:
+    """The firmware cannot import the gateway: its copies of the rule (a frame key, a
+    metric name) say what METRIC_PATTERN says, and its comments quote it."""
+    frame, sensors = load("frame"), load("sensors")
+    for name in METRIC_NAMES + [chr(c) + "x" for c in range(128)] + ["x" + chr(c) for c in range(128)]:
+        assert frame._key_ok(name.encode()) is is_metric(name), name
+        assert sensors.name_ok(name) is is_metric(name), name
+    for path in ("frame.py", "sensors.py", "config_example.py"):
+        quoted = re.findall(r"\[a-z\]\S*\}", (PICO / path).read_text())
+        assert quoted and set(quoted) == {METRIC_PATTERN}, (path, quoted)

@@ -15,6 +15,7 @@ import serial
 
 from gateway.domain import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
+from gateway.payloads import DeviceDiagnostics, check
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 from gateway.simulator.fleet import start_fleet
 from mqtt_helpers import Recorder, wait_for
@@ -261,6 +262,7 @@ def test_gateway_sees_a_reset_and_readings_go_on(virtual, recorder: Recorder) ->
     p = fleet["rst"]
     recorder.wait("pico/rst/sensor/temp", count=5)
     before = wait_for(lambda: (d := diagnostics(recorder, "rst")).get("frames", 0) >= 5 and d, 5, "diagnostics")
+    check(DeviceDiagnostics, before)
     assert before["counters"].get("hellos") == 1 and before["seq_gaps"] == 0
     n = len(recorder.on("pico/rst/sensor/temp"))
     statuses = len(recorder.on("pico/rst/status"))

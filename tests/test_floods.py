@@ -21,6 +21,7 @@ from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, TutorialTcpPeer
 
 from gateway.bridge import MAX_CLAIMANTS, REFUSAL_BURST
+from gateway.payloads import Conflicts, check
 
 
 SPACING = 2.0  # s: the republish_delay the birth-flood test sets, and so the republishes' spacing
@@ -115,6 +116,7 @@ def test_a_flood_of_owner_claims_is_bounded(run_gateway, broker: Broker, recorde
         return body if "intruder-3000" in body.get("devices", {}).get("greenhouse", []) else None
 
     body = wait_for(settled, 30, "the conflicts message naming the last claimant")
+    check(Conflicts, body)
     published = recorder.on("pico/bridge/testgw/conflicts")
     assert max(len(p) for p in published) <= 1024  # (180 KB before: every claim so far)
     assert sum(len(p) for p in published) <= 64 * 1024, len(published)  # (270 MB before)

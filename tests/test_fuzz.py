@@ -15,7 +15,7 @@ from gateway.commands import PayloadError, parse_led_payload
 from gateway.domain import LedCommand
 from gateway.protocols.picogw import MAX_FRAME, FrameError, FrameReceiver, decode, encode
 from gateway.protocols.picogw_serial import PicogwSerialSession
-from gateway.topics import Topics
+from gateway.topics import METRIC_PATTERN, Topics
 from peers import unopened_uart_link
 
 GOOD = encode("R", 7, [("temp", "21.5")])
@@ -27,7 +27,7 @@ frame_like = st.one_of(
     st.sampled_from([b"\n", b"$", b"*", b"\r\n", b"$R,1,temp=nan*00000000\n", b"\xff\xfe\n", b"$" * 300]),
     st.builds(lambda v: encode("R", 1, [("temp", v)]),
               st.sampled_from(["nan", "inf", "-inf", "1e400", "1e308", "0x10", "1_0"])),
-    st.builds(lambda k: encode("R", 2, [(k, "1")]), st.from_regex(r"[a-z][a-z0-9_]{0,23}", fullmatch=True)),
+    st.builds(lambda k: encode("R", 2, [(k, "1")]), st.from_regex(METRIC_PATTERN, fullmatch=True)),
 )
 
 

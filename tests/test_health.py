@@ -28,6 +28,7 @@ from gateway.links.i2c import I2cConfig, I2cLink
 from gateway.links.serial_reactor import REACTOR
 from gateway.links.uart import UartConfig, UartLink
 from gateway.mqtt import MqttConnection
+from gateway.payloads import BridgeDiagnostics, check
 from gateway.progress import Heartbeat
 from gateway.simulator.i2c_bus import decode_request
 from gateway.store import Store
@@ -303,6 +304,7 @@ def test_a_frozen_loop_makes_the_gateway_unhealthy_naming_it_until_it_turns_agai
                 return health if health.get("loops", {}).get(loop, {}).get("stalled") else None
 
             health = wait_for(published_stall, 15, "the stall in the bridge's diagnostics")
+            check(BridgeDiagnostics, json.loads(recorder.last("pico/bridge/t/diagnostics")))
             assert health["state"] == "unhealthy" and health["problem"].startswith(f"the {loop} loop")
             config = write_config(tmp_path / "status.toml", broker, [], gateway_id="t")
             assert main(["status", "--config", str(config)]) == 0

@@ -17,6 +17,7 @@ import gateway.diagnostics as diagnostics
 import gateway.history as history
 from conftest import REPO, write_config
 from gateway.cli import SIGPIPE_EXIT, main
+from gateway.payloads import ExportedReading, check
 from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
 from gateway.mosquitto import free_port
 from inprocess import InProcessGateway
@@ -101,7 +102,8 @@ def test_readings_table_csv_json(tmp_path, db, capsys) -> None:
                  "--since", since, "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["value"] for d in data] == [4800.0, 5400.0]
-    assert set(data[0]) == {"ts", "ts_ms", "metric", "value", "seq"}
+    for row in data:
+        check(ExportedReading, row)
 
     assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--limit", "2",
                  "--format", "json"]) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.payloads import CommandResult, check
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, TutorialPeer
 
@@ -56,6 +57,7 @@ def test_mosquitto_pub_switches_the_led(pico, start_gateway, recorder: Recorder,
     recorder.wait("pico/greenhouse/state/led", "on")
     assert pico.led is True
     result = json.loads(recorder.wait("pico/greenhouse/result/led")[0])
+    check(CommandResult, result)
     assert result == {"ok": True, "command": "on", "state": "on", "error": None}
     # The state is retained: a client that subscribes later still learns it.
     late = Recorder(broker, topics=["pico/greenhouse/state/led"])

@@ -8,9 +8,9 @@ tracks its availability; it re-publishes nothing and never re-sends commands.
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
+from gateway import payloads
 from gateway.domain import CommandError, LedCommand, now_ms, parse_value
 from gateway.links.base import DeviceConfig, Link, LinkEvents
 
@@ -69,15 +69,12 @@ class WifiLink(Link):
 
     def _on_hello(self, topic: str, payload: bytes, retained: bool) -> None:
         """Its retained hello (docs/topics.md): the firmware version it names."""
-        try:
-            hello = json.loads(payload[:MAX_HELLO_BYTES])
-        except (ValueError, UnicodeDecodeError):
-            hello = None
-        if not isinstance(hello, dict) or not isinstance(hello.get("fw"), str):
+        firmware = payloads.hello_firmware(payloads.decode_hello(payload, MAX_HELLO_BYTES))
+        if firmware is None:
             if payload:  # (empty: the hello was cleared)
                 self.stats["bad_hello"] += 1
                 if self.stats["bad_hello"] == 1:
                     self.log.warning("its hello is not our firmware's JSON with a \"fw\" version: %r (counted "
                                      "as bad_hello, logged once)", payload[:80])
             return
-        self.events.firmware(self.device, hello["fw"])
+        self.events.firmware(self.device, firmware)
