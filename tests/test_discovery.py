@@ -328,7 +328,7 @@ def test_device_that_left_the_config_is_removed(broker, mode: str) -> None:
     d1.stop()
     first.stop()
     # now gw runs with greenhouse only: gw_porch goes, gw_x_porch (another gateway) stays
-    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.3, mode=mode)
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=1.0, mode=mode)  # (1 s: time for a loaded broker)
     try:
         porch = {t for t in before if "/gw_porch/" in t}
         assert porch and len(porch) == (1 if mode == "device" else 1 + 8)  # the LED and the link counters
@@ -358,7 +358,7 @@ def test_switching_mode_hands_the_entities_over_and_clears_the_old_form(broker, 
     d1.stop()
     first.stop()
     ha = Recorder(broker, topics=["homeassistant/#"])  # what Home Assistant receives, in order
-    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.3, mode=new)  # porch is gone now
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=1.0, mode=new)  # porch is gone now (1 s: time for a loaded broker)
     try:
         new_configs = all_configs(d)
         assert not set(new_configs) & set(old_configs)
