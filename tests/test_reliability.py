@@ -341,7 +341,7 @@ def test_database_refusing_writes_holds_readings_then_recovers(tmp_path: Path, b
             outbox.put([("d", "temp", float(i), i, i), ("d", "pad", float(i) * 1e9 + 0.123456789, i, i)])
         wait_for(lambda: outbox.stats["store_errors"] >= 1, 10, "the store error")
         wait_for(lambda: outbox.stats["dropped_memory_full"] > 0, 10, "the memory bound")
-        assert any("cannot write to" in r.message for r in caplog.records)
+        wait_for(lambda: any("cannot write to" in r.message for r in caplog.records), 5, "the error logged")
         assert recorder.on("pico/d/sensor/temp") == ["1"]  # nothing published before it is stored
         store._set_fault(*(("max_page_count", 1073741823) if fault == "full" else ("query_only", 0)))
         wait_for(lambda: outbox.stats["store_errors"] and not outbox._pending, 10, "recovery")
