@@ -1,0 +1,187 @@
+# machine for the virtual Pico on the MicroPython VM (rp2 flavour): every
+# peripheral is a handle to the host's simulated one (the same UART ptys, LED
+# and knobs as the CPython runtime), so only I/O crosses into the host.
+import time
+
+from _picosim import HostObject, call
+
+PWRON_RESET = 1
+WDT_RESET = 3
+
+
+def freq(hz=None):
+    return call("machine", ("freq",) if hz is None else ("freq", hz))
+
+
+def unique_id():
+    return call("machine", ("unique_id",))
+
+
+def reset_cause():
+    return call("machine", ("reset_cause",))
+
+
+def reset():
+    call("machine", ("reset",))
+
+
+def soft_reset():
+    call("machine", ("soft_reset",))
+
+
+def bootloader(arg=None):
+    call("machine", ("bootloader",))
+
+
+def idle():
+    time.sleep_ms(1)
+
+
+def lightsleep(time_ms=None):
+    if time_ms is None:
+        while True:
+            time.sleep(3600)
+    time.sleep_ms(time_ms)
+
+
+def deepsleep(time_ms=None):
+    lightsleep(time_ms)
+    reset()
+
+
+def disable_irq():
+    return 0
+
+
+def enable_irq(state=0):
+    pass
+
+
+class Pin(HostObject):
+    IN = 0
+    OUT = 1
+    OPEN_DRAIN = 2
+    ALT = 3
+    PULL_UP = 1
+    PULL_DOWN = 2
+    IRQ_FALLING = 4
+    IRQ_RISING = 8
+
+    def __init__(self, id, mode=-1, pull=-1, value=None, drive=None, alt=None):
+        self._new("Pin", (id, mode, pull), {"value": value, "drive": drive, "alt": alt})
+
+    def init(self, mode=-1, pull=-1, value=None, drive=None, alt=None):
+        self._m("init", (mode, pull), {"value": value, "drive": drive, "alt": alt})
+
+    def value(self, x=None):
+        if x is None:
+            return self._m("value")
+        self._m("value", (1 if x else 0,))
+
+    def __call__(self, x=None):
+        return self.value(x)
+
+    def on(self):
+        self._m("value", (1,))
+
+    def off(self):
+        self._m("value", (0,))
+
+    high = on
+    low = off
+
+    def toggle(self):
+        self._m("toggle")
+
+    def mode(self, mode=None):
+        return self._m("mode") if mode is None else self._m("mode", (mode,))
+
+    def pull(self, pull=None):
+        return self._m("pull") if pull is None else self._m("pull", (pull,))
+
+    def irq(self, handler=None, trigger=IRQ_FALLING | IRQ_RISING, hard=False):
+        # Stored but never fired: simulated inputs do not change by themselves.
+        self._irq = (handler, trigger)
+
+    def __repr__(self):
+        return self._m("__repr__")
+
+
+class ADC(HostObject):
+    CORE_TEMP = 4
+
+    def __init__(self, pin, atten=None):
+        self._new("ADC", (pin,), {"atten": atten})
+
+    def read_u16(self):
+        return self._m("read_u16")
+
+
+class UART(HostObject):
+    INV_TX = 1
+    INV_RX = 2
+    RTS = 1
+    CTS = 2
+    IRQ_RXIDLE = 4
+    IRQ_TXIDLE = 8
+    IRQ_BREAK = 16
+
+    def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, tx=None, rx=None,
+                 rts=None, cts=None, txbuf=None, rxbuf=None, timeout=None, timeout_char=None,
+                 invert=None, flow=None):
+        self._new("UART", (id, baudrate, bits, parity, stop),
+                  {"tx": tx, "rx": rx, "rts": rts, "cts": cts, "txbuf": txbuf, "rxbuf": rxbuf,
+                   "timeout": timeout, "timeout_char": timeout_char, "invert": invert,
+                   "flow": flow})
+
+    def init(self, baudrate=None, bits=8, parity=None, stop=1, tx=None, rx=None, rts=None,
+             cts=None, txbuf=None, rxbuf=None, timeout=None, timeout_char=None, invert=None,
+             flow=None):
+        self._m("init", (baudrate, bits, parity, stop),
+                {"tx": tx, "rx": rx, "rts": rts, "cts": cts, "txbuf": txbuf, "rxbuf": rxbuf,
+                 "timeout": timeout, "timeout_char": timeout_char, "invert": invert,
+                 "flow": flow})
+
+    def deinit(self):
+        self._m("deinit")
+
+    def any(self):
+        return self._m("any")
+
+    def read(self, nbytes=None):
+        return self._m("read") if nbytes is None else self._m("read", (nbytes,))
+
+    def readinto(self, buf, nbytes=None):
+        n = len(buf) if nbytes is None else min(nbytes, len(buf))
+        data = self._m("read", (n,))
+        if not data:
+            return None
+        buf[:len(data)] = data
+        return len(data)
+
+    def readline(self):
+        return self._m("readline")
+
+    def write(self, buf):
+        return self._m("write", (buf,))
+
+    def flush(self):
+        pass
+
+    def txdone(self):
+        return True
+
+    def sendbreak(self):
+        pass
+
+    def __repr__(self):
+        return self._m("__repr__")
+
+
+class WDT(HostObject):
+    # The host's watchdog: it resets the Pico unless fed in time.
+    def __init__(self, id=0, timeout=5000):
+        self._new("WDT", (id,), {"timeout": timeout})
+
+    def feed(self):
+        self._m("feed")
