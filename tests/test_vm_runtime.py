@@ -193,3 +193,17 @@ def test_wasmtime_panics_when_stdout_callback_returns_a_length() -> None:
     # STDOUT: when this fails, a callback's return value no longer matters.
     r = _raw_stdout_callback_returning_a_length()
     assert r.returncode != 0 and b"cannot advance past" in r.stderr
+
+
+def test_uart_poll_allocates_only_its_answer() -> None:
+    # The guest never collects (GC), so what a firmware's 5 ms poll of the UART
+    # allocates decides how long a virtual Pico runs: at most a few dozen bytes.
+    from gateway.simulator.vm.host import GUEST_DIR, Host
+    host = Host()
+    code = ("import gc, sys\ngc.disable()\nsys.path.insert(0, '/.picosim')\nimport machine\n"
+            "u = machine.UART(0)\nu.any()\nu.read(4)\na = gc.mem_alloc()\n"
+            "for i in range(1000):\n    u.any()\n    u.read(4)\nprint(gc.mem_alloc() - a)\n")
+    out: list[bytes] = []
+    wasm.VM(code, [(GUEST_DIR, "/.picosim", False)], host.functions(), out.append,
+            host.raw_functions()).run()
+    assert int(b"".join(out).decode().split()[-1]) < 64 * 1000

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from gateway.simulator import runtime
 from gateway.simulator.vm import wasm
@@ -94,6 +94,25 @@ class Host:
     def functions(self) -> dict[str, wasm.HostFunction]:
         return {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed")}
 
+    # The UART poll, without JSON (see wasm.VM's raw): payload "handle" or
+    # "handle n"; read answers hex, "" for None.  A failure is "!Type: message".
+    def raw_any(self, payload: str) -> str:
+        try:
+            return str(self.objects[int(payload)].any())
+        except Exception as e:
+            return "!%s: %s" % (type(e).__name__, e)
+
+    def raw_read(self, payload: str) -> str:
+        try:
+            parts = payload.split()
+            data = self.objects[int(parts[0])].read(*(int(n) for n in parts[1:]))
+            return data.hex() if data else ""
+        except Exception as e:
+            return "!%s: %s" % (type(e).__name__, e)
+
+    def raw_functions(self) -> dict[str, Callable[[str], str]]:
+        return {"raw_any": self.raw_any, "raw_read": self.raw_read}
+
 
 def run(fs: str) -> int:
     """Boot the board's fs (boot.py, main.py) on the VM; idle for ever."""
@@ -101,7 +120,7 @@ def run(fs: str) -> int:
     with open(os.path.join(GUEST_DIR, "_boot.py")) as f:
         boot = f.read()
     vm = wasm.VM(boot, [(fs, "/", True), (GUEST_DIR, "/.picosim", False)],
-                 host.functions(), host.stdout)
+                 host.functions(), host.stdout, host.raw_functions())
 
     def on_end(err: BaseException | None) -> None:
         host.flush()

@@ -3,7 +3,9 @@
 # and knobs as the CPython runtime), so only I/O crosses into the host.
 import time
 
-from _picosim import HostObject, call
+import binascii
+
+from _picosim import HostObject, call, raw
 
 PWRON_RESET = 1
 WDT_RESET = 3
@@ -133,6 +135,7 @@ class UART(HostObject):
                   {"tx": tx, "rx": rx, "rts": rts, "cts": cts, "txbuf": txbuf, "rxbuf": rxbuf,
                    "timeout": timeout, "timeout_char": timeout_char, "invert": invert,
                    "flow": flow})
+        self._hs = str(self._h)     # the payload of the raw poll calls, made once
 
     def init(self, baudrate=None, bits=8, parity=None, stop=1, tx=None, rx=None, rts=None,
              cts=None, txbuf=None, rxbuf=None, timeout=None, timeout_char=None, invert=None,
@@ -145,15 +148,18 @@ class UART(HostObject):
     def deinit(self):
         self._m("deinit")
 
+    # any() and read() are what a firmware polls: raw host calls, no JSON,
+    # allocating only the answer (the guest never collects: see _boot.py).
     def any(self):
-        return self._m("any")
+        return int(raw("raw_any", self._hs))
 
     def read(self, nbytes=None):
-        return self._m("read") if nbytes is None else self._m("read", (nbytes,))
+        r = raw("raw_read", self._hs if nbytes is None else "%s %d" % (self._hs, nbytes))
+        return binascii.unhexlify(r) if r else None
 
     def readinto(self, buf, nbytes=None):
         n = len(buf) if nbytes is None else min(nbytes, len(buf))
-        data = self._m("read", (n,))
+        data = self.read(n)
         if not data:
             return None
         buf[:len(data)] = data
