@@ -37,7 +37,8 @@ def switch(recorder: Recorder, device: str, payload: str, n: int) -> dict:
 
 @pytest.mark.skipif(not SHARED_TUTORIAL.is_dir(), reason="the tutorial's files are not next to the repo")
 def test_tutorial_copy_is_verbatim() -> None:
-    assert (TUTORIAL / "uart_main.py").read_bytes() == (SHARED_TUTORIAL / "uart_main.py").read_bytes()
+    for name in ("uart_main.py", "usb_demo.py"):
+        assert (TUTORIAL / name).read_bytes() == (SHARED_TUTORIAL / name).read_bytes(), name
 
 
 def test_tutorial_uart_program_verbatim(virtual, recorder: Recorder) -> None:
@@ -86,7 +87,7 @@ def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:
 
 
 def test_fleet_refuses_links_the_vm_cannot_run_yet(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MicroPython runtime runs uart"):
+    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb"):
         start_fleet([{"id": "x", "transport": "i2c", "runtime": "micropython"}], tmp_path)
 
 
@@ -207,3 +208,86 @@ def test_uart_poll_allocates_only_its_answer() -> None:
     wasm.VM(code, [(GUEST_DIR, "/.picosim", False)], host.functions(), out.append,
             host.raw_functions()).run()
     assert int(b"".join(out).decode().split()[-1]) < 64 * 1000
+
+
+# --- usb: the console, the REPL, mpremote and flash -------------------------
+
+def test_flash_a_vm_pico_then_flash_it_again_over_its_firmware(tmp_path: Path, capsys) -> None:
+    # Stock MicroPython (the VM at its REPL) takes our firmware through the raw
+    # REPL, soft-resets into it (hello on the console), then is interrupted
+    # (Ctrl-C reaches the running firmware) and flashed again.
+    from conftest import write_config
+    from gateway.cli import main
+    from gateway.flash import PICO_DIR, firmware_files
+
+    class NoBroker:
+        host, port = "127.0.0.1", 1883
+
+    with start_fleet([{"id": "x", "transport": "usb", "firmware": "stock", "runtime": "micropython"}],
+                     tmp_path / "picos") as fleet:
+        pico, fs = fleet["x"], Path(fleet["x"].fs)
+        cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb",
+                                                               "port": pico.endpoint}])
+        assert main(["flash", "--config", str(cfg), "--device", "x"]) == 0, capsys.readouterr().err
+        assert "says hello: $H," in capsys.readouterr().out
+        for p in firmware_files():
+            assert (fs / p.name).read_bytes() == (PICO_DIR / p.name).read_bytes(), p.name
+        pico.wait_for(lambda st: st.get("firmware") == "running", 5, "the firmware running")
+        (fs / "core.py").write_text("garbage")  # so the second flash visibly rewrites it
+        assert main(["flash", "--config", str(cfg), "--device", "x"]) == 0, capsys.readouterr().err
+        assert (fs / "core.py").read_bytes() == (PICO_DIR / "core.py").read_bytes()
+        assert "says hello" in capsys.readouterr().out
+        assert "MicroPython" in pico.log()
+
+
+def test_usb_tutorial_with_mpremote(tmp_path: Path) -> None:
+    # The tutorial's usb way: stock MicroPython driven by mpremote (run its
+    # usb_demo.py verbatim, then call it; exec a line).
+    with start_fleet([{"id": "u", "transport": "usb", "firmware": "stock", "runtime": "micropython"}],
+                     tmp_path / "w") as fleet:
+        pico = fleet["u"]
+
+        def mpremote(*args: str) -> str:
+            r = subprocess.run([sys.executable, "-m", "mpremote", "connect", pico.endpoint, *args],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+
+        assert mpremote("run", str(TUTORIAL / "usb_demo.py"), "+", "exec", "turn_on(); ask()") == "on\n"
+        pico.wait_led("on")
+        mpremote("exec", "from machine import Pin; Pin('LED').off()")
+        pico.wait_led("off")
+        assert mpremote("exec", "import sys; print(sys.implementation.name)") == "micropython\n"
+
+
+def test_usb_firmware_and_stock_pico_through_the_gateway(virtual, recorder: Recorder) -> None:
+    fleet, _ = virtual([
+        {"id": "desk", "transport": "usb", "port": "sim", "read_interval": 0.2, "runtime": "micropython",
+         "sim": {"temp_c": 30.0, "temp_noise": 0}},
+        {"id": "bench", "transport": "usb", "protocol": "tutorial", "port": "sim", "poll_interval": 0.2,
+         "runtime": "micropython"},
+    ])
+    temps = [float(t) for t in recorder.wait("pico/desk/sensor/temp", count=3)]
+    assert all(29.0 < t < 31.0 for t in temps)
+    assert switch(recorder, "desk", "on", 1)["state"] == "on"
+    fleet["desk"].wait_led("on")
+    recorder.wait("pico/bench/sensor/temp", count=2)     # the gateway's snippets, in the raw REPL
+    assert switch(recorder, "bench", "on", 1)["state"] == "on"
+    fleet["bench"].wait_led("on")
+    recorder.wait("pico/bench/state/led", "on")
+
+
+def test_reset_pin_restarts_the_vm_in_place(tmp_path: Path) -> None:
+    import serial
+    with start_fleet([{"id": "r", "transport": "uart", "read_interval": 5.0, "runtime": "micropython"}],
+                     tmp_path / "w") as fleet:
+        pico = fleet["r"]
+        pty, pid = pico.endpoint, pico.pid
+        with serial.Serial(pty, 115200, timeout=5) as port:
+            assert port.readline().startswith((b"$H,", b"$R,"))   # the firmware runs
+            pico.reset()
+            lines = [port.readline()]
+            while not lines[-1].startswith(b"$H,") and lines[-1] and len(lines) < 5:
+                lines.append(port.readline())
+            assert lines[-1].startswith(b"$H,"), lines      # a hello: it booted again
+        assert pico.endpoint == pty and pico.pid == pid and "MicroPython" in pico.log()

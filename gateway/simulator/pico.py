@@ -228,11 +228,13 @@ def main(argv=None):
     if os.environ.get("PICOSIM_LED_INIT") == "1":
         runtime.set_led(1)
     if args.runtime == "micropython":
-        if args.usb or link not in vm.TRANSPORTS or not has_main:
-            p.error("the MicroPython runtime runs a firmware on %s only (this Pico: link %s%s)"
-                    % ("/".join(vm.TRANSPORTS), link, "" if has_main else ", no main.py"))
+        usb = args.usb or link == "usb" or not has_main
+        if not usb and link not in vm.TRANSPORTS:
+            p.error("the MicroPython runtime runs %s Picos only so far, not %s"
+                    % ("/".join(vm.TRANSPORTS), link))
         from gateway.simulator.vm import host as vm_host
-        return vm_host.run(fs)
+        board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
+        return vm_host.run(fs, usb=usb, board=board)
     boardfs.install(fs)   # cwd = the board's "/"
 
     con = None

@@ -22,25 +22,41 @@ and the watchdog reset at once even while the guest computes.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
+from gateway.simulator import console as console_mod
 from gateway.simulator import runtime
 from gateway.simulator.vm import wasm
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest")
 
 
+class Interrupted(Exception):
+    """Ctrl-C on the USB console: the guest raises KeyboardInterrupt."""
+
+
 class Host:
     """The functions the guest may call, and the peripherals it made."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None, board: str = "Raspberry Pi Pico") -> None:
         from gateway.simulator.mpy import machine as shim
         self.shim = shim
         self.classes = {"Pin": shim.Pin, "ADC": shim.ADC, "UART": shim.UART, "WDT": shim.WDT}
         self.objects: dict[int, Any] = {}
         self._out = bytearray()
+        self.con = console          # gateway.simulator.console.Console of a usb Pico
+        self.board_name = board
+        self.interrupt = threading.Event()
+
+    def _check(self) -> None:
+        # Every host call is where a pending Ctrl-C reaches the guest program.
+        if self.interrupt.is_set() and console_mod.executing:
+            self.interrupt.clear()
+            raise Interrupted("")
 
     def _resolve(self, v: Any) -> Any:
         if isinstance(v, dict) and "$h" in v:
@@ -59,6 +75,7 @@ class Host:
         return handle
 
     def method(self, handle: int, name: str, args: list, kw: dict) -> Any:
+        self._check()
         if name.startswith("_") and name != "__repr__":
             raise AttributeError(name)
         return self._call(getattr(self.objects[handle], name), args, kw)
@@ -74,9 +91,26 @@ class Host:
 
     def crashed(self, what: str, traceback: str) -> None:
         self.flush()
+        if self.con is not None:    # the traceback went to the console: the log has it too
+            runtime.log(traceback.rstrip())
         runtime.publish("firmware", "crashed: %s" % what)
 
+    def board(self) -> list:
+        """[has a USB console, the board's name for the REPL's banner]."""
+        return [self.con is not None, self.board_name]
+
+    def executing(self, flag: bool) -> None:
+        console_mod.executing = bool(flag)
+        if not flag:
+            self.interrupt.clear()
+
+    def kbd_intr(self, ch: int) -> None:
+        console_mod.kbd_intr_char = ch
+
     def stdout(self, data: bytes) -> None:
+        if self.con is not None:    # a usb Pico: the VM's stdout is the console, cooked
+            self.con.write_raw(data.replace(b"\n", b"\r\n"))
+            return
         # The program's console output goes to the log, a line at a time.
         self._out += data
         if b"\n" in data or len(self._out) > 4096:
@@ -92,31 +126,68 @@ class Host:
             self._out.clear()
 
     def functions(self) -> dict[str, wasm.HostFunction]:
-        return {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed")}
+        return {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed",
+                                              "board", "executing", "kbd_intr")}
 
     # The UART poll, without JSON (see wasm.VM's raw): payload "handle" or
     # "handle n"; read answers hex, "" for None.  A failure is "!Type: message".
-    def raw_any(self, payload: str) -> str:
-        try:
-            return str(self.objects[int(payload)].any())
-        except Exception as e:
-            return "!%s: %s" % (type(e).__name__, e)
+    @staticmethod
+    def _raw(func: Callable[[str], str]) -> Callable[[str], str]:
+        def call(payload: str) -> str:
+            try:
+                return func(payload)
+            except Interrupted:
+                return "!KeyboardInterrupt: "
+            except Exception as e:
+                return "!%s: %s" % (type(e).__name__, e)
+        return call
 
-    def raw_read(self, payload: str) -> str:
-        try:
-            parts = payload.split()
-            data = self.objects[int(parts[0])].read(*(int(n) for n in parts[1:]))
-            return data.hex() if data else ""
-        except Exception as e:
-            return "!%s: %s" % (type(e).__name__, e)
+    def _any(self, payload: str) -> str:
+        self._check()
+        return str(self.objects[int(payload)].any())
+
+    def _read(self, payload: str) -> str:
+        self._check()
+        parts = payload.split()
+        data = self.objects[int(parts[0])].read(*(int(n) for n in parts[1:]))
+        return data.hex() if data else ""
+
+    # The USB console (usb Picos): read blocks for 1..n bytes; poll does not.
+    def _con_read(self, payload: str) -> str:
+        return self.con.read_raw(int(payload)).hex()
+
+    def _con_poll(self, payload: str) -> str:
+        self._check()
+        return "1" if select.select([self.con.input_fd()], [], [], 0)[0] else "0"
+
+    def _con_write(self, payload: str) -> str:
+        self.con.write_raw(bytes.fromhex(payload))
+        return ""
+
+    def _sleep(self, payload: str) -> str:
+        # time.sleep* of a usb Pico: Ctrl-C ends it at once, as on a board.
+        self._check()
+        if self.interrupt.wait(int(payload) / 1000):
+            self._check()
+        return ""
 
     def raw_functions(self) -> dict[str, Callable[[str], str]]:
-        return {"raw_any": self.raw_any, "raw_read": self.raw_read}
+        return {name: self._raw(f) for name, f in (
+            ("raw_any", self._any), ("raw_read", self._read), ("raw_con_read", self._con_read),
+            ("raw_con_poll", self._con_poll), ("raw_con_write", self._con_write),
+            ("raw_sleep", self._sleep))}
 
 
-def run(fs: str) -> int:
-    """Boot the board's fs (boot.py, main.py) on the VM; idle for ever."""
-    host = Host()
+def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico") -> int:
+    """Boot the board's fs (boot.py, main.py) on the VM; a usb Pico then runs
+    the REPL on its console; else the Pico idles for ever once its program ends."""
+    con = None
+    if usb:
+        con = console_mod.Console()   # the CPython runtime's pty, kept across resets
+    host = Host(con, board)
+    # Ctrl-C: the console's reader signals the main thread, which only tells the
+    # guest (at its next host call); the host itself never stops on it.
+    signal.signal(signal.SIGINT, lambda signum, frame: host.interrupt.set())
     with open(os.path.join(GUEST_DIR, "_boot.py")) as f:
         boot = f.read()
     vm = wasm.VM(boot, [(fs, "/", True), (GUEST_DIR, "/.picosim", False)],

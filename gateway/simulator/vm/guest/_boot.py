@@ -1,7 +1,8 @@
 # The virtual Pico's boot on the MicroPython VM, as a board's: boot.py, then
-# main.py, from the board's filesystem (preopened as "/").  The guest-side
-# modules live in /.picosim: machine is preloaded over the VM's own (the unix
-# port's), the others come after the board's /lib, as if frozen.
+# main.py, from the board's filesystem (preopened as "/"); a usb Pico then
+# drops to the REPL on its USB console.  The guest-side modules live in
+# /.picosim: machine is preloaded over the VM's own (the unix port's), the
+# others come after the board's /lib, as if frozen.
 import gc
 import sys
 
@@ -9,8 +10,15 @@ gc.disable()     # a collection corrupts this VM build: see gateway/simulator/vm
 sys.path.insert(0, "/.picosim")
 import _picosim
 import machine
-sys.path.pop(0)
 sys.path[:] = ["", "/lib", "/.picosim"] + [p for p in sys.path if p.startswith(".frozen")]
+
+USB, BOARD = _picosim.call("board", ())
+BANNER = "%s; %s with RP2040\r\nType \"help()\" for more information.\r\n" % (
+    sys.version.split("; ", 1)[-1], BOARD)
+if USB:
+    import _console
+    _console.install(sys)
+_keep = set(sys.modules)
 
 
 def _exists(path):
@@ -24,6 +32,7 @@ def _exists(path):
 
 def _run(path, final):
     _picosim.call("firmware", ("running",))
+    _picosim.call("executing", (True,))
     try:
         execfile(path, {"__name__": "__main__", "__file__": path})
         if final:
@@ -36,9 +45,28 @@ def _run(path, final):
         sys.print_exception(e, buf)
         sys.stdout.write(buf.getvalue())
         _picosim.call("crashed", (repr(e), buf.getvalue()))
+    finally:
+        _picosim.call("executing", (False,))
 
 
-if _exists("/boot.py"):
-    _run("/boot.py", False)
-if _exists("/main.py"):
-    _run("/main.py", True)
+def _boot(run_main):
+    if _exists("/boot.py"):
+        _run("/boot.py", False)
+    if run_main and _exists("/main.py"):
+        _run("/main.py", True)
+
+
+def _soft_reboot(run_main):
+    # Forget what the programs imported (config, the firmware's modules), as a
+    # soft reset does; boot again.
+    for name in list(sys.modules):
+        if name not in _keep:
+            del sys.modules[name]
+    _boot(run_main)
+
+
+_boot(True)
+if USB:
+    import _repl
+    con = sys.modules["sys"]
+    _repl.Repl(con.stdin, con.stdout, BANNER, _soft_reboot).run()

@@ -33,6 +33,8 @@ def call(name, args=(), kw=None):
     r = json.loads(host.call(name, json.dumps([_enc(args), _enc(kw or {})])))
     e = r.get("e")
     if e is not None:
+        if e[0] == "Interrupted":
+            raise KeyboardInterrupt
         cls = getattr(__import__("builtins"), e[0], None)
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
             cls = RuntimeError
@@ -46,6 +48,8 @@ def raw(name, payload):
     # A host call without JSON (the UART poll): an answer "!Type: msg" is an error.
     r = host.call(name, payload)
     if r and r[0] == "!":
+        if r.startswith("!KeyboardInterrupt"):
+            raise KeyboardInterrupt
         raise OSError(r[1:])
     return r
 
