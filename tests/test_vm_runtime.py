@@ -37,7 +37,7 @@ def switch(recorder: Recorder, device: str, payload: str, n: int) -> dict:
 
 @pytest.mark.skipif(not SHARED_TUTORIAL.is_dir(), reason="the tutorial's files are not next to the repo")
 def test_tutorial_copy_is_verbatim() -> None:
-    for name in ("uart_main.py", "usb_demo.py"):
+    for name in ("uart_main.py", "usb_demo.py", "wifi_tcp_main.py"):
         assert (TUTORIAL / name).read_bytes() == (SHARED_TUTORIAL / name).read_bytes(), name
 
 
@@ -86,8 +86,29 @@ def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:
         assert fleet["vmbad"].alive()    # a board whose program crashed is still a board
 
 
+def test_tcp_tutorial_program_verbatim_and_our_firmware(virtual, recorder: Recorder) -> None:
+    # The tutorial's Pico W server (print(f'Send: {state:s}') on bytes, on `?`)
+    # and ours (readings on "r"), through the gateway polling both.
+    fleet, _ = virtual([
+        {"id": "shed", "transport": "tcp", "protocol": "tutorial", "host": "sim", "poll_interval": 0.2,
+         "firmware": str(TUTORIAL / "wifi_tcp_main.py"), "runtime": "micropython"},
+        {"id": "hut", "transport": "tcp", "host": "sim", "poll_interval": 0.2, "read_interval": 0.2,
+         "runtime": "micropython"},
+    ])
+    recorder.wait("pico/shed/status", "online")
+    assert switch(recorder, "shed", "on", 1)["state"] == "on"
+    fleet["shed"].wait_led("on")
+    recorder.wait("pico/shed/state/led", "on")         # the gateway's `?` poll says so
+    assert switch(recorder, "shed", "off", 2)["state"] == "off"
+    fleet["shed"].wait_led("off")
+    wait_for(lambda: "Send: off" in fleet["shed"].log(), 5, "the program's answer to `?` in its log")
+    recorder.wait("pico/hut/sensor/temp", count=2)
+    assert switch(recorder, "hut", "toggle", 1)["state"] == "on"
+    fleet["hut"].wait_led("on")
+
+
 def test_fleet_refuses_links_the_vm_cannot_run_yet(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb"):
+    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb/tcp"):
         start_fleet([{"id": "x", "transport": "i2c", "runtime": "micropython"}], tmp_path)
 
 

@@ -8,4 +8,4 @@ in ``guest/`` whose every I/O is a host call (``host``).
 """
 
 #: The links a firmware can use on the MicroPython runtime so far.
-TRANSPORTS = ("uart", "usb")
+TRANSPORTS = ("uart", "usb", "tcp")

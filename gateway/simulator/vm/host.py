@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 from typing import Any, Callable
@@ -45,7 +46,12 @@ class Host:
     def __init__(self, console: Any = None, board: str = "Raspberry Pi Pico") -> None:
         from gateway.simulator.mpy import machine as shim
         self.shim = shim
-        self.classes = {"Pin": shim.Pin, "ADC": shim.ADC, "UART": shim.UART, "WDT": shim.WDT}
+        from gateway.simulator.mpy import network
+        self.network = network
+        # socket.socket is the CPython runtime's MpSocket (patches.install ran):
+        # loopback only, a bind's port remapped, the listening port published.
+        self.classes = {"Pin": shim.Pin, "ADC": shim.ADC, "UART": shim.UART, "WDT": shim.WDT,
+                        "WLAN": network.WLAN, "socket": socket.socket}
         self.objects: dict[int, Any] = {}
         self._out = bytearray()
         self.con = console          # gateway.simulator.console.Console of a usb Pico
@@ -69,7 +75,9 @@ class Host:
     def new(self, cls: str, args: list, kw: dict) -> int:
         if cls not in self.classes:
             raise ValueError("no such peripheral: %s" % cls)
-        obj = self._call(self.classes[cls], args, kw)
+        return self._register(self._call(self.classes[cls], args, kw))
+
+    def _register(self, obj: Any) -> int:
         handle = len(self.objects) + 1
         self.objects[handle] = obj
         return handle
@@ -78,7 +86,15 @@ class Host:
         self._check()
         if name.startswith("_") and name != "__repr__":
             raise AttributeError(name)
-        return self._call(getattr(self.objects[handle], name), args, kw)
+        obj = self.objects[handle]
+        if name == "close" and isinstance(obj, socket.socket):
+            self.objects.pop(handle)
+        if name in ("bind", "connect") and args and isinstance(args[0], list):
+            args = [tuple(args[0])] + list(args[1:])   # an address
+        return self._call(getattr(obj, name), args, kw)
+
+    def getaddrinfo(self, host: str) -> str:
+        return socket.gethostbyname(host)
 
     def machine(self, name: str, *args: Any) -> Any:
         if name not in ("freq", "unique_id", "reset_cause", "reset", "soft_reset", "bootloader"):
@@ -94,6 +110,11 @@ class Host:
         if self.con is not None:    # the traceback went to the console: the log has it too
             runtime.log(traceback.rstrip())
         runtime.publish("firmware", "crashed: %s" % what)
+
+    def network_fn(self, name: str, *args: Any) -> Any:
+        if name not in ("hostname", "country"):
+            raise AttributeError(name)
+        return getattr(self.network, name)(*args)
 
     def board(self) -> list:
         """[has a USB console, the board's name for the REPL's banner]."""
@@ -126,8 +147,10 @@ class Host:
             self._out.clear()
 
     def functions(self) -> dict[str, wasm.HostFunction]:
-        return {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed",
-                                              "board", "executing", "kbd_intr")}
+        funcs = {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed",
+                                               "board", "executing", "kbd_intr", "getaddrinfo")}
+        funcs["network"] = self.network_fn
+        return funcs
 
     # The UART poll, without JSON (see wasm.VM's raw): payload "handle" or
     # "handle n"; read answers hex, "" for None.  A failure is "!Type: message".
@@ -138,6 +161,8 @@ class Host:
                 return func(payload)
             except Interrupted:
                 return "!KeyboardInterrupt: "
+            except OSError as e:
+                return "!OSError %d" % wasm.errno_of(e)
             except Exception as e:
                 return "!%s: %s" % (type(e).__name__, e)
         return call
@@ -151,6 +176,20 @@ class Host:
         parts = payload.split()
         data = self.objects[int(parts[0])].read(*(int(n) for n in parts[1:]))
         return data.hex() if data else ""
+
+    # A server's accept() (polled by a non-blocking one: EAGAIN is "") and recv.
+    def _accept(self, payload: str) -> str:
+        self._check()
+        try:
+            conn, addr = self.objects[int(payload)].accept()
+        except BlockingIOError:
+            return ""
+        return "%d %s %d" % (self._register(conn), addr[0], addr[1])
+
+    def _recv(self, payload: str) -> str:
+        self._check()
+        h, n = payload.split()
+        return self.objects[int(h)].recv(int(n)).hex()
 
     # The USB console (usb Picos): read blocks for 1..n bytes; poll does not.
     def _con_read(self, payload: str) -> str:
@@ -175,7 +214,7 @@ class Host:
         return {name: self._raw(f) for name, f in (
             ("raw_any", self._any), ("raw_read", self._read), ("raw_con_read", self._con_read),
             ("raw_con_poll", self._con_poll), ("raw_con_write", self._con_write),
-            ("raw_sleep", self._sleep))}
+            ("raw_sleep", self._sleep), ("raw_accept", self._accept), ("raw_recv", self._recv))}
 
 
 def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico") -> int:

@@ -52,6 +52,7 @@ Known and not worked around:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -139,6 +140,13 @@ def decode(value: Any) -> Any:
     return value
 
 
+def errno_of(e: OSError) -> int:
+    """The errno MicroPython would raise for a host OSError (a timeout has none)."""
+    if e.errno:
+        return e.errno
+    return errno.ETIMEDOUT if isinstance(e, TimeoutError) else errno.EIO
+
+
 class VM:
     """One MicroPython VM running ``code`` (as ``micropython -c code``).
 
@@ -179,9 +187,9 @@ class VM:
             args, kwargs = json.loads(payload)
             value = self.host[name](*decode(args), **{k: decode(v) for k, v in kwargs.items()})
             out = json.dumps({"v": encode(value)}, separators=(",", ":"))
-        except BaseException as e:   # SystemExit from a reset must still exec: see host.py
-            if isinstance(e, (SystemExit, KeyboardInterrupt)):
-                raise
+        except OSError as e:   # MicroPython has one OSError, with an errno
+            out = json.dumps({"e": ["OSError", "[Errno %d] %s" % (errno_of(e), e)]})
+        except Exception as e:
             out = json.dumps({"e": [type(e).__name__, str(e)]})
         data = out.encode()
         if len(data) <= result_cap:

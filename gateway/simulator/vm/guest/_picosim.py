@@ -50,6 +50,8 @@ def raw(name, payload):
     if r and r[0] == "!":
         if r.startswith("!KeyboardInterrupt"):
             raise KeyboardInterrupt
+        if r.startswith("!OSError "):
+            raise OSError(int(r[9:]))
         raise OSError(r[1:])
     return r
 
