@@ -8,7 +8,12 @@ never to ``<base>/+/cmd/led``: a command for a device it does not own never
 reaches it (with several gateways on one broker, each hears only its own).
 Ownership is announced on the retained ``<base>/<device>/owner`` topic; a device
 that another gateway claims too is logged, counted and published, retained, on
-``<base>/bridge/<gateway_id>/conflicts`` (docs/scaling.md).
+``<base>/bridge/<gateway_id>/conflicts`` (docs/scaling.md). When the other
+claim goes away (its gateway deletes it on a clean stop, or goes offline: its
+``<base>/bridge/<gateway_id>/status``, the last will after a crash), the owner
+publishes the device's owner, status and LED state again: the other gateway's
+last words (``status offline``) must not stay on the broker as the device's state.
+A claim by a gateway already offline is stale: the owner takes the device back.
 
 Anyone who may publish to the broker can flood these topics (a Node-RED flow in a
 loop will), so every path is bounded:
@@ -26,7 +31,9 @@ loop will), so every path is bounded:
 - owner claims: the latest MAX_CLAIMANTS claimants per device are kept (older ones
   forgotten, counted), an error is logged for each up to that many, then one
   summary line; the conflicts message is republished once per burst of claims,
-  CLAIMS_SPACING seconds apart at most.
+  CLAIMS_SPACING seconds apart at most. The other gateways' statuses are
+  remembered for MAX_GATEWAYS_SEEN of them (a flood forgets the oldest: a stale
+  claim then counts as a conflict, as an unknown gateway's does).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ REFUSALS_PER_SECOND = 5  # refusal answers per device, sustained; the rest are c
 REFUSAL_BURST = 20  # refusal answers per device before the rate applies
 MAX_CLAIMANTS = 4  # other gateways remembered per device claimed by them too
 CLAIMS_SPACING = 1.0  # seconds between two publishes of the claims news (conflicts, our re-claims)
+MAX_GATEWAYS_SEEN = 256  # other gateways whose status (online or not) is remembered
 MAX_KNOWN_METRICS = 4096  # metric names remembered as good: the readings' hot path checks a set, not a regex
 _GATEWAY_ID = re.compile(DEVICE_ID_PATTERN)  # what a claim must say (config.py's gateway_id rule)
 
@@ -78,6 +86,7 @@ class Bridge:
         self._pending_lock = threading.Lock()
         self.last_seen: dict[str, int] = {}  # device -> ts_ms of its last reading
         self.on_metric: Callable[[str, str], None] | None = None  # discovery learns new metrics
+        self.on_firmware: Callable[[str, str], None] | None = None  # discovery shows each Pico's firmware
         self._led: dict[str, bool] = {}
         self._online: dict[str, bool] = {}
         self._state_lock = threading.Lock()
@@ -96,12 +105,16 @@ class Bridge:
         self._conflicts: dict[str, dict[str, None]] = {}
         self._forgotten: Counter[str] = Counter()  # device -> claimants dropped for newer ones
         self._claims_logged: Counter[str] = Counter()  # device -> error lines logged for its claims
-        self._reclaim: set[str] = set()  # devices whose claim was deleted: claim them again
+        self._reclaim: set[str] = set()  # devices whose other claim went away: publish ours again
+        self._gateway_online: dict[str, bool] = {}  # other gateway -> its bridge status, oldest first
         self._conflicts_changed = False
         self._claims_news = Coalesced(self._publish_claims_news, "owner-claims", spacing=CLAIMS_SPACING)
         self._stopping = False
         mqtt.on_connect(self._announce)
         mqtt.after_io(self._answers_delivered)
+        # (statuses first: at a connect their retained messages come before the claims, so a
+        # claim left by a gateway that is offline is known to be stale when it arrives)
+        mqtt.subscribe(topics.all_bridge_statuses(), self._on_gateway_status)
         mqtt.subscribe(topics.all_owners(), self._on_owner)
 
     def _publishes_itself(self, device: str) -> bool:
@@ -229,6 +242,10 @@ class Bridge:
         if changed and not self.links[device].publishes_itself:
             self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
 
+    def firmware(self, device: str, version: str) -> None:
+        if self.on_firmware is not None:
+            self.on_firmware(device, version)
+
     def availability(self, device: str, online: bool) -> None:
         with self._state_lock:
             self._online[device] = online
@@ -237,19 +254,52 @@ class Bridge:
 
     # -- MQTT side ------------------------------------------------------------------
     def _announce(self) -> None:
-        """After every (re)connect: our own status, then every device's known state."""
+        """After every (re)connect: our own status, then every device's known state and our claim."""
         self.mqtt.publish(self.topics.bridge_status(self.gateway_id), "online", qos=1, retain=True)
-        own = self._publishing()
-        with self._state_lock:
-            online = {d: self._online.get(d, False) for d in own}
-            led = {d: self._led[d] for d in own if d in self._led}
-        for device, is_online in online.items():
-            self.mqtt.publish(self.topics.status(device), "online" if is_online else "offline", qos=1, retain=True)
-        for device, on in led.items():
-            self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
-        for device in self.links:
-            self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+        for device in list(self.links):
+            self._publish_retained(device)
         self._publish_conflicts()
+
+    def _publish_retained(self, device: str) -> None:
+        """The device's retained messages as this gateway knows them: status, LED state
+        (those a wifi Pico publishes itself excepted), and our claim."""
+        link = self.links.get(device)
+        if link is None:
+            return
+        if not link.publishes_itself:
+            with self._state_lock:
+                online, led = self._online.get(device, False), self._led.get(device)
+            self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
+            if led is not None:
+                self.mqtt.publish(self.topics.state(device), "on" if led else "off", qos=1, retain=True)
+        self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+
+    def _on_gateway_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        """``<base>/bridge/<gateway_id>/status`` of every gateway: one that goes offline (its
+        clean stop, or its last will) no longer claims anything: devices of ours it claimed
+        get our retained messages again, over its last words."""
+        gateway = self.topics.parse_bridge_status(topic)
+        if gateway is None or gateway == self.gateway_id or not _GATEWAY_ID.match(gateway):
+            return
+        online = payload.strip() == b"online"
+        with self._state_lock:
+            seen = self._gateway_online
+            seen.pop(gateway, None)
+            if len(seen) >= MAX_GATEWAYS_SEEN:
+                del seen[next(iter(seen))]
+            seen[gateway] = online
+            freed = [] if online else [d for d, others in self._conflicts.items() if gateway in others]
+            for device in freed:
+                del self._conflicts[device][gateway]
+                if not self._conflicts[device]:
+                    del self._conflicts[device]
+            self._reclaim.update(freed)
+            self._conflicts_changed |= bool(freed)
+        if freed:
+            self.stats["owner_conflicts_ended"] += len(freed)
+            log.warning("gateway %r, which also claimed %s, is offline: publishing %s owner, status and state "
+                        "again", gateway, ", ".join(map(repr, freed)), "their" if len(freed) > 1 else "its")
+            self._claims_news.request()
 
     def _on_owner(self, topic: str, payload: bytes, retained: bool) -> None:
         """``<base>/<device>/owner``: another gateway claiming a device of ours is a conflict."""
@@ -259,7 +309,7 @@ class Bridge:
         claimant = payload[:65].decode("utf-8", "replace").strip()  # (65: one too long for an id)
         if claimant == self.gateway_id:
             return
-        if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands
+        if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands, and our state
             if self._stopping:
                 return
             with self._state_lock:
@@ -270,6 +320,16 @@ class Bridge:
             self.stats["owner_claims_malformed"] += 1
             self._log_once(device, "malformed claim", "ignoring a claim on %s that is not a gateway id: %r",
                            self.topics.owner(device), claimant[:40])
+            return
+        with self._state_lock:
+            stale = self._gateway_online.get(claimant) is False
+            if stale:
+                self._reclaim.add(device)
+        if stale:  # left by a gateway that crashed, or stopped before its claim reached us
+            self.stats["owner_claims_stale"] += 1
+            self._log_once(device, f"stale claim {claimant}", "device %r was claimed by gateway %r, which is "
+                           "offline: a stale claim; publishing our claim, status and state", device, claimant)
+            self._claims_news.request()
             return
         with self._state_lock:
             others = self._conflicts.setdefault(device, {})
@@ -312,7 +372,7 @@ class Bridge:
             changed = self._conflicts_changed
         if not self._stopping:
             for device in sorted(reclaim):
-                self.mqtt.publish(self.topics.owner(device), self.gateway_id, qos=1, retain=True)
+                self._publish_retained(device)
         if changed:
             self._publish_conflicts()
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from gateway import __version__, flash, history, recorder
-from gateway.config import load_config_or_report
+from gateway.config import ConfigError, load_config_or_report, load_runnable
 from gateway.systemd import setup_logging
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config_or_report(args.config)
-    if config is None:
+    # Every problem check-config finds stops run here, before anything starts, with exit 2:
+    # the systemd unit restarts on any other failure (RestartPreventExitStatus=2), and a
+    # restart every 5 s cannot fix a config.
+    try:
+        config, _ = load_runnable(args.config, running=True)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
         return 2
     setup_logging(args.verbose)
     from gateway.daemon import exit_process, run
@@ -23,16 +29,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config_or_report(args.config)
-    if config is None:
+    try:
+        config, notes = load_runnable(args.config, running=False)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
         return 2
-    problems, notes = config.mqtt.file_problems()  # the password and TLS files: present and readable?
     for note in notes:
         print(f"{args.config}: note: {note}", file=sys.stderr)
-    if problems:
-        print("\n".join([f"{args.config}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems]),
-              file=sys.stderr)
-        return 2
     print(f"{args.config}: ok, gateway {config.gateway_id}, {len(config.devices)} device(s): "
           + ", ".join(f"{d.id} ({d.transport}, {d.protocol})" for d in config.devices))
     return 0
@@ -92,7 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (here, not at the interpreter's exit, where a closed pipe is a traceback)
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pico-gateway status | head -3`): stop quietly, as a Unix tool
+        # killed by SIGPIPE does. Python's own flush of stdout at exit must not fail again:
+        # point stdout at /dev/null (the recipe of Python's signal module docs).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # (a stdout without a file descriptor)
+            pass
+        return SIGPIPE_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
         return cmd_simulate(argv[1:])  # its own argument parser

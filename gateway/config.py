@@ -8,12 +8,22 @@ Unknown keys are errors, and every error names its key path and device id::
 
     devices[1] (id 'shed').baudrate: Input should be greater than 0
 
+and says what to write instead where it can (``did you mean 'baudrate'?``,
+``write host = "127.0.0.1" and port = 1883``). :func:`load_runnable`, for
+``check-config`` and ``run``, adds what the file alone does not show but ``run``
+would fail on (:func:`runtime_problems`: the password and TLS files, the
+database's folder, the devices' addresses), so that ``run`` stops before it
+starts anything, with exit status 2, the one systemd does not restart on.
+
 Each transport's device keys live with its link (``gateway/links/<transport>.py``).
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -22,11 +32,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from gateway.discovery import DiscoveryConfig
 from gateway.links import LINKS
 from gateway.links.base import DEVICE_ID_PATTERN, DeviceConfig, StrictModel
+from gateway.links.i2c import I2cConfig
+from gateway.links.serial_link import SerialDeviceConfig
+from gateway.links.tcp import TcpConfig
 
 AnyDevice = Annotated[
     Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]
@@ -42,6 +55,77 @@ def default_gateway_id() -> str:
 
 
 CREDENTIAL_PREFIX = "credential:"
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+TLS_SCHEMES = ("mqtts", "ssl", "tls", "tcps")
+
+
+def is_host(value: str) -> bool:
+    """Whether ``value`` is a host name (``broker.lan``, ``localhost``) or an IP address
+    (``192.168.1.10``, ``::1``) alone: no scheme, port, user or brackets.
+
+        >>> is_host("broker.lan"), is_host("::1"), is_host("127.0.0.1:1883"), is_host("mqtt://x")
+        (True, True, False, False)
+    """
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value  # (a fully qualified name may end in a dot)
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        return False  # digits and dots but not an IP address (192.168.1.300): no name is all digits
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def host_advice(value: str, what: str = "the broker", mqtt: bool = True) -> str:
+    """Why ``value`` (not :func:`is_host`) cannot be a ``host``, and what to write instead.
+
+    The URL form (``mqtt://host:1883``) and ``host:port`` are taken apart into the
+    ``host`` and ``port`` keys the config has; a user and password in it are never
+    repeated (the password belongs in ``password_file``).
+
+        >>> host_advice("mqtt://127.0.0.1:1884")
+        'not a host name or IP address: write host = "127.0.0.1" and port = 1884 (the URL form is not read here)'
+    """
+    text = value.strip()
+    if not text:
+        return f'empty: write the host name or IP address of {what}, e.g. host = "192.168.1.10"'
+    scheme = ""
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+    text = text.split("/", 1)[0].split("?", 1)[0]  # a path or query after the address
+    user = ""
+    if "@" in text:
+        userinfo, _, text = text.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+    host, port = text, ""
+    if text.startswith("["):  # [IPv6]:port
+        close = text.find("]")
+        if close > 0:
+            host, rest = text[1:close], text[close + 1:]
+            port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if mqtt and scheme in ("ws", "wss"):
+        return ("a WebSocket URL: the gateway speaks MQTT over TCP; write the broker's host name or IP address "
+                "as host and its MQTT port (1883, 8883 with TLS) as port")
+    if not is_host(host) or (port and not port.isdigit()):
+        return (f"not a host name or IP address: write the name or address of {what} alone, "
+                f'e.g. host = "192.168.1.10"' + (", and its port as port = 1883" if mqtt else ""))
+    advice = [f'host = "{host}"']
+    tls = mqtt and scheme in TLS_SCHEMES
+    if port or tls:
+        advice.append(f"port = {int(port) if port else 8883}")
+    if tls:
+        advice.append("[mqtt.tls] enabled = true")
+    if mqtt and user:
+        advice.append(f'username = "{user}" (its password in a file named by password_file, never here)')
+    said = " and ".join(advice) if len(advice) <= 2 else ", ".join(advice[:-1]) + " and " + advice[-1]
+    return (f"not a host name or IP address: write {said}"
+            + (" (the URL form is not read here)" if scheme else ""))
 
 
 class SecretError(Exception):
@@ -82,13 +166,17 @@ class TlsConfig(StrictModel):
                                     password=lambda: b"")
             except (OSError, ssl.SSLError) as exc:
                 reason = getattr(exc, "strerror", None) or exc
+                # The key is in keyfile, or in certfile after the certificate when keyfile is unset.
+                key, key_path = ("keyfile", self.keyfile) if self.keyfile else ("certfile", self.certfile)
                 try:
-                    encrypted = b"ENCRYPTED" in Path(self.keyfile or self.certfile).read_bytes()
+                    encrypted = b"ENCRYPTED" in Path(key_path).read_bytes()
                 except OSError:
                     encrypted = False
                 if encrypted:
-                    reason = ("the private key is encrypted; the gateway needs it without a passphrase, readable "
-                              "only by its user (openssl pkey -in KEY -out NEWKEY; chmod 600 NEWKEY)")
+                    raise SecretError(
+                        f"mqtt.tls.{key}: cannot use {key_path}: the private key is encrypted; the gateway needs "
+                        "it without a passphrase, readable only by its user (openssl pkey -in KEY -out NEWKEY; "
+                        "chmod 600 NEWKEY)") from None
                 raise SecretError(f"mqtt.tls.certfile/keyfile: cannot use {self.certfile}: {reason}") from None
         if self.insecure:
             ctx.check_hostname = False
@@ -197,7 +285,24 @@ class MqttConfig(StrictModel):
     @classmethod
     def _topic_level(cls, value: str) -> str:
         if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
-            raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
+            raise ValueError("must be a topic prefix without wildcards or leading/trailing '/', e.g. \"pico\"")
+        if value.startswith("$"):  # the broker refuses publishes there ($SYS), or reads it as $share/...
+            raise ValueError("topics starting with '$' are the broker's own: choose another prefix, e.g. \"pico\"")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not is_host(value):
+            raise ValueError(host_advice(value))
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            # An empty id makes the broker pick a new one at each connection: no will of ours, no session.
+            raise ValueError("empty: leave the key out for the default, pico-gateway-<gateway_id>")
         return value
 
 
@@ -211,10 +316,13 @@ class StoreConfig(StrictModel):
     memory_rows: int = Field(100_000, ge=100, description="readings held in memory while the database refuses writes")
 
 
+RECORDER_GROUP_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
 class RecorderConfig(StrictModel):
     """``pico-gateway record``: a process that stores every reading of the tree (gateway/recorder.py)."""
 
-    group: str = Field("pico-recorders", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    group: str = Field("pico-recorders", pattern=RECORDER_GROUP_PATTERN,
                        description="shared-subscription group: recorders of one group share the readings")
     id: Annotated[str, Field(pattern=DEVICE_ID_PATTERN)] | None = Field(
         None, description="names its client id (pico-recorder-<id>) and status topic; default: gateway_id")
@@ -236,11 +344,12 @@ class GatewayConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewayConfig:
-        seen: set[str] = set()
-        for device in self.devices:
+        seen: dict[str, int] = {}
+        for index, device in enumerate(self.devices):
             if device.id in seen:
-                raise ValueError(f"device id '{device.id}' is used twice; ids must be unique")
-            seen.add(device.id)
+                raise ValueError(f"device id '{device.id}' is used twice (devices[{seen[device.id]}] and "
+                                 f"devices[{index}]); ids must be unique")
+            seen[device.id] = index
         return self
 
     def device(self, device_id: str) -> DeviceConfig | None:
@@ -268,17 +377,21 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> Gateway
         raise ConfigError(path, [_describe(err, data) for err in exc.errors()]) from None
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a config file; raise ConfigError saying what to fix."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The file's TOML, not validated; ConfigError when it cannot be read or is not TOML."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
-    return parse_config(data, path)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a config file; raise ConfigError saying what to fix."""
+    return parse_config(read_toml(path), path)
 
 
 def load_config_or_report(path: str | Path) -> GatewayConfig | None:
@@ -290,28 +403,272 @@ def load_config_or_report(path: str | Path) -> GatewayConfig | None:
         return None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def current_user() -> str:
+    """Who this process is, for messages about what it may write."""
+    try:
+        return f"user '{pwd.getpwuid(os.geteuid()).pw_name}'"
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def store_path_problem(path: Path, key: str = "store.path") -> str | None:
+    """Why the gateway, as the user this process runs as, could not open ``path`` as its
+    database: a directory, not a file, not SQLite, or a folder it may not create or
+    write in (SQLite writes its -wal and -shm files beside the database). None when it can.
+
+    ``os.access`` answers for the real user, and says no on a read-only file system,
+    as the service's ``ProtectSystem=strict`` makes every folder but its own."""
+    path = Path(os.path.abspath(path))
+    if os.path.isdir(path):
+        return (f"{key}: {path} is a directory: name the database file in it, "
+                f'e.g. path = "{path / "readings.db"}"')
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            return f"{key}: {path} is not a regular file: name a file for the database, e.g. readings.db"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return (f"{key}: {current_user()} may not read and write {path}: change its owner or mode, "
+                    "or choose another path")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            return f"{key}: cannot read {path}: {exc.strerror or exc}"
+        if head and head != SQLITE_HEADER:
+            return f"{key}: {path} is not an SQLite database: choose another path (the gateway never overwrites it)"
+        folder = path.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (f"{key}: {current_user()} may not create files in {folder} (SQLite keeps its journal beside "
+                    f"the database): make the folder writable for it, or choose another path")
+        return None
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # the gateway creates the missing folders: can it, in the nearest existing one?
+    if not os.path.isdir(folder):
+        return f"{key}: cannot create {path}: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"{key}: {current_user()} may not create {path}: it cannot write in {folder}; create the folder "
+                "for it (owned by the gateway's user), or choose another path")
+    return None
+
+
+def _device_label(index: int, device: DeviceConfig) -> str:
+    return f"devices[{index}] (id '{device.id}')"
+
+
+def device_problems(devices: list[tuple[int, DeviceConfig]]) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the devices' addresses: a port that is not a device path, a
+    tcp host that is not one, an I2C bus written as a string, two devices on one port.
+    A serial port or bus that does not exist yet is only a note: Picos get plugged in later,
+    and the gateway opens the port when it appears. ``devices``: (index in the file, device)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    claimed: dict[tuple[str, ...], str] = {}  # what one device uses -> the device that uses it
+    for index, device in devices:
+        label = _device_label(index, device)
+        resource: tuple[str, ...] | None = None
+        if isinstance(device, SerialDeviceConfig):
+            example = "/dev/serial/by-id/usb-MicroPython_..." if device.transport == "usb" else "/dev/serial0"
+            if not device.port.startswith("/"):
+                problems.append(f"{label}.port: not a device path: write the serial device's file, "
+                                f'e.g. port = "{example}"')
+                continue
+            if os.path.isdir(device.port) or os.path.isfile(device.port):
+                problems.append(f"{label}.port: {device.port} is not a serial device: write the serial "
+                                f'device\'s file, e.g. port = "{example}"')
+                continue
+            if not os.path.exists(device.port):
+                notes.append(f"{label}.port: {device.port} does not exist now; the gateway opens it when it appears")
+            resource = ("port", os.path.realpath(device.port))
+        elif isinstance(device, I2cConfig):
+            bus = device.bus
+            if isinstance(bus, str):
+                number = bus[len("/dev/i2c-"):] if bus.startswith("/dev/i2c-") else bus
+                if number.strip().isdigit():
+                    problems.append(f"{label}.bus: write the bus number without quotes, bus = {int(number)} "
+                                    f"(for /dev/i2c-{int(number)}; a string names a simulated bus)")
+                    continue
+                resource = ("bus", os.path.realpath(bus), str(device.address))
+            elif bus < 0:
+                problems.append(f"{label}.bus: write N of /dev/i2c-N, e.g. bus = 1")
+                continue
+            else:
+                if not os.path.exists(f"/dev/i2c-{bus}"):
+                    notes.append(f"{label}.bus: /dev/i2c-{bus} does not exist now (is I2C enabled?); "
+                                 "the gateway opens it when it appears")
+                resource = ("bus", f"/dev/i2c-{bus}", str(device.address))
+        elif isinstance(device, TcpConfig):
+            if not is_host(device.host):
+                problems.append(f"{label}.host: {host_advice(device.host, 'the Pico W', mqtt=False)}")
+                continue
+            resource = ("tcp", device.host.lower(), str(device.port))
+        if resource is None:
+            continue
+        if resource in claimed:
+            thing = {"port": "port", "bus": "bus address", "tcp": "host and port"}[resource[0]]
+            problems.append(f"{label}: the same {thing} as {claimed[resource]}: one Pico cannot be two devices")
+        else:
+            claimed[resource] = label
+    return problems, notes
+
+
+def runtime_problems(mqtt: MqttConfig | None, store: StoreConfig | None, devices: list[tuple[int, DeviceConfig]],
+                     running: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes): everything beyond the file's validation that ``run`` would fail
+    on, each naming its key: the password and TLS files, the database's path, the devices'
+    addresses (of the sections given: None for one that did not validate).
+    ``running``: for ``run`` itself, where a systemd credential outside the service is
+    a problem too, not a note."""
+    problems: list[str] = []
+    notes: list[str] = []
+    if mqtt is not None:
+        problems, notes = mqtt.file_problems()
+        if running and notes:
+            problems, notes = problems + notes, []
+    store_problem = store_path_problem(store.path) if store is not None else None
+    if store_problem:
+        problems.append(store_problem)
+    device_issues, device_notes = device_problems(devices)
+    return problems + device_issues, notes + device_notes
+
+
+_DEVICE = TypeAdapter(AnyDevice)
+
+
+def _valid_parts(data: dict[str, Any]) -> tuple[MqttConfig | None, StoreConfig | None, list[tuple[int, DeviceConfig]]]:
+    """The sections of a file that does not validate as a whole which do alone: their
+    runtime problems are reported with the file's, so that one round of fixes is enough."""
+    def valid(validate: Any, value: Any) -> Any:
+        try:
+            return validate(value)
+        except (ValidationError, TypeError):
+            return None
+
+    mqtt = valid(MqttConfig.model_validate, data.get("mqtt", {}))
+    store = valid(StoreConfig.model_validate, data.get("store", {}))
+    raw = data.get("devices", [])
+    devices = [(index, valid(_DEVICE.validate_python, device)) for index, device in
+               enumerate(raw if isinstance(raw, list) else [])]
+    return mqtt, store, [(index, device) for index, device in devices if device is not None]
+
+
+def load_runnable(path: str | Path, running: bool) -> tuple[GatewayConfig, list[str]]:
+    """The config at ``path`` and its notes, if ``run`` can use it; else ConfigError listing
+    every problem: the file's validation, then :func:`runtime_problems`. Used by both
+    ``check-config`` and ``run``, which refuse a config with problems (exit 2)."""
+    data = read_toml(path)
+    try:
+        config = parse_config(data, path)
+    except ConfigError as exc:
+        extra, _ = runtime_problems(*_valid_parts(data), running=running)
+        raise ConfigError(path, exc.problems + extra) from None
+    problems, notes = runtime_problems(config.mqtt, config.store, list(enumerate(config.devices)), running)
+    if problems:
+        raise ConfigError(path, problems)
+    return config, notes
+
+
 def _describe(err: Any, data: dict[str, Any]) -> str:
     """``devices[1] (id 'shed').baudrate: <message>`` from a pydantic error."""
     loc = list(err["loc"])
     out = ""
+    model: type[BaseModel] | None = GatewayConfig
+    transport = None
     if loc[:1] == ["devices"] and len(loc) >= 2 and isinstance(loc[1], int):
         index = loc[1]
         raw = data.get("devices")
         device = raw[index] if isinstance(raw, list) and index < len(raw) else None
         dev_id = device.get("id") if isinstance(device, dict) else None
-        out = f"devices[{index}]" + (f" (id '{dev_id}')" if dev_id else "")
+        out = f"devices[{index}]" + (f" (id '{dev_id}')" if isinstance(dev_id, str) and dev_id else "")
         rest = loc[2:]
+        transport = device.get("transport") if isinstance(device, dict) else None
         # A discriminated union puts the transport name in the path: drop it.
-        if rest and isinstance(device, dict) and rest[0] == device.get("transport"):
+        if rest and rest[0] == transport:
             rest = rest[1:]
+        link = LINKS.get(transport) if isinstance(transport, str) else None
+        model = link.Config if link else None
         loc = rest
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    kind = err["type"]
     message = err["msg"]
-    if err["type"] == "extra_forbidden":
-        message = "unknown key (check its spelling, and the docs for this transport)"
-    elif err["type"] == "union_tag_invalid":
+    if kind == "value_error" and err.get("ctx", {}).get("error") is not None:
+        message = str(err["ctx"]["error"])  # without pydantic's "Value error, " in front
+    elif kind == "extra_forbidden":
+        message = _unknown_key(str(loc[-1]), _model_at(model, loc[:-1]), transport,
+                               top_level=transport is None and len(loc) == 1)
+    elif kind == "string_pattern_mismatch":
+        message = _pattern_message(err.get("ctx", {}).get("pattern", ""), err.get("input"), message)
+    elif kind == "union_tag_invalid":
         message = f"unknown transport; expected one of: {', '.join(LINKS)}"
-    elif err["type"] == "union_tag_not_found":
+    elif kind == "union_tag_not_found":
         message = f"missing 'transport' (one of: {', '.join(LINKS)})"
-    return f"{out or '(top level)'}: {message}"
+    return f"{out}: {message}" if out else message
+
+
+def _model_at(model: type[BaseModel] | None, loc: list[Any]) -> type[BaseModel] | None:
+    """The config model (section) found by following ``loc``'s keys down from ``model``."""
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    """Every section of the file by its TOML name: ``""`` (the top level), ``mqtt``, ``mqtt.tls``, ..."""
+    found: dict[str, type[BaseModel]] = {}
+
+    def walk(name: str, model: type[BaseModel]) -> None:
+        found[name] = model
+        for key, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(f"{name}.{key}" if name else key, annotation)
+
+    walk("", GatewayConfig)
+    return found
+
+
+def _unknown_key(key: str, model: type[BaseModel] | None, transport: str | None, top_level: bool) -> str:
+    """What to say of an unknown ``key`` of ``model`` (a device's when ``transport``): a near
+    miss among the keys at its level ("did you mean"), or where it belongs (a key written
+    below the wrong [section] line, a key of another transport's devices)."""
+    known = [name for name, field in (model.model_fields.items() if model else ()) if not field.exclude]
+    what = f"unknown key for a {transport} device" if transport else "unknown key"
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean {' or '.join(repr(c) for c in close)}?"
+    homes = [name for name, section in _sections().items() if key in section.model_fields]
+    others = [t for t, link in LINKS.items() if t != transport and key in link.Config.model_fields]
+    if "" in homes:
+        return (f"{what}; '{key}' is a top-level key: move it above the first [section] line "
+                "(every key below a [section] line belongs to that section)")
+    if homes:
+        return f"{what}; '{key}' belongs under [{homes[0]}]"
+    if others and transport:
+        return f"{what}; '{key}' is a key of {', '.join(others)} devices (docs/links.md)"
+    if others and top_level:
+        return f"{what}; '{key}' is a device key: write it under a [[devices]] entry"
+    if not known:
+        return what
+    return f"{what}; the keys here are: {', '.join(known)}" + (" (docs/links.md)" if transport else "")
+
+
+def id_suggestion(value: str) -> str:
+    """``value`` made into a valid id, as :func:`default_gateway_id` makes the host name one."""
+    name = re.sub(r"[^a-z0-9_-]", "-", value.strip().lower()).lstrip("-_")[:64]
+    return name
+
+
+def _pattern_message(pattern: str, value: Any, fallback: str) -> str:
+    """A pattern mismatch in words, not as the regular expression."""
+    if pattern == DEVICE_ID_PATTERN:
+        fix = id_suggestion(value) if isinstance(value, str) else ""
+        return ("ids are lower case: letters a-z, digits, '-' and '_', at most 64, starting with a letter or "
+                "digit" + (f'; write "{fix}"' if fix and fix != value else ""))
+    if pattern == RECORDER_GROUP_PATTERN:
+        return "letters, digits, '-' and '_' only, 1 to 64 of them"
+    return fallback

@@ -15,6 +15,7 @@ from gateway.bridge import Bridge
 from gateway.config import GatewayConfig, SecretError
 from gateway.diagnostics import Diagnostics
 from gateway.discovery import Discovery
+from gateway.kept_counters import KeptCounters
 from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
@@ -60,10 +61,13 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
         bridge.add(LINKS[device.transport](device, bridge))
+    kept = KeptCounters(store)
+    kept.restore(bridge.links)  # before the links start: seq_gaps goes on from the last run's
     discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic, config.devices,
                           publish=mqtt.publish, subscribe=mqtt.subscribe)
     mqtt.on_connect(discovery.on_connect)  # after the bridge's hook: statuses go out first
     bridge.on_metric = discovery.metric_seen
+    bridge.on_firmware = discovery.firmware_seen
 
     stop_on_signals(stop)
 
@@ -76,12 +80,12 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
     deadline = time.monotonic() + BROKER_WAIT
     while not mqtt.wait_connected(0.1) and not stop.is_set() and time.monotonic() < deadline:
         pass  # a SIGTERM while the broker refuses us (auth, TLS) must not wait for the deadline
-    if not mqtt.connected.is_set() and not stop.is_set():
+    if not mqtt.connected.is_set() and not stop.is_set() and not mqtt.refused():  # (a refusal said what to check)
         log.warning("broker %s:%s not reachable yet; readings are stored meanwhile, and it keeps trying",
                     config.mqtt.host, config.mqtt.port)
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge))
     watchdog.start()
-    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog.active)
+    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog.active, kept=kept)
     diagnostics.start()
     log.info("gateway %s running: %d device(s), database %s", config.gateway_id, len(config.devices),
              config.store.path)

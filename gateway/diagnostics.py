@@ -4,7 +4,9 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
 
 * ``<base>/<device>/diagnostics``: ``{"online", "frames", "rejected", "noise",
   "seq_gaps", "reconnects", "commands_ok", "commands_failed", "backlog",
-  "last_seen_ms", "counters": {every raw counter of the link}}``
+  "last_seen_ms", "at_ms" (when counted), "counters": {every raw counter of the link}}``,
+  plus the fields the link adds of its own (``Link.diagnostic_fields``; a tutorial UART
+  Pico's ``led_state``)
 * ``<base>/bridge/<gateway_id>/diagnostics``: the outbox, MQTT and store counters, and
   ``"health"``: ``{"state": "healthy" | "unhealthy" | "stopped", "problem": why not
   healthy (e.g. "the outbox loop has not turned for 42.0 s (bound 30.0 s)"), "at_ms",
@@ -12,7 +14,14 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
   "link-<device>": ...}}``, the watchdog's view (gateway/progress.py). Also published
   within HEALTH_CHECK seconds of a change of state, not only every ``interval``.
 
-Counters count since the gateway started. See docs/topics.md.
+A message on ``<base>/bridge/<gateway_id>/diagnostics/refresh`` (not retained; any
+payload) asks for both at once: ``pico-gateway status`` sends one, so that it shows
+the counters of now, not of up to ``interval`` seconds ago. Anyone who may publish
+can send it, so a burst of requests is one publish, and publishes are
+REFRESH_SPACING seconds apart at least (gateway/coalesce.py).
+
+Counters count since the gateway started, but ``seq_gaps``, which counts for as long
+as the database lives (gateway/kept_counters.py). See docs/topics.md.
 """
 
 from __future__ import annotations
@@ -22,18 +31,22 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway.coalesce import Coalesced
 from gateway.log_once import Once
 from gateway.store import StoreBusy
 
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
+    from gateway.kept_counters import KeptCounters
 
 log = logging.getLogger("gateway.diagnostics")
 
 STORE_WAIT = 1.0  # seconds the backlog count waits for the database writer
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
+REFRESH_SPACING = 1.0  # seconds between two publishes that refresh requests ask for
 REJECTED = ("malformed", "corrupt", "overlong", "bad_values", "unknown_type", "bad_answers", "bad_metric")
 
 
@@ -49,6 +62,7 @@ def device_report(link_stats: Counter[str], online: bool, backlog: int, last_see
         "commands_failed": link_stats["commands_failed"],
         "backlog": backlog,
         "last_seen_ms": last_seen_ms,
+        "at_ms": time.time_ns() // 1_000_000,
         "counters": dict(sorted(link_stats.items())),
     }
 
@@ -71,9 +85,12 @@ def _state(health: dict) -> tuple[object, ...]:
 
 
 class Diagnostics:
-    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False) -> None:
+    def __init__(self, bridge: Bridge, interval: float, log_health: bool = False,
+                 kept: KeptCounters | None = None) -> None:
         """``log_health``: log each change of health (the daemon asks for it when systemd's
-        watchdog, which logs them itself, is not active)."""
+        watchdog, which logs them itself, is not active). ``kept``: the counters saved at
+        each publish (gateway/kept_counters.py)."""
+        self.kept = kept
         self.bridge = bridge
         self.interval = interval
         self.log_health = log_health
@@ -83,18 +100,42 @@ class Diagnostics:
         self._logged: tuple[object, ...] = ()  # and logged
         self._backlog: int | None = None  # the last count (None: not counted yet)
         self._backlog_by_device: dict[str, int] = {}
+        self._next_publish = 0.0  # time.monotonic() of the next periodic round
         self._errors_logged = Once()
+        self._publishing = threading.Lock()  # one round at a time: the loop's, a refresh's, the last
+        self._refresh = Coalesced(self._refreshed, "diagnostics-refresh", spacing=REFRESH_SPACING)
 
     def start(self) -> None:
+        self.bridge.mqtt.subscribe(self.bridge.topics.bridge_refresh(self.bridge.gateway_id), self._on_refresh)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._refresh.stop()
         self._thread.join(timeout=0.1)  # (a round waiting for the store ends on its own; the stop must not wait)
+
+    def _on_refresh(self, topic: str, payload: bytes, retained: bool) -> None:
+        """The MQTT thread: a request for fresh counters (the round itself runs elsewhere)."""
+        if retained:  # it would ask again at every connect: not a request anyone is waiting on
+            self.bridge.stats["diagnostics_refresh_retained"] += 1
+            if self._errors_logged.first("retained refresh"):
+                log.warning("ignoring a retained message on %s (a refresh request must not be retained); "
+                            "delete it: mosquitto_pub -r -n -t %s", topic, topic)
+            return
+        self.bridge.stats["diagnostics_refresh_requests"] += 1
+        self._refresh.request()
+
+    def _refreshed(self) -> None:
+        if not self._stop.is_set():
+            self._guarded(self.publish)
 
     def publish(self, health: dict | None = None, store_wait: float = STORE_WAIT) -> None:
         """Publish every device's counters and the bridge's summary, retained; the backlog
         counts wait ``store_wait`` seconds at most for the database writer."""
+        with self._publishing:
+            self._publish(health, store_wait)
+
+    def _publish(self, health: dict | None, store_wait: float) -> None:
         bridge = self.bridge
         health = health or health_report(bridge, stopped=self._stop.is_set())
         if health["state"] == "unhealthy":
@@ -108,9 +149,12 @@ class Diagnostics:
             bridge.stats["diagnostics_store_busy"] += 1
             backlog = self._backlog_by_device
         for device, link in list(bridge.links.items()):
-            report = device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))
+            report = {**link.diagnostic_fields,  # (the common keys win over a link's own)
+                      **device_report(link.stats, link.online, backlog.get(device, 0), bridge.last_seen.get(device))}
             bridge.mqtt.publish(bridge.topics.diagnostics(device), json.dumps(report), qos=1, retain=True)
         self._publish_summary(self._backlog, health)
+        if self.kept is not None:
+            self.kept.save(bridge.links, wait=store_wait)
 
     def _publish_summary(self, backlog: int | None, health: dict) -> None:
         bridge = self.bridge
@@ -126,21 +170,27 @@ class Diagnostics:
         self._published = _state(health)
 
     def _run(self) -> None:
-        next_publish = time.monotonic() + self.interval
-        while not self._stop.wait(max(0.0, min(HEALTH_CHECK, next_publish - time.monotonic()))):
-            try:
-                health = health_report(self.bridge)
-                state = _state(health)
-                if self.log_health and state != self._logged:
-                    if health["state"] == "unhealthy":
-                        log.error("unhealthy: %s", health["problem"])
-                    elif self._logged:
-                        log.warning("healthy again")
-                    self._logged = state
-                if state != self._published or time.monotonic() >= next_publish:
-                    next_publish = time.monotonic() + self.interval
-                    self.publish(health)
-            except Exception as exc:  # never let reporting take anything down
-                self.bridge.stats["diagnostics_errors"] += 1
-                if self._errors_logged.first(f"{type(exc).__name__}: {exc}"[:200]):
-                    log.exception("publishing the diagnostics failed (survived; counted as diagnostics_errors)")
+        self._next_publish = time.monotonic() + self.interval
+        while not self._stop.wait(max(0.0, min(HEALTH_CHECK, self._next_publish - time.monotonic()))):
+            self._guarded(self._turn)
+
+    def _turn(self) -> None:
+        health = health_report(self.bridge)
+        state = _state(health)
+        if self.log_health and state != self._logged:
+            if health["state"] == "unhealthy":
+                log.error("unhealthy: %s", health["problem"])
+            elif self._logged:
+                log.warning("healthy again")
+            self._logged = state
+        if state != self._published or time.monotonic() >= self._next_publish:
+            self._next_publish = time.monotonic() + self.interval
+            self.publish(health)
+
+    def _guarded(self, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception as exc:  # never let reporting take anything down
+            self.bridge.stats["diagnostics_errors"] += 1
+            if self._errors_logged.first(f"{type(exc).__name__}: {exc}"[:200]):
+                log.exception("publishing the diagnostics failed (survived; counted as diagnostics_errors)")

@@ -1,17 +1,26 @@
 """Home Assistant MQTT discovery: every Pico, and the gateway itself, as an HA device.
 
-Device-based discovery (one retained message per device, its entities under
-``cmps``), on ``<prefix>/device/<object_id>/config``:
+Two forms, by ``homeassistant.mode``:
 
-* the gateway: ``<prefix>/device/<gateway_id>/config``, one ``binary_sensor``
-  (device class ``connectivity``) on ``<base>/bridge/<gateway_id>/status``;
-* each Pico: ``<prefix>/device/<gateway_id>_<device>/config`` with a ``sensor``
-  per metric, a ``switch`` for the LED, and diagnostic sensors read from the
-  JSON the gateway publishes on ``<base>/<device>/diagnostics``.
+* ``device`` (the default; Home Assistant 2024.11 or later): one retained
+  message per device, its entities under ``cmps``, on
+  ``<prefix>/device/<node>/config``;
+* ``entity`` (older Home Assistant, openHAB): one retained message per entity,
+  on ``<prefix>/<platform>/<node>/<key>/config``, each with the same entity
+  options plus the device (``dev``) and origin (``o``) blocks.
+
+``<node>`` is ``<gateway_id>`` for the gateway (one ``binary_sensor``, device
+class ``connectivity``, on ``<base>/bridge/<gateway_id>/status``) and
+``<gateway_id>_<device>`` for each Pico (a ``sensor`` per metric, a ``switch``
+for the LED, and diagnostic sensors read from the JSON the gateway publishes on
+``<base>/<device>/diagnostics``); ``<key>`` is the entity's key under ``cmps``.
+Home Assistant identifies a discovered entity by node and key in both forms,
+which is what lets it hand an entity over from one form to the other.
 
 Entities are available while both the gateway (bridge status) and the Pico
 (device status) say ``online``; the link counters only need the gateway.
-Unique ids are ``<gateway_id>_<device>_<component>``, stable across restarts.
+Unique ids are ``<gateway_id>_<device>_<component>``, stable across restarts
+and the same in both forms.
 
 Home Assistant forgets discovered entities it has not seen when it restarts
 without a persistent broker session, so the configs are retained, published
@@ -19,6 +28,13 @@ again after every (re)connect, and again a short random time after
 ``<prefix>/status`` says ``online`` (spreading the load when several gateways
 answer the same birth message). However many ``online`` arrive, one republish
 is pending at most, and two are at least ``republish_delay`` (and 1 s) apart.
+
+After each connect the retained configs under the prefix are read: this
+gateway's configs of devices that left the config are cleared (Home Assistant
+removes them), and those of the other form (the mode was switched) are handed
+over as Home Assistant documents (``{"migrate_discovery": true}`` to each, the
+new form published, then the old cleared), so the entities keep their names,
+areas and history.
 
 The class only needs a ``publish`` and a ``subscribe`` callable; the daemon
 hands it its MqttConnection's::
@@ -36,14 +52,15 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from gateway import __version__
 from gateway.coalesce import Coalesced
 from gateway.links.base import DeviceConfig, StrictModel
+from gateway.log_once import Once
 from gateway.topics import Topics, is_metric
 
 log = logging.getLogger("gateway.discovery")
@@ -56,6 +73,13 @@ Subscribe = Callable[[str, Handler], None]
 
 MIN_REPUBLISH_SPACING = 1.0  # seconds between two republishes for HA's birth message, at least
 MAX_METRICS = 32  # per device: a misbehaving Wi-Fi Pico must not grow a config without end
+PLATFORMS = ("sensor", "switch", "binary_sensor")  # every platform our entities use
+# Home Assistant's hand-over of a discovered entity from one topic form to the other: it
+# unloads the entity and keeps its settings for the config that comes next on the other form.
+MIGRATE = '{"migrate_discovery":true}'
+MIGRATE_WAIT = 2.0  # seconds between the hand-over messages and the new form (HA unloads meanwhile)
+MAX_SEEN = 4096  # retained configs of ours remembered per scan (forged ones must not fill memory)
+FIRMWARE_VERSION = re.compile(r"[0-9A-Za-z._+-]{1,32}")
 
 # Metrics each kind of Pico has before the gateway has seen a reading.
 PICOGW_METRICS = ("temp", "uptime", "mem_free")
@@ -96,6 +120,9 @@ class DiscoveryConfig(StrictModel):
     """``[homeassistant]`` in the config file."""
 
     enabled: bool = True
+    mode: Literal["device", "entity"] = Field(
+        "device", description="'device': one config per device (Home Assistant 2024.11 or later); "
+                              "'entity': one config per entity (older Home Assistant, openHAB)")
     prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
     republish_delay: float = Field(5.0, ge=0, le=300,
                                    description="max random delay (s) before re-publishing after HA's birth message")
@@ -129,7 +156,7 @@ def model(device: DeviceConfig) -> str:
 class Discovery:
     def __init__(self, config: DiscoveryConfig, gateway_id: str, base_topic: str,
                  devices: Sequence[DeviceConfig], publish: Publish, subscribe: Subscribe,
-                 *, sw_version: str = __version__) -> None:
+                 *, sw_version: str = __version__, migrate_wait: float = MIGRATE_WAIT) -> None:
         self.config = config
         self.prefix = config.prefix
         self.gateway_id = gateway_id
@@ -148,8 +175,11 @@ class Discovery:
                                     delay=lambda: random.uniform(0, self.config.republish_delay))
         self._started = False
         self._stale_scan: float | None = None
-        self.stale_seen: set[str] = set()  # object ids of our retained configs no longer configured
-        self.stats = {"published": 0, "removed": 0, "republish_requests": 0, "republished": 0}
+        self._migrate_wait = migrate_wait
+        self._seen: dict[str, str] = {}  # retained config topics of ours (any form) -> their node
+        self._bad_firmware = Once(limit=1000)  # devices whose bad firmware version was logged
+        self.stats = {"published": 0, "removed": 0, "handed_over": 0, "republish_requests": 0, "republished": 0,
+                      "bad_firmware": 0}
 
     # -- topics and ids --------------------------------------------------------------
     @property
@@ -161,10 +191,16 @@ class Discovery:
         return f"{self.gateway_id}_{device}"
 
     def device_topic(self, device: str) -> str:
+        """The device-form topic of a Pico."""
         return f"{self.prefix}/device/{self.object_id(device)}/config"
 
     def gateway_topic(self) -> str:
+        """The device-form topic of the gateway."""
         return f"{self.prefix}/device/{self.gateway_id}/config"
+
+    def entity_topic(self, platform: str, node: str, key: str) -> str:
+        """The entity-form topic of one entity (``node``: the gateway_id, or a Pico's object id)."""
+        return f"{self.prefix}/{platform}/{node}/{key}/config"
 
     def ha_status_topic(self) -> str:
         return f"{self.prefix}/status"
@@ -244,21 +280,36 @@ class Discovery:
             },
         }
 
+    def _in_mode(self, node: str, payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """topic -> config of one device's payload, in the configured form."""
+        if self.config.mode == "device":
+            return {f"{self.prefix}/device/{node}/config": payload}
+        shared = {"dev": payload["dev"], "o": payload["o"]}  # (every entity names its device)
+        return {self.entity_topic(cmp["p"], node, key): {**{k: v for k, v in cmp.items() if k != "p"}, **shared}
+                for key, cmp in payload["cmps"].items()}
+
+    def device_configs(self, device_id: str) -> dict[str, dict[str, Any]]:
+        """What is published for a Pico, topic -> config, in the configured form."""
+        return self._in_mode(self.object_id(device_id), self.device_payload(device_id))
+
+    def gateway_configs(self) -> dict[str, dict[str, Any]]:
+        """What is published for the gateway itself, topic -> config, in the configured form."""
+        return self._in_mode(self.gateway_id, self.gateway_payload())
+
     # -- publishing --------------------------------------------------------------------
-    def _send(self, topic: str, payload: dict[str, Any] | str) -> None:
-        body = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        self._publish(topic, body, 1, True)
+    def _send(self, configs: dict[str, dict[str, Any]]) -> None:
+        for topic, payload in configs.items():
+            self._publish(topic, json.dumps(payload, separators=(",", ":"), ensure_ascii=False), 1, True)
+            self.stats["published"] += 1
 
     def publish_device(self, device_id: str) -> None:
         if self.config.enabled and device_id in self.devices:
-            self._send(self.device_topic(device_id), self.device_payload(device_id))
-            self.stats["published"] += 1
+            self._send(self.device_configs(device_id))
 
     def publish_all(self) -> None:
         if not self.config.enabled:
             return
-        self._send(self.gateway_topic(), self.gateway_payload())
-        self.stats["published"] += 1
+        self._send(self.gateway_configs())
         for device_id in self.devices:
             self.publish_device(device_id)
 
@@ -272,12 +323,15 @@ class Discovery:
             log.info("Home Assistant discovery is off (homeassistant.enabled = false)")
             return
         self._subscribe(self.ha_status_topic(), self._on_ha_status)
+        # Both forms, whichever is configured: a switched mode leaves the other one's behind.
         self._subscribe(f"{self.prefix}/device/+/config", self._on_config)
+        for platform in PLATFORMS:
+            self._subscribe(f"{self.prefix}/{platform}/+/+/config", self._on_config)
         self._started, self._stale_scan = True, stale_scan
 
     def on_connect(self) -> None:
         """After every connect to the broker, the first included: publish everything, and
-        look for stale configs among the retained ones the subscription delivers."""
+        look for stale configs among the retained ones the subscriptions deliver."""
         if not self._started:
             return
         self.publish_all()
@@ -301,8 +355,15 @@ class Discovery:
         self.publish_device(device)
 
     def firmware_seen(self, device: str, version: str) -> None:
-        """The Pico said which firmware it runs (picogw hello ``fw=``): shown as its sw version."""
-        if device not in self.devices or not re.fullmatch(r"[0-9A-Za-z._+-]{1,32}", version):
+        """The Pico's hello said which firmware it runs: shown as the device's software version."""
+        if not self.config.enabled or device not in self.devices or not version:  # ("": it named none)
+            return
+        if not FIRMWARE_VERSION.fullmatch(version):
+            self.stats["bad_firmware"] += 1
+            if self._bad_firmware.first(device):
+                log.warning("device %s: its hello names firmware %r, not a version (1 to 32 letters, digits or "
+                            "'._+-'); not shown in Home Assistant, counted as bad_firmware, logged once",
+                            device, version[:40])
             return
         with self._lock:
             if self._firmware.get(device) == version:
@@ -310,19 +371,40 @@ class Discovery:
             self._firmware[device] = version
         self.publish_device(device)
 
-    def remove_stale(self, previous_ids: Iterable[str] = ()) -> list[str]:
-        """Clear (empty retained payload) the discovery config of every device that left
-        the config: ``previous_ids`` (device ids) plus those found among the retained
-        configs at start. Returns the object ids cleared."""
-        candidates = {self.object_id(d) for d in previous_ids if d not in self.devices}
+    def remove_stale(self) -> list[str]:
+        """Deal with the retained configs of ours found since the last scan that this run
+        does not publish: those of devices that left the config are cleared (Home Assistant
+        removes the device); those of the other form (the mode was switched) are handed over,
+        then cleared (:meth:`_hand_over`). Returns the topics cleared or handed over."""
         with self._lock:
-            candidates |= self.stale_seen
-            self.stale_seen.clear()
-        for object_id in sorted(candidates):
-            log.info("removing the Home Assistant device %s: no longer in the config", object_id)
-            self._publish(f"{self.prefix}/device/{object_id}/config", "", 1, True)
+            seen, self._seen = self._seen, {}
+        current = {self.gateway_id} | {self.object_id(d) for d in self.devices}
+        gone = sorted(topic for topic, node in seen.items() if node not in current)
+        other_form = sorted(topic for topic, node in seen.items()
+                            if node in current and self._form(topic) != self.config.mode)
+        for node in sorted({seen[topic] for topic in gone}):
+            log.info("removing the Home Assistant device %s: no longer in the config", node)
+        for topic in gone:
+            self._publish(topic, "", 1, True)
             self.stats["removed"] += 1
-        return sorted(candidates)
+        if other_form:
+            log.info("Home Assistant discovery is in %s mode now: handing %d config(s) of the other mode over "
+                     "to it, then clearing them", self.config.mode, len(other_form))
+            for topic in other_form:
+                self._publish(topic, MIGRATE, 1, False)  # (not retained: it must not outlive the hand-over)
+            self._later(self._migrate_wait, lambda: self._hand_over(other_form))
+        return gone + other_form
+
+    def _hand_over(self, old: list[str]) -> None:
+        """Second half of a mode switch: the new form again (Home Assistant ignored it while
+        the old one held the entities), then the old form cleared."""
+        self.publish_all()
+        for topic in old:
+            self._publish(topic, "", 1, True)
+            self.stats["handed_over"] += 1
+
+    def _form(self, topic: str) -> str:
+        return "device" if topic.startswith(f"{self.prefix}/device/") else "entity"
 
     def stop(self) -> None:
         self._stopped.set()
@@ -361,14 +443,19 @@ class Discovery:
         self.publish_all()
 
     def _on_config(self, topic: str, payload: bytes, retained: bool) -> None:
-        """A retained device config under our prefix: note it if it is ours and stale."""
-        parts = topic.split("/")
-        if not payload or len(parts) < 3:
+        """A config under our prefix, in either form: note it if it is one of ours."""
+        parts = topic[len(self.prefix) + 1:].split("/")  # device/<node>/config, <platform>/<node>/<key>/config
+        if len(parts) not in (3, 4):
             return
-        object_id = parts[-2]
-        prefix = self.gateway_id + "_"
-        if not object_id.startswith(prefix) or object_id[len(prefix):] in self.devices:
+        node = parts[1]
+        if node != self.gateway_id and not node.startswith(self.gateway_id + "_"):
+            return  # (the cheap test first: every other integration's configs arrive here too)
+        if not payload:  # cleared (by us, or by someone deleting the device in HA)
+            with self._lock:
+                self._seen.pop(topic, None)
             return
+        if not retained:
+            return  # the scan is about what the broker keeps
         try:
             data = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
@@ -377,10 +464,13 @@ class Discovery:
             return
         origin = data.get("o") or data.get("origin") or {}
         dev = data.get("dev") or data.get("device") or {}
-        # Both checks: gateway "pi" must not clear gateway "pi_x"'s devices.
-        if not isinstance(origin, dict) or origin.get("name") != ORIGIN_NAME:
+        # Both checks: gateway "pi" must not touch gateway "pi_x"'s devices, nor gateway "pi_x" itself.
+        if not isinstance(origin, dict) or origin.get("name") != ORIGIN_NAME or not isinstance(dev, dict):
             return
-        if not isinstance(dev, dict) or dev.get("via_device") != self.gateway_identifier:
+        ids = dev.get("ids") or dev.get("identifiers") or []
+        ids = [ids] if isinstance(ids, str) else ids if isinstance(ids, list) else []  # (HA takes either)
+        if dev.get("via_device") != self.gateway_identifier and self.gateway_identifier not in ids:
             return
         with self._lock:
-            self.stale_seen.add(object_id)
+            if topic in self._seen or len(self._seen) < MAX_SEEN:
+                self._seen[topic] = node

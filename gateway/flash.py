@@ -57,6 +57,10 @@ SKIP = {"config_example.py", "config.py"}
 CHUNK = 256  # bytes per raw-REPL write, as mpremote's own fs commands use
 HELLO_TIMEOUT = 15.0
 READ_TIMEOUT = 10.0  # seconds any one read from the board may wait: a board gone silent fails the flash, not hangs it
+# Seconds the board has to stop its program and enter the raw REPL. A program that turned
+# Ctrl-C off (micropython.kbd_intr(-1)) and keeps printing would otherwise hold the flash for
+# ever: every read returns something, so no read timeout ends it.
+RAW_REPL_TIMEOUT = 15.0
 
 Out = Callable[[str], None]
 
@@ -135,18 +139,32 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
     try:
         transport = SerialTransport(port, baudrate=115200)
     except (TransportError, OSError) as exc:
-        raise FlashError(f"cannot open {port}: {exc} (is the gateway or another mpremote using it? "
-                         "stop it first: sudo systemctl stop pico-gateway)") from None
+        raise no_such_port(port) or FlashError(
+            f"cannot open {port}: {exc} (is the gateway or another mpremote using it? "
+            "stop it first: sudo systemctl stop pico-gateway)") from None
     import threading
 
-    from gateway.links.usb import BoundedPort
+    from gateway.links.usb import BoundedPort, Stopping
 
     # mpremote reads its port without a timeout: a board that stops answering would hang
     # the flash for ever (a TransportError instead, below).
-    transport.serial = BoundedPort(transport.serial, READ_TIMEOUT, threading.Event())
+    too_long = threading.Event()
+    transport.serial = BoundedPort(transport.serial, READ_TIMEOUT, too_long)
     try:
         # a soft reset stops whatever program runs, with a clean heap for the copy
-        transport.enter_raw_repl(soft_reset=True)
+        deadline = threading.Timer(RAW_REPL_TIMEOUT, too_long.set)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            transport.enter_raw_repl(soft_reset=True)
+        except Stopping:
+            raise FlashError(f"the board on {port} keeps running its program: it did not stop for Ctrl-C within "
+                             f"{RAW_REPL_TIMEOUT:.0f} s (a program may turn Ctrl-C off with micropython.kbd_intr(-1)). "
+                             "Unplug it, hold BOOTSEL while plugging it in, copy MicroPython's UF2 to the "
+                             "drive that appears, then flash again") from None
+        finally:
+            deadline.cancel()
+            too_long.clear()
         for name, data in files.items():
             transport.fs_writefile(name, data, chunk_size=CHUNK)
             if _sha256_on_board(transport, name) != hashlib.sha256(data).hexdigest():
@@ -157,6 +175,30 @@ def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
         raise FlashError(f"the board on {port} did not take the files: {exc}") from None
     finally:
         transport.close()
+
+
+def serial_ports() -> list[str]:
+    """The serial ports of this machine, each with what it is, then their stable names
+    (/dev/serial/by-id/, what a config should use) with the port each points to."""
+    from serial.tools.list_ports import comports
+
+    found = [p.device + (f" ({p.description})" if p.description and p.description != "n/a" else "")
+             for p in sorted(comports(), key=lambda p: p.device)]
+    by_id = Path("/dev/serial/by-id")
+    if by_id.is_dir():
+        found += [f"{link} (-> {link.resolve()})" for link in sorted(by_id.iterdir())]
+    return found
+
+
+def no_such_port(port: str) -> FlashError | None:
+    """The error for a port that does not exist, naming those that do; None when it exists."""
+    if os.path.exists(port):
+        return None
+    ports = serial_ports()
+    there = ("serial ports here: " + ", ".join(ports)) if ports else "this machine has no serial port at all"
+    return FlashError(f"{port} does not exist; {there}. Is the Pico plugged in, with a data cable (not a "
+                      "charging-only one)? A Pico in BOOTSEL mode is a USB drive, not a port: copy MicroPython's "
+                      "UF2 onto it first")
 
 
 def mip_install(port: str, out: Out, package: str = "umqtt.simple") -> None:
@@ -174,8 +216,9 @@ def _open_serial(port: str, baudrate: int) -> Any:
     try:
         return serial.Serial(port, baudrate=baudrate, timeout=0.1, exclusive=True)
     except (serial.SerialException, OSError) as exc:
-        raise FlashError(f"cannot open {port} to listen for the hello: {exc} (the gateway may hold it; "
-                         "stop it while flashing)") from None
+        raise no_such_port(port) or FlashError(
+            f"cannot open {port} to listen for the hello: {exc} (the gateway may hold it; "
+            "stop it while flashing)") from None
 
 
 def reset_and_wait_hello(usb_port: str, device: DeviceConfig, check_hello: bool,

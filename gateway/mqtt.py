@@ -12,14 +12,21 @@
   any thread wakes the loop only when paho's queue was empty, and the loop
   writes the whole queue before it sleeps again (docs/performance.md).
 - Readings at QoS 0 go out many to a write (:meth:`MqttConnection.publish_many`),
-  and :class:`GatewayClient` takes three per-message costs out of paho's QoS 1
-  path; both lean on paho 2.x internals, which is why paho is pinned below 3.
-- The client id is derived from ``gateway_id``; if the broker drops us because
-  another client took that id, the log says so in plain words.
+  and a faster client takes three per-message costs out of paho's QoS 1 path; both
+  lean on paho internals, which all live in ``gateway.paho_internals`` and are
+  checked at start-up. When that check fails (a paho release moved one), the
+  connection uses paho's public API instead, logs that once with paho's version,
+  and works the same, only slower per message. Nothing else here touches paho's
+  privates.
+- The client id is derived from ``gateway_id``. mosquitto drops the older of two
+  connections with one client id, silently: when the broker keeps closing ours soon
+  after accepting it, the log says once, in plain words, that another client
+  probably uses the id, naming it, and the retries slow down (the will each drop
+  publishes makes Home Assistant show the gateway unavailable meanwhile).
 - Username/password (read from ``mqtt.password_file``, never logged) and TLS
   (verification on unless ``tls.insecure``); a refused password, a missing
-  authorisation or a certificate that fails verification is logged as an error
-  saying what to check, counted, and retried with backoff (1 s doubling to
+  authorisation or a certificate that fails verification is logged once as an
+  error saying what to check, counted, and retried with backoff (1 s doubling to
   30 s): it never ends the process.
 
     >>> conn = MqttConnection(cfg.mqtt, client_id="pico-gateway-pi", will=("pico/bridge/pi/status", "offline"))
@@ -29,7 +36,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import select
@@ -40,7 +46,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -49,6 +55,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway import paho_internals as internals
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
 from gateway.log_once import Once
@@ -59,27 +66,77 @@ log = logging.getLogger("gateway.mqtt")
 Handler = Callable[[str, bytes, bool], None]
 RawHandler = Callable[[paho.MQTTMessage], None]
 SESSION_TAKEN_OVER = 142  # MQTT v5 reason codes
+UNSPECIFIED_ERROR = 128  # (paho's reason for a connection the broker closed without a DISCONNECT)
 BAD_USER_OR_PASSWORD = 134
 NOT_AUTHORIZED = 135
 TICK = 1.0  # seconds the network loop sleeps at most: keepalive pings are checked this often
 CONNECT_TIME = 30.0  # seconds a connection attempt may block in paho: a slow name lookup, a TCP and a TLS timeout
 STOP_WRITE = 2.0  # seconds the loop keeps writing queued packets (the DISCONNECT) at stop
 DISCONNECT_TIME = 0.3  # seconds of stop()'s budget kept for writing the DISCONNECT once the acks are waited for
-RECV_CHUNK = 65536  # bytes GatewayClient asks the socket for at once
-MERGE_MAX = 65536  # bytes GatewayClient joins into one queued entry at most
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
 MATCH_CACHE = 1024  # received topics whose matching subscriptions are kept (cleared when full)
 MATCH_TOPIC_MAX = 256  # characters; longer topics are matched each time, never kept
 _PUBLISH_QOS0 = b"\x30"  # PUBLISH, QoS 0, not retained, not a duplicate
+FALLBACK_INFLIGHT = 20  # QoS 1 messages unacknowledged at once without the fast path: paho's default, and
+# the Receive Maximum mosquitto announces by default (paho can change its limit only before connecting)
+KICK_WINDOW = 120.0  # seconds: a connection the broker closes sooner, without a reason, may have been taken over
+KICKS = 3  # such closes in a row, each followed by a connection at the first attempt: another client has our id
+KICK_REPORT = 600.0  # seconds between two reports of a client id conflict that goes on
 
 
-def published(info: paho.MQTTMessageInfo) -> bool:
-    """Whether paho has written (QoS 0) or the broker acknowledged (QoS 1) a message.
+class Delivery(Protocol):
+    """What a publish returns: paho's ``MQTTMessageInfo``, or :class:`PublicBatch`.
+    Ask :func:`published` whether it is done; ``rc`` is paho's error code."""
 
-    Not ``info.is_published()``: that raises for a QoS 1 message queued while the
-    connection was down, even after paho has sent it on reconnect and it was
-    acknowledged; the flag it guards is the answer."""
-    return info._published  # noqa: SLF001
+    @property
+    def rc(self) -> paho.MQTTErrorCode | int: ...
+
+
+def published(info: Delivery) -> bool:
+    """Whether paho has written (QoS 0) or the broker acknowledged (QoS 1) a message or batch."""
+    if type(info) is paho.MQTTMessageInfo:
+        return _info_published(info)
+    return info.published()  # type: ignore[attr-defined]
+
+
+def published_public(info: paho.MQTTMessageInfo) -> bool:
+    """:func:`published` through paho's public API. ``is_published()`` raises for a
+    message whose ``rc`` is an error: one never queued (no connection: not done), or a
+    QoS 0 message a reconnect found unwritten (``MQTT_ERR_CONN_LOST``: paho is done with
+    it, and its ``rc`` says it was lost). A QoS 1 message queued while disconnected is
+    given ``rc`` success by :meth:`MqttConnection.publish_message` (paho keeps it and
+    sends it on reconnect), so that this can see its acknowledgement."""
+    if info.rc == paho.MQTT_ERR_CONN_LOST:
+        return True
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
+# The check of paho's internals runs once, at start-up (importing this module).
+_info_published = internals.is_published if internals.problem() is None else published_public
+_fallback_logged = Once()
+
+
+class PublicBatch:
+    """:meth:`MqttConnection.publish_many` without the fast path: its messages, each
+    published with paho's public ``publish``, answering as one. ``rc`` is the first
+    error among them (``MQTT_ERR_NO_CONN`` when the connection dropped during the
+    batch; ``MQTT_ERR_CONN_LOST`` when a reconnect found one unwritten)."""
+
+    __slots__ = ("_infos", "_rc")
+
+    def __init__(self, infos: list[paho.MQTTMessageInfo], rc: paho.MQTTErrorCode = paho.MQTT_ERR_SUCCESS) -> None:
+        self._infos = infos
+        self._rc = rc
+
+    @property
+    def rc(self) -> paho.MQTTErrorCode | int:
+        return self._rc or next((info.rc for info in self._infos if info.rc), paho.MQTT_ERR_SUCCESS)
+
+    def published(self) -> bool:
+        return not self._rc and all(published_public(info) for info in self._infos)
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
@@ -135,124 +192,10 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class GatewayClient(paho.Client):
-    """paho's client, with three per-message costs of QoS 1 taken out (docs/performance.md,
-    fourth round); everything else is paho's.
-
-    - Reading: paho asks the socket for a packet's type byte, then each byte of its
-      length, then its body: three ``recv()`` calls per PUBACK. Here one ``recv()``
-      fills a buffer the next ones are served from; :meth:`buffered` tells the network
-      loop that bytes wait there which ``select()`` cannot see (as an SSL socket's
-      ``pending()`` does).
-    - A plain PUBACK (success, or "no matching subscribers", without properties) skips
-      paho's decoder, which builds a ``ReasonCode`` and a ``Properties`` for each;
-      ``on_publish`` gets shared ones (read them, never change them). Any other PUBACK
-      (a refusal, properties) goes through paho's own handling.
-    - Writing: paho sends each queued packet with its own ``send()``; here runs of
-      queued packets that need nothing done once written are joined first
-      (:meth:`_merge_queued`), so the QoS 1 messages paho releases as acks come in go
-      out together.
-
-    Overrides paho 2.x's private ``_sock_recv`` and ``_handle_pubackcomp`` and rewrites
-    entries of its private ``_out_packet`` queue (paho pinned below 3 in pyproject.toml;
-    every QoS 1 test, plain and TLS, runs through them; tests/test_mqtt_connection.py
-    holds the merge to what paho does with each kind of entry)."""
-
-    _PUBACK_SUCCESS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
-    _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rx = bytearray()
-        self._rx_sock: object = None  # the socket the buffered bytes came from
-
-    def buffered(self) -> int:
-        """Bytes read from the socket that paho has not consumed yet."""
-        return len(self._rx) if self._rx_sock is self._sock else 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        rx = self._rx
-        if self._rx_sock is not self._sock:  # a new connection: what the last one left is void
-            self._rx_sock = self._sock
-            rx.clear()
-        if not rx:
-            data = super()._sock_recv(RECV_CHUNK)  # BlockingIOError when there is nothing
-            if len(data) <= bufsize:  # all of it wanted (or b"": the broker closed)
-                return data
-            rx += data
-        out = bytes(rx[:bufsize])
-        del rx[:bufsize]
-        return out
-
-    def loop_write(self) -> paho.MQTTErrorCode:
-        self._merge_queued()
-        return super().loop_write()
-
-    def _merge_queued(self) -> None:
-        """Join runs of queued packets that need nothing done once written (all but a QoS 0
-        PUBLISH, whose info is marked published, and DISCONNECT, which closes the socket)
-        into one entry of at most MERGE_MAX bytes: one ``send()`` for a run of QoS 1
-        messages instead of one each. An entry already merged, or partly written, stays
-        as it is, so a socket that takes nothing for a while costs no copying. Only this
-        (the network) thread takes from the queue; others only append, to the right."""
-        queue = self._out_packet
-        count = len(queue)
-        if count < 2:
-            return
-        taken = list(itertools.islice(queue, count))  # built first: nothing is lost if this fails
-        merged: list[Any] = []
-        run: list[Any] = []
-        size = 0
-
-        def close_run() -> None:
-            if len(run) == 1:
-                merged.append(run[0])
-            elif run:
-                data = b"".join(p["packet"] for p in run)
-                merged.append({**run[0], "packet": data, "to_process": len(data), "pos": 0, "info": None,
-                               "merged": True})
-            run.clear()
-
-        for packet in taken:
-            command = packet["command"] & 0xF0
-            if (packet["pos"] or packet.get("merged") or command == paho.DISCONNECT
-                    or (command == paho.PUBLISH and packet["qos"] == 0)):
-                close_run()
-                merged.append(packet)
-                continue
-            if size + len(packet["packet"]) > MERGE_MAX:
-                close_run()
-            if not run:
-                size = 0
-            run.append(packet)
-            size += len(packet["packet"])
-        close_run()
-        if len(merged) == count:
-            return  # nothing joined
-        for _ in range(count):
-            queue.popleft()
-        queue.extendleft(reversed(merged))
-
-    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> paho.MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        # The id, then nothing (success), or a reason code, or that and an empty property
-        # list (MQTT 5 §3.4.2.1). mosquitto sends the reason code: 0x10 when no one subscribes.
-        size = len(packet)
-        reason = self._PUBACK_SUCCESS.get(packet[2] if size >= 3 else 0)
-        if (cmd != "PUBACK" or reason is None or not 2 <= size <= 4 or (size == 4 and packet[3])
-                or self._protocol != paho.MQTTv5):  # (3.1.1 allows exactly 2 bytes: paho checks)
-            return super()._handle_pubackcomp(cmd)
-        mid = int.from_bytes(packet[:2], "big")
-        with self._out_message_mutex:
-            if mid in self._out_messages:  # (an ack for a message no longer out is ignored, as paho does)
-                return self._do_on_publish(mid, reason, self._NO_PROPERTIES)
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-
 class MqttConnection:
     def __init__(self, cfg: MqttConfig, client_id: str, will: tuple[str, str] | None,
                  clean_start: bool = True, session_expiry: int = 0, receive_maximum: int | None = None,
-                 manual_ack: bool = False, report_refusals: bool = True) -> None:
+                 manual_ack: bool = False, report_refusals: bool = True, fast_path: bool = True) -> None:
         """``clean_start=False`` with ``session_expiry`` seconds: a persistent session (the
         broker keeps QoS 1 messages for us while we are away); ``manual_ack``: QoS 1
         messages are acknowledged only by :meth:`ack` (store first, then acknowledge).
@@ -260,6 +203,8 @@ class MqttConnection:
         this installs paho's ``on_publish``, which makes paho build two objects for every
         QoS 0 message written too (~10 µs, a sixth of a reading's cost under load), so a
         gateway publishing readings at QoS 0 turns it off.
+        ``fast_path=False``: paho's public API only, as when the check of paho's internals
+        fails (``gateway.paho_internals``).
         Raises SecretError when the password or a TLS file cannot be used."""
         self.cfg = cfg
         self.client_id = client_id
@@ -278,6 +223,12 @@ class MqttConnection:
             if receive_maximum:
                 self._connect_props.ReceiveMaximum = receive_maximum
         self._failing = ""  # the last connection failure, logged once per streak
+        self._refused = ""  # the broker's last refusal (credentials, TLS), logged once per streak
+        self._connected_at = 0.0  # monotonic time of the last connection
+        self._kicks = 0  # connections closed by the broker without a reason, soon after it accepted them, in a row
+        self._kicks_unreported = 0  # of them, since the conflict was last reported
+        self._kick_reported_at: float | None = None  # when the client id conflict was last reported
+        self._inflight_warned = False  # (without the fast path) the broker allows fewer in flight than we send
         self._manual_ack = manual_ack
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._on_disconnect_hooks: list[Callable[[], None]] = []
@@ -293,12 +244,22 @@ class MqttConnection:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.client = GatewayClient(
+        problem = internals.problem() if fast_path else "turned off by the caller"
+        self.fast_path = problem is None
+        client_class = internals.FastClient if self.fast_path else paho.Client
+        self.client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
             manual_ack=manual_ack,
         )
+        self._buffered: Callable[[], int] = getattr(self.client, "buffered", lambda: 0)
+        if problem is not None:
+            self.client.max_inflight_messages_set(FALLBACK_INFLIGHT)  # (only possible before connecting)
+            if _fallback_logged.first(problem):
+                log.warning("paho-mqtt %s: the fast MQTT path is off (%s); using paho's public API instead: the "
+                            "same messages, at a higher CPU cost per message (docs/performance.md)",
+                            internals.paho_version(), problem)
         self.client.suppress_exceptions = True  # second line of defence behind _guard
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
@@ -348,7 +309,13 @@ class MqttConnection:
         """Publish and return paho's message info, for callers that track delivery with
         :func:`published`. ValueError for a topic no message may have (:func:`topic_field`)."""
         self._topic_field(topic)
-        return self.client.publish(topic, payload, qos=qos, properties=properties)
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
+        if not self.fast_path and qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN:
+            # Queued while disconnected: paho sends it on reconnect. Its rc would keep paho's
+            # public is_published() raising even once it is acknowledged (see published_public).
+            # (The fast path reads paho's flag itself, and callers accept either rc.)
+            info.rc = paho.MQTT_ERR_SUCCESS
+        return info
 
     def publishable(self, topic: str) -> bool:
         """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
@@ -368,7 +335,7 @@ class MqttConnection:
             field = cache[topic] = topic_field(topic)
         return field
 
-    def publish_many(self, messages: list[tuple[str, str]]) -> paho.MQTTMessageInfo:
+    def publish_many(self, messages: list[tuple[str, str]]) -> Delivery:
         """Publish ``(topic, payload)`` messages at QoS 0, not retained, as one write.
 
         paho has no batch API: each ``publish`` builds a message info holding a
@@ -379,17 +346,17 @@ class MqttConnection:
         :func:`published` when paho has written the last byte of the batch, and its
         ``rc`` is ``MQTT_ERR_NO_CONN`` (nothing queued) when there is no connection.
         A reconnect marks an unwritten batch ``MQTT_ERR_CONN_LOST``, as paho does a
-        single QoS 0 message.
+        single QoS 0 message. ValueError, before anything is queued, when a topic is not
+        one to publish to (:func:`topic_field`).
 
             >>> info = conn.publish_many([("pico/a/sensor/t", "21.5"), ("pico/a/sensor/h", "40")])
 
-        Relies on paho's private ``_packet_queue`` (paho-mqtt 2.x, pinned below 3 in
-        pyproject.toml; tests/test_mqtt_connection.py holds it to a real broker)."""
+        Without the fast path, each message goes through paho's ``publish`` (same
+        messages, same order) and a :class:`PublicBatch` answers for them."""
+        if not self.fast_path:
+            return self._publish_each(messages)
         client = self.client
         info = paho.MQTTMessageInfo(0)
-        if not messages:
-            info._set_as_published()  # noqa: SLF001 (paho would drop an empty packet unsent)
-            return info
         cache, short = self._topic_fields, _SHORT
         parts: list[bytes] = []
         for topic, payload in messages:
@@ -397,13 +364,27 @@ class MqttConnection:
             body = payload.encode()
             size = len(field) + len(body)
             parts += (_PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
-        if client.socket() is None:
+        if messages and client.socket() is None:
             info.rc = paho.MQTT_ERR_NO_CONN
             return info
-        rc = client._packet_queue(paho.PUBLISH, b"".join(parts), 0, 0, info)  # noqa: SLF001
+        rc = internals.queue_publishes(client, b"".join(parts), info)
         if rc:  # (not a plain assignment: a reconnect meanwhile may have marked it CONN_LOST)
             info.rc = rc
         return info
+
+    def _publish_each(self, messages: list[tuple[str, str]]) -> PublicBatch:
+        for topic, _ in messages:
+            self._topic_field(topic)  # every topic checked before any message goes
+        if messages and self.client.socket() is None:
+            return PublicBatch([], paho.MQTT_ERR_NO_CONN)
+        infos: list[paho.MQTTMessageInfo] = []
+        with self.batch():  # one wake of the network thread for the lot
+            for topic, payload in messages:
+                info = self.client.publish(topic, payload, qos=0)
+                infos.append(info)
+                if info.rc:
+                    break  # the connection dropped: the rest would not go either
+        return PublicBatch(infos)
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
@@ -446,6 +427,11 @@ class MqttConnection:
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
+
+    def refused(self) -> bool:
+        """The broker answers but refuses us (credentials, TLS): an error said so, with what to
+        check; not the moment to add that the broker is not reachable."""
+        return bool(self._refused)
 
     def stop(self, last_words: list[tuple[str, str]] = (), timeout: float = STOP_WRITE + 1) -> None:
         """Publish ``last_words`` (retained, QoS 1), wait for their acknowledgements, disconnect:
@@ -505,6 +491,8 @@ class MqttConnection:
                 continue
             try:
                 self._round(client, sock)
+                if self._kick_reported_at is not None:
+                    self._conflict_over()
             except Exception as exc:  # paho or a hook failed: count, log (once per kind), carry on
                 self.stats["loop_errors"] += 1
                 if self._loop_errors.first(f"{type(exc).__name__}: {exc}"[:200]):
@@ -524,9 +512,9 @@ class MqttConnection:
             self.stats["connect_failures"] += 1
             log.exception("cannot connect to %s:%s (retrying with backoff)", self.cfg.host, self.cfg.port)
 
-    def _round(self, client: GatewayClient, sock: socket.socket) -> None:
-        # Bytes select() cannot see: decrypted by TLS, or in the client's read buffer.
-        pending = client.buffered() + (sock.pending() if isinstance(sock, ssl.SSLSocket) else 0)
+    def _round(self, client: paho.Client, sock: socket.socket) -> None:
+        # Bytes select() cannot see: decrypted by TLS, or in the fast client's read buffer.
+        pending = self._buffered() + (sock.pending() if isinstance(sock, ssl.SSLSocket) else 0)
         readable, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
                                        0 if pending else TICK)
         if self._wake_r in readable:
@@ -564,35 +552,47 @@ class MqttConnection:
                     reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
             self.stats["connect_failures"] += 1
+            self._kicks = 0  # (the broker answers, but refuses: not a connection taken over)
             where = f"{self.cfg.host}:{self.cfg.port}"
             if reason.value == BAD_USER_OR_PASSWORD:
                 self.stats["auth_failures"] += 1
-                log.error("broker %s refused our user name or password (user %r, password from "
-                          "mqtt.password_file%s): check both, and the broker's password_file; retrying with "
-                          "backoff", where, self.cfg.username, "" if self.cfg.password_file else ", which is not set")
+                self._refusal(reason.value, "broker %s refused our user name or password (user %r, password from "
+                              "mqtt.password_file%s): check both, and the broker's password_file; retrying with "
+                              "backoff", where, self.cfg.username,
+                              "" if self.cfg.password_file else ", which is not set")
             elif reason.value == NOT_AUTHORIZED:
                 # mosquitto 2.0 answers a wrong password with this code too.
                 self.stats["auth_failures"] += 1
                 if self.cfg.username:
-                    log.error("broker %s refused user %r: not authorized (a wrong password, or a user the "
-                              "broker does not know or allow): check mqtt.username, the file mqtt.password_file "
-                              "names, and the broker's password_file; retrying with backoff", where,
-                              self.cfg.username)
+                    self._refusal(reason.value, "broker %s refused user %r: not authorized (a wrong password, or a "
+                                  "user the broker does not know or allow): check mqtt.username, the file "
+                                  "mqtt.password_file names, and the broker's password_file; retrying with backoff",
+                                  where, self.cfg.username)
                 else:
-                    log.error("broker %s refused an anonymous connection: not authorized; set mqtt.username "
-                              "and mqtt.password_file (docs/security.md); retrying with backoff", where)
+                    self._refusal(reason.value, "broker %s refused an anonymous connection: not authorized; set "
+                                  "mqtt.username and mqtt.password_file (docs/security.md); retrying with backoff",
+                                  where)
             else:
-                log.error("broker %s refused the connection: %s", where, reason)
+                self._refusal(reason.value, "broker %s refused the connection: %s; retrying with backoff", where,
+                              reason)
             return
-        self._failing = ""
-        self._backoff.reset()
+        self._failing = self._refused = ""
+        self._connected_at = time.monotonic()
+        if not self._kicks:  # (while the broker keeps closing new connections, the retries slow down instead)
+            self._backoff.reset()
         # paho does not honour the broker's Receive Maximum (MQTT v5; absent means 65,535):
         # more unacknowledged QoS 1 messages than it allows is a protocol error, and
         # fewer (paho's own limit is 20) leave the outbox's window idle while acks travel.
-        # paho's public setter refuses an open connection; between two positive values
-        # its flow control stays consistent (each ack compares against the limit anew).
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
-        client._max_inflight_messages = receive_maximum or 65535  # noqa: SLF001
+        if self.fast_path:
+            internals.set_inflight_limit(client, receive_maximum or 65535)
+        elif receive_maximum and receive_maximum < client.max_inflight_messages and not self._inflight_warned:
+            self._inflight_warned = True
+            log.warning("broker %s:%s allows only %d unacknowledged QoS 1 messages, and without the fast path "
+                            "the gateway sends up to %d (paho fixes its limit before connecting): the broker may "
+                            "drop the connection; set max_inflight_messages %d or more in mosquitto's config",
+                            self.cfg.host, self.cfg.port, receive_maximum, client.max_inflight_messages,
+                            client.max_inflight_messages)
         log.info("connected to %s:%s as %s%s", self.cfg.host, self.cfg.port, self.client_id,
                  " (TLS)" if self.cfg.tls.enabled else "")
         self.stats["connects"] += 1
@@ -604,20 +604,34 @@ class MqttConnection:
         for hook in self._on_connect_hooks:
             hook()
 
+    def _refusal(self, kind: object, msg: str, *args: object) -> None:
+        """Log the broker's refusal (of our credentials, our TLS) as an error once per streak:
+        each retry meets the same answer, and is counted; the repeats go to the debug log."""
+        self._kicks = 0
+        self._failing = ""
+        if str(kind) != self._refused:
+            self._refused = str(kind)
+            log.error(msg, *args)
+        else:
+            log.debug(msg, *args)
+
     def _connect_failed(self, exc: OSError) -> None:
         where = f"{self.cfg.host}:{self.cfg.port}"
         if isinstance(exc, ssl.SSLCertVerificationError):
             self.stats["tls_failures"] += 1
-            log.error("TLS: the certificate of broker %s failed verification: %s; check mqtt.tls.ca_file (%s) "
-                      "and that mqtt.host matches the name in the broker's certificate; retrying with backoff",
-                      where, exc.verify_message or exc, self.cfg.tls.ca_file or "the system's CAs")
+            self._refusal("tls verification", "TLS: the certificate of broker %s failed verification: %s; check "
+                          "mqtt.tls.ca_file (%s) and that mqtt.host matches the name in the broker's certificate; "
+                          "retrying with backoff", where, exc.verify_message or exc,
+                          self.cfg.tls.ca_file or "the system's CAs")
         elif isinstance(exc, ssl.SSLError):
             self.stats["tls_failures"] += 1
-            log.error("TLS handshake with broker %s failed: %s; is it a TLS listener, and does it need "
-                      "a client certificate (mqtt.tls.certfile/keyfile)? retrying with backoff", where,
-                      exc.reason or exc)
+            self._refusal("tls", "TLS handshake with broker %s failed: %s; is it a TLS listener, and does it need "
+                          "a client certificate (mqtt.tls.certfile/keyfile)? retrying with backoff", where,
+                          exc.reason or exc)
         else:
             self.stats["connect_failures"] += 1
+            self._kicks = 0  # the broker is away: its closing our connection was not another client's doing
+            self._refused = ""
             text = f"{exc}" if exc else "unknown error"
             if text != self._failing:
                 self._failing = text
@@ -627,16 +641,59 @@ class MqttConnection:
                        reason: ReasonCode, properties: Properties | None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if reason.value == SESSION_TAKEN_OVER:
-            self.stats["taken_over"] += 1
-            log.error("the broker dropped us because another client connected with client id %r: "
-                      "is a second gateway running with the same gateway_id?", self.client_id)
+        lasted = time.monotonic() - self._connected_at
+        # mosquitto closes the older of two connections with one client id without a word (2.0) or
+        # with "session taken over" (MQTT v5 reason 142): no DISCONNECT, "unspecified error", soon
+        # after it accepted us. A broker going away looks the same, but then reconnecting fails,
+        # which ends the streak (_connect_failed).
+        taken_over = reason.value == SESSION_TAKEN_OVER
+        if taken_over or (was and reason.value == UNSPECIFIED_ERROR and lasted < KICK_WINDOW
+                          and not getattr(flags, "is_disconnect_packet_from_server", False)):
+            self._kicks = max(self._kicks + 1, KICKS if taken_over else 0)
+        elif was:
+            self._kicks = 0
+            self._backoff.reset()
+        if self._kicks >= KICKS:
+            self.stats["client_id_conflicts"] += 1
+            self._report_conflict(taken_over)
         elif was and reason.value != 0:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         if was:
             self.stats["disconnects"] += 1
         for hook in self._on_disconnect_hooks:
             hook()
+
+    def _report_conflict(self, taken_over: bool) -> None:
+        """Another client uses our client id: say so once, then every KICK_REPORT seconds at most."""
+        now = time.monotonic()
+        self._kicks_unreported += 1
+        if self._kick_reported_at is None:
+            cause = ("the broker dropped us because another client connected with our client id %r" if taken_over
+                     else f"the broker closed our connection {self._kicks} times in a row soon after accepting it: "
+                          "another client is most likely connected with our client id %r (mosquitto then drops "
+                          "the older connection; its log says \"Client <id> already connected, closing old "
+                          "connection\")")
+            log.error(cause + ". Is a second gateway running with the same gateway_id, or does another program use "
+                      "this client id? Give each its own (mqtt.client_id). Each drop publishes our will, so Home "
+                      "Assistant shows this gateway unavailable meanwhile; retrying less and less often (up to "
+                      "every %g s)", self.client_id, self._backoff.cap)
+        elif now - self._kick_reported_at >= KICK_REPORT:
+            log.error("the broker still drops our connection: %d more time(s) in the last %.0f minutes; another "
+                      "client most likely uses our client id %r", self._kicks_unreported,
+                      (now - self._kick_reported_at) / 60, self.client_id)
+        else:
+            return
+        self._kick_reported_at = now
+        self._kicks_unreported = 0
+
+    def _conflict_over(self) -> None:
+        """After a reported client id conflict: once a connection has held for KICK_WINDOW, say it is over."""
+        if self.connected.is_set() and time.monotonic() - self._connected_at >= KICK_WINDOW:
+            log.info("the connection as %r has held for %.0f s: the client id conflict is over", self.client_id,
+                     KICK_WINDOW)
+            self._kick_reported_at = None
+            self._kicks = self._kicks_unreported = 0
+            self._backoff.reset()
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,
                     reason: ReasonCode, properties: Properties | None) -> None:

@@ -13,7 +13,9 @@ Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent)`
 device's metric over a time range". ``sent`` is the outbox: 0 until the broker
 acknowledged the reading's message, then 1; 2 when the backlog bound made the
 gateway give up publishing it (the reading stays here). A partial index keeps
-the unsent rows cheap to find however big the table grows.
+the unsent rows cheap to find however big the table grows. Table
+``counters(device, name, value)`` keeps the few link counters that count across
+runs (gateway/kept_counters.py).
 
 ``commit`` returns only after the transaction is durable at the configured
 ``synchronous`` level (FULL by default): a reading is on disk before it is
@@ -201,6 +203,14 @@ class Store:
         """
         return tuple(self._call("expire_unsent", keep_rows, older_than_ms,
                                 own_from_id if own_from_id is not None else 1 << 62, own_until_id))  # type: ignore[return-value]
+
+    def counters(self, wait: float | None = None) -> dict[tuple[str, str], int]:
+        """The counters kept across runs, by (device, name): see gateway/kept_counters.py."""
+        return {(device, name): value for device, name, value in self._call("counters", wait=wait)}
+
+    def keep_counters(self, values: dict[tuple[str, str], int], wait: float | None = None) -> None:
+        """Store these counters' values (replacing what was kept for each), in one transaction."""
+        self._call("keep_counters", [(device, name, value) for (device, name), value in values.items()], wait=wait)
 
     def _set_fault(self, pragma: str, value: int) -> None:
         """For tests: ``("max_page_count", 0)`` makes SQLite refuse to grow the file (a full

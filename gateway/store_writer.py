@@ -54,6 +54,9 @@ SCHEMA = [
      '"sent" INTEGER NOT NULL DEFAULT 1)'),
     'CREATE INDEX IF NOT EXISTS "idx_readings_device_metric_ts" ON "readings" ("device", "metric", "ts")',
     "CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0",
+    # Counters that outlive a run (gateway/kept_counters.py): one row per device and counter.
+    ('CREATE TABLE IF NOT EXISTS "counters" ("device" TEXT NOT NULL, "name" TEXT NOT NULL, '
+     '"value" INTEGER NOT NULL, PRIMARY KEY ("device", "name")) WITHOUT ROWID'),
 ]
 _HEADER = struct.Struct("<I")
 
@@ -245,6 +248,15 @@ class Writer:
                 (own_until_id, own_from_id, older_than_ms)).rowcount
         return by_rows, by_age
 
+    def counters(self) -> list[tuple[str, str, int]]:
+        return self.conn.execute('SELECT device, name, value FROM counters').fetchall()
+
+    def keep_counters(self, rows: list[tuple[str, str, int]]) -> None:
+        self.check_identity()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany("INSERT OR REPLACE INTO counters (device, name, value) VALUES (?, ?, ?)", rows)
+
     def reopen_if_stale(self) -> None:
         if self.stale and self._conn is not None:
             self.conn.close()
@@ -286,7 +298,7 @@ class Writer:
 def serve(writer: Writer, requests: IO[bytes], answers: IO[bytes]) -> None:
     handlers: dict[str, Callable[..., Any]] = {"commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
                 "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
-                "set_fault": writer.set_fault}
+                "counters": writer.counters, "keep_counters": writer.keep_counters, "set_fault": writer.set_fault}
     while True:
         try:
             op, *args = read_message(requests)

@@ -59,6 +59,18 @@ class Topics:
     def bridge_status(self, gateway_id: str) -> str:
         return f"{self.base}/bridge/{gateway_id}/status"
 
+    def bridge_refresh(self, gateway_id: str) -> str:
+        """Any message here (not retained) asks the gateway to publish its diagnostics now."""
+        return f"{self.base}/bridge/{gateway_id}/diagnostics/refresh"
+
+    def all_bridge_statuses(self) -> str:
+        return f"{self.base}/bridge/+/status"
+
+    def parse_bridge_status(self, topic: str) -> str | None:
+        """The gateway_id of ``<base>/bridge/<gateway_id>/status``, else None."""
+        parts = self._levels(topic, 3)
+        return parts[1] if parts and parts[0] == "bridge" and parts[2] == "status" else None
+
     def bridge_conflicts(self, gateway_id: str) -> str:
         """Devices this gateway owns that another gateway claims too (JSON, retained)."""
         return f"{self.base}/bridge/{gateway_id}/conflicts"
@@ -69,6 +81,10 @@ class Topics:
     def owner(self, device: str) -> str:
         """The gateway_id of the gateway that owns ``device`` (retained)."""
         return f"{self.base}/{device}/owner"
+
+    def hello(self, device: str) -> str:
+        """Our firmware's retained hello on a Pico W: ``{"proto": 1, "fw": ..., "metrics": [...]}``."""
+        return f"{self.base}/{device}/hello"
 
     def all_hellos(self) -> str:
         """Our firmware's retained hello on a Pico W (what adoption listens for)."""

@@ -1,7 +1,9 @@
 # i2c link: the Pico is an I2C target serving the register map of
 # docs/protocol.md 2 in memory mode. The I2C driver answers reads from the
 # buffer without running Python (no clock stretching); the main loop polls
-# LED_CMD every 20 ms and writes a snapshot every READ_INTERVAL.
+# LED_CMD every 20 ms and writes a snapshot every READ_INTERVAL. BOOT_ID is
+# new at every boot, so the Pi can tell a restart (perhaps with other metrics)
+# from a sequence number that merely moved on.
 
 import machine
 
@@ -17,8 +19,9 @@ def run(config, node):
     c.update(getattr(config, "I2C", None) or {})
     led = node.led
     names = node.sensors.names[:regmap.SLOTS]
+    boot = regmap.new_boot_id()
     buf = regmap.new_buffer()
-    regmap.init(buf, node.device, names, led.state)
+    regmap.init(buf, node.device, names, led.state, boot)
     seq = 0
     # The first snapshot is in place before the target answers, so a Pi
     # never sees an empty one.
@@ -37,7 +40,7 @@ def run(config, node):
                 seq = (seq + 1) & 0xFFFFFFFF
                 # re-assert the read-only registers in case a controller
                 # wrote over them, then the snapshot in seqlock order
-                regmap.write_static(buf, node.device, names, led.state)
+                regmap.write_static(buf, node.device, names, led.state, boot)
                 regmap.write_snapshot(buf, seq, [v for _, v in node.sensors.read()])
             clock.sleep_ms(POLL_MS)
     finally:

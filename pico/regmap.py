@@ -1,10 +1,12 @@
 # picogw I2C register map (docs/protocol.md section 2). Pure logic on a
-# 256-byte bytearray that machine.I2CTarget serves in memory mode; runs on
-# MicroPython and CPython alike, held to tests/vectors/regmap.json.
+# 256-byte bytearray that machine.I2CTarget serves in memory mode (and
+# new_boot_id, its one question to the port); runs on MicroPython and CPython
+# alike, held to tests/vectors/regmap.json.
 #
 #   0x00 MAGIC "PG"  0x02 VERSION  0x03 COUNT  0x04 LED  0x05 LED_CMD
 #   0x06 CMD_DONE (u16)  0x08 SEQ_A (u32)  0x0C VALUES (12 x i32, value*100)
 #   0x3C SEQ_B (u32)  0x40 NAMES (12 x 8 bytes)  0xA0 DEVICE (16 bytes)
+#   0xB0 BOOT_ID (u32, non-zero, new at every boot; 0 on older firmware)
 # All little-endian.
 
 import struct
@@ -21,6 +23,7 @@ VALUES = 0x0C
 SEQ_B = 0x3C
 NAMES = 0x40
 DEVICE = 0xA0
+BOOT_ID = 0xB0
 
 MAP_VERSION = 1
 SLOTS = 12
@@ -66,10 +69,36 @@ def fixed100(v):
     return n
 
 
-def write_static(buf, device, names, led):
-    # MAGIC, VERSION, COUNT, NAMES, DEVICE, LED. Call once at boot (before
-    # the I2C target starts, with LED_CMD idle) and again at will: it never
-    # touches LED_CMD, CMD_DONE or the snapshot.
+def boot_id(n):
+    # A BOOT_ID from a random number: 32 bits and never 0, which is what a
+    # controller reads on firmware that predates the register.
+    n &= 0xFFFFFFFF
+    return n if n else 1
+
+
+def new_boot_id():
+    # A fresh BOOT_ID for this boot. os.urandom is the RP2040's ring
+    # oscillator; a port without it (or without random) gets the microsecond
+    # clock, which still differs between boots that are not alike to the us.
+    try:
+        import os
+        return boot_id(int.from_bytes(os.urandom(4), "little"))
+    except Exception:
+        pass
+    try:
+        import random
+        return boot_id(random.getrandbits(32))
+    except Exception:
+        pass
+    import time
+    ticks_us = getattr(time, "ticks_us", None)
+    return boot_id(ticks_us() if ticks_us else int(time.time() * 1000000))
+
+
+def write_static(buf, device, names, led, boot=0):
+    # MAGIC, VERSION, COUNT, NAMES, DEVICE, LED, BOOT_ID. Call once at boot
+    # (before the I2C target starts, with LED_CMD idle) and again at will, with
+    # the same boot: it never touches LED_CMD, CMD_DONE or the snapshot.
     names = names[:SLOTS]
     buf[0] = 0x50  # "P"
     buf[1] = 0x47  # "G"
@@ -79,13 +108,14 @@ def write_static(buf, device, names, led):
     for i in range(SLOTS):
         _put_text(buf, NAMES + NAME_LEN * i, NAME_LEN, names[i] if i < len(names) else "")
     _put_text(buf, DEVICE, DEVICE_LEN, device)
+    struct.pack_into("<I", buf, BOOT_ID, boot & 0xFFFFFFFF)
 
 
-def init(buf, device, names, led):
+def init(buf, device, names, led, boot=0):
     # Boot-time layout: static registers, LED_CMD idle, CMD_DONE 0, no snapshot.
     for i in range(SIZE):
         buf[i] = 0
-    write_static(buf, device, names, led)
+    write_static(buf, device, names, led, boot)
     buf[LED_CMD] = IDLE
 
 
@@ -156,4 +186,5 @@ def parse(buf):
         "values": [struct.unpack_from("<i", buf, VALUES + 4 * i)[0] for i in range(min(n, SLOTS))],
         "names": [_text(buf, NAMES + NAME_LEN * i, NAME_LEN) for i in range(min(n, SLOTS))],
         "device": _text(buf, DEVICE, DEVICE_LEN),
+        "boot_id": struct.unpack_from("<I", buf, BOOT_ID)[0],
     }

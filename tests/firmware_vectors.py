@@ -95,11 +95,12 @@ def run(frame, regmap, frames_vec, regmap_vec):
     res["reader"] = out
 
     res["fixed100"] = [regmap.fixed100(v[0]) for v in regmap_vec["fixed100"]]
+    res["boot_ids"] = [regmap.boot_id(v[0]) for v in regmap_vec["boot_ids"]]
     out = []
     for v in regmap_vec["layouts"]:
         _pause()
         buf = regmap.new_buffer()
-        regmap.init(buf, v["device"], v["names"], v["led"])
+        regmap.init(buf, v["device"], v["names"], v["led"], v["boot_id"])
         regmap.write_snapshot(buf, v["seq"], v["values"])
         out.append(_hex(buf))
     res["layouts"] = out
@@ -132,6 +133,7 @@ def expected(frames_vec, regmap_vec):
     res["crc_fallback"] = [True for _ in frames_vec["encode"]]
     res["reader"] = [[s[1], s[2], s[3]] for s in STREAMS]
     res["fixed100"] = [v[1] for v in regmap_vec["fixed100"]]
+    res["boot_ids"] = [v[1] for v in regmap_vec["boot_ids"]]
     res["layouts"] = [v["hex"] for v in regmap_vec["layouts"]]
     res["commands"] = [[v["result"], v["after"]] for v in regmap_vec["commands"]]
     return res
@@ -154,9 +156,39 @@ class _Sensors:
         return [("temp", 21.53), ("uptime", 5), ("mem_free", 171232), ("light", 1.65)]
 
 
+class _Ticks:
+    # A stand-in for ticks_ms: the time is what the script sets.
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def run_deadlines(core, ledmod, frame, deadlines_vec):
+    # tests/vectors/deadlines.json through the serial core: for each vector,
+    # [answer type, answer fields without t, t == now, LED after].
+    out = []
+    for v in deadlines_vec["vectors"]:
+        _pause()
+        ticks = _Ticks(v["now"])
+        node = core.Node("greenhouse", ledmod.Led(_Pin(1 if v["led"] == "on" else 0)), _Sensors(), ticks_ms=ticks)
+        replies = node.handle_line(frame.encode("C", v["id"], [(f[0], f[1]) for f in v["fields"]]))
+        t, n, fields = frame.decode(replies[0])
+        rest = [[k, val] for k, val in fields if k != "t"]
+        stamped = [val for k, val in fields if k == "t"] == [str(v["now"])]
+        out.append([t, rest, stamped and n == v["id"] and len(replies) == 1, node.led.word()])
+    return out
+
+
+def expected_deadlines(deadlines_vec):
+    return [[v["answer"][0], v["answer"][1], True, v["led_after"]] for v in deadlines_vec["vectors"]]
+
+
 def run_node(core, ledmod, frame, sensors):
     # A scripted session with the serial-protocol core: what it sends back.
-    node = core.Node("greenhouse", ledmod.Led(_Pin(0)), _Sensors())
+    ticks = _Ticks(1000)
+    node = core.Node("greenhouse", ledmod.Led(_Pin(0)), _Sensors(), ticks_ms=ticks)
     out = [node.hello_frames()[0], node.reading_frames(node.sensors.read())[0]]
     for cid, fields in [(1, [("led", "on")]), (2, [("led", "toggle")]), (3, [("led", None)]),
                         (4, [("led", "maybe")]), (5, [("hello", None)]), (6, [("ping", None)]),
@@ -165,6 +197,10 @@ def run_node(core, ledmod, frame, sensors):
     out.extend(node.handle_line(b"garbage\n"))
     out.extend(node.handle_line(b">>> $C,8,ping*00000000\n"))
     out.append(node.state_frame())
+    # a port whose ticks wrap later than 2**30 (or a PC's): t= is masked to the protocol's clock
+    ticks.now = (1 << 30) + 5000
+    out.extend(node.handle_line(frame.encode("C", 9, [("led", "off"), ("exp", "5000")])))
+    out.extend(node.handle_line(frame.encode("C", 10, [("led", "on"), ("exp", "4999")])))
     res = [x.decode() for x in out]
     res.append(sorted(node.counts.items()))
     res.append([sensors.temp_c(r) for r in (0, 14000, 14500, 65535)])
@@ -190,8 +226,10 @@ gc.collect()
 gc.disable()
 res = firmware_vectors.run(frame, regmap, fv, rv)
 res["implementation"] = sys.implementation.name
+res["new_boot_id"] = regmap.new_boot_id()
 res["mem_free"] = gc.mem_free()
 import core, led, sensors
 res["node"] = firmware_vectors.run_node(core, led, frame, sensors)
+res["deadlines"] = firmware_vectors.run_deadlines(core, led, frame, json.load(open("/input/deadlines.json")))
 print("RESULT " + json.dumps(res))
 """

@@ -90,5 +90,5 @@ class Recorder:
         self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
 
     def close(self) -> None:
+        self.client.disconnect()  # first: it wakes the network thread, which loop_stop would wait up to 1 s for
         self.client.loop_stop()
-        self.client.disconnect()

@@ -175,6 +175,8 @@ class TutorialTcpPeer:
         self.led = False
         self.readings = readings  # answer to "r\n" (our firmware's extension), None = tutorial
         self.requests: list[bytes] = []
+        self.awake = threading.Event()  # cleared: a stuck Pico, whose connections wait unread
+        self.awake.set()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -187,6 +189,7 @@ class TutorialTcpPeer:
             except OSError:
                 return
             with conn:
+                self.awake.wait()
                 command = conn.recv(64).strip()
                 self.requests.append(command)
                 if command == b"on":
@@ -209,6 +212,7 @@ class Events:
         self.got: list[tuple[str, str, float, int | None]] = []  # (device, metric, value, seq)
         self.leds: list[bool] = []
         self.online: list[bool] = []
+        self.firmware_versions: list[str] = []
         self.lock = threading.Lock()
 
     def reading(self, device, values, ts_ms, seq) -> None:  # (what the i2c link calls)
@@ -220,6 +224,9 @@ class Events:
 
     def led_state(self, device, on) -> None:
         self.leds.append(on)
+
+    def firmware(self, device, version) -> None:
+        self.firmware_versions.append(version)
 
     def availability(self, device, online) -> None:
         self.online.append(online)

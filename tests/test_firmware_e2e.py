@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 import serial
 
+from gateway.links.base import CommandError, LedCommand
+from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 from gateway.simulator.fleet import start_fleet
 from mqtt_helpers import Recorder, wait_for
+from peers import Events
 
 
 class Wire(serial.Serial):
@@ -65,7 +69,10 @@ class Wire(serial.Serial):
         return self.answer(cid)
 
     def answer(self, cid: int, timeout: float = 5.0) -> Frame:
-        return self.next_frame(lambda f: f.type in "AN" and f.number == cid, timeout, f"answer to command {cid}")[1]
+        """The answer to command ``cid``, without the t= (the Pico's clock) every answer ends with."""
+        got = self.next_frame(lambda f: f.type in "AN" and f.number == cid, timeout, f"answer to command {cid}")[1]
+        assert got.fields and got.fields[-1][0] == "t" and (got.fields[-1][1] or "").isdigit(), got
+        return got._replace(fields=got.fields[:-1])
 
 
 def answered(wire: Wire) -> list[int]:
@@ -148,7 +155,7 @@ def test_command_answered_during_a_burst_of_readings(pico, record_property) -> N
             wire.write(encode("C", cid, [("led", "toggle")]))
             arrived, ans = wire.next_frame(lambda f, cid=cid: f.type in "AN" and f.number == cid, timeout=2)
             latencies.append(arrived - sent)
-            assert ans == Frame("A", cid, (("led", "on" if cid % 2 else "off"),))
+            assert ans.type == "A" and ans.get("led") == ("on" if cid % 2 else "off")
         kinds = [f.type if f.type == "R" else f.number for f in wire.log]
         between = kinds[kinds.index(1):kinds.index(10)].count("R")
         assert between > 0, kinds  # readings went on between the commands
@@ -178,6 +185,67 @@ def test_usb_repl_noise_between_frames(pico) -> None:
         assert wire.command(1, "ping").type == "A"
         counts = wire.rx.counts
         assert counts["noise"] >= 3 and counts["malformed"] == counts["corrupt"] == counts["overlong"] == 0, counts
+
+
+def test_ctrl_c_interrupts_the_firmware_even_when_the_host_ignores_sigint(pico) -> None:
+    """A run started in the background of a shell passes SIGINT on ignored to every child; a
+    board takes Ctrl-C whatever its host does, and so must the virtual Pico."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the Pico's process
+    try:
+        p = pico("usb", read_interval=0.05)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    with Wire(p.endpoint) as wire:
+        wire.next_frame(lambda f: f.type == "R")
+        wire.write(b"\x03")
+        p.wait_for(lambda st: str(st.get("firmware")).startswith("crashed: KeyboardInterrupt"), 5, "the interrupt")
+
+
+def test_a_command_read_after_its_deadline_is_refused(pico) -> None:
+    """The Pico was stuck while a command waited in its UART buffer: when it reads it, past
+    the deadline the command carries (exp=, on the t= clock its hello gave), it refuses it."""
+    p = pico("uart", read_interval=5.0)
+    with Wire(p.endpoint) as wire:
+        _, hello = wire.next_frame(lambda f: f.type == "H", what="the boot hello")
+        t = int(hello.get("t") or "x")
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            wire.write(encode("C", 1, [("led", "on"), ("exp", str((t + 300) % 2**30))]))
+            wire.write(encode("C", 2, [("led", "toggle"), ("exp", str((t + 50_000) % 2**30))]))
+            wait_for(lambda: time.monotonic() > frozen + 0.4, 1, "the first deadline to pass")
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        assert wire.answer(1) == Frame("N", 1, (("err", "expired"),))
+        assert wire.answer(2) == Frame("A", 2, (("led", "on"),))  # still in time: carried out
+    assert p.log().count("LED on") == 1  # once: the toggle, never the expired command
+
+
+# --- through the gateway's link, in this process ------------------------------------------------
+
+def test_a_command_that_timed_out_on_a_frozen_pico_is_never_carried_out(pico) -> None:
+    # The gateway answers "failed" after command_timeout; the Pico, frozen meanwhile, wakes
+    # and reads the command: it refuses it (its deadline passed), so the answer stays true.
+    p = pico("uart", read_interval=5.0)
+    events = Events()
+    link = UartLink(UartConfig(id="fw1", transport="uart", port=p.endpoint, command_timeout=0.5), events)
+    link.start()
+    try:
+        wait_for(lambda: link.stats["hellos"], 5, "the hello (with the Pico's clock)")
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(CommandError) as failed:
+                link.set_led(LedCommand.ON)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        # The Pico reads its buffer in order: this toggle comes after the timed-out command.
+        assert link.set_led(LedCommand.TOGGLE) is True  # (had "on" been carried out, this would be off)
+        assert p.log().count("LED on") == 1
+        assert str(failed.value) == ("no answer from the Pico within 0.5 s; the command has expired: "
+                                     "the Pico will not carry it out later")
+        assert link.stats["late_answers"] == 1  # the refusal, after the timeout
+    finally:
+        link.stop()
 
 
 # --- through the gateway --------------------------------------------------------------------------

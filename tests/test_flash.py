@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import write_config
+from gateway import flash as flash_module
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.flash import PICO_DIR, FlashError, config_values, firmware_files, flash, load_secrets
@@ -57,6 +59,28 @@ def test_flash_again_over_running_firmware(tmp_path, blank_pico, capsys) -> None
     assert "says hello" in capsys.readouterr().out
 
 
+def test_flash_of_a_board_that_ignores_ctrl_c_fails_in_time_saying_why(tmp_path, monkeypatch, capsys) -> None:
+    """A program that turned Ctrl-C off and keeps printing never lets the raw REPL in: every read
+    returns bytes, so only an overall bound ends the flash, with what to do instead."""
+    program = Path(__file__).parent / "sim_programs" / "no_ctrl_c.py"
+    fleet = start_fleet([{"id": "x", "transport": "usb", "firmware": str(program)}], tmp_path / "picos")
+    try:
+        pico = fleet["x"]
+        pico.wait_for(lambda st: st.get("firmware") == "running", 5, "the program running")
+        monkeypatch.setattr(flash_module, "RAW_REPL_TIMEOUT", 1.5)
+        cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb", "port": pico.endpoint}])
+        result: list[int] = []
+        worker = threading.Thread(target=lambda: result.append(main(["flash", "--config", str(cfg), "--device", "x"])),
+                                  daemon=True)
+        worker.start()
+        worker.join(30)
+        assert result == [1], "the flash did not end"
+        err = capsys.readouterr().err
+        assert "did not stop for Ctrl-C" in err and "BOOTSEL" in err, err
+    finally:
+        fleet.stop()
+
+
 def test_flash_wifi_pico_without_mip(tmp_path, blank_pico, capsys) -> None:
     pico, fs = blank_pico
     secrets = tmp_path / "wifi.toml"
@@ -105,9 +129,21 @@ def test_config_values_and_errors(tmp_path) -> None:
         load_secrets(bad)
 
 
-def test_port_that_is_not_a_pico(tmp_path, capsys) -> None:
-    cfg = write_config(tmp_path / "gw.toml", NoBroker(),
-                       [{"id": "x", "transport": "usb", "port": str(tmp_path / "no-such-port")}])
+def test_a_port_that_does_not_exist_is_named_with_the_ports_that_do(tmp_path, capsys) -> None:
+    from serial.tools.list_ports import comports
+
+    missing = str(tmp_path / "ttyACM9")
+    cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb", "port": missing}])
     assert main(["flash", "--config", str(cfg), "--device", "x"]) == 1
-    assert "cannot open" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "using it" not in err  # not "is the gateway using it?"
+    ports = [p.device for p in comports()]
+    assert all(port in err for port in ports) and (ports or "no serial port at all" in err), err
+
+    # a file that is there but is no serial port: it cannot be opened, which is another story
+    not_a_port = tmp_path / "not-a-port"
+    not_a_port.write_text("")
+    assert main(["flash", "--config", str(cfg), "--device", "x", "--port", str(not_a_port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot open {not_a_port}" in err and "does not exist" not in err
 

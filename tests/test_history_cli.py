@@ -6,15 +6,22 @@ import csv
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import write_config
-from gateway.cli import main
-from gateway.history import parse_since
+import gateway.diagnostics as diagnostics
+import gateway.history as history
+from conftest import REPO, write_config
+from gateway.cli import SIGPIPE_EXIT, main
+from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
 from gateway.mosquitto import free_port
+from inprocess import InProcessGateway
+from mqtt_helpers import wait_for
+from peers import PicogwPeer
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
           "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")
@@ -150,7 +157,113 @@ def test_readings_errors(tmp_path, db, capsys) -> None:
     assert "no readings table" in capsys.readouterr().err
 
 
-def test_status_with_broker(tmp_path, db, broker, recorder, capsys) -> None:
+@pytest.fixture
+def year(tmp_path: Path) -> Path:
+    """Readings of two metrics, more than the default window holds."""
+    path = tmp_path / "year.db"
+    store = Writer(path)
+    first = NOW_MS - 3 * 86400_000
+    store.add([("greenhouse", metric, float(i), first + i * 60_000, i)
+               for i in range(DEFAULT_LIMIT // 2 + 100) for metric in ("temp", "uptime")])
+    store.close()
+    return path
+
+
+def test_readings_without_a_window_are_the_newest_and_say_how_to_get_more(tmp_path, year, capsys) -> None:
+    cfg = config_for(tmp_path, NoBroker(), year)
+    total = DEFAULT_LIMIT + 200
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == DEFAULT_LIMIT and rows[-1]["seq"] == str(total // 2 - 1)  # the newest, oldest first
+    assert rows[0]["seq"] == str(total // 2 - DEFAULT_LIMIT // 2)
+    assert f"the newest {DEFAULT_LIMIT} readings of greenhouse" in err and "--since 7d" in err and "--all" in err
+
+    # each way of asking for more says nothing of a window
+    for more, count in ((["--all"], total), (["--since", "4d"], total), (["--limit", "1100"], 1100),
+                        (["--metric", "temp", "--all"], total // 2)):
+        assert main(["readings", "--config", str(cfg), "--device", "greenhouse", "--format", "json", *more]) == 0
+        out, err = capsys.readouterr()
+        assert len(json.loads(out)) == count and "newest" not in err, more
+    # the table too: header + the window, and the note on stderr only
+    assert main(["readings", "--config", str(cfg), "--device", "greenhouse"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 + DEFAULT_LIMIT and "newest" not in out and "--all" in err
+    with pytest.raises(SystemExit):
+        main(["readings", "--config", str(cfg), "--device", "greenhouse", "--limit", "0"])
+    assert "1 or more (every one: --all)" in capsys.readouterr().err
+
+
+def test_readings_are_read_in_chunks_in_the_order_of_time(tmp_path, monkeypatch) -> None:
+    """Merged across metrics, chunk by chunk: the same rows, in the same order, as one sorted query."""
+    path = tmp_path / "r.db"
+    store = Writer(path)
+    # equal times within a metric and across metrics, out of insertion order
+    store.add([("d", "abcd"[i % 4], float(i), 1000 + (i * 7) % 13, i) for i in range(60)])
+    store.close()
+    monkeypatch.setattr(history, "CHUNK", 3)
+    conn = history.open_readonly(path)
+    try:
+        everything = conn.execute("SELECT ts, id, metric, value, seq FROM readings ORDER BY ts, id").fetchall()
+        for since, limit in ((None, None), (1005, None), (None, 7), (1005, 7), (1005, 1000), (2000, 5)):
+            rows, cut = query_readings(conn, "d", ["a", "b", "c", "d"], since, limit)
+            expected = [tuple(r) for r in everything if since is None or r[0] >= since]
+            if limit is not None:
+                expected, left_out = expected[-limit:], expected[:-limit]
+                assert cut == (expected[0][0] if left_out else None), (since, limit)
+            assert list(rows) == expected, (since, limit)
+    finally:
+        conn.close()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, year) -> None:
+    """`readings ... | head -3`: no BrokenPipeError traceback; the exit status of a command ended by SIGPIPE."""
+    cfg = config_for(tmp_path, NoBroker(), year)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "readings", "--config", str(cfg), "--device",
+                             "greenhouse", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    head = [proc.stdout.readline() for _ in range(3)]  # (more than a pipe holds is still to come)
+    proc.stdout.close()
+    assert proc.wait(30) == SIGPIPE_EXIT and head[0].startswith(b"time (local)")
+    assert proc.stderr.read() == b""
+
+
+def test_status_asks_the_gateway_for_fresh_counters_and_shows_their_age(tmp_path, broker, recorder, capsys,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setattr(diagnostics, "HEALTH_CHECK", 3600)  # only a refresh request publishes counters here
+    monkeypatch.setattr(diagnostics, "REFRESH_SPACING", 0.2)  # (1 s in the gateway)
+    pico = PicogwPeer("greenhouse")
+    gw = InProcessGateway(broker, tmp_path, "testgw", {"greenhouse": pico.path})
+    try:
+        gw.start()
+        recorder.wait("pico/greenhouse/status", "online", timeout=10)
+        for n in range(1, 9):  # eight successful commands, and no diagnostics published since
+            recorder.publish("pico/greenhouse/cmd/led", "toggle")
+            recorder.wait("pico/greenhouse/result/led", count=n, timeout=10)
+        cfg = write_config(tmp_path / "gw.toml", broker, [{"id": "greenhouse", "transport": "uart",
+                                                            "port": pico.path}], db=tmp_path / "testgw.db")
+        assert main(["status", "--config", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        assert "commands_ok=8 commands_failed=0" in out and " s ago)" in out, out
+        assert "did not answer" not in out
+
+        # Anyone may ask: a burst of requests is one or two publishes, a retained one none.
+        runs = gw.diagnostics._refresh.stats["runs"]
+        for _ in range(100):
+            recorder.publish("pico/bridge/testgw/diagnostics/refresh", "", qos=0)
+        recorder.publish("pico/bridge/testgw/diagnostics/refresh", "please", retain=True)
+        wait_for(lambda: gw.bridge.stats["diagnostics_refresh_requests"] == 101
+                 and gw.bridge.stats["diagnostics_refresh_retained"] == 1
+                 and not gw.diagnostics._refresh.pending(), 10, "every request handled")
+        assert gw.diagnostics._refresh.stats["runs"] - runs <= 2
+        recorder.publish("pico/bridge/testgw/diagnostics/refresh", "", retain=True)
+    finally:
+        gw.stop()
+        pico.close()
+
+
+def test_status_with_broker(tmp_path, db, broker, recorder, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(history, "REFRESH_WAIT", 0.2)  # nothing answers refresh requests here
     cfg = config_for(tmp_path, broker, db)
     recorder.publish("pico/bridge/testgw/status", "online", retain=True)
     recorder.publish("pico/greenhouse/status", "online", retain=True)
@@ -167,6 +280,8 @@ def test_status_with_broker(tmp_path, db, broker, recorder, capsys) -> None:
     assert "status   online" in greenhouse and "led      on" in greenhouse
     assert "temp=24.5" in greenhouse and "uptime=5400" in greenhouse and "min ago" in greenhouse
     assert "frames=120 rejected=2 seq_gaps=1" in greenhouse and "last_seen=" in greenhouse
+    assert "(age unknown)" in greenhouse  # (counters without at_ms)
+    assert "the gateway did not answer a refresh request" in out
     assert "(uart, tutorial)" in porch and "status   offline" in porch and "led      unknown" in porch
     assert "no readings stored" in porch
 

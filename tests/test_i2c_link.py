@@ -1,16 +1,20 @@
-"""The i2c link against a register map on a fake bus: the machine has no I2C bus, so
-the fake is the bus itself (smbus2's ``i2c_rdwr`` and ``write_byte_data``); everything
-above it is the production link."""
+"""The i2c link against a register map on a fake bus (the machine has no I2C bus, so
+the fake is the bus itself: smbus2's ``i2c_rdwr`` and ``write_byte_data``; everything
+above it is the production link), and against the real firmware on a virtual Pico."""
 
 from __future__ import annotations
 
 import ctypes
 import struct
+from pathlib import Path
 
 import pytest
+from smbus2 import i2c_msg
 
 import gateway.links.i2c as i2c
 from gateway.links.i2c import I2cConfig, I2cLink
+from gateway.simulator.fleet import start_fleet
+from gateway.simulator.i2c_bus import SimulatedSMBus
 from mqtt_helpers import wait_for
 from peers import Events
 
@@ -57,3 +61,93 @@ def test_metric_names_from_the_register_map_are_checked(monkeypatch: pytest.Monk
             assert events.got == [] and True not in events.online
     finally:
         link.stop()
+
+
+class Unplugged(RegisterBus):
+    """The register map of firmware without BOOT_ID, behind a connector that can be pulled."""
+
+    def __init__(self, names: list[bytes]) -> None:
+        super().__init__(names)
+        self.plugged = True
+
+    def i2c_rdwr(self, write, read) -> None:
+        if not self.plugged:
+            raise OSError(121, "Remote I/O error")  # no ACK, as the Pi's driver says
+        super().i2c_rdwr(write, read)
+
+    def reflash(self, names: list[bytes], seq: int) -> None:
+        fresh = RegisterBus(names)
+        fresh.memory[0x08:0x40] = struct.pack("<I12iI", seq, *[5600] * 12, seq)
+        self.memory[:] = fresh.memory
+
+
+def test_offline_then_online_reads_the_names_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Firmware without BOOT_ID, unplugged and reflashed with other metrics (as many as before);
+    # its sequence number happens to be ahead of the last one seen, so only going offline
+    # tells of the change.
+    bus = Unplugged([b"temp", b"hum"])
+    monkeypatch.setattr(i2c, "open_bus", lambda number: bus)
+    events = Events()
+    link = I2cLink(I2cConfig(id="cellar", transport="i2c", poll_interval=0.05, retries=0), events)
+    link.start()
+    try:
+        wait_for(lambda: len(events.got) >= 2, 5, "a reading")
+        bus.plugged = False
+        wait_for(lambda: events.online[-1:] == [False], 5, "offline")
+        bus.reflash([b"temp", b"light"], seq=9)
+        bus.plugged = True
+        wait_for(lambda: any(seq == 9 for *_, seq in events.got), 5, "a reading of the reflashed Pico")
+        assert [(metric, value) for _, metric, value, seq in events.got if seq == 9] == [
+            ("temp", 56.0), ("light", 56.0)]
+        assert {metric for _, metric, _, _ in events.got} == {"temp", "hum", "light"}
+    finally:
+        link.stop()
+
+
+def block(bus: SimulatedSMBus, register: int, length: int) -> bytes:
+    write, read = i2c_msg.write(0x43, [register]), i2c_msg.read(0x43, length)
+    bus.i2c_rdwr(write, read)
+    return bytes(read)
+
+
+def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -> None:
+    # The real firmware on a virtual Pico: 5 metrics, then reflashed with 4 (hum where light
+    # was) and reset between two polls, whose sequence numbers still go up: without BOOT_ID the
+    # gateway would publish hum's value as light, and a phantom door 0.
+    before, after = ["temp", "uptime", "mem_free", "light", "door"], ["temp", "uptime", "mem_free", "hum"]
+    hum_raw = 16384  # 0.825 V at ADC 27
+    desc = {"id": "cellar", "transport": "i2c", "read_interval": 0.05, "sim": {"adc": {"27": hum_raw}},
+            "config": {"ADC_PINS": {"light": 26}, "DIGITAL_PINS": {"door": 15}}}
+    with start_fleet([desc], str(tmp_path / "picos")) as fleet:
+        pico = fleet["cellar"]
+        events = Events()
+        link = I2cLink(I2cConfig(id="cellar", transport="i2c", bus=fleet.i2c_bus_dir), events)
+        probe = SimulatedSMBus(fleet.i2c_bus_dir)
+        try:
+            link.poll()  # (the link's thread is not started: the test decides when it polls)
+            assert [metric for _, metric, _, _ in events.got] == before
+            seen = events.got[-1][3]
+            assert seen is not None
+            config = Path(pico.fs, "config.py")
+            config.write_text(config.read_text() + 'ADC_PINS = {"hum": 27}\nDIGITAL_PINS = {}\n')
+            pico.reset()
+
+            def rebooted_and_past_the_last_poll() -> bool:
+                try:
+                    header, names = block(probe, 0x00, 0x40), block(probe, 0x40, 8)
+                except OSError:  # booting: nobody answers at the address
+                    return False
+                return header[3] == 4 and names.rstrip(b"\0") == b"temp" and \
+                    struct.unpack_from("<I", header, 0x08)[0] > seen
+
+            wait_for(rebooted_and_past_the_last_poll, 10, "the reflashed Pico's sequence number past the last poll's")
+            del events.got[:]
+            link.poll()
+            assert [metric for _, metric, _, _ in events.got] == after
+            assert events.got[-1][2] == pytest.approx(hum_raw * 3.3 / 65535, abs=0.01)
+            assert link.stats["pico_restarts"] == 1
+            link.poll()  # the same boot: nothing read again, nothing counted
+            assert link.stats["pico_restarts"] == 1
+        finally:
+            probe.close()
+            link.closed()

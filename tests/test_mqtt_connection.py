@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from pathlib import Path
+
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
-from gateway.mqtt import GatewayClient, MqttConnection, published, remaining_length
+from gateway.mqtt import MqttConnection, published, remaining_length
+from gateway.paho_internals import FastClient
 from mqtt_helpers import Recorder, wait_for
 
 
@@ -22,11 +28,15 @@ def test_remaining_length_is_mqtts_variable_length_integer() -> None:
     assert remaining_length(268_435_455) == b"\xff\xff\xff\x7f"
 
 
-def test_publish_many_delivers_every_message_exactly_and_in_order(broker: PrivateBroker, recorder: Recorder) -> None:
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "public-api"])
+def test_publish_many_delivers_every_message_exactly_and_in_order(broker: PrivateBroker, recorder: Recorder,
+                                                                  fast_path: bool) -> None:
     """The batch path encodes PUBLISH packets itself: a subscriber must get the same
     topics and payloads, in the same order, as from paho's own publish; short and long
-    packets (one and two length bytes) and a non-ASCII topic included."""
-    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "batch-test", None, report_refusals=False)
+    packets (one and two length bytes) and a non-ASCII topic included. Without the fast
+    path (paho's public API), the same."""
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "batch-test", None, report_refusals=False,
+                          fast_path=fast_path)
     mqtt.start()
     try:
         assert mqtt.wait_connected(10)
@@ -43,8 +53,10 @@ def test_publish_many_delivers_every_message_exactly_and_in_order(broker: Privat
         mqtt.stop()
 
 
-def test_publish_many_without_a_connection_or_with_a_wildcard_topic() -> None:
-    mqtt = MqttConnection(MqttConfig(host="127.0.0.1", port=1), "batch-offline", None, report_refusals=False)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "public-api"])
+def test_publish_many_without_a_connection_or_with_a_wildcard_topic(fast_path: bool) -> None:
+    mqtt = MqttConnection(MqttConfig(host="127.0.0.1", port=1), "batch-offline", None, report_refusals=False,
+                          fast_path=fast_path)
     info = mqtt.publish_many([("pico/d/sensor/t", "1")])
     assert info.rc != 0 and not published(info)  # nothing queued: the caller keeps it for later
     with pytest.raises(ValueError, match="not a topic"):
@@ -52,7 +64,7 @@ def test_publish_many_without_a_connection_or_with_a_wildcard_topic() -> None:
 
 
 def test_a_burst_of_messages_is_handled_at_once(broker: PrivateBroker, recorder: Recorder) -> None:
-    # GatewayClient reads the socket in large chunks and hands paho one packet at a time:
+    # FastClient reads the socket in large chunks and hands paho one packet at a time:
     # what it holds is invisible to select(), so the loop must not sleep while it holds any
     # (it would then take one TICK per message once the burst is over).
     mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "burst-test", None)
@@ -76,7 +88,7 @@ def test_queued_packets_are_joined_only_where_paho_has_nothing_to_do_once_writte
     # paho acts when a QoS 0 PUBLISH has been written (its info is marked published) and
     # when a DISCONNECT has (it closes the socket): those stay entries of their own; runs
     # of anything else (QoS 1 PUBLISH, acks, pings) become one entry, in order.
-    client = GatewayClient(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client = FastClient(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     client.on_socket_register_write = lambda *a: None  # (no network loop here)
     info = paho.MQTTMessageInfo(3)
     queue = [(paho.PUBLISH | 2, b"A", 1, 1, None), (paho.PUBLISH | 2, b"B", 2, 1, None),
@@ -97,3 +109,71 @@ def test_queued_packets_are_joined_only_where_paho_has_nothing_to_do_once_writte
     client._out_packet[0]["pos"] = 1  # partly written: stays as it is
     client._merge_queued()
     assert [bytes(e["packet"]) for e in client._out_packet] == [b"H", b"IJ"]
+
+
+def test_a_refused_password_is_said_once_and_never_as_an_unreachable_broker(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The gateway itself (daemon.run, in a thread), its wait for the broker shortened: once it
+    # gives up waiting, the log must not add "not reachable yet" to the refusal it has already
+    # explained, and each retry meets the same refusal without repeating the error.
+    from gateway import daemon
+    from gateway.config import parse_config
+
+    (tmp_path / "passwd").write_text("")  # the broker knows no user: everyone is refused
+    broker = PrivateBroker(tmp_path / "broker", password_file=tmp_path / "passwd").start()
+    (tmp_path / "gw-password").write_text("not-the-password\n")
+    config = parse_config({"gateway_id": "refused", "devices": [], "homeassistant": {"enabled": False},
+                           "store": {"path": str(tmp_path / "r.db")},
+                           "mqtt": {"host": broker.host, "port": broker.port, "username": "pico-gateway",
+                                    "password_file": str(tmp_path / "gw-password")}})
+    monkeypatch.setattr(daemon, "BROKER_WAIT", 1.0)
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    stop = threading.Event()
+    runner = threading.Thread(target=daemon.run, args=(config, stop), daemon=True)
+    runner.start()
+    try:
+        def refusals(level: int) -> int:
+            return sum(1 for r in caplog.records if r.levelno == level and "refused user 'pico-gateway'" in r.message)
+
+        wait_for(lambda: refusals(logging.DEBUG) >= 1 and "gateway refused running" in caplog.text, 10,
+                 "a retry refused again, and the gateway running")
+    finally:
+        stop.set()
+        runner.join(10)
+        broker.stop()
+    assert refusals(logging.ERROR) == 1
+    assert "check mqtt.username" in caplog.text
+    assert "not reachable" not in caplog.text
+
+
+def test_another_client_with_our_client_id_is_named_once_and_the_retries_slow_down(
+        broker: PrivateBroker, caplog: pytest.LogCaptureFixture) -> None:
+    # mosquitto closes the older of two connections with one client id, without a word (no
+    # DISCONNECT; paho says "Unspecified error"). Here a second client takes the id each time
+    # the gateway's connection is up, as a second gateway with the same gateway_id would.
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "pico-gateway-twin", None)
+    drops: list[float] = []
+    connects: list[float] = []
+    mqtt.on_connect(lambda: connects.append(time.monotonic()))
+    mqtt.on_disconnect(lambda: drops.append(time.monotonic()))
+    others: list[paho.Client] = []
+    mqtt.start()
+    try:
+        for kick in range(1, 4):
+            wait_for(lambda: len(connects) == kick, 10, f"connection {kick}")
+            other = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="pico-gateway-twin",
+                                protocol=paho.MQTTv5)
+            other.connect(broker.host, broker.port)  # (writes its CONNECT; it never reconnects)
+            others.append(other)
+            wait_for(lambda: len(drops) == kick, 10, f"drop {kick}")
+        wait_for(lambda: "another client is most likely connected" in caplog.text, 5, "the conflict named")
+    finally:
+        mqtt.stop()
+        for other in others:
+            other.disconnect()
+    conflict = [r.message for r in caplog.records if "another client" in r.message]
+    assert len(conflict) == 1 and "'pico-gateway-twin'" in conflict[0] and "gateway_id" in conflict[0]
+    assert caplog.text.count("disconnected from the broker") == 2  # the first two drops, before the pattern
+    # A connection kicked at once does not reset the backoff: the third attempt waited 2 s, not 1.
+    assert connects[2] - drops[1] >= 1.9
+    assert mqtt.stats["client_id_conflicts"] == 1

@@ -272,7 +272,7 @@ def test_tls_with_the_wrong_ca_logs_a_clear_error_and_keeps_running(tmp_path: Pa
                             {"username": "pico-gateway", "password_file": str(password_file)},
                             tls={"enabled": True, "ca_file": pki["other_ca"], "certfile": pki["client_crt"],
                                  "keyfile": pki["client_key"]})
-    proc, log = start_raw(config)
+    proc, log = start_raw(config, "-v")  # (the error is logged once; each retry's, at debug level)
     try:
         wait_for(lambda: log.read_text().count("failed verification") >= 2, 15, "two TLS failures in the log")
         assert proc.poll() is None

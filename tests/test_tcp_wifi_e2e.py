@@ -6,8 +6,12 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from gateway.links.base import CommandError, LedCommand
+from gateway.links.tcp import TcpConfig, TcpLink
 from mqtt_helpers import Recorder, wait_for
-from peers import TutorialTcpPeer
+from peers import Events, TutorialTcpPeer
 
 
 def test_tcp_tutorial_commands_and_polling(start_gateway, recorder: Recorder) -> None:
@@ -31,6 +35,28 @@ def test_tcp_tutorial_commands_and_polling(start_gateway, recorder: Recorder) ->
         answer = json.loads(recorder.wait("pico/shed/result/led", count=2)[1])
         assert answer["ok"] is False and "cannot reach" in answer["error"]
     finally:
+        peer.close()
+
+
+def test_a_command_a_stuck_tcp_pico_did_not_answer_is_said_to_be_still_possible() -> None:
+    """The tutorial's server takes no deadline: a command it reads after the gateway gave up is
+    still carried out, and the answer the user got says it may be."""
+    peer = TutorialTcpPeer()
+    events = Events()
+    link = TcpLink(TcpConfig(id="shed", transport="tcp", host="127.0.0.1", port=peer.port, protocol="tutorial",
+                             command_timeout=0.3), events)
+    try:
+        peer.awake.clear()
+        with pytest.raises(CommandError, match="may still carry the command out later"):
+            link.set_led(LedCommand.ON)
+        peer.awake.set()
+        wait_for(lambda: peer.led, 5, "the command carried out late")
+        peer.close()
+        with pytest.raises(CommandError, match="cannot reach") as refused:  # never sent: nothing to happen later
+            link.set_led(LedCommand.OFF)
+        assert "may still" not in str(refused.value)
+    finally:
+        peer.awake.set()
         peer.close()
 
 

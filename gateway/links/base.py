@@ -42,9 +42,10 @@ def is_device_id(name: str) -> bool:
 
 
 class StrictModel(BaseModel):
-    """Config models reject unknown keys: a typo must not be silently ignored."""
+    """Config models reject unknown keys: a typo must not be silently ignored. Numbers are
+    finite: an interval of ``inf`` would end a link's thread at its first wait."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceConfig(StrictModel):
@@ -73,6 +74,11 @@ class CommandError(Exception):
     """A command that was not carried out; the message is shown to the user."""
 
 
+# Ends the error of a command that reached a Pico which takes no deadline and did not answer:
+# a Pico that was stuck reads the command when it wakes and carries it out then.
+MAY_STILL_HAPPEN = "its firmware takes no deadline, so it may still carry the command out later"
+
+
 class LinkEvents(Protocol):
     """The bridge as a link sees it: where it reports, from its own threads (never
     blocking long), and, for links that live on MQTT themselves (wifi), the topic
@@ -90,6 +96,9 @@ class LinkEvents(Protocol):
         what one serial read brought (a dozen frames under load) costs one call, not a dozen."""
 
     def led_state(self, device: str, on: bool) -> None: ...
+
+    def firmware(self, device: str, version: str) -> None:
+        """The Pico's hello named the firmware it runs."""
 
     def availability(self, device: str, online: bool) -> None: ...
 
@@ -117,6 +126,10 @@ class Link(ABC):
         self.device = config.id
         self.events = events
         self.stats: Counter[str] = Counter()
+        self.diagnostic_fields: dict[str, object] = {}
+        """Fields this link adds to its device's diagnostics (gateway/diagnostics.py), such as
+        how far the state it shows can be trusted. Replaced whole, never changed in place:
+        the diagnostics thread reads it while the link's own thread may set it."""
         self.log = logging.getLogger(f"gateway.link.{config.id}")
         self._online: bool | None = None
         self._online_lock = threading.Lock()

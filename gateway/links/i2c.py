@@ -1,10 +1,14 @@
 """A Pico as an I2C target that the Pi polls (smbus2): see docs/links.md.
 
 ``protocol = "picogw"`` reads our register map (docs/protocol.md §2): one
-56-byte transaction per poll for the sequence number and every value (a
-seqlock: ``SEQ_A == SEQ_B`` or it is read again); a new sequence number is a new
-reading, an unchanged one is not. ``protocol = "tutorial"`` is the tutorial's
-target: ``write_byte(1/0)`` switches, ``read_byte`` tells the state.
+64-byte transaction per poll for the header, the LED, the sequence number and
+every value (a seqlock: ``SEQ_A == SEQ_B`` or it is read again), then the 4-byte
+``BOOT_ID``; a new sequence number is a new reading, an unchanged one is not. The
+metric names are read at first contact, after every time the device was offline,
+and when ``BOOT_ID`` (or, on firmware without it, the sequence number) shows that
+the Pico restarted: its readings are never reported under another boot's names.
+``protocol = "tutorial"`` is the tutorial's target: ``write_byte(1/0)`` switches,
+``read_byte`` tells the state.
 
 The Pi's I2C controller mishandles clock stretching, and Picos get unplugged:
 every transaction is retried ``retries`` times, and a device that still fails is
@@ -23,15 +27,18 @@ from typing import Any, Literal
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
 from gateway.protocols.picogw import is_key
 
 # Register map v1 (docs/protocol.md §2)
-MAGIC, LED, LED_CMD, SEQ_A, NAMES, SLOTS, NAME_LEN = 0x00, 0x04, 0x05, 0x08, 0x40, 12, 8
-SNAPSHOT = struct.Struct("<I12iI")  # SEQ_A, VALUES, SEQ_B: 0x08..0x3F
+MAGIC, LED, LED_CMD, NAMES, BOOT_ID, SLOTS, NAME_LEN = 0x00, 0x04, 0x05, 0x40, 0xB0, 12, 8
+# 0x00..0x3F in one transaction: MAGIC, VERSION, COUNT, LED, LED_CMD, CMD_DONE, then the
+# snapshot (SEQ_A, VALUES, SEQ_B)
+POLL = struct.Struct("<2sBBBBHI12iI")
 IDLE = 0xFF
 CMD_CODES = {LedCommand.OFF: 0, LedCommand.ON: 1, LedCommand.TOGGLE: 2}
 TORN_READ_RETRIES = 5
+RESTART_RETRIES = 3  # polls' worth of reads when the Pico turns out to have restarted meanwhile
 COMMAND_POLL = 0.02  # seconds between LED_CMD reads while a command is applied
 
 
@@ -61,7 +68,9 @@ class I2cLink(PollingLink):
         super().__init__(config, events)
         self._lock = threading.Lock()  # one transaction sequence at a time on our handle
         self._bus: Any = None
-        self._names: list[str] | None = None
+        self._names: list[str] | None = None  # None: read the identity before the next snapshot
+        self._seen_names: list[str] | None = None  # the names read last (kept while _names is None)
+        self._boot_id: int | None = None  # BOOT_ID of the identity read last (0: firmware without it)
         self._last_seq: int | None = None
 
     def closed(self) -> None:
@@ -108,7 +117,14 @@ class I2cLink(PollingLink):
         self._xfer(f"write of 0x{register:02x}", lambda bus: bus.write_byte_data(self.config.address, register, value))
 
     # -- picogw register map -------------------------------------------------------
+    def _read_boot_id(self) -> int:
+        return int.from_bytes(self._read(BOOT_ID, 4), "little")
+
     def _read_identity(self) -> None:
+        """COUNT and NAMES, and the BOOT_ID they belong to. BOOT_ID is read first: names
+        read after it are this boot's or a later one's, and a later boot shows in the
+        BOOT_ID that every poll reads after its snapshot, before reporting it."""
+        boot = self._read_boot_id()
         header = self._read(MAGIC, 4)
         if header[:2] != b"PG" or header[2] != 1:
             self.stats["bad_identity"] += 1
@@ -123,36 +139,67 @@ class I2cLink(PollingLink):
             self.stats["bad_identity"] += 1
             raise OSError(f"register map names metric(s) {bad!r} at 0x{self.config.address:02x}; a metric name "
                           "is [a-z][a-z0-9_]*, at most 24 characters")
-        self._names = names
-        self.log.info("register map v1, metrics %s", ",".join(self._names))
+        if self._boot_id is not None and boot != self._boot_id:
+            self.stats["pico_restarts"] += 1
+            self._last_seq = None  # a new boot counts its snapshots from 0 again
+            self.log.info("the Pico restarted (boot id %08x, was %08x)", boot, self._boot_id)
+        if names != self._seen_names or boot != self._boot_id:  # (not at every return from offline)
+            self.log.info("register map v1, metrics %s%s", ",".join(names),
+                          "" if boot else "; firmware without BOOT_ID: a restart shows only when the "
+                                          "sequence number goes back, or after the device was offline")
+        self._boot_id = boot
+        self._names = self._seen_names = names
 
     def _poll_picogw(self) -> None:
-        if self._names is None:
-            self._read_identity()
+        try:
+            for _ in range(RESTART_RETRIES):
+                if self._names is None:
+                    self._read_identity()
+                if self._poll_snapshot():
+                    return
+            raise OSError(f"the Pico at 0x{self.config.address:02x} changed while it was read "
+                          f"{RESTART_RETRIES} times over (restarting?)")
+        except Exception:
+            # A failed poll takes the device offline, and what answers when it is back may be
+            # another firmware or other metrics (a Pico reflashed while unplugged): the
+            # identity is read again first.
+            self._names = None
+            raise
+
+    def _poll_snapshot(self) -> bool:
+        """Read and report one snapshot; False, reporting nothing, when it may not belong
+        to the identity read before (the Pico restarted or changed meanwhile): read it again."""
+        names = self._names or []
         for _ in range(TORN_READ_RETRIES):
-            seq_a, *values, seq_b = SNAPSHOT.unpack(self._read(SEQ_A, SNAPSHOT.size))
+            magic, version, count, led, _cmd, _done, seq_a, *values, seq_b = POLL.unpack(
+                self._read(MAGIC, POLL.size))
             if seq_a == seq_b:
                 break
             self.stats["torn_reads"] += 1
         else:
             raise OSError("snapshot kept changing while read")
-        led = self._read(LED, 2)
-        self.events.led_state(self.device, led[0] == 1)
-        last = self._last_seq
-        if last is not None and seq_a < last:
-            self.stats["seq_resets"] += 1  # the Pico restarted: names may have changed
+        boot = self._read_boot_id()  # after the snapshot: unchanged, the snapshot is of this boot too
+        if boot != self._boot_id or magic != b"PG" or version != 1 or min(count, SLOTS) != len(names):
             self._names = None
-            self._read_identity()
-        elif last is not None and seq_a > last + 1:
+            return False
+        last = self._last_seq
+        if last is not None and seq_a < last:  # restarted, on firmware without BOOT_ID
+            self.stats["pico_restarts"] += 1
+            self.log.info("the Pico restarted (sequence number %d after %d)", seq_a, last)
+            self._names = None
+            self._last_seq = None
+            return False
+        self.events.led_state(self.device, led == 1)
+        if last is not None and seq_a > last + 1:
             self.stats["snapshots_missed"] += seq_a - last - 1  # polled slower than the Pico samples
         if seq_a == last:
-            return
+            return True
         self._last_seq = seq_a
-        names = self._names or []
-        readings = [(name, values[i] / 100) for i, name in enumerate(names) if name]
+        readings = [(name, values[i] / 100) for i, name in enumerate(names)]
         if readings:
             self.stats["frames"] += 1
             self.events.reading(self.device, readings, now_ms(), seq_a)
+        return True
 
     # -- tutorial target ---------------------------------------------------------------
     def _poll_tutorial(self) -> None:
@@ -191,7 +238,8 @@ class I2cLink(PollingLink):
                 return led == 1
             if time.monotonic() > deadline:
                 self.stats["command_timeouts"] += 1
-                raise CommandError(f"the Pico did not apply the command within {self.config.command_timeout:g} s")
+                raise CommandError(f"the Pico did not apply the command within {self.config.command_timeout:g} s; "
+                                   f"{MAY_STILL_HAPPEN}")
             time.sleep(COMMAND_POLL)
 
     def poll(self) -> None:

@@ -19,9 +19,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from gateway.links.base import CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, DeviceConfig, LedCommand, LinkEvents, PollingLink, now_ms
 
 MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
+
+
+class NoAnswer(OSError):
+    """The request went out; the Pico did not answer in time."""
 
 
 class TcpConfig(DeviceConfig):
@@ -43,7 +47,8 @@ class TcpLink(PollingLink):
         self._talk = threading.Lock()  # the tutorial server serves one connection at a time
 
     def exchange(self, request: bytes) -> bytes:
-        """One connection: send ``request``, read until the Pico closes. Raises OSError."""
+        """One connection: send ``request``, read until the Pico closes. Raises OSError, and
+        :class:`NoAnswer` when the request went out but no answer came in time."""
         cfg = self.config
         with self._talk, socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout) as sock:
             sock.sendall(request)
@@ -52,7 +57,10 @@ class TcpLink(PollingLink):
             deadline = time.monotonic() + cfg.command_timeout
             while size < MAX_ANSWER:
                 sock.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = sock.recv(MAX_ANSWER)
+                try:
+                    chunk = sock.recv(MAX_ANSWER)
+                except TimeoutError:
+                    raise NoAnswer(f"no answer within {cfg.command_timeout:g} s") from None
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -69,14 +77,20 @@ class TcpLink(PollingLink):
         return on
 
     def set_led(self, command: LedCommand) -> bool:
+        in_flight = False  # the command itself went out
         try:
             if command is LedCommand.TOGGLE:
                 command = LedCommand.OFF if self.query() else LedCommand.ON
+            in_flight = True
             self.exchange(command.value.encode() + b"\n")
+            in_flight = False
             state = self.query()
         except OSError as exc:
             self.stats["command_errors"] += 1
             self.set_online(False, f"{self.config.host}:{self.config.port}: {exc}")
+            if in_flight and isinstance(exc, NoAnswer):  # a Pico that was stuck reads the command when it wakes
+                raise CommandError(f"the Pico at {self.config.host}:{self.config.port} sent {exc}; "
+                                   f"{MAY_STILL_HAPPEN}") from exc
             raise CommandError(f"cannot reach the Pico at {self.config.host}:{self.config.port}: {exc}") from exc
         self.set_online(True)
         if state != (command is LedCommand.ON):

@@ -14,6 +14,8 @@ replug, so the Pico is found again even under a new ttyACM number.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import threading
 import time
@@ -101,6 +103,21 @@ class BoundedPort:
         return getattr(self._port, name)
 
 
+def enter_raw_repl(transport: Any, timeout: float) -> None:
+    """Enter the raw REPL without a soft reset, within ``timeout`` seconds where mpremote can
+    bound it: ``timeout_overall`` exists from mpremote 1.25. Before, mpremote gives up after
+    10 s without a byte, and BoundedPort keeps each read short and stoppable."""
+    if _takes_timeout_overall(type(transport).enter_raw_repl):
+        transport.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
+    else:
+        transport.enter_raw_repl(soft_reset=False)
+
+
+@functools.cache
+def _takes_timeout_overall(method: Any) -> bool:
+    return "timeout_overall" in inspect.signature(method).parameters
+
+
 class UsbConfig(SerialDeviceConfig):
     transport: Literal["usb"]
     port: str = Field(description="prefer /dev/serial/by-id/usb-MicroPython_...-if00")
@@ -149,10 +166,11 @@ class UsbReplLink(PollingLink):
         with self._lock:
             try:
                 if self._transport is None:
-                    transport = SerialTransport(self.config.port, baudrate=self.config.baudrate, timeout=READ_SLICE)
+                    # (No read timeout given to mpremote, which takes one from 1.25 only: BoundedPort sets it.)
+                    transport = SerialTransport(self.config.port, baudrate=self.config.baudrate)
                     transport.serial = BoundedPort(transport.serial, self.config.command_timeout, self._stop)
                     self._transport = transport
-                    transport.enter_raw_repl(soft_reset=False, timeout_overall=self.config.command_timeout + 3)
+                    enter_raw_repl(transport, self.config.command_timeout + 3)
                 out = self._transport.exec_raw(SNIPPETS[key], timeout=self.config.command_timeout)  # type: ignore[attr-defined]
             except (TransportError, OSError, ValueError) as exc:
                 if not isinstance(exc, Stopping):

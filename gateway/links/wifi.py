@@ -8,12 +8,14 @@ tracks its availability; it re-publishes nothing and never re-sends commands.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
 from gateway.links.base import CommandError, DeviceConfig, LedCommand, Link, LinkEvents, now_ms
 
 MAX_VALUE_BYTES = 32
+MAX_HELLO_BYTES = 1024
 
 
 def parse_value(payload: bytes) -> float | None:
@@ -46,6 +48,7 @@ class WifiLink(Link):
         events.subscribe(topics.sensor(self.device, "+"), self._on_sensor)
         events.subscribe(topics.state(self.device), self._on_state)
         events.subscribe(topics.status(self.device), self._on_status)
+        events.subscribe(topics.hello(self.device), self._on_hello)
 
     def start(self) -> None:
         self._running = True
@@ -74,3 +77,18 @@ class WifiLink(Link):
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         if self._running and payload in (b"online", b"offline"):
             self.set_online(payload == b"online", "its own status topic")
+
+    def _on_hello(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Its retained hello (docs/topics.md): the firmware version it names."""
+        try:
+            hello = json.loads(payload[:MAX_HELLO_BYTES])
+        except (ValueError, UnicodeDecodeError):
+            hello = None
+        if not isinstance(hello, dict) or not isinstance(hello.get("fw"), str):
+            if payload:  # (empty: the hello was cleared)
+                self.stats["bad_hello"] += 1
+                if self.stats["bad_hello"] == 1:
+                    self.log.warning("its hello is not our firmware's JSON with a \"fw\" version: %r (counted "
+                                     "as bad_hello, logged once)", payload[:80])
+            return
+        self.events.firmware(self.device, hello["fw"])

@@ -3,13 +3,17 @@
 That firmware sends no readings and has no query, so the LED state comes only
 from its answers, and the link counts as online while the port is open and the
 Pico answers (a command with no answer marks it offline until the next answer).
+Nor does it say when it restarts (its LED then goes off): the state shown is the
+last answer's until the next one, and the device's diagnostics say so in
+``led_state``: ``unknown`` before any answer (no ``state/led`` at all), then
+``assumed`` (the last answer's, unaware of any reset of the Pico since).
 """
 
 from __future__ import annotations
 
 import threading
 
-from gateway.links.base import CommandError, LedCommand
+from gateway.links.base import MAY_STILL_HAPPEN, CommandError, LedCommand
 from gateway.links.serial_link import SerialLink, SerialSession
 
 MAX_LINE = 64  # the firmware's answers are 4 bytes; anything longer is noise
@@ -22,6 +26,7 @@ class TutorialUartSession(SerialSession):
         self._answer: str | None = None
         self._answered = threading.Condition()
         self.state: bool | None = None
+        link.diagnostic_fields = {"led_state": "unknown"}
 
     def connected(self) -> None:
         self._buf.clear()
@@ -43,6 +48,7 @@ class TutorialUartSession(SerialSession):
     def _got(self, answer: str) -> None:
         self.link.stats["frames"] += 1
         self.state = answer == "on"
+        self.link.diagnostic_fields = {"led_state": "assumed"}
         self.link.set_online(True, "answered")
         self.link.events.led_state(self.link.device, self.state)
         with self._answered:
@@ -63,7 +69,8 @@ class TutorialUartSession(SerialSession):
         if answer is None:
             self.link.stats["command_timeouts"] += 1
             self.link.set_online(False, "no answer to a command")
-            raise CommandError(f"no answer from the Pico within {self.link.config.command_timeout:g} s")
+            raise CommandError(f"no answer from the Pico within {self.link.config.command_timeout:g} s; "
+                               f"{MAY_STILL_HAPPEN}")
         if answer != command.value:
             raise CommandError(f"the Pico answered {answer!r} to {command.value!r}")
         return answer == "on"

@@ -57,8 +57,10 @@ class Console:
         os.set_inheritable(self.slave, True)
         os.environ["PICOSIM_FD_USB"] = "%d,%d,%s" % (self.master, self.slave, self.path)
         self._rpipe, self._wpipe = os.pipe()
-        # Counting the interrupts taken tells a program that caught Ctrl-C from a main
-        # thread that never got to it: a board can never lose a Ctrl-C, so say which.
+        # A board always takes Ctrl-C, but a process started in the background of a
+        # shell (`cmd &`, some CI runners) inherits SIGINT ignored, and Python leaves it
+        # so: install the handler ourselves. It counts the interrupts taken, to tell a
+        # program that caught Ctrl-C from a main thread that never got to it.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, _on_sigint)
         self.stdin = UsbStdin(self)
