@@ -217,10 +217,15 @@ def test_wasmtime_panics_when_stdout_callback_returns_a_length() -> None:
     assert r.returncode != 0 and b"cannot advance past" in r.stderr
 
 
-def test_uart_poll_allocates_only_its_answer() -> None:
+def test_uart_poll_allocates_only_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     # The guest never collects (GC), so what a firmware's 5 ms poll of the UART
     # allocates decides how long a virtual Pico runs: at most a few dozen bytes.
+    from gateway.simulator.mpy import machine as shim
     from gateway.simulator.vm.host import GUEST_DIR, Host
+    # The UART's pty is made in this process: keep it (and the variable that hands
+    # it to a reset Pico) out of the virtual Picos other tests start from here.
+    monkeypatch.setattr(shim, "_uart_ptys", {})
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     host = Host()
     code = ("import gc, sys\ngc.disable()\nsys.path.insert(0, '/.picosim')\nimport machine\n"
             "u = machine.UART(0)\nu.any()\nu.read(4)\na = gc.mem_alloc()\n"
