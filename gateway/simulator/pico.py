@@ -234,7 +234,7 @@ def main(argv=None):
                     % ("/".join(vm.TRANSPORTS), link))
         from gateway.simulator.vm import host as vm_host
         board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
-        return vm_host.run(fs, usb=usb, board=board)
+        return vm_host.run(fs, usb=usb, board=board, link=link)
     boardfs.install(fs)   # cwd = the board's "/"
 
     con = None

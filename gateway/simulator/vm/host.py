@@ -21,12 +21,14 @@ and the watchdog reset at once even while the guest computes.
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from gateway.simulator import console as console_mod
@@ -36,6 +38,59 @@ from gateway.simulator.vm import wasm
 GUEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest")
 
 
+def _vm_i2c_target(shim: Any) -> type:
+    class VmI2CTarget(shim.I2CTarget):
+        """The simulated I2C target, with rp2's event order and its IRQ handler
+        run in the guest.  rp2 raises IRQ_ADDR_MATCH_WRITE when the first byte
+        of a write is in the FIFO (its hardware has no address-match event of
+        its own), so a handler's readinto() gets it; then IRQ_WRITE_REQ for
+        each byte the handler left and every later one."""
+
+        host: "Host"
+        handle = 0
+        _match_pending = False
+
+        def _addr_match(self, read: bool) -> None:
+            if read or self._mem is not None:
+                return super()._addr_match(read)
+            self._end()
+            self._state = self._ADDR_WRITE
+            self._match_pending = True
+
+        def _write_byte(self, b: int) -> None:
+            if self._mem is None and self._match_pending:
+                self._match_pending = False
+                self._rx = bytearray([b])
+                self._event(self.IRQ_ADDR_MATCH_WRITE)
+                if self._rx:
+                    self._event(self.IRQ_WRITE_REQ)
+                self._rx = bytearray()
+                self._state = self._WRITING
+                return
+            super()._write_byte(b)
+
+        def _end(self) -> None:
+            if self._match_pending:     # a write of no bytes: its match, then its end
+                self._match_pending = False
+                self._event(self.IRQ_ADDR_MATCH_WRITE)
+            super()._end()
+
+        def _event(self, ev: int) -> bool:
+            irq = self._irq
+            if irq.handler is None or not (ev & irq._trigger):
+                return False
+            irq._flags = ev & irq._trigger
+            return self.host.deliver_irq(self.handle, irq._flags)
+
+        def take(self, n: int) -> bytes:
+            """What a guest readinto(buf) of n bytes gets from the FIFO."""
+            data = bytes(self._rx[:n])
+            del self._rx[:n]
+            return data
+
+    return VmI2CTarget
+
+
 class Interrupted(Exception):
     """Ctrl-C on the USB console: the guest raises KeyboardInterrupt."""
 
@@ -43,7 +98,8 @@ class Interrupted(Exception):
 class Host:
     """The functions the guest may call, and the peripherals it made."""
 
-    def __init__(self, console: Any = None, board: str = "Raspberry Pi Pico") -> None:
+    def __init__(self, console: Any = None, board: str = "Raspberry Pi Pico",
+                 link: str | None = None) -> None:
         from gateway.simulator.mpy import machine as shim
         self.shim = shim
         from gateway.simulator.mpy import network
@@ -51,13 +107,17 @@ class Host:
         # socket.socket is the CPython runtime's MpSocket (patches.install ran):
         # loopback only, a bind's port remapped, the listening port published.
         self.classes = {"Pin": shim.Pin, "ADC": shim.ADC, "UART": shim.UART, "WDT": shim.WDT,
-                        "WLAN": network.WLAN, "socket": socket.socket, "I2CTarget": shim.I2CTarget}
+                        "WLAN": network.WLAN, "socket": socket.socket, "I2CTarget": _vm_i2c_target(shim)}
         self.vm: wasm.VM | None = None
         self.objects: dict[int, Any] = {}
         self._out = bytearray()
         self.con = console          # gateway.simulator.console.Console of a usb Pico
         self.board_name = board
+        self.link = link
         self.interrupt = threading.Event()
+        self.wake = threading.Event()         # an interrupt or an IRQ for a sleeping guest
+        self.irqs: collections.deque = collections.deque()
+        self.irq_done = threading.Event()
 
     def _check(self) -> None:
         # Every host call is where a pending Ctrl-C reaches the guest program.
@@ -78,7 +138,11 @@ class Host:
     def new(self, cls: str, args: list, kw: dict) -> int:
         if cls not in self.classes:
             raise ValueError("no such peripheral: %s" % cls)
-        return self._register(self._call(self.classes[cls], args, kw))
+        obj = self._call(self.classes[cls], args, kw)
+        handle = self._register(obj)
+        if cls == "I2CTarget":
+            obj.host, obj.handle = self, handle
+        return handle
 
     def _register(self, obj: Any) -> int:
         handle = len(self.objects) + 1
@@ -95,7 +159,23 @@ class Host:
         if name in ("bind", "connect") and args and isinstance(args[0], list):
             args = [tuple(args[0])] + list(args[1:])   # an address
         attr = getattr(obj, name)
-        return self._call(attr, args, kw) if callable(attr) else attr
+        value = self._call(attr, args, kw) if callable(attr) else attr
+        if not isinstance(value, (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict)):
+            return None     # a host object (I2CTarget.irq()'s): the guest keeps its own
+        return value
+
+    def deliver_irq(self, handle: int, flags: int) -> bool:
+        """An I2C target's event (from the bus thread): the guest runs its
+        handler at its next sleep, and the bus waits for it, as a hard IRQ
+        holds the bus (clock stretching); 1 s at most."""
+        self.irq_done.clear()
+        self.irqs.append((handle, flags))
+        self.wake.set()
+        if not self.irq_done.wait(1.0):
+            runtime.log("I2C IRQ %#x not handled within 1 s: the program is not sleeping "
+                        "(IRQs run in time.sleep* and after the program ended)" % flags)
+            return False
+        return True
 
     def getaddrinfo(self, host: str) -> str:
         return socket.gethostbyname(host)
@@ -121,8 +201,8 @@ class Host:
         return getattr(self.network, name)(*args)
 
     def board(self) -> list:
-        """[has a USB console, the board's name for the REPL's banner]."""
-        return [self.con is not None, self.board_name]
+        """[has a USB console, the board's name for the REPL's banner, its link]."""
+        return [self.con is not None, self.board_name, self.link]
 
     def executing(self, flag: bool) -> None:
         console_mod.executing = bool(flag)
@@ -208,29 +288,49 @@ class Host:
         return ""
 
     def _sleep(self, payload: str) -> str:
-        # time.sleep* of a usb Pico: Ctrl-C ends it at once, as on a board.
+        # time.sleep* of a usb or i2c Pico: Ctrl-C ends it at once, and an I2C
+        # IRQ is run during it: "I<handle> <flags> <ms left>" tells the guest
+        # to run the handler, then sleep on.
         self._check()
-        if self.interrupt.wait(int(payload) / 1000):
-            self._check()
+        deadline = time.monotonic() + int(payload) / 1000
+        while True:
+            if self.irqs:
+                handle, flags = self.irqs.popleft()
+                left = max(0, int((deadline - time.monotonic()) * 1000))
+                return "I%d %d %d" % (handle, flags, left)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ""
+            if self.wake.wait(left):
+                self.wake.clear()
+                self._check()
+
+    def _irq_handled(self, payload: str) -> str:
+        self.irq_done.set()
         return ""
 
     def raw_functions(self) -> dict[str, Callable[[str], str]]:
         return {name: self._raw(f) for name, f in (
             ("raw_any", self._any), ("raw_read", self._read), ("raw_con_read", self._con_read),
             ("raw_con_poll", self._con_poll), ("raw_con_write", self._con_write),
-            ("raw_sleep", self._sleep), ("raw_accept", self._accept), ("raw_recv", self._recv))}
+            ("raw_sleep", self._sleep), ("raw_accept", self._accept), ("raw_recv", self._recv),
+            ("raw_irq_done", self._irq_handled))}
 
 
-def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico") -> int:
+def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str | None = None) -> int:
     """Boot the board's fs (boot.py, main.py) on the VM; a usb Pico then runs
     the REPL on its console; else the Pico idles for ever once its program ends."""
     con = None
     if usb:
         con = console_mod.Console()   # the CPython runtime's pty, kept across resets
-    host = Host(con, board)
+    host = Host(con, board, link)
     # Ctrl-C: the console's reader signals the main thread, which only tells the
     # guest (at its next host call); the host itself never stops on it.
-    signal.signal(signal.SIGINT, lambda signum, frame: host.interrupt.set())
+    def on_sigint(signum: int, frame: Any) -> None:
+        host.interrupt.set()
+        host.wake.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
     with open(os.path.join(GUEST_DIR, "_boot.py")) as f:
         boot = f.read()
     vm = wasm.VM(boot, [(fs, "/", True), (GUEST_DIR, "/.picosim", False)],

@@ -12,12 +12,15 @@ import _picosim
 import machine
 sys.path[:] = ["", "/lib", "/.picosim"] + [p for p in sys.path if p.startswith(".frozen")]
 
-USB, BOARD = _picosim.call("board", ())
+USB, BOARD, LINK = _picosim.call("board", ())
 BANNER = "%s; %s with RP2040\r\nType \"help()\" for more information.\r\n" % (
     sys.version.split("; ", 1)[-1], BOARD)
 if USB:
     import _console
     _console.install(sys)
+elif LINK == "i2c":
+    import _console
+    _console.install_time(sys.modules)
 _keep = set(sys.modules)
 
 
@@ -66,6 +69,11 @@ def _soft_reboot(run_main):
 
 
 _boot(True)
+if not USB and LINK == "i2c":
+    # The program ended; its I2C IRQ handlers live on, as on a board.
+    import time
+    while True:
+        time.sleep(3600)
 if USB:
     import _repl
     con = sys.modules["sys"]

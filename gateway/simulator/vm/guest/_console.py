@@ -4,7 +4,8 @@
 # so `import sys`, `import time` and `import micropython` get the modules
 # below (installed in sys.modules), which delegate everything to the real
 # ones but the console: stdin/stdout are the host's pty, time.sleep* can be
-# interrupted by Ctrl-C, micropython.kbd_intr() reaches the host.
+# interrupted by Ctrl-C, micropython.kbd_intr() reaches the host.  An i2c
+# Pico gets the time module only: its IRQ handlers run in time.sleep*.
 # print() needs nothing: the host sends the VM's own stdout to the console.
 import binascii
 import io
@@ -109,31 +110,41 @@ def _module(name, real):
     return m
 
 
-def install(sys_module):
-    import micropython as real_mp
+def install_time(modules):
+    # time.sleep* as host calls: Ctrl-C ends them, I2C IRQ handlers run in them.
     import time as real_time
-    modules = sys_module.modules
-    s = _module("sys", sys_module)
-    s.stdin = _TextStdin()
-    s.stdout = s.stderr = _Stdout()
-    modules["sys"] = s
 
     t = _module("time", real_time)
 
     def sleep_ms(ms):
-        raw("raw_sleep", str(int(ms)))
+        r = raw("raw_sleep", str(int(ms)))
+        while r:
+            h, flags, left = r[1:].split()
+            modules["machine"]._irq(int(h), int(flags))
+            r = raw("raw_sleep", left)
 
     def sleep(sec):
-        raw("raw_sleep", str(int(sec * 1000)))
+        sleep_ms(int(sec * 1000))
 
     def sleep_us(us):
         if us >= 1000:
-            raw("raw_sleep", str(int(us // 1000)))
+            sleep_ms(us // 1000)
         else:
             real_time.sleep_us(us)
 
     t.sleep, t.sleep_ms, t.sleep_us = sleep, sleep_ms, sleep_us
     modules["time"] = t
+    return t
+
+
+def install(sys_module):
+    import micropython as real_mp
+    modules = sys_module.modules
+    s = _module("sys", sys_module)
+    s.stdin = _TextStdin()
+    s.stdout = s.stderr = _Stdout()
+    modules["sys"] = s
+    install_time(modules)
 
     m = _module("micropython", real_mp)
 

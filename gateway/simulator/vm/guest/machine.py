@@ -213,6 +213,10 @@ class I2CTarget(HostObject):
             kw["mem"] = {"$mem": [uctypes.addressof(mem), len(mem)]}
         self._new("I2CTarget", (id, addr), kw)
 
+        self._handler = None
+        self._irqobj = _TargetIRQ()
+        _targets[self._h] = self
+
     @property
     def memaddr(self):
         return self._m("memaddr")
@@ -220,6 +224,54 @@ class I2CTarget(HostObject):
     def deinit(self):
         self._m("deinit")
 
+    def readinto(self, buf):
+        data = self._m("take", (len(buf),))
+        buf[:len(data)] = data
+        return len(data)
+
+    def write(self, buf):
+        return self._m("write", (buf,))
+
     def irq(self, handler=None, trigger=IRQ_END_READ | IRQ_END_WRITE, hard=False):
-        raise NotImplementedError("I2CTarget IRQs do not run on the MicroPython runtime yet "
-                                  "(memory mode does)")
+        # The handler runs here in the guest (see _irq); the host only needs to
+        # know there is one, for which events.  irq() alone returns the IRQ
+        # object and changes nothing (what a handler calls for its flags).
+        if handler is None and trigger == (self.IRQ_END_READ | self.IRQ_END_WRITE) and not hard:
+            return self._irqobj
+        self._handler = handler
+        self._irqobj._trigger = trigger if handler is not None else 0
+        self._m("irq", (), {"handler": True if handler is not None else None,
+                            "trigger": trigger, "hard": hard})
+        return self._irqobj
+
+
+class _TargetIRQ:
+    def __init__(self):
+        self._flags = 0
+        self._trigger = 0
+
+    def flags(self):
+        return self._flags
+
+    def trigger(self, new=None):
+        if new is None:
+            return self._trigger
+        self._trigger = new
+
+
+_targets = {}
+
+
+def _irq(handle, flags):
+    # An I2C event from the host: run the target's handler, then let the bus go on.
+    t = _targets.get(handle)
+    try:
+        if t is not None and t._handler is not None:
+            t._irqobj._flags = flags
+            t._handler(t)
+    except Exception as e:
+        import sys
+        print("Uncaught exception in IRQ callback handler")
+        sys.print_exception(e)
+    finally:
+        raw("raw_irq_done", "")
