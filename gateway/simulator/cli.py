@@ -9,7 +9,7 @@
     simulate --firmware PATH|picogw|tutorial --transport uart [--id ID] ...
         one virtual Pico.
     --runtime micropython runs the firmware on the real MicroPython VM
-        (gateway.simulator.vm; uart, usb and tcp so far) instead of CPython.
+        (gateway.simulator.vm; every link but wifi so far) instead of CPython.
 
 ``main_simulate(argv, load_devices=None)``: ``load_devices(path)`` may
 return the device dicts (e.g. from the gateway's validated config); by
@@ -101,7 +101,7 @@ def main_simulate(argv, load_devices=None):
     p.add_argument("--workdir", help="where state files, logs and ptys' info go")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for start-up")
     p.add_argument("--runtime", choices=("cpython", "micropython"),
-                   help="run the firmware on the MicroPython VM (micropython; uart, usb, tcp so far) "
+                   help="run the firmware on the MicroPython VM (micropython; every link but wifi so far) "
                    "or on CPython with MicroPython's modules imitated (cpython, the default)")
     args = p.parse_args(argv)
 

@@ -27,7 +27,7 @@ key                meaning
 ``config``         extra entries merged into the generated config.py
 ``runtime``        ``cpython`` (default: MicroPython's modules imitated on
                    CPython) or ``micropython`` (the real MicroPython VM, see
-                   gateway.simulator.vm; uart, usb and tcp so far)
+                   gateway.simulator.vm; every link but wifi so far)
 =================  ===========================================================
 
 Endpoints (``VirtualPico.endpoint``): uart/usb: the pty path for pyserial or

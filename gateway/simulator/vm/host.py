@@ -7,13 +7,27 @@ unchanged: ``pico.json``, the ptys, ``LED on``/``LED off`` in the log.  The
 guest calls:
 
 ===============================  ==============================================
-``new(cls, args, kw)``           create Pin / ADC / UART / WDT, -> handle
+``new(cls, args, kw)``           create Pin / ADC / UART / WDT / I2CTarget /
+                                 WLAN / socket, -> handle
 ``method(handle, name, args, kw)`` call a public method of that peripheral
 ``machine(name, *args)``         freq, unique_id, reset_cause, reset,
                                  soft_reset, bootloader
+``network(name, *args)``         hostname, country
+``getaddrinfo(host)``            a name's IPv4 address
+``board()``                      [usb console?, board name, link]
 ``firmware(state)``              pico.json ``firmware``: running | ended
 ``crashed(repr, traceback)``     the program raised: ``crashed: <repr>``
+``executing(flag)``              a program (main.py, REPL input) runs: Ctrl-C
+                                 is for it
+``kbd_intr(ch)``                 micropython.kbd_intr
 ===============================  ==============================================
+
+Raw calls (no JSON: the string in, a string out; "!OSError <errno>",
+"!KeyboardInterrupt: " or "!Type: message" on failure), for what a firmware
+does hundreds of times a second: ``raw_any``/``raw_read`` (UART),
+``raw_accept``/``raw_recv`` (socket), ``raw_con_read``/``raw_con_poll``/
+``raw_con_write`` (USB console), ``raw_sleep`` (time.sleep* of usb and i2c
+Picos: Ctrl-C and I2C IRQs come in there), ``raw_irq_done``.
 
 The VM runs in a thread; the main thread idles, so SIGUSR1 (the RUN pin)
 and the watchdog reset at once even while the guest computes.
