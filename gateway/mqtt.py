@@ -46,7 +46,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -59,9 +58,23 @@ from gateway import paho_internals as internals
 from gateway.backoff import Backoff
 from gateway.config import MqttConfig
 from gateway.log_once import Once
+from gateway.mqtt_batch import (
+    PUBLISH_QOS0,
+    SHORT_LENGTHS,
+    Delivery,
+    PublicBatch,
+    published,
+    published_public,
+    remaining_length,
+    topic_field,
+)
 from gateway.progress import Heartbeat
 
 log = logging.getLogger("gateway.mqtt")
+_fallback_logged = Once()
+
+__all__ = ["Delivery", "MqttConnection", "PublicBatch", "apply_security", "published", "published_public",
+           "remaining_length", "topic_field"]
 
 Handler = Callable[[str, bytes, bool], None]
 RawHandler = Callable[[paho.MQTTMessage], None]
@@ -76,7 +89,6 @@ DISCONNECT_TIME = 0.3  # seconds of stop()'s budget kept for writing the DISCONN
 TOPIC_CACHE = 4096  # encoded topics kept for publish_many (devices x metrics; cleared when full)
 MATCH_CACHE = 1024  # received topics whose matching subscriptions are kept (cleared when full)
 MATCH_TOPIC_MAX = 256  # characters; longer topics are matched each time, never kept
-_PUBLISH_QOS0 = b"\x30"  # PUBLISH, QoS 0, not retained, not a duplicate
 FALLBACK_INFLIGHT = 20  # QoS 1 messages unacknowledged at once without the fast path: paho's default, and
 # the Receive Maximum mosquitto announces by default (paho can change its limit only before connecting)
 KICK_WINDOW = 120.0  # seconds: a connection the broker closes sooner, without a reason, may have been taken over
@@ -84,88 +96,22 @@ KICKS = 3  # such closes in a row, each followed by a connection at the first at
 KICK_REPORT = 600.0  # seconds between two reports of a client id conflict that goes on
 
 
-class Delivery(Protocol):
-    """What a publish returns: paho's ``MQTTMessageInfo``, or :class:`PublicBatch`.
-    Ask :func:`published` whether it is done; ``rc`` is paho's error code."""
-
-    @property
-    def rc(self) -> paho.MQTTErrorCode | int: ...
+Remover = Callable[[], None]
 
 
-def published(info: Delivery) -> bool:
-    """Whether paho has written (QoS 0) or the broker acknowledged (QoS 1) a message or batch."""
-    if type(info) is paho.MQTTMessageInfo:
-        return _info_published(info)
-    return info.published()  # type: ignore[attr-defined]
+def _add_hook(hooks: list[Callable[[], None]], hook: Callable[[], None]) -> Remover:
+    hooks.append(hook)
 
-
-def published_public(info: paho.MQTTMessageInfo) -> bool:
-    """:func:`published` through paho's public API. ``is_published()`` raises for a
-    message whose ``rc`` is an error: one never queued (no connection: not done), or a
-    QoS 0 message a reconnect found unwritten (``MQTT_ERR_CONN_LOST``: paho is done with
-    it, and its ``rc`` says it was lost). A QoS 1 message queued while disconnected is
-    given ``rc`` success by :meth:`MqttConnection.publish_message` (paho keeps it and
-    sends it on reconnect), so that this can see its acknowledgement."""
-    if info.rc == paho.MQTT_ERR_CONN_LOST:
-        return True
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return False
-
-
-# The check of paho's internals runs once, at start-up (importing this module).
-_info_published = internals.is_published if internals.problem() is None else published_public
-_fallback_logged = Once()
-
-
-class PublicBatch:
-    """:meth:`MqttConnection.publish_many` without the fast path: its messages, each
-    published with paho's public ``publish``, answering as one. ``rc`` is the first
-    error among them (``MQTT_ERR_NO_CONN`` when the connection dropped during the
-    batch; ``MQTT_ERR_CONN_LOST`` when a reconnect found one unwritten)."""
-
-    __slots__ = ("_infos", "_rc")
-
-    def __init__(self, infos: list[paho.MQTTMessageInfo], rc: paho.MQTTErrorCode = paho.MQTT_ERR_SUCCESS) -> None:
-        self._infos = infos
-        self._rc = rc
-
-    @property
-    def rc(self) -> paho.MQTTErrorCode | int:
-        return self._rc or next((info.rc for info in self._infos if info.rc), paho.MQTT_ERR_SUCCESS)
-
-    def published(self) -> bool:
-        return not self._rc and all(published_public(info) for info in self._infos)
+    def remove() -> None:
+        if hook in hooks:
+            hooks.remove(hook)
+    return remove
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     return paho.topic_matches_sub(topic_filter, topic)
-
-
-def remaining_length(n: int) -> bytes:
-    """MQTT's variable-length integer (spec 1.5.5): ``127`` -> ``b"\\x7f"``, ``128`` -> ``b"\\x80\\x01"``."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_SHORT = [bytes((n,)) for n in range(128)]  # the length of a reading's packet: one byte
-
-
-def topic_field(topic: str) -> bytes:
-    """A PUBLISH packet's variable header for ``topic`` in MQTT v5: the topic as a
-    length-prefixed UTF-8 string, then an empty property list.
-    ValueError for a topic a publish may not use (empty, a wildcard, a NUL, too long)."""
-    raw = topic.encode()
-    if not raw or len(raw) > 65535 or b"+" in raw or b"#" in raw or b"\0" in raw:
-        raise ValueError(f"not a topic to publish to: {topic!r}")
-    return len(raw).to_bytes(2, "big") + raw + b"\x00"
 
 
 def apply_security(client: paho.Client, cfg: MqttConfig) -> None:
@@ -274,19 +220,20 @@ class MqttConnection:
         self._local = threading.local()  # .batching: this thread defers its wake (see batch())
         self.client.on_socket_register_write = lambda client, userdata, sock: self._wake_soon()
 
-    def on_connect(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` after every (re)connection, once the subscriptions are renewed."""
-        self._on_connect_hooks.append(hook)
+    def on_connect(self, hook: Callable[[], None]) -> Remover:
+        """Run ``hook`` after every (re)connection, once the subscriptions are renewed.
+        Returns what removes it (Home Assistant's pattern: whoever adds a hook can take it back)."""
+        return _add_hook(self._on_connect_hooks, hook)
 
-    def on_disconnect(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` (on paho's thread) whenever the connection is lost."""
-        self._on_disconnect_hooks.append(hook)
+    def on_disconnect(self, hook: Callable[[], None]) -> Remover:
+        """Run ``hook`` (on paho's thread) whenever the connection is lost; returns its remover."""
+        return _add_hook(self._on_disconnect_hooks, hook)
 
-    def after_io(self, hook: Callable[[], None]) -> None:
+    def after_io(self, hook: Callable[[], None]) -> Remover:
         """Run ``hook`` on the network thread after every round of reading and writing:
         where a caller tracking :func:`published` messages learns that some may be done.
-        It must be quick; it runs once per round, not per message."""
-        self._after_io_hooks.append(hook)
+        It must be quick; it runs once per round, not per message. Returns its remover."""
+        return _add_hook(self._after_io_hooks, hook)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -315,7 +262,13 @@ class MqttConnection:
             # public is_published() raising even once it is acknowledged (see published_public).
             # (The fast path reads paho's flag itself, and callers accept either rc.)
             info.rc = paho.MQTT_ERR_SUCCESS
+        # (QoS 1 while disconnected is queued, not refused: paho sends it on reconnect)
+        self._count(1, paho.MQTT_ERR_SUCCESS if qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN else info.rc)
         return info
+
+    def _count(self, n: int, rc: int) -> None:
+        """Every message handed to paho is counted, by whichever call: ``published`` or ``publish_refused``."""
+        self.stats["published" if rc == paho.MQTT_ERR_SUCCESS else "publish_refused"] += n
 
     def publishable(self, topic: str) -> bool:
         """Whether a message may be published to ``topic`` (see :func:`topic_field`)."""
@@ -357,25 +310,28 @@ class MqttConnection:
             return self._publish_each(messages)
         client = self.client
         info = paho.MQTTMessageInfo(0)
-        cache, short = self._topic_fields, _SHORT
+        cache, short = self._topic_fields, SHORT_LENGTHS
         parts: list[bytes] = []
         for topic, payload in messages:
             field = cache.get(topic) or self._topic_field(topic)
             body = payload.encode()
             size = len(field) + len(body)
-            parts += (_PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
+            parts += (PUBLISH_QOS0, short[size] if size < 128 else remaining_length(size), field, body)
         if messages and client.socket() is None:
             info.rc = paho.MQTT_ERR_NO_CONN
+            self._count(len(messages), info.rc)
             return info
         rc = internals.queue_publishes(client, b"".join(parts), info)
         if rc:  # (not a plain assignment: a reconnect meanwhile may have marked it CONN_LOST)
             info.rc = rc
+        self._count(len(messages), rc)
         return info
 
     def _publish_each(self, messages: list[tuple[str, str]]) -> PublicBatch:
         for topic, _ in messages:
             self._topic_field(topic)  # every topic checked before any message goes
         if messages and self.client.socket() is None:
+            self._count(len(messages), paho.MQTT_ERR_NO_CONN)
             return PublicBatch([], paho.MQTT_ERR_NO_CONN)
         infos: list[paho.MQTTMessageInfo] = []
         with self.batch():  # one wake of the network thread for the lot
@@ -384,23 +340,43 @@ class MqttConnection:
                 infos.append(info)
                 if info.rc:
                     break  # the connection dropped: the rest would not go either
+        sent = len(infos) - (1 if infos and infos[-1].rc else 0)
+        self._count(sent, paho.MQTT_ERR_SUCCESS)
+        self._count(len(messages) - sent, paho.MQTT_ERR_NO_CONN)
         return PublicBatch(infos)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        with self._lock:
-            self._subscriptions.append((topic_filter, qos, handler, False))
-            self._matches.clear()
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, options=_options(qos))
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> Remover:
+        """``handler(topic, payload, retained)`` for every message matching ``topic_filter``,
+        from now on and after every reconnect. Returns what unsubscribes it again::
 
-    def subscribe_messages(self, topic_filter: str, handler: RawHandler, qos: int = 1) -> None:
+            remove = conn.subscribe("pico/+/cmd/led", on_command)
+            remove()   # the broker is told once no other handler wants the filter
+        """
+        return self._subscribe((topic_filter, qos, handler, False))
+
+    def subscribe_messages(self, topic_filter: str, handler: RawHandler, qos: int = 1) -> Remover:
         """Like subscribe, but ``handler(msg)`` gets paho's message (properties, mid, qos).
         ``$share/<group>/<filter>`` subscribes to a shared subscription."""
+        return self._subscribe((topic_filter, qos, handler, True))
+
+    def _subscribe(self, entry: tuple[str, int, Handler | RawHandler, bool]) -> Remover:
         with self._lock:
-            self._subscriptions.append((topic_filter, qos, handler, True))
+            self._subscriptions.append(entry)
             self._matches.clear()
         if self.connected.is_set():
-            self.client.subscribe(topic_filter, options=_options(qos))
+            self.client.subscribe(entry[0], options=_options(entry[1]))
+
+        def remove() -> None:
+            with self._lock:
+                kept = [sub for sub in self._subscriptions if sub is not entry]
+                if len(kept) == len(self._subscriptions):
+                    return  # removed before
+                self._subscriptions = kept
+                self._matches.clear()
+                wanted = any(sub[0] == entry[0] for sub in kept)
+            if not wanted and self.connected.is_set():
+                self.client.unsubscribe(entry[0])
+        return remove
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message received with ``manual_ack``."""
@@ -409,11 +385,8 @@ class MqttConnection:
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> bool:
         """Queue a message; False when paho refused it (e.g. QoS 0 while offline)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            self.stats["publish_refused"] += 1
-            return False
-        self.stats["published"] += 1
-        return True
+        self._count(1, info.rc)
+        return info.rc == paho.MQTT_ERR_SUCCESS
 
     def start(self) -> None:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
@@ -527,7 +500,7 @@ class MqttConnection:
         if client.socket() is sock and client.want_write():
             client.loop_write()  # whatever is queued, publishes from any thread included
         client.loop_misc()  # keepalive: PINGREQ, and a dead broker noticed
-        for hook in self._after_io_hooks:
+        for hook in tuple(self._after_io_hooks):  # (a hook may be removed meanwhile)
             hook()
 
     # -- paho callbacks (network thread) -------------------------------------
@@ -601,7 +574,7 @@ class MqttConnection:
         if subs:
             client.subscribe([(f, _options(q)) for f, q, _, _ in subs])
         self.connected.set()
-        for hook in self._on_connect_hooks:
+        for hook in tuple(self._on_connect_hooks):
             hook()
 
     def _refusal(self, kind: object, msg: str, *args: object) -> None:
@@ -660,7 +633,7 @@ class MqttConnection:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         if was:
             self.stats["disconnects"] += 1
-        for hook in self._on_disconnect_hooks:
+        for hook in tuple(self._on_disconnect_hooks):
             hook()
 
     def _report_conflict(self, taken_over: bool) -> None:

@@ -49,6 +49,9 @@ def test_publish_many_delivers_every_message_exactly_and_in_order(broker: Privat
         got = [(m.topic, m.payload.decode()) for m in recorder.messages if m.topic.startswith("pico/")]
         assert got == sent
         assert all(m.qos == 0 and not m.retain for m in recorder.messages)
+        answer = mqtt.publish_message("pico/d0/result/led", '{"ok": true}', 1, None)  # (how commands are answered)
+        wait_for(lambda: published(answer), 10, "the answer acknowledged")
+        assert mqtt.stats["published"] == len(sent) + 1  # diagnostics count every message, however sent
     finally:
         mqtt.stop()
 
@@ -177,3 +180,40 @@ def test_another_client_with_our_client_id_is_named_once_and_the_retries_slow_do
     # A connection kicked at once does not reset the backoff: the third attempt waited 2 s, not 1.
     assert connects[2] - drops[1] >= 1.9
     assert mqtt.stats["client_id_conflicts"] == 1
+
+
+def test_a_subscription_and_a_hook_are_taken_back_by_what_adding_them_returned(broker: PrivateBroker,
+                                                                                 recorder: Recorder) -> None:
+    """Whoever subscribes can unsubscribe: its handler gets nothing more, a second handler on
+    the same filter still does, and the broker is told only when no handler wants the filter."""
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "remover-test", None, report_refusals=False)
+    first: list[bytes] = []
+    second: list[bytes] = []
+    connects: list[int] = []
+    remove_first = mqtt.subscribe("pico/t/cmd/led", lambda topic, payload, retained: first.append(payload))
+    remove_second = mqtt.subscribe("pico/t/cmd/led", lambda topic, payload, retained: second.append(payload))
+    remove_hook = mqtt.on_connect(lambda: connects.append(1))
+    mqtt.start()
+    try:
+        assert mqtt.wait_connected(10)
+        wait_for(lambda: connects, 5, "the connect hook")
+        recorder.publish("pico/t/cmd/led", "on")
+        wait_for(lambda: first and second, 5, "both handlers")
+        remove_first()
+        remove_first()  # (twice is harmless)
+        recorder.publish("pico/t/cmd/led", "off")
+        wait_for(lambda: len(second) == 2, 5, "the handler still subscribed")
+        assert first == [b"on"]
+        remove_second()
+        remove_hook()
+        # a message published now reaches no handler: the next message on a filter still
+        # subscribed comes after it, so it is not merely late
+        later: list[bytes] = []
+        mqtt.subscribe("pico/t/probe", lambda topic, payload, retained: later.append(payload))
+        wait_for(lambda: (recorder.publish("pico/t/probe", "x"), later)[1], 5, "a probe")
+        recorder.publish("pico/t/cmd/led", "on")
+        recorder.publish("pico/t/probe", "y")
+        wait_for(lambda: b"y" in later, 5, "the second probe")
+        assert second == [b"on", b"off"]
+    finally:
+        mqtt.stop()
