@@ -68,6 +68,8 @@ def test_picogw_firmware_on_the_vm(virtual, recorder: Recorder) -> None:
     fleet["vm1"].wait_led("on")
     recorder.wait("pico/vm1/state/led", "on")
     assert fleet["vm1"].state()["firmware"] == "running"
+    summary = fleet.endpoints()["vm1"]       # what fleet.json says of it
+    assert summary["runtime"] == "micropython" and summary["rss_kb"] > 10_000
 
 
 def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:

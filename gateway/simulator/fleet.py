@@ -123,6 +123,17 @@ class VirtualPico:
     def alive(self):
         return self.proc.poll() is None
 
+    def rss_kb(self):
+        """The Pico process's resident memory (kB), or None once it is gone."""
+        try:
+            with open("/proc/%d/status" % self.proc.pid) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
     def log(self):
         try:
             with open(self.log_path, errors="replace") as f:
@@ -216,7 +227,9 @@ class Fleet:
 
     def endpoints(self):
         return {p.id: {"transport": p.transport, "endpoint": p.endpoint, "pid": p.pid,
-                       "state": p.state_path, "log": p.log_path} for p in self}
+                       "state": p.state_path, "log": p.log_path,
+                       "runtime": p.desc.get("runtime", "cpython"), "rss_kb": p.rss_kb()}
+                for p in self}
 
     def write_summary(self, path=None):
         path = path or os.path.join(self.workdir, "fleet.json")
