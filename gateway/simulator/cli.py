@@ -8,6 +8,8 @@
         ``host``/``port`` = the virtual Pico's server), then runs until Ctrl-C.
     simulate --firmware PATH|picogw|tutorial --transport uart [--id ID] ...
         one virtual Pico.
+    --runtime micropython runs the firmware on the real MicroPython VM
+        (gateway.simulator.vm; every link but wifi so far) instead of CPython.
 
 ``main_simulate(argv, load_devices=None)``: ``load_devices(path)`` may
 return the device dicts (e.g. from the gateway's validated config); by
@@ -98,6 +100,9 @@ def main_simulate(argv, load_devices=None):
                    "(default: the config's [mqtt], else 127.0.0.1:1883)")
     p.add_argument("--workdir", help="where state files, logs and ptys' info go")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for start-up")
+    p.add_argument("--runtime", choices=("cpython", "micropython"),
+                   help="run the firmware on the MicroPython VM (micropython; every link but wifi so far) "
+                   "or on CPython with MicroPython's modules imitated (cpython, the default)")
     args = p.parse_args(argv)
 
     data = {}
@@ -115,6 +120,9 @@ def main_simulate(argv, load_devices=None):
     else:
         devices = [{"id": args.id, "transport": args.transport, "firmware": args.firmware,
                     "read_interval": args.read_interval}]
+    if args.runtime:
+        for d in devices:
+            d["runtime"] = args.runtime
     if args.broker:
         broker = _parse_broker(args.broker)
     else:

@@ -25,6 +25,9 @@ key                meaning
 ``sim``            knobs for the sidecar JSON (see gateway.simulator.runtime),
                    e.g. ``{"temp_c": 30.0}``; change later with set_sim()
 ``config``         extra entries merged into the generated config.py
+``runtime``        ``cpython`` (default: MicroPython's modules imitated on
+                   CPython) or ``micropython`` (the real MicroPython VM, see
+                   gateway.simulator.vm; every link but wifi so far)
 =================  ===========================================================
 
 Endpoints (``VirtualPico.endpoint``): uart/usb: the pty path for pyserial or
@@ -47,6 +50,7 @@ import sys
 import time
 
 from gateway.firmware import firmware_dir
+from gateway.simulator import vm
 from gateway.simulator.config_py import render_config_py
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -118,6 +122,17 @@ class VirtualPico:
 
     def alive(self):
         return self.proc.poll() is None
+
+    def rss_kb(self):
+        """The Pico process's resident memory (kB), or None once it is gone."""
+        try:
+            with open("/proc/%d/status" % self.proc.pid) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
 
     def log(self):
         try:
@@ -212,7 +227,9 @@ class Fleet:
 
     def endpoints(self):
         return {p.id: {"transport": p.transport, "endpoint": p.endpoint, "pid": p.pid,
-                       "state": p.state_path, "log": p.log_path} for p in self}
+                       "state": p.state_path, "log": p.log_path,
+                       "runtime": p.desc.get("runtime", "cpython"), "rss_kb": p.rss_kb()}
+                for p in self}
 
     def write_summary(self, path=None):
         path = path or os.path.join(self.workdir, "fleet.json")
@@ -285,6 +302,12 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
             if addr in seen_addr:
                 raise ValueError("device %r: I2C address 0x%02x already used" % (desc["id"], addr))
             seen_addr.add(addr)
+        runtime = desc.get("runtime", "cpython")
+        if runtime not in ("cpython", "micropython"):
+            raise ValueError("device %r: runtime must be cpython|micropython" % desc["id"])
+        if runtime == "micropython" and desc["transport"] not in vm.TRANSPORTS:
+            raise ValueError("device %r: the MicroPython runtime runs %s Picos only so far, not %s"
+                             % (desc["id"], "/".join(vm.TRANSPORTS), desc["transport"]))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
@@ -317,6 +340,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
             cmd = [python or sys.executable, "-m", "gateway.simulator.pico",
                    "--config-py", cfg_path, "--state-dir", d, "--i2c-bus", bus_dir,
                    "--sim-json", sim_path, "--device", desc["id"], "--fs", os.path.join(d, "fs")]
+            cmd += ["--runtime", desc.get("runtime", "cpython")]
             if fw is not None:
                 cmd += ["--firmware", fw]
             else:

