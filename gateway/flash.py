@@ -50,6 +50,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig, load_config_or_report
 from gateway.firmware import firmware_dir
+from gateway.links import LINKS
 from gateway.links.base import DeviceConfig
 
 PICO_DIR = firmware_dir()
@@ -101,18 +102,14 @@ def config_values(config: GatewayConfig, device: DeviceConfig, secrets: dict[str
     interval = getattr(device, "poll_interval", None) or getattr(device, "read_interval", None)
     if interval:
         values["READ_INTERVAL"] = float(interval)
-    if device.transport == "uart":
-        values["UART"] = {"baudrate": int(getattr(device, "baudrate", 115200))}
-    elif device.transport == "i2c":
-        values["I2C"] = {"addr": int(getattr(device, "address", 0x43))}
-    elif device.transport == "tcp":
-        values["TCP"] = {"host": "0.0.0.0", "port": int(getattr(device, "port", 8080))}
-    if device.transport in ("wifi", "tcp"):
+    link = LINKS[device.transport]
+    values.update(link.config_py(device))
+    if link.needs_wifi:
         if secrets is None:
             raise FlashError(f"device {device.id!r} is a Pico W ({device.transport}): give its Wi-Fi network with "
                              "--wifi-secrets FILE (TOML: ssid, password; for wifi also broker)")
         wifi: dict[str, Any] = {"ssid": secrets["ssid"], "password": secrets.get("password", "")}
-        if device.transport == "wifi":
+        if link.publishes_itself:  # to the broker
             broker = secrets.get("broker") or config.mqtt.host
             if broker in ("localhost", "127.0.0.1", "::1") or broker.startswith("127."):
                 raise FlashError(f"the Pico cannot reach the broker at {broker!r} (that is the Pi itself): set "
@@ -229,7 +226,7 @@ def reset_and_wait_hello(usb_port: str, device: DeviceConfig, check_hello: bool,
     usb = _open_serial(usb_port, 115200)
     listen = usb
     try:
-        if check_hello and device.transport == "uart":
+        if check_hello and LINKS[device.transport].hello_on == "own port":
             listen = _open_serial(device.port, int(getattr(device, "baudrate", 115200)))  # type: ignore[attr-defined]
             listen.reset_input_buffer()
         # interrupt, leave the raw REPL, then Ctrl-D at the friendly REPL: a soft reset that runs main.py
@@ -275,7 +272,8 @@ def flash(config: GatewayConfig, device_id: str, port: str | None = None, wifi_s
     if device.protocol != "picogw":
         raise FlashError(f"device {device_id!r} has protocol = \"tutorial\": it runs the tutorial's program, "
                          "not our firmware; set protocol = \"picogw\" first")
-    usb_port = port or (getattr(device, "port", None) if device.transport == "usb" else None)
+    link = LINKS[device.transport]
+    usb_port = port or (getattr(device, "port", None) if link.flashed_over_own_port else None)
     if not usb_port:
         raise FlashError(f"device {device_id!r} is on {device.transport}: give the Pico's USB port with --port "
                          "(ls /dev/serial/by-id/)")
@@ -289,7 +287,7 @@ def flash(config: GatewayConfig, device_id: str, port: str | None = None, wifi_s
     out(f"1/3 copying {len(files)} files to {device_id} on {usb_port}")
     copy_files(usb_port, files, out)
 
-    if device.transport == "wifi":
+    if link.publishes_itself:  # through umqtt
         if no_mip:
             out("2/3 skipped: mip install umqtt.simple (--no-mip); the board needs umqtt/simple.py "
                 "(mpremote connect PORT mip install umqtt.simple)")
@@ -299,7 +297,7 @@ def flash(config: GatewayConfig, device_id: str, port: str | None = None, wifi_s
     else:
         out("2/3 nothing to install for a " + device.transport + " Pico")
 
-    wait = check_hello and device.transport in ("uart", "usb")
+    wait = check_hello and link.hello_on is not None
     out("3/3 soft reset" + (", waiting for the hello" if wait else ""))
     hello = reset_and_wait_hello(usb_port, device, wait, hello_timeout)
     if hello:

@@ -13,7 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import Field, field_validator
 
@@ -86,6 +86,20 @@ class Link(ABC):
     board: ClassVar[str] = "Raspberry Pi Pico"
     """The board this transport implies (one reached over Wi-Fi is a Pico W), as
     discovery names it in the device's model."""
+
+    needs_wifi: ClassVar[bool] = False
+    """The Pico joins a Wi-Fi network (flash writes the network into its config.py)."""
+    flashed_over_own_port: ClassVar[bool] = False
+    """The device's ``port`` is the USB port flash copies the firmware through (usb)."""
+    hello_on: ClassVar[Literal["own port", "usb", None]] = None
+    """Where flash hears the hello after the reset: on the device's own serial port (uart),
+    on the USB port it flashed through (usb), or nowhere it can listen (None)."""
+
+    @classmethod
+    def config_py(cls, device: DeviceConfig) -> dict[str, Any]:
+        """What flash writes into the board's config.py for this link, beyond the device id,
+        the link's name, the reading interval and the Wi-Fi network."""
+        return {}
 
     @classmethod
     def software(cls, protocol: str) -> str:

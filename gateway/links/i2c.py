@@ -78,6 +78,10 @@ class I2cLink(PollingLink):
     Config = I2cConfig
     config: I2cConfig
 
+    @classmethod
+    def config_py(cls, device: DeviceConfig) -> dict[str, Any]:
+        return {"I2C": {"addr": int(getattr(device, "address", 0x43))}}
+
     def __init__(self, config: I2cConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
         self._speech = PROTOCOLS.lookup(I2C, config.protocol)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -48,8 +48,13 @@ class TcpLink(PollingLink):
     online_reason = "answers"
     transport = "tcp"
     board = "Raspberry Pi Pico W"
+    needs_wifi = True
     Config = TcpConfig
     config: TcpConfig
+
+    @classmethod
+    def config_py(cls, device: DeviceConfig) -> dict[str, Any]:
+        return {"TCP": {"host": "0.0.0.0", "port": int(getattr(device, "port", 8080))}}
 
     def __init__(self, config: TcpConfig, events: LinkEvents) -> None:
         super().__init__(config, events)

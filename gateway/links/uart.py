@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+from gateway.links.base import DeviceConfig
 from gateway.links.serial_link import SerialDeviceConfig, SerialLink
 
 
@@ -15,3 +16,8 @@ class UartConfig(SerialDeviceConfig):
 class UartLink(SerialLink):
     transport = "uart"
     Config = UartConfig
+    hello_on = "own port"
+
+    @classmethod
+    def config_py(cls, device: DeviceConfig) -> dict[str, Any]:
+        return {"UART": {"baudrate": int(getattr(device, "baudrate", 115200))}}

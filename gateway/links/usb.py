@@ -227,6 +227,8 @@ class UsbLink(Link):
 
     transport = "usb"
     Config = UsbConfig
+    flashed_over_own_port = True
+    hello_on = "usb"
 
     @classmethod
     def software(cls, protocol: str) -> str:

@@ -24,6 +24,7 @@ class WifiConfig(DeviceConfig):
 class WifiLink(Link):
     transport = "wifi"
     board = "Raspberry Pi Pico W"
+    needs_wifi = True
     Config = WifiConfig
     publishes_itself = True
 
