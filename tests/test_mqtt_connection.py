@@ -193,10 +193,14 @@ def test_a_subscription_and_a_hook_are_taken_back_by_what_adding_them_returned(b
     remove_first = mqtt.subscribe("pico/t/cmd/led", lambda topic, payload, retained: first.append(payload))
     remove_second = mqtt.subscribe("pico/t/cmd/led", lambda topic, payload, retained: second.append(payload))
     remove_hook = mqtt.on_connect(lambda: connects.append(1))
+    later: list[bytes] = []
+    # subscribed last: once a probe arrives, the broker has the subscriptions before it too
+    mqtt.subscribe("pico/t/probe", lambda topic, payload, retained: later.append(payload))
     mqtt.start()
     try:
         assert mqtt.wait_connected(10)
         wait_for(lambda: connects, 5, "the connect hook")
+        wait_for(lambda: (recorder.publish("pico/t/probe", "x"), later)[1], 5, "a probe")
         recorder.publish("pico/t/cmd/led", "on")
         wait_for(lambda: first and second, 5, "both handlers")
         remove_first()
@@ -208,9 +212,6 @@ def test_a_subscription_and_a_hook_are_taken_back_by_what_adding_them_returned(b
         remove_hook()
         # a message published now reaches no handler: the next message on a filter still
         # subscribed comes after it, so it is not merely late
-        later: list[bytes] = []
-        mqtt.subscribe("pico/t/probe", lambda topic, payload, retained: later.append(payload))
-        wait_for(lambda: (recorder.publish("pico/t/probe", "x"), later)[1], 5, "a probe")
         recorder.publish("pico/t/cmd/led", "on")
         recorder.publish("pico/t/probe", "y")
         wait_for(lambda: b"y" in later, 5, "the second probe")

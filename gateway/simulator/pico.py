@@ -212,6 +212,7 @@ def main(argv=None):
         boardfs.populate(fs, fw_dir, fw_main, args.config_py)
     else:
         os.makedirs(fs, exist_ok=True)
+    runtime.on_restart(restart)
     patches.install(fs)
     sys.path.insert(sys.path.index(fs) + 1, os.path.join(fs, "lib"))
     if fw_main is not None and fw_dir is not None and fw_main != os.path.join(fw_dir, "main.py"):

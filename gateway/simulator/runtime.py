@@ -202,3 +202,19 @@ def set_led(v):
         _state["led"] = "on" if v else "off"
         write_state()
     log("LED on" if v else "LED off")
+
+
+_restarter = None   # the process running the firmware (gateway.simulator.pico) sets it
+
+
+def on_restart(fn):
+    """``fn(cause, keep_led)`` re-executes the virtual Pico: set by the process that runs it,
+    so that the machine modules reset the board without importing that process's module."""
+    global _restarter
+    _restarter = fn
+
+
+def restart(cause, keep_led):
+    if _restarter is None:
+        raise RuntimeError("no virtual Pico process to reset (gateway.simulator.pico sets one)")
+    _restarter(cause, keep_led)

@@ -91,8 +91,7 @@ def bootloader(*args):
 
 
 def _restart(cause, keep_led):
-    from gateway.simulator import pico
-    pico.restart(cause, keep_led)
+    runtime.restart(cause, keep_led)
 
 
 # --- Pin ------------------------------------------------------------------------
