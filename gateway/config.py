@@ -20,7 +20,6 @@ Each transport's device keys live with its link (``gateway/links/<transport>.py`
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import pwd
 import re
@@ -34,12 +33,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from gateway.discovery import DiscoveryConfig
-from gateway.links import LINKS
 from gateway.domain import DEVICE_ID_PATTERN, StrictModel
+from gateway.hosts import host_advice, is_host
+from gateway.links import LINKS
 from gateway.links.base import DeviceConfig
-from gateway.links.i2c import I2cConfig
-from gateway.links.serial_link import SerialDeviceConfig
-from gateway.links.tcp import TcpConfig
 
 AnyDevice = Annotated[
     Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]
@@ -55,78 +52,6 @@ def default_gateway_id() -> str:
 
 
 CREDENTIAL_PREFIX = "credential:"
-
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
-TLS_SCHEMES = ("mqtts", "ssl", "tls", "tcps")
-
-
-def is_host(value: str) -> bool:
-    """Whether ``value`` is a host name (``broker.lan``, ``localhost``) or an IP address
-    (``192.168.1.10``, ``::1``) alone: no scheme, port, user or brackets.
-
-        >>> is_host("broker.lan"), is_host("::1"), is_host("127.0.0.1:1883"), is_host("mqtt://x")
-        (True, True, False, False)
-    """
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        pass
-    name = value[:-1] if value.endswith(".") else value  # (a fully qualified name may end in a dot)
-    labels = name.split(".")
-    if all(label.isdigit() for label in labels):
-        return False  # digits and dots but not an IP address (192.168.1.300): no name is all digits
-    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
-
-
-def host_advice(value: str, what: str = "the broker", mqtt: bool = True) -> str:
-    """Why ``value`` (not :func:`is_host`) cannot be a ``host``, and what to write instead.
-
-    The URL form (``mqtt://host:1883``) and ``host:port`` are taken apart into the
-    ``host`` and ``port`` keys the config has; a user and password in it are never
-    repeated (the password belongs in ``password_file``).
-
-        >>> host_advice("mqtt://127.0.0.1:1884")
-        'not a host name or IP address: write host = "127.0.0.1" and port = 1884 (the URL form is not read here)'
-    """
-    text = value.strip()
-    if not text:
-        return f'empty: write the host name or IP address of {what}, e.g. host = "192.168.1.10"'
-    scheme = ""
-    if "://" in text:
-        scheme, _, text = text.partition("://")
-        scheme = scheme.lower()
-    text = text.split("/", 1)[0].split("?", 1)[0]  # a path or query after the address
-    user = ""
-    if "@" in text:
-        userinfo, _, text = text.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-    host, port = text, ""
-    if text.startswith("["):  # [IPv6]:port
-        close = text.find("]")
-        if close > 0:
-            host, rest = text[1:close], text[close + 1:]
-            port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    if mqtt and scheme in ("ws", "wss"):
-        return ("a WebSocket URL: the gateway speaks MQTT over TCP; write the broker's host name or IP address "
-                "as host and its MQTT port (1883, 8883 with TLS) as port")
-    if not is_host(host) or (port and not port.isdigit()):
-        return (f"not a host name or IP address: write the name or address of {what} alone, "
-                f'e.g. host = "192.168.1.10"' + (", and its port as port = 1883" if mqtt else ""))
-    advice = [f'host = "{host}"']
-    tls = mqtt and scheme in TLS_SCHEMES
-    if port or tls:
-        advice.append(f"port = {int(port) if port else 8883}")
-    if tls:
-        advice.append("[mqtt.tls] enabled = true")
-    if mqtt and user:
-        advice.append(f'username = "{user}" (its password in a file named by password_file, never here)')
-    said = " and ".join(advice) if len(advice) <= 2 else ", ".join(advice[:-1]) + " and " + advice[-1]
-    return (f"not a host name or IP address: write {said}"
-            + (" (the URL form is not read here)" if scheme else ""))
-
 
 class SecretError(Exception):
     """A password/certificate file named in the config cannot be used; the message names the key."""
@@ -459,58 +384,23 @@ def _device_label(index: int, device: DeviceConfig) -> str:
 
 
 def device_problems(devices: list[tuple[int, DeviceConfig]]) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the devices' addresses: a port that is not a device path, a
-    tcp host that is not one, an I2C bus written as a string, two devices on one port.
-    A serial port or bus that does not exist yet is only a note: Picos get plugged in later,
-    and the gateway opens the port when it appears. ``devices``: (index in the file, device)."""
+    """(problems, notes) of the devices' addresses, each device's own (its link's
+    ``DeviceConfig.address_problems``: a port that is not a device path, a tcp host that is
+    not one, ...), and two devices on one address. ``devices``: (index in the file, device)."""
     problems: list[str] = []
     notes: list[str] = []
-    claimed: dict[tuple[str, ...], str] = {}  # what one device uses -> the device that uses it
+    claimed: dict[tuple[str, ...], str] = {}  # the address one device uses -> that device
     for index, device in devices:
         label = _device_label(index, device)
-        resource: tuple[str, ...] | None = None
-        if isinstance(device, SerialDeviceConfig):
-            example = "/dev/serial/by-id/usb-MicroPython_..." if device.transport == "usb" else "/dev/serial0"
-            if not device.port.startswith("/"):
-                problems.append(f"{label}.port: not a device path: write the serial device's file, "
-                                f'e.g. port = "{example}"')
-                continue
-            if os.path.isdir(device.port) or os.path.isfile(device.port):
-                problems.append(f"{label}.port: {device.port} is not a serial device: write the serial "
-                                f'device\'s file, e.g. port = "{example}"')
-                continue
-            if not os.path.exists(device.port):
-                notes.append(f"{label}.port: {device.port} does not exist now; the gateway opens it when it appears")
-            resource = ("port", os.path.realpath(device.port))
-        elif isinstance(device, I2cConfig):
-            bus = device.bus
-            if isinstance(bus, str):
-                number = bus[len("/dev/i2c-"):] if bus.startswith("/dev/i2c-") else bus
-                if number.strip().isdigit():
-                    problems.append(f"{label}.bus: write the bus number without quotes, bus = {int(number)} "
-                                    f"(for /dev/i2c-{int(number)}; a string names a simulated bus)")
-                    continue
-                resource = ("bus", os.path.realpath(bus), str(device.address))
-            elif bus < 0:
-                problems.append(f"{label}.bus: write N of /dev/i2c-N, e.g. bus = 1")
-                continue
-            else:
-                if not os.path.exists(f"/dev/i2c-{bus}"):
-                    notes.append(f"{label}.bus: /dev/i2c-{bus} does not exist now (is I2C enabled?); "
-                                 "the gateway opens it when it appears")
-                resource = ("bus", f"/dev/i2c-{bus}", str(device.address))
-        elif isinstance(device, TcpConfig):
-            if not is_host(device.host):
-                problems.append(f"{label}.host: {host_advice(device.host, 'the Pico W', mqtt=False)}")
-                continue
-            resource = ("tcp", device.host.lower(), str(device.port))
-        if resource is None:
+        own, said, address = device.address_problems(label)
+        problems += own
+        notes += said
+        if address is None:
             continue
-        if resource in claimed:
-            thing = {"port": "port", "bus": "bus address", "tcp": "host and port"}[resource[0]]
-            problems.append(f"{label}: the same {thing} as {claimed[resource]}: one Pico cannot be two devices")
+        if address in claimed:
+            problems.append(f"{label}: the same {address[0]} as {claimed[address]}: one Pico cannot be two devices")
         else:
-            claimed[resource] = label
+            claimed[address] = label
     return problems, notes
 
 

@@ -38,6 +38,13 @@ class DeviceConfig(StrictModel):
     protocol: Literal["picogw", "tutorial"] = "picogw"
     command_timeout: float = Field(2.0, gt=0, le=60, description="seconds to wait for an ack")
 
+    def address_problems(self, label: str) -> tuple[list[str], list[str], tuple[str, ...] | None]:
+        """What ``check-config`` and ``run`` find wrong with this device's address, beyond
+        validation: (problems, notes, the address it uses, as ``(what, ...)`` with ``what``
+        said in a message, e.g. ``("port", "/dev/ttyACM0")``; None when it has none). Two
+        devices on one address are refused. ``label`` names the device in messages."""
+        return [], [], None
+
     @field_validator("id")
     @classmethod
     def _not_reserved(cls, value: str) -> str:

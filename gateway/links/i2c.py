@@ -19,6 +19,7 @@ serialises the transactions on the wire).
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -51,6 +52,20 @@ class I2cConfig(DeviceConfig):
     address: int = Field(0x43, ge=0x08, le=0x77)
     poll_interval: float = Field(5.0, gt=0)
     retries: int = Field(3, ge=0, le=10, description="extra attempts per failed transaction")
+
+    def address_problems(self, label: str) -> tuple[list[str], list[str], tuple[str, ...] | None]:
+        bus = self.bus
+        if isinstance(bus, str):
+            number = bus[len("/dev/i2c-"):] if bus.startswith("/dev/i2c-") else bus
+            if number.strip().isdigit():
+                return [f"{label}.bus: write the bus number without quotes, bus = {int(number)} "
+                        f"(for /dev/i2c-{int(number)}; a string names a simulated bus)"], [], None
+            return [], [], ("bus address", os.path.realpath(bus), str(self.address))
+        if bus < 0:
+            return [f"{label}.bus: write N of /dev/i2c-N, e.g. bus = 1"], [], None
+        notes = [] if os.path.exists(f"/dev/i2c-{bus}") else [
+            f"{label}.bus: /dev/i2c-{bus} does not exist now (is I2C enabled?); the gateway opens it when it appears"]
+        return [], notes, ("bus address", f"/dev/i2c-{bus}", str(self.address))
 
 
 def open_bus(bus: int | str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import serial
 from pydantic import Field
@@ -32,6 +32,20 @@ class SerialDeviceConfig(DeviceConfig):
     baudrate: int = Field(115200, gt=0)
     heartbeat: float = Field(10.0, gt=0, description="ping the Pico after this long without a frame")
     offline_after: float = Field(30.0, gt=0, description="offline after this long without a frame")
+
+    example_port: ClassVar[str] = "/dev/serial0"  # for messages
+
+    def address_problems(self, label: str) -> tuple[list[str], list[str], tuple[str, ...] | None]:
+        # A port that does not exist yet is only a note: Picos get plugged in later, and the
+        # gateway opens the port when it appears.
+        advice = f"write the serial device's file, e.g. port = \"{self.example_port}\""
+        if not self.port.startswith("/"):
+            return [f"{label}.port: not a device path: {advice}"], [], None
+        if os.path.isdir(self.port) or os.path.isfile(self.port):
+            return [f"{label}.port: {self.port} is not a serial device: {advice}"], [], None
+        notes = [] if os.path.exists(self.port) else [
+            f"{label}.port: {self.port} does not exist now; the gateway opens it when it appears"]
+        return [], notes, ("port", os.path.realpath(self.port))
 
 
 class SerialLink(Link):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
+from gateway.hosts import host_advice, is_host
 from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
 from gateway.protocols import PROTOCOLS, ProtocolKind
 
@@ -37,6 +38,11 @@ class TcpConfig(DeviceConfig):
     port: int = Field(8080, gt=0, lt=65536)
     poll_interval: float = Field(5.0, gt=0)
     connect_timeout: float = Field(2.0, gt=0, le=30)
+
+    def address_problems(self, label: str) -> tuple[list[str], list[str], tuple[str, ...] | None]:
+        if not is_host(self.host):
+            return [f"{label}.host: {host_advice(self.host, 'the Pico W', mqtt=False)}"], [], None
+        return [], [], ("host and port", self.host.lower(), str(self.port))
 
 
 TcpPoll = Callable[["TcpLink"], None]

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import serial
 from mpremote.transport import TransportError
@@ -123,6 +123,7 @@ def _takes_timeout_overall(method: Any) -> bool:
 
 class UsbConfig(SerialDeviceConfig):
     transport: Literal["usb"]
+    example_port: ClassVar[str] = "/dev/serial/by-id/usb-MicroPython_..."
     port: str = Field(description="prefer /dev/serial/by-id/usb-MicroPython_...-if00")
     poll_interval: float = Field(5.0, gt=0, description="tutorial: seconds between readings")
 
