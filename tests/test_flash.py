@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import serial
 
 from conftest import write_config
 from gateway import flash as flash_module
@@ -67,6 +68,10 @@ def test_flash_of_a_board_that_ignores_ctrl_c_fails_in_time_saying_why(tmp_path,
     try:
         pico = fleet["x"]
         pico.wait_for(lambda st: st.get("firmware") == "running", 5, "the program running")
+        # "running" comes before the program's kbd_intr(-1): a Ctrl-C sent in between still stops it,
+        # so wait for what it prints after turning Ctrl-C off
+        with serial.Serial(pico.endpoint, 115200, timeout=10) as console:
+            assert b"busy" in console.read_until(b"busy"), "the program never printed"
         monkeypatch.setattr(flash_module, "RAW_REPL_TIMEOUT", 1.5)
         cfg = write_config(tmp_path / "gw.toml", NoBroker(), [{"id": "x", "transport": "usb", "port": pico.endpoint}])
         result: list[int] = []
