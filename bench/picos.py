@@ -29,7 +29,6 @@ from common import METRIC
 
 from gateway.protocols.picogw import FrameReceiver, encode
 
-
 # The virtual Picos stand for chips that cost the Pi nothing, yet they share its two cores
 # here; what they cost is taken from the subscriber that bounds both the ingest figure and
 # the paho ceiling (which has no Picos). So they are made cheap: a flood writes FLOOD_CHUNK

@@ -18,7 +18,6 @@ from pathlib import Path
 import ingest
 from common import Env
 
-
 # Frames on every stack (thread start-up, and py-spy's per-thread root): no information.
 _PLUMBING = ("thread (", "Thread.run (", "Thread._bootstrap")
 

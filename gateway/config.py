@@ -39,7 +39,7 @@ from gateway.links import LINKS
 from gateway.links.base import DeviceConfig
 
 AnyDevice = Annotated[
-    Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]
+    Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]  # noqa: UP007
     Field(discriminator="transport"),
 ]
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,7 +67,7 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 
 def iso_utc(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
 
@@ -334,7 +334,7 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
                          client_id=f"pico-gateway-status-{os.getpid()}-{int(time.time() * 1000) % 100000}",
                          protocol=paho.MQTTv5)
 
-    def on_connect(c, userdata, flags, reason, props):  # noqa: ANN001
+    def on_connect(c, userdata, flags, reason, props):
         if reason.is_failure:
             refused.append(str(reason))
             connected.set()
@@ -342,11 +342,11 @@ def fetch_retained(mqtt: MqttConfig, topics: list[str], timeout: float = 3.0, qu
         connected.set()
         c.subscribe([(t, 0) for t in topics])
 
-    def on_subscribe(c, userdata, mid, reasons, props):  # noqa: ANN001
+    def on_subscribe(c, userdata, mid, reasons, props):
         last[0] = time.monotonic()
         subscribed.set()
 
-    def on_message(c, userdata, msg):  # noqa: ANN001
+    def on_message(c, userdata, msg):
         with lock:
             got[msg.topic] = msg.payload
             last[0] = time.monotonic()

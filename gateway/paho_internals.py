@@ -64,11 +64,11 @@ def is_published(info: paho.MQTTMessageInfo) -> bool:
     Not ``info.is_published()``: that raises for a QoS 1 message queued while the
     connection was down, even after paho has sent it on reconnect and it was
     acknowledged; the flag it guards is the answer."""
-    return info._published  # noqa: SLF001
+    return info._published
 
 
 def mark_published(info: paho.MQTTMessageInfo) -> None:
-    info._set_as_published()  # noqa: SLF001
+    info._set_as_published()
 
 
 def set_inflight_limit(client: paho.Client, limit: int) -> None:
@@ -78,7 +78,7 @@ def set_inflight_limit(client: paho.Client, limit: int) -> None:
     (its Receive Maximum) is known only from its CONNACK. Between two positive values
     paho's flow control stays consistent: each acknowledgement compares against the
     limit anew."""
-    client._max_inflight_messages = limit  # noqa: SLF001
+    client._max_inflight_messages = limit
 
 
 def queue_publishes(client: paho.Client, packets: bytes, info: paho.MQTTMessageInfo) -> paho.MQTTErrorCode:
@@ -90,7 +90,7 @@ def queue_publishes(client: paho.Client, packets: bytes, info: paho.MQTTMessageI
     if not packets:
         mark_published(info)
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-    return client._packet_queue(paho.PUBLISH, packets, 0, 0, info)  # noqa: SLF001
+    return client._packet_queue(paho.PUBLISH, packets, 0, 0, info)
 
 
 class FastClient(paho.Client):
@@ -222,7 +222,7 @@ def _self_test() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _check() -> str | None:  # noqa: PLR0911 (one return per thing that can be missing)
+def _check() -> str | None:
     for name, wanted in _SIGNATURES.items():
         method = getattr(paho.Client, name, None)
         if method is None:
@@ -245,7 +245,7 @@ def _check() -> str | None:  # noqa: PLR0911 (one return per thing that can be m
                        ("_max_inflight_messages", int)):
         if not isinstance(getattr(client, name, ...), kind):
             return f"paho.Client().{name} is not a {kind.__name__}"
-    if client._protocol != paho.MQTTv5 or not hasattr(client, "_out_message_mutex"):  # noqa: SLF001
+    if client._protocol != paho.MQTTv5 or not hasattr(client, "_out_message_mutex"):
         return "paho.Client()._protocol or ._out_message_mutex is gone"
     set_inflight_limit(client, 1234)
     if client.max_inflight_messages != 1234:
@@ -258,11 +258,11 @@ def _check_queue(client: FastClient) -> str | None:
     packets = [(paho.PUBLISH | 2, b"A", 1, 1, None), (paho.PUBLISH | 2, b"B", 2, 1, None),
                (paho.PUBLISH, b"C", 3, 0, paho.MQTTMessageInfo(3)), (paho.DISCONNECT, b"D", 0, 0, None)]
     for command, data, mid, qos, info in packets:
-        client._packet_queue(command, bytearray(data), mid, qos, info)  # noqa: SLF001
-    queue = client._out_packet  # noqa: SLF001
+        client._packet_queue(command, bytearray(data), mid, qos, info)
+    queue = client._out_packet
     if len(queue) != 4 or not all(isinstance(e, dict) and _PACKET_KEYS <= e.keys() for e in queue):
         return f"paho.Client()._out_packet entries are not {sorted(_PACKET_KEYS)}"
-    client._merge_queued()  # noqa: SLF001
+    client._merge_queued()
     if [bytes(e["packet"]) for e in queue] != [b"AB", b"C", b"D"]:
         return "paho's output queue cannot be joined as FastClient expects"
     queue.clear()
@@ -276,9 +276,9 @@ def _check_puback(client: FastClient) -> str | None:
     client.on_publish = lambda c, userdata, mid, reason, properties: acked.append((mid, reason.value))
     for reason in (0x00, 0x87):
         info = client.publish("paho/self/test", b"x", qos=1)  # not connected: paho keeps it for later
-        client._in_packet.update(command=paho.PUBACK, remaining_length=4,  # noqa: SLF001
+        client._in_packet.update(command=paho.PUBACK, remaining_length=4,
                                  packet=bytearray(info.mid.to_bytes(2, "big") + bytes((reason, 0))))
-        client._handle_pubackcomp("PUBACK")  # noqa: SLF001
+        client._handle_pubackcomp("PUBACK")
         if acked[-1:] != [(info.mid, reason)] or not is_published(info):
             return f"a PUBACK (reason {reason:#04x}) handed to _handle_pubackcomp did not complete its message"
     client.on_publish = None
@@ -290,17 +290,17 @@ def _check_recv(client: FastClient) -> str | None:
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)
-        client._sock = ours  # noqa: SLF001
+        client._sock = ours
         theirs.sendall(b"abc")
-        got = [client._sock_recv(1), client._sock_recv(2)]  # noqa: SLF001
+        got = [client._sock_recv(1), client._sock_recv(2)]
         if got != [b"a", b"bc"]:
             return f"_sock_recv read {got}, not [b'a', b'bc']"
         try:
-            client._sock_recv(1)  # noqa: SLF001
+            client._sock_recv(1)
         except BlockingIOError:
             return None
         return "_sock_recv does not raise BlockingIOError on a socket with nothing to read"
     finally:
-        client._sock = None  # noqa: SLF001
+        client._sock = None
         ours.close()
         theirs.close()

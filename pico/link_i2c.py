@@ -5,9 +5,8 @@
 # new at every boot, so the Pi can tell a restart (perhaps with other metrics)
 # from a sequence number that merely moved on.
 
-import machine
-
 import clock
+import machine
 import regmap
 
 DEFAULTS = {"id": 0, "addr": 0x43, "sda": 4, "scl": 5}

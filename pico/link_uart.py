@@ -1,7 +1,6 @@
 # uart link: picogw frames over machine.UART (Pi GPIO14/15 <-> Pico UART0).
 
 import machine
-
 import serial_loop
 
 DEFAULTS = {"id": 0, "baudrate": 115200, "tx": 0, "rx": 1}

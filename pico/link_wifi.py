@@ -9,13 +9,12 @@
 
 import json
 
-from umqtt.simple import MQTTClient
-
 import clock
 import core
 import frame
 import led as ledmod
 import wifi
+from umqtt.simple import MQTTClient
 
 DEFAULTS = {"ssid": "", "password": "", "broker": "192.168.1.2", "port": 1883,
             "base": "pico", "user": None, "mqtt_password": None, "client_id": None}

@@ -4,10 +4,11 @@
 
 import sys
 
-import config
 import core
 import led as ledmod
 import sensors as sensormod
+
+import config
 
 LINKS = ("uart", "usb", "i2c", "wifi", "tcp")
 

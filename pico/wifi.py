@@ -1,9 +1,8 @@
 # Wi-Fi station connection with exponential backoff, shared by the wifi and
 # tcp links (Pico W).
 
-import network
-
 import clock
+import network
 
 BACKOFF_START_S = 1
 BACKOFF_CAP_S = 30

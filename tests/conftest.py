@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import Broker, Recorder, wait_for
 
 from gateway.processes import stop_process
-from mqtt_helpers import Broker, Recorder, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mqtt_helpers import Broker
+
 from gateway.bridge import Bridge
 from gateway.config import MqttConfig
 from gateway.diagnostics import Diagnostics
@@ -12,7 +14,6 @@ from gateway.links.uart import UartConfig, UartLink
 from gateway.mqtt import MqttConnection
 from gateway.store import Store
 from gateway.topics import Topics
-from mqtt_helpers import Broker
 
 
 class InProcessGateway:

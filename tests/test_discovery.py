@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import Recorder, wait_for
 
 from gateway.config import MqttConfig, parse_config
 from gateway.discovery import Discovery, DiscoveryConfig
 from gateway.mqtt import MqttConnection
-from mqtt_helpers import Recorder, wait_for
 
 # Keys Home Assistant documents for MQTT discovery (home-assistant.io/integrations/mqtt,
 # "Device discovery payload" and "Supported abbreviations"), full names and the

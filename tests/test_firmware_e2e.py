@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import serial
+from mqtt_helpers import Recorder, wait_for
+from peers import Events
 
 from gateway.domain import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from gateway.payloads import DeviceDiagnostics, check
 from gateway.protocols.picogw import Frame, FrameReceiver, encode
 from gateway.simulator.fleet import start_fleet
-from mqtt_helpers import Recorder, wait_for
-from peers import Events
 
 
 class Wire(serial.Serial):

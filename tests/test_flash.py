@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import serial
-
 from conftest import write_config
+
 from gateway import flash as flash_module
 from gateway.cli import main
 from gateway.config import load_config

@@ -23,7 +23,6 @@ from peers import PicogwPeer, TutorialTcpPeer
 from gateway.bridge import MAX_CLAIMANTS, REFUSAL_BURST
 from gateway.payloads import Conflicts, check
 
-
 SPACING = 2.0  # s: the republish_delay the birth-flood test sets, and so the republishes' spacing
 
 

@@ -4,19 +4,18 @@ frame after garbage still gets through."""
 
 from __future__ import annotations
 
-
 import zlib
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from peers import unopened_uart_link
 
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.domain import LedCommand
 from gateway.protocols.picogw import MAX_FRAME, FrameError, FrameReceiver, decode, encode
 from gateway.protocols.picogw_serial import PicogwSerialSession
 from gateway.topics import METRIC_PATTERN, Topics
-from peers import unopened_uart_link
 
 GOOD = encode("R", 7, [("temp", "21.5")])
 

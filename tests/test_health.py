@@ -17,10 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import GatewayProcess, write_config
+from mqtt_helpers import Broker, Recorder, wait_for
+from peers import Events, PicogwPeer
+from test_i2c_link import RegisterBus
 
 import gateway.diagnostics as diagnostics
 import gateway.links.i2c as i2c
-from conftest import GatewayProcess, write_config
 from gateway.bridge import Bridge
 from gateway.cli import main
 from gateway.config import MqttConfig
@@ -34,9 +37,6 @@ from gateway.simulator.i2c_bus import decode_request
 from gateway.store import Store
 from gateway.systemd import Notifier, Watchdog, gateway_health
 from gateway.topics import Topics
-from mqtt_helpers import Broker, Recorder, wait_for
-from peers import Events, PicogwPeer
-from test_i2c_link import RegisterBus
 
 SLACK = 2.0  # seconds: the tests' bounds are short (the gateway's are at least 10 s), not tight
 

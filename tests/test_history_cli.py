@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-import gateway.diagnostics as diagnostics
-import gateway.history as history
 from conftest import REPO, write_config
-from gateway.cli import SIGPIPE_EXIT, main
-from gateway.payloads import ExportedReading, check
-from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
-from gateway.mosquitto import free_port
 from inprocess import InProcessGateway
 from mqtt_helpers import wait_for
 from peers import PicogwPeer
+
+import gateway.diagnostics as diagnostics
+import gateway.history as history
+from gateway.cli import SIGPIPE_EXIT, main
+from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
+from gateway.mosquitto import free_port
+from gateway.payloads import ExportedReading, check
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
           "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")

@@ -9,14 +9,14 @@ import struct
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import wait_for
+from peers import Events
 from smbus2 import i2c_msg
 
 import gateway.links.i2c as i2c
 from gateway.links.i2c import I2cConfig, I2cLink
 from gateway.simulator.fleet import start_fleet
 from gateway.simulator.i2c_bus import SimulatedSMBus
-from mqtt_helpers import wait_for
-from peers import Events
 
 
 class RegisterBus:

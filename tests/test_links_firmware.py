@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from mqtt_helpers import Recorder, wait_for
 
 FAST = 0.2  # seconds between readings / polls, to keep the tests short

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from mqtt_helpers import Recorder, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
 from gateway.mqtt import MqttConnection, published, remaining_length
 from gateway.paho_internals import FastClient
-from mqtt_helpers import Recorder, wait_for
 
 
 def test_remaining_length_is_mqtts_variable_length_integer() -> None:

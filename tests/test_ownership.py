@@ -14,14 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from gateway import bridge
-from gateway.config import MqttConfig
-from gateway.history import fetch_retained
 from inprocess import InProcessGateway
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer
 
+from gateway import bridge
+from gateway.config import MqttConfig
+from gateway.history import fetch_retained
 
 OWNED = {"pico/greenhouse/status": "online", "pico/greenhouse/owner": "pi-a", "pico/greenhouse/state/led": "off"}
 

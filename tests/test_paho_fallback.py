@@ -11,8 +11,10 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-
 from conftest import GatewayProcess
+from mqtt_helpers import Recorder, wait_for
+from peers import TutorialTcpPeer
+
 from gateway import paho_internals
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
@@ -20,8 +22,6 @@ from gateway.mqtt import MqttConnection, published, published_public
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.store import Store
 from gateway.topics import Topics
-from mqtt_helpers import Recorder, wait_for
-from peers import TutorialTcpPeer
 
 
 def test_the_fast_path_runs_on_the_installed_paho(monkeypatch: pytest.MonkeyPatch) -> None:

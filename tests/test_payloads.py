@@ -14,8 +14,17 @@ import pytest
 from gateway import payloads
 from gateway.diagnostics import health_report
 from gateway.history import health_line
-from gateway.payloads import (BridgeDiagnostics, CommandResult, Conflicts, DeviceDiagnostics, ExportedReading,
-                              Health, Hello, LoopReport, check)
+from gateway.payloads import (
+    BridgeDiagnostics,
+    CommandResult,
+    Conflicts,
+    DeviceDiagnostics,
+    ExportedReading,
+    Health,
+    Hello,
+    LoopReport,
+    check,
+)
 from gateway.progress import Heartbeat
 
 ROOT = Path(__file__).resolve().parent.parent

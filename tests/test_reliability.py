@@ -14,17 +14,17 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
 from conftest import GatewayProcess, write_config
+from mqtt_helpers import Recorder, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
+from peers import PicogwPeer
+
 from gateway.config import MqttConfig
 from gateway.mosquitto import PrivateBroker
 from gateway.mqtt import MqttConnection
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.store import Store
 from gateway.topics import Topics
-from mqtt_helpers import Recorder, wait_for
-from peers import PicogwPeer
 
 OUTAGE = float(os.environ.get("PICOGW_TEST_OUTAGE", "12"))  # seconds the broker stays down: long enough
 # for the reconnect backoff to grow past 8 s (1, 2, 4, 8), short enough for the suite's five minutes

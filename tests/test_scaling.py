@@ -11,15 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO, GatewayProcess, write_config
+from mqtt_helpers import Broker, Recorder, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from peers import PicogwPeer
 
-from conftest import REPO, GatewayProcess, write_config
 from gateway.processes import stop_process
 from gateway.recorder import parse_reading
 from gateway.topics import Topics
-from mqtt_helpers import Broker, Recorder, wait_for
-from peers import PicogwPeer
 
 N = 150  # readings per serial Pico
 

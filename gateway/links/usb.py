@@ -79,7 +79,7 @@ class BoundedPort:
             if len(data) >= size or time.monotonic() >= deadline:
                 return data
 
-    def inWaiting(self) -> int:  # noqa: N802 (mpremote's name, from pyserial 2)
+    def inWaiting(self) -> int:
         self._check()
         return self._port.in_waiting
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from gateway.topics import METRIC_PATTERN, is_metric
 

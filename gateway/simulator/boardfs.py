@@ -118,7 +118,7 @@ def install(fs):
     def getcwd():
         return board_cwd() if _on_board() else _orig["getcwd"]()
 
-    def open(file, *args, **kw):   # noqa: A001 -- MicroPython's builtin open
+    def open(file, *args, **kw):
         if not _on_board() or not isinstance(file, (str, bytes)):
             return _orig["open"](file, *args, **kw)
         try:

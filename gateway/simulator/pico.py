@@ -56,9 +56,8 @@ import signal
 import sys
 import traceback
 
-from gateway.simulator import boardfs, patches, runtime
+from gateway.simulator import boardfs, patches, runtime, vm
 from gateway.simulator import console as console_mod
-from gateway.simulator import vm
 
 _firmware = {"fs": None, "config_py": None, "modules": set(), "argv": None}
 

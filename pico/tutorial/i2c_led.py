@@ -3,8 +3,9 @@
 # I2C0 (GP4 SDA, GP5 SCL) served from IRQ handlers: a written non-zero byte
 # turns the LED on, 0 turns it off; a read returns the last byte written.
 
-from machine import I2CTarget, Pin
 import time
+
+from machine import I2CTarget, Pin
 
 ADDR = 0x43
 

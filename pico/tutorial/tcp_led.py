@@ -3,9 +3,10 @@
 # one command per connection: "on\n", "off\n", or "?\n" (answered "on\n" or
 # "off\n"); then it closes the connection.
 
-import network
 import socket
 import time
+
+import network
 from machine import Pin
 
 SSID = "your-network"      # placeholders: fill in, or put WIFI in config.py

@@ -2,8 +2,9 @@
 # "connect a Pi to a Pico" tutorial. The Pi writes "led_on\r" or "led_off\r";
 # the Pico answers "on\r\n" or "off\r\n". Anything else gets no answer.
 
-from machine import Pin, UART
 import time
+
+from machine import UART, Pin
 
 uart = UART(0, baudrate=115200, tx=Pin(0), rx=Pin(1))
 led = Pin("LED", Pin.OUT)

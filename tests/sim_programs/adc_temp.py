@@ -1,7 +1,8 @@
 # Answers "t\n" on UART0 with the internal temperature (RP2040 datasheet
 # formula) and "a\n" with the raw count of ADC(26).
-from machine import ADC, UART, Pin
 import time
+
+from machine import ADC, UART, Pin
 
 sensor = ADC(4)
 pot = ADC(Pin(26))

@@ -1,8 +1,9 @@
 # An I2C target without memory: every byte goes through hard IRQ handlers
 # (like the tutorial). A written non-zero byte turns the LED on, 0 off; a read
 # returns the last byte written, then 0xA5, 0x5A ...
-from machine import I2CTarget, Pin
 import time
+
+from machine import I2CTarget, Pin
 
 led = Pin("LED", Pin.OUT)
 last = bytearray(1)

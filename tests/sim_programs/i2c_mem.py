@@ -1,9 +1,11 @@
 # An I2C target in memory mode: reads never run Python code. Register 5 is a
 # command register polled by the main loop: 0 = LED off, 1 = LED on; the loop
 # sets it to 0xFF when done and counts commands in register 6.
-from machine import I2CTarget, Pin
-import config
 import time
+
+from machine import I2CTarget, Pin
+
+import config
 
 mem = bytearray(32)
 mem[0:2] = b"PG"

@@ -1,9 +1,11 @@
 # A Pico W program: Wi-Fi, umqtt with a last will, echoes <base>/<dev>/cmd
 # messages to <base>/<dev>/echo, drives the LED from cmd "on"/"off".
-import network
 import time
+
+import network
 from machine import Pin
 from umqtt.simple import MQTTClient
+
 import config
 
 W = config.WIFI

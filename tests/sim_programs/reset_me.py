@@ -1,7 +1,8 @@
 # Says how it booted on UART0; "reset" -> machine.reset(), "wdt" -> starve a
 # watchdog, "led" -> LED on.
-import machine
 import time
+
+import machine
 
 uart = machine.UART(0, baudrate=115200, tx=machine.Pin(0), rx=machine.Pin(1), timeout=50)
 uart.write(b"boot cause=%d\n" % machine.reset_cause())

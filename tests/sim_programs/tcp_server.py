@@ -1,9 +1,10 @@
 # A Pico W TCP server on the port of a real board (8080, all interfaces):
 # the simulator binds 127.0.0.1 and remaps the port. One command per
 # connection, read with MicroPython's socket stream methods.
-import network
 import socket
 import time
+
+import network
 from machine import Pin
 
 led = Pin("LED", Pin.OUT)

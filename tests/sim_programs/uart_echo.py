@@ -1,7 +1,8 @@
 # A MicroPython program: echo every UART line back upper-cased; "led_on" /
 # "led_off" drive the LED like the tutorial.
-from machine import UART, Pin
 import time
+
+from machine import UART, Pin
 
 led = Pin("LED", Pin.OUT)
 uart = UART(0, baudrate=115200, tx=Pin(0), rx=Pin(1))

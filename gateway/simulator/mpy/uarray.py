@@ -1,5 +1,6 @@
 """MicroPython alias of array."""
-from array import *  # noqa: F401,F403
 import array as _m
 import sys as _sys
+from array import *  # noqa: F403
+
 _sys.modules[__name__] = _m

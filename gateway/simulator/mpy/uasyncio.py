@@ -1,5 +1,6 @@
 """MicroPython alias of asyncio."""
-from asyncio import *  # noqa: F401,F403
 import asyncio as _m
 import sys as _sys
+from asyncio import *  # noqa: F403
+
 _sys.modules[__name__] = _m

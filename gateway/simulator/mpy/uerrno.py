@@ -1,5 +1,6 @@
 """MicroPython alias of errno."""
-from errno import *  # noqa: F401,F403
 import errno as _m
 import sys as _sys
+from errno import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of hashlib."""
-from hashlib import *  # noqa: F401,F403
 import hashlib as _m
 import sys as _sys
+from hashlib import *  # noqa: F403
+
 _sys.modules[__name__] = _m

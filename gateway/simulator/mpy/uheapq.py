@@ -1,5 +1,6 @@
 """MicroPython alias of heapq."""
-from heapq import *  # noqa: F401,F403
 import heapq as _m
 import sys as _sys
+from heapq import *  # noqa: F403
+
 _sys.modules[__name__] = _m

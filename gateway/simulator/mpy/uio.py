@@ -1,5 +1,6 @@
 """MicroPython alias of io."""
-from io import *  # noqa: F401,F403
 import io as _m
 import sys as _sys
+from io import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of json."""
-from json import *  # noqa: F401,F403
 import json as _m
 import sys as _sys
+from json import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of os."""
-from os import *  # noqa: F401,F403
 import os as _m
 import sys as _sys
+from os import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of re."""
-from re import *  # noqa: F401,F403
 import re as _m
 import sys as _sys
+from re import *  # noqa: F403
+
 _sys.modules[__name__] = _m

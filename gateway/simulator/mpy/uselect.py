@@ -1,5 +1,6 @@
 """MicroPython alias of select."""
-from select import *  # noqa: F401,F403
 import select as _m
 import sys as _sys
+from select import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of socket."""
-from socket import *  # noqa: F401,F403
 import socket as _m
 import sys as _sys
+from socket import *  # noqa: F403
+
 _sys.modules[__name__] = _m

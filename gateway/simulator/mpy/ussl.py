@@ -1,5 +1,6 @@
 """MicroPython alias of ssl."""
-from ssl import *  # noqa: F401,F403
 import ssl as _m
 import sys as _sys
+from ssl import *  # noqa: F403
+
 _sys.modules[__name__] = _m

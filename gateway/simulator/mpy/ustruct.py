@@ -1,5 +1,6 @@
 """MicroPython alias of struct."""
-from struct import *  # noqa: F401,F403
 import struct as _m
 import sys as _sys
+from struct import *  # noqa: F403
+
 _sys.modules[__name__] = _m

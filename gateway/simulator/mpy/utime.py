@@ -1,5 +1,6 @@
 """MicroPython alias of time."""
-from time import *  # noqa: F401,F403
-import time as _m
 import sys as _sys
+import time as _m
+from time import *  # noqa: F403
+
 _sys.modules[__name__] = _m

@@ -1,5 +1,6 @@
 """MicroPython alias of zlib."""
-from zlib import *  # noqa: F401,F403
-import zlib as _m
 import sys as _sys
+import zlib as _m
+from zlib import *  # noqa: F403
+
 _sys.modules[__name__] = _m

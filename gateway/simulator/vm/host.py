@@ -43,7 +43,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gateway.simulator import console as console_mod
 from gateway.simulator import runtime
@@ -60,7 +61,7 @@ def _vm_i2c_target(shim: Any) -> type:
         its own), so a handler's readinto() gets it; then IRQ_WRITE_REQ for
         each byte the handler left and every later one."""
 
-        host: "Host"
+        host: Host
         handle = 0
         _match_pending = False
 

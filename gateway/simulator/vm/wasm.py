@@ -59,8 +59,9 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HostFunction = Callable[..., Any]
 
@@ -106,6 +107,7 @@ def cache_dir() -> Path:
 def load_module(engine):
     """The compiled artifact: from the cache, else compiled and cached (COMPILE)."""
     from importlib.metadata import version
+
     from wasmtime import Module
     wasm = artifact_path().read_bytes()
     key = hashlib.sha256(wasm + version("wasmtime").encode()).hexdigest()[:16]
@@ -203,8 +205,7 @@ class VM:
 
     def run(self) -> None:
         """Run the program to its end (blocks; run it in a thread)."""
-        from wasmtime import (Engine, ExitTrap, Func, FuncType, Linker, Store, Trap,
-                              ValType, WasiConfig, WasmtimeError)
+        from wasmtime import Engine, ExitTrap, Func, FuncType, Linker, Store, Trap, ValType, WasiConfig, WasmtimeError
         engine = Engine(_config())
         store = Store(engine)
         wasi = WasiConfig()

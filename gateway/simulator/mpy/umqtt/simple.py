@@ -188,7 +188,7 @@ class MQTTClient:
             res = self.sock.recv(1)
         except (BlockingIOError, InterruptedError):
             res = None
-        except socket.timeout:
+        except TimeoutError:
             res = None
         finally:
             try:

@@ -9,7 +9,7 @@ import sys
 gc.disable()     # a collection corrupts this VM build: see gateway/simulator/vm/wasm.py, GC
 sys.path.insert(0, "/.picosim")
 import _picosim
-import machine
+
 sys.path[:] = ["", "/lib", "/.picosim"] + [p for p in sys.path if p.startswith(".frozen")]
 
 USB, BOARD, LINK = _picosim.call("board", ())

@@ -1,9 +1,8 @@
 # machine for the virtual Pico on the MicroPython VM (rp2 flavour): every
 # peripheral is a handle to the host's simulated one (the same UART ptys, LED
 # and knobs as the CPython runtime), so only I/O crosses into the host.
-import time
-
 import binascii
+import time
 
 from _picosim import HostObject, call, raw
 
