@@ -122,16 +122,16 @@ def config_values(config: GatewayConfig, device: DeviceConfig, secrets: dict[str
 
 
 def _sha256_on_board(transport: Any, name: str) -> str:
-    code = ("import hashlib, binascii\nh = hashlib.sha256()\nf = open(%r, 'rb')\n"
+    code = (f"import hashlib, binascii\nh = hashlib.sha256()\nf = open({name!r}, 'rb')\n"
             "while True:\n b = f.read(512)\n if not b:\n  break\n h.update(b)\nf.close()\n"
-            "print(binascii.hexlify(h.digest()).decode())" % name)
+            "print(binascii.hexlify(h.digest()).decode())")
     return transport.exec(code).decode().strip()
 
 
 def copy_files(port: str, files: dict[str, bytes], out: Out) -> None:
     """Write ``files`` (name -> content) to the board's root through the raw REPL and check each."""
-    from mpremote.transport import TransportError
-    from mpremote.transport_serial import SerialTransport
+    from mpremote.transport import TransportError  # type: ignore[import-untyped]  # mpremote ships no types
+    from mpremote.transport_serial import SerialTransport  # type: ignore[import-untyped]  # (as above)
 
     try:
         transport = SerialTransport(port, baudrate=115200)

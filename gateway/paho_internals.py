@@ -276,8 +276,8 @@ def _check_puback(client: FastClient) -> str | None:
     client.on_publish = lambda c, userdata, mid, reason, properties: acked.append((mid, reason.value))
     for reason in (0x00, 0x87):
         info = client.publish("paho/self/test", b"x", qos=1)  # not connected: paho keeps it for later
-        client._in_packet.update(command=paho.PUBACK, remaining_length=4,
-                                 packet=bytearray(info.mid.to_bytes(2, "big") + bytes((reason, 0))))
+        client._in_packet.update({"command": paho.PUBACK, "remaining_length": 4,
+                                  "packet": bytearray(info.mid.to_bytes(2, "big") + bytes((reason, 0)))})
         client._handle_pubackcomp("PUBACK")
         if acked[-1:] != [(info.mid, reason)] or not is_published(info):
             return f"a PUBACK (reason {reason:#04x}) handed to _handle_pubackcomp did not complete its message"

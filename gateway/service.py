@@ -91,7 +91,8 @@ def render_unit(template: str, prefix: str, etc: str, groups: Sequence[str]) -> 
     (systemd refuses to start a service naming a group that does not)."""
     text = template.replace(DEFAULT_PREFIX + "/", prefix.rstrip("/") + "/")
     text = text.replace(DEFAULT_ETC + "/", etc.rstrip("/") + "/")
-    line = f"SupplementaryGroups={' '.join(groups)}" if groups else "# SupplementaryGroups=: none of dialout, i2c, plugdev exists here"
+    line = (f"SupplementaryGroups={' '.join(groups)}" if groups
+            else "# SupplementaryGroups=: none of dialout, i2c, plugdev exists here")
     return re.sub(r"(?m)^SupplementaryGroups=.*$", line, text)
 
 

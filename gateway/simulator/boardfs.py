@@ -24,10 +24,12 @@ import errno
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Any
 
-root = None          # absolute host path of the board's "/"
-_roots = ()          # root and its realpath, for telling board code apart
-_orig = {}
+root: str | None = None      # absolute host path of the board's "/"
+_roots: tuple[str, ...] = ()  # root and its realpath, for telling board code apart
+_orig: dict[str, Callable[..., Any]] = {}
 
 
 def populate(fs, firmware_dir=None, firmware_main=None, config_py=None):
@@ -68,7 +70,7 @@ def board_cwd():
 def _on_board(depth=2):
     """True when the caller of the wrapped function is code running on the board."""
     try:
-        f = sys._getframe(depth)
+        f = sys._getframe(depth)  # noqa: SLF001 -- CPython's documented frame API; inspect.stack() is far slower per os call
     except ValueError:
         return False
     name = f.f_code.co_filename
@@ -138,5 +140,5 @@ def install(fs):
             yield (ent.name, 0x4000 if ent.is_dir() else 0x8000, 0, 0 if ent.is_dir() else st.st_size)
 
     os.getcwd = getcwd
-    os.ilistdir = ilistdir
+    os.ilistdir = ilistdir  # type: ignore[attr-defined]  # MicroPython's os has ilistdir, CPython's does not
     builtins.open = open

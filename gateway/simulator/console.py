@@ -18,10 +18,11 @@ import time
 
 from gateway.simulator import runtime
 
-_debug = bool(os.environ.get("PICOSIM_DEBUG_CONSOLE"))
+debug = bool(os.environ.get("PICOSIM_DEBUG_CONSOLE"))   # log every byte the console and REPL take
 kbd_intr_char = 3
 executing = False      # a program (main.py or REPL input) is running
-_main_ident = threading.main_thread().ident
+# The main thread runs the firmware: Ctrl-C is delivered to it. (A started thread always has an ident.)
+_main_ident: int = threading.main_thread().ident or 0
 
 
 _interrupts_taken = 0   # SIGINTs the main thread has turned into KeyboardInterrupt
@@ -40,22 +41,23 @@ def _interrupt_main():
 def _where_main_is():
     import sys
     import traceback
-    frame = sys._current_frames().get(_main_ident)
+    frame = sys._current_frames().get(_main_ident)  # noqa: SLF001 -- CPython's documented API for another thread's stack
     return "".join(traceback.format_stack(frame)[-4:]).rstrip() if frame else "(no frame)"
 
 
 class Console:
     def __init__(self):
-        import machine  # the shim (patches.install() ran before)
+        import machine  # type: ignore[import-not-found]  # the shim on sys.path (patches.install() ran before)
         inherited = os.environ.get("PICOSIM_FD_USB")
         if inherited:
             m, s, path = inherited.split(",", 2)
             self.master, self.slave, self.path = int(m), int(s), path
         else:
-            self.master, self.slave, self.path = machine._make_pty()
+            # The shim's pty maker, shared with machine.UART; private because firmware must not see it.
+            self.master, self.slave, self.path = machine._make_pty()  # noqa: SLF001 -- see above
         os.set_inheritable(self.master, True)
         os.set_inheritable(self.slave, True)
-        os.environ["PICOSIM_FD_USB"] = "%d,%d,%s" % (self.master, self.slave, self.path)
+        os.environ["PICOSIM_FD_USB"] = f"{self.master},{self.slave},{self.path}"
         self._rpipe, self._wpipe = os.pipe()
         # A board always takes Ctrl-C, but a process started in the background of a
         # shell (`cmd &`, some CI runners) inherits SIGINT ignored, and Python leaves it
@@ -67,7 +69,7 @@ class Console:
         self.stdout = UsbStdout(self)
         threading.Thread(target=self._reader, daemon=True, name="usb-console").start()
         runtime.publish("usb", self.path)
-        runtime.log("USB console is %s" % self.path)
+        runtime.log(f"USB console is {self.path}")
 
     def _reader(self):
         import select
@@ -81,8 +83,8 @@ class Console:
                 return
             if not data:
                 continue
-            if _debug:
-                runtime.log("usb rx %r (executing=%s)" % (data, executing))
+            if debug:
+                runtime.log(f"usb rx {data!r} (executing={executing})")
             if executing and kbd_intr_char is not None and kbd_intr_char >= 0:
                 ch = bytes([kbd_intr_char])
                 if ch in data:
@@ -98,9 +100,9 @@ class Console:
                     while executing and time.monotonic() < deadline:
                         time.sleep(0.005)
                     if executing:
-                        runtime.log("usb: Ctrl-C, the program still runs after 1 s: %s" % (
-                            "it caught KeyboardInterrupt" if _interrupts_taken > taken else
-                            "the interrupt was not taken; the main thread is at\n" + _where_main_is()))
+                        why = ("it caught KeyboardInterrupt" if _interrupts_taken > taken else
+                               "the interrupt was not taken; the main thread is at\n" + _where_main_is())
+                        runtime.log(f"usb: Ctrl-C, the program still runs after 1 s: {why}")
                     if after:
                         os.write(self._wpipe, after)
                     continue

@@ -44,6 +44,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 
 VERSION = 1
 MAX_MSGS = 42
@@ -51,7 +52,7 @@ I2C_M_RD = 0x0001
 
 
 def socket_name(addr):
-    return "0x%02x.sock" % addr
+    return f"0x{addr:02x}.sock"
 
 
 def _recv_exact(sock, n):
@@ -112,7 +113,7 @@ class TargetServer:
         from gateway.simulator import runtime
         with self.lock:
             if addr in self.targets:
-                raise OSError(errno.EBUSY, "I2C address 0x%02x in use" % addr)
+                raise OSError(errno.EBUSY, f"I2C address 0x{addr:02x} in use")
             self.targets[addr] = target
             path = self.path(addr)
             if os.path.exists(path):
@@ -124,7 +125,7 @@ class TargetServer:
                 else:
                     del self.targets[addr]
                     raise OSError(errno.EADDRINUSE,
-                                  "another target answers at 0x%02x on %s" % (addr, self.bus_dir))
+                                  f"another target answers at 0x{addr:02x} on {self.bus_dir}")
                 finally:
                     probe.close()
             srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,10 +133,10 @@ class TargetServer:
             srv.listen(8)
             self.listeners[addr] = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True,
-                         name="i2c-0x%02x" % addr).start()
+                         name=f"i2c-0x{addr:02x}").start()
         if runtime.get_state("i2c_socket") is None:
             runtime.publish("i2c_socket", path)
-        runtime.log("I2C target 0x%02x on %s" % (addr, path))
+        runtime.log(f"I2C target 0x{addr:02x} on {path}")
 
     def unregister(self, addr, target):
         with self.lock:
@@ -173,31 +174,33 @@ class TargetServer:
                     return
 
     def transaction(self, msgs):
+        # The targets are machine.I2CTarget: _addr_match, _read_byte, _write_byte and _end are its
+        # bus side, private because MicroPython's I2CTarget has no such methods for firmware to see.
         from gateway.simulator import runtime
         delay = (runtime.knob("i2c_byte_delay_us") or 0) / 1e6
         out = bytearray()
         with self.lock:
-            current = None
+            current: Any = None
             try:
                 for addr, read, payload in msgs:
                     target = self.targets.get(addr)
                     if target is None:
                         return errno.EREMOTEIO, b""
                     if current is not None and current is not target:
-                        current._end()
+                        current._end()  # noqa: SLF001 -- the target's bus side (above)
                     current = target
-                    target._addr_match(read)
+                    target._addr_match(read)  # noqa: SLF001 -- the target's bus side (above)
                     if read:
                         for i in range(payload):
                             if delay and i:
                                 time.sleep(delay)
-                            out.append(target._read_byte() & 0xFF)
+                            out.append(target._read_byte() & 0xFF)  # noqa: SLF001 -- the target's bus side
                     else:
                         for b in payload:
-                            target._write_byte(b)
+                            target._write_byte(b)  # noqa: SLF001 -- the target's bus side (above)
             finally:
                 if current is not None:
-                    current._end()
+                    current._end()  # noqa: SLF001 -- the target's bus side (above)
         return 0, bytes(out)
 
 
@@ -268,13 +271,13 @@ class SimulatedSMBus:
                 s.connect(path)
             except OSError:
                 s.close()
-                raise OSError(errno.EREMOTEIO, os.strerror(errno.EREMOTEIO))
+                raise OSError(errno.EREMOTEIO, os.strerror(errno.EREMOTEIO)) from None   # as a missing ACK
             self._conns[path] = s
         return s
 
     def _run(self, msgs):
         """Run one transaction; return the concatenated read bytes."""
-        groups = []   # consecutive messages for one socket go in one request
+        groups: list[tuple[str, list[Any]]] = []   # consecutive messages for one socket go in one request
         for m in msgs:
             path = self._socket_path(m[0])
             if groups and groups[-1][0] == path:
@@ -292,7 +295,7 @@ class SimulatedSMBus:
                 except (OSError, ConnectionError, struct.error):
                     self._conns.pop(path, None)
                     s.close()
-                    raise OSError(errno.EREMOTEIO, os.strerror(errno.EREMOTEIO))
+                    raise OSError(errno.EREMOTEIO, os.strerror(errno.EREMOTEIO)) from None   # as a missing ACK
                 if body[0] != 0:
                     raise OSError(body[0], os.strerror(body[0]))
                 out += body[1:]

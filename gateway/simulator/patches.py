@@ -79,9 +79,14 @@ def sleep_us(us):
         time.sleep(us / 1_000_000)
 
 
+def _give(module: object, **names: object) -> None:
+    """Add MicroPython's extra names to a CPython module (setattr: CPython's stubs do not have them)."""
+    for name, value in names.items():
+        setattr(module, name, value)
+
+
 def patch_time():
-    for f in (ticks_ms, ticks_us, ticks_cpu, ticks_add, ticks_diff, sleep_ms, sleep_us):
-        setattr(time, f.__name__, f)
+    _give(time, **{f.__name__: f for f in (ticks_ms, ticks_us, ticks_cpu, ticks_add, ticks_diff, sleep_ms, sleep_us)})
 
 
 def patch_gc():
@@ -94,9 +99,7 @@ def patch_gc():
     def threshold(amount=None):
         return -1 if amount is None else None
 
-    gc.mem_free = mem_free
-    gc.mem_alloc = mem_alloc
-    gc.threshold = threshold
+    _give(gc, mem_free=mem_free, mem_alloc=mem_alloc, threshold=threshold)
 
 
 def _print_exception(exc, file=None):
@@ -116,7 +119,7 @@ def _check_loopback(family, address):
     except ValueError:
         ok = False
     if not ok:
-        raise OSError(errno.EHOSTUNREACH, "EHOSTUNREACH (a virtual Pico reaches loopback only: %s)" % host)
+        raise OSError(errno.EHOSTUNREACH, f"EHOSTUNREACH (a virtual Pico reaches loopback only: {host})")
 
 
 class MpSocket(_BaseSocket):
@@ -148,7 +151,7 @@ class MpSocket(_BaseSocket):
             host, port = self.getsockname()[:2]
             if runtime.get_state("tcp") is None or runtime.get_state("tcp")[1] != port:
                 runtime.publish("tcp", [host, port])
-                runtime.log("TCP listening on %s:%d" % (host, port))
+                runtime.log(f"TCP listening on {host}:{port}")
 
     def read(self, n=-1):
         if n is None or n < 0:
@@ -188,7 +191,7 @@ class MpSocket(_BaseSocket):
 
 
 def patch_socket():
-    _socket_mod.socket = MpSocket
+    _give(_socket_mod, socket=MpSocket)   # the firmware's socket.socket(...) makes MicroPython sockets
 
 
 def install(firmware_dir=None):
@@ -197,7 +200,7 @@ def install(firmware_dir=None):
     patch_gc()
     patch_socket()
     if not hasattr(sys, "print_exception"):
-        sys.print_exception = _print_exception
+        _give(sys, print_exception=_print_exception)
     paths = [MPY_DIR] + ([firmware_dir] if firmware_dir else [])
     for p in reversed(paths):
         if p in sys.path:

@@ -55,15 +55,29 @@ import runpy
 import signal
 import sys
 import traceback
+from types import ModuleType
 
 from gateway.simulator import boardfs, patches, runtime, vm
 from gateway.simulator import console as console_mod
 
-_firmware = {"fs": None, "config_py": None, "modules": set(), "argv": None}
+
+class _Firmware:
+    """What this process knows about the Pico it runs, set by main()."""
+
+    def __init__(self) -> None:
+        self.fs = ""                          # the board's filesystem on this host
+        self.config_py: str | None = None     # --config-py
+        self.modules: set[str] = set()        # modules the firmware imported, forgotten at a soft reset
+        self.argv: list[str] = []             # the command line that re-executes this Pico
 
 
-def _load_config(path, install=True):
+_firmware = _Firmware()
+
+
+def _load_config(path: str, install: bool = True) -> ModuleType:
     spec = importlib.util.spec_from_file_location("config", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as config")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if install:
@@ -74,14 +88,14 @@ def _load_config(path, install=True):
 def _preload_config():
     """``import config`` finds the fs's config.py; without one, --config-py's."""
     sys.modules.pop("config", None)
-    fs, path = _firmware["fs"], _firmware["config_py"]
+    fs, path = _firmware.fs, _firmware.config_py
     if path and not (fs and os.path.isfile(os.path.join(fs, "config.py"))):
         _load_config(path)
 
 
 def restart(cause, keep_led):
     """Re-execute this process (machine.reset / soft_reset / WDT)."""
-    runtime.log("reset (cause %d)" % cause)
+    runtime.log(f"reset (cause {cause})")
     env = os.environ
     env["PICOSIM_RESET_CAUSE"] = str(cause)
     env["PICOSIM_LED_INIT"] = str(runtime.led_value() if keep_led else 0)
@@ -97,7 +111,7 @@ def restart(cause, keep_led):
     # A reset requested while the new process boots waits (pending) until it
     # can take it: the signal mask survives exec, main() unblocks.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    os.execv(sys.executable, _firmware["argv"] or [sys.executable] + sys.orig_argv[1:])
+    os.execv(sys.executable, _firmware.argv or [sys.executable] + sys.orig_argv[1:])
 
 
 def _run_on_resetpin(signum, frame):
@@ -106,7 +120,7 @@ def _run_on_resetpin(signum, frame):
 
 
 def _run_main(run_main=True):
-    fs = _firmware["fs"]
+    fs = _firmware.fs
     boot, main = (os.path.join(fs, n) for n in ("boot.py", "main.py"))
     if os.path.isfile(boot):
         _run_file(boot, final=False)
@@ -129,21 +143,21 @@ def _run_file(main, final):
         sys.stdout.write(text)
         if sys.stdout is not sys.__stdout__:
             runtime.log(text.rstrip())
-        runtime.publish("firmware", "crashed: %s" % (repr(e),))
+        runtime.publish("firmware", f"crashed: {e!r}")
     finally:
         console_mod.executing = False
-        _firmware["modules"] |= set(sys.modules) - before
+        _firmware.modules |= set(sys.modules) - before
 
 
 def _soft_reboot(run_main):
     # Forget modules the firmware imported (and any loaded from the fs, e.g.
     # at the REPL), like MicroPython's soft reset; config is looked up afresh.
-    fs = _firmware["fs"]
+    fs = _firmware.fs
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None) or ""
-        if name in _firmware["modules"] or (fs and f.startswith(fs + os.sep)):
+        if name in _firmware.modules or (fs and f.startswith(fs + os.sep)):
             sys.modules.pop(name, None)
-    _firmware["modules"].clear()
+    _firmware.modules.clear()
     _preload_config()
     _run_main(run_main)
 
@@ -189,11 +203,12 @@ def main(argv=None):
     if fs is None:
         import tempfile
         fs = tempfile.mkdtemp(prefix="picosim-fs-")
-    _firmware["argv"] = _exec_argv(args, fs)
+    _firmware.argv = _exec_argv(args, fs)
     signal.signal(signal.SIGUSR1, _run_on_resetpin)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     if carry:
-        runtime._state.update(json.loads(carry))
+        for key, value in json.loads(carry).items():   # before configure(): no state file yet
+            runtime.publish(key, value)
     state_dir = args.state_dir
     i2c_dir = args.i2c_bus or (os.path.join(state_dir, "i2c") if state_dir else None)
 
@@ -205,7 +220,7 @@ def main(argv=None):
         else:
             fw_dir, fw_main = os.path.dirname(fw), fw
         if not os.path.exists(fw_main):
-            p.error("no such firmware: %s" % fw_main)
+            p.error(f"no such firmware: {fw_main}")
 
     if first_boot:
         boardfs.populate(fs, fw_dir, fw_main, args.config_py)
@@ -217,7 +232,7 @@ def main(argv=None):
     if fw_main is not None and fw_dir is not None and fw_main != os.path.join(fw_dir, "main.py"):
         sys.path.append(os.path.dirname(fw_main))   # helpers next to a FILE.py
     cfg = _load_config(args.config_py, install=False) if args.config_py else None
-    _firmware["fs"], _firmware["config_py"] = fs, args.config_py
+    _firmware.fs, _firmware.config_py = fs, args.config_py
     _preload_config()
     link = getattr(cfg, "LINK", None)
     device = args.device or getattr(cfg, "DEVICE", None) or "pico"
@@ -230,8 +245,7 @@ def main(argv=None):
     if args.runtime == "micropython":
         usb = args.usb or link == "usb" or not has_main
         if not usb and link not in vm.TRANSPORTS:
-            p.error("the MicroPython runtime runs %s Picos only so far, not %s"
-                    % ("/".join(vm.TRANSPORTS), link))
+            p.error(f"the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos only so far, not {link}")
         from gateway.simulator.vm import host as vm_host
         board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
         return vm_host.run(fs, usb=usb, board=board, link=link)
@@ -243,7 +257,7 @@ def main(argv=None):
         sys.stdin = con.stdin
         sys.stdout = con.stdout
     board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
-    runtime.log("boot: fs=%s main.py=%s link=%s" % (fs, "yes" if has_main else "no", link))
+    runtime.log(f"boot: fs={fs} main.py={'yes' if has_main else 'no'} link={link}")
 
     _run_main()
     if con is not None:

@@ -37,9 +37,9 @@ class Repl:
     def getc(self):
         while True:
             b = self.con.read_raw(1)
-            if console._debug:
+            if console.debug:
                 from gateway.simulator import runtime
-                runtime.log("repl got %r" % b)
+                runtime.log(f"repl got {b!r}")
             if b:
                 return b[0]
 
@@ -73,11 +73,11 @@ class Repl:
                 if c == 0x02:       # Ctrl-B
                     self.out("\r\n")
                     self.out(BANNER.format(board=self.board))
-                    line = None
+                    line.clear()    # the line is abandoned
                     break
                 if c == 0x03:       # Ctrl-C
                     self.out("\r\n")
-                    line = None
+                    line.clear()
                     break
                 if c == 0x04:       # Ctrl-D
                     if not line:
@@ -107,10 +107,11 @@ class Repl:
         while True:
             self.out(">")
             buf = bytearray()
+            abandoned = False
             while True:
                 c = self.getc()
                 if c == 0x01:           # Ctrl-A: stay in raw REPL, clear the line
-                    buf = None
+                    abandoned = True
                     self.out("\r\nraw REPL; CTRL-B to exit\r\n")
                     break
                 if c == 0x02:           # Ctrl-B: friendly REPL
@@ -129,7 +130,7 @@ class Repl:
                 if c == 0x04:
                     break
                 buf.append(c)
-            if buf is None:
+            if abandoned:
                 continue
             self.out("OK")
             if not buf:
@@ -172,18 +173,19 @@ def format_exception(e):
     for fr in tb:
         if fr.filename.endswith(("repl.py",)):
             continue
-        lines.append('  File "%s", line %d, in %s\n' % (fr.filename, fr.lineno, fr.name))
+        # A frame without line information (lineno None) reads as line 0, not a crash of the REPL.
+        lines.append(f'  File "{fr.filename}", line {fr.lineno or 0}, in {fr.name}\n')
     if isinstance(e, SyntaxError):
         lines = ["Traceback (most recent call last):\n",
-                 '  File "<stdin>", line %s\n' % (e.lineno or 1)]
+                 f'  File "<stdin>", line {e.lineno or 1}\n']
         lines.append("SyntaxError: invalid syntax\n")
         return "".join(lines)
     if isinstance(e, OSError) and e.errno:
         # MicroPython has one OSError class and names the errno
         import errno
-        return "".join(lines) + "OSError: [Errno %d] %s\n" % (e.errno, errno.errorcode.get(e.errno, ""))
+        return "".join(lines) + f"OSError: [Errno {e.errno}] {errno.errorcode.get(e.errno, '')}\n"
     msg = str(e)
     if isinstance(e, NameError):
         msg = msg.replace("is not defined", "isn't defined")
-    lines.append("%s: %s\n" % (type(e).__name__, msg) if msg else "%s: \n" % type(e).__name__)
+    lines.append(f"{type(e).__name__}: {msg}\n" if msg else f"{type(e).__name__}: \n")
     return "".join(lines)

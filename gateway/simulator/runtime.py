@@ -76,7 +76,7 @@ _sidecar_checked = 0.0
 _sidecar = {}
 
 state_path = None          # pico.json, or None (no state file)
-i2c_bus_dir = None         # directory of the simulated bus: <dir>/0x43.sock per target
+i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
 device_id = "pico"
 _state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
           "led": "off", "pid": os.getpid()}
