@@ -46,7 +46,7 @@ def run(env: Env, links: int, busy: bool, count: int, rate: float | None = None)
             recv0, t0 = sub.received, time.monotonic()
             ctx = mp.get_context("spawn")
             parent, child = ctx.Pipe()
-            client = ctx.Process(target=_command_client, name="commands",
+            client = ctx.Process(target=command_client, name="commands",
                                  args=(broker.host, broker.port, target, count, child))
             client.start()
             timings = parent.recv() if parent.poll(count * TIMEOUT + 60) else None
@@ -72,7 +72,7 @@ def run(env: Env, links: int, busy: bool, count: int, rate: float | None = None)
     }
 
 
-def _command_client(host: str, port: int, device: str, count: int, conn, stop=None) -> None:
+def command_client(host: str, port: int, device: str, count: int, conn, stop=None) -> None:
     """Child process: ``count`` commands, one at a time (fewer if the multiprocessing Event
     ``stop`` is set first); sends back the timings in ms."""
     import paho.mqtt.client as mqtt

@@ -19,8 +19,8 @@ command client times ``cmd/led`` round trips to ``d01``, one at a time. The
 flood counts as over for the gateway ("caught up") once two of those answers
 have arrived after that PUBACK: the broker hands the gateway its messages in
 order, so one of them was sent after the flood's last message and answered
-after it (within ``CATCH_UP``, or the commands fail). Then the gateway is left alone for a few seconds (``settle``) to see
-what memory and threads it gives back.
+after it (within ``CATCH_UP``, or the commands fail). Then the gateway is left alone for a few
+seconds (``settle``) to see what memory and threads it gives back.
 
 A sampler reads ``/proc/<pid>/status`` every 20 ms: RSS and threads of the
 gateway's main process, and of it with every process it started (a child for
@@ -219,7 +219,7 @@ def run(env: Env, flood: Flood, settle: float = SETTLE) -> dict:
             # Started last, so that few of its commands come before the flood's first message.
             probe_conn, probe_child = ctx.Pipe()
             probe_start = time.monotonic()
-            probe = ctx.Process(target=commands._command_client, name="flood-probe",
+            probe = ctx.Process(target=commands.command_client, name="flood-probe",
                                 args=(broker.host, broker.port, PROBE, 10_000_000, probe_child, stop_probe))
             probe.start()
             wait_for(lambda: _answers(sub, PROBE, probe_start), 30, "the command client's first answer", gw.check)
@@ -309,7 +309,8 @@ def _effects(kind: str, sub: Subscriber, db: Path, t0: float) -> dict[str, float
     events = [(top, pay) for t, top, pay in list(sub.events) if t >= t0]
     if kind == "owner":
         conflicts = [pay for top, pay in events if top == f"pico/bridge/{GATEWAY_ID}/conflicts"]
-        return {"conflicts_messages": len(conflicts), "conflicts_last_kb": len(conflicts[-1]) / 1024 if conflicts else 0}
+        return {"conflicts_messages": len(conflicts),
+                "conflicts_last_kb": len(conflicts[-1]) / 1024 if conflicts else 0}
     if kind == "ha_status":
         return {"discovery_messages": sum(1 for top, _ in events if top.startswith("homeassistant/device/"))}
     if kind == "cmd_led":

@@ -59,7 +59,7 @@ def summarize(path: Path, top: int = 20) -> dict:
     total = 0.0
     for prof in data["profiles"]:
         thread = prof["name"]
-        for stack, weight in zip(prof["samples"], prof["weights"]):
+        for stack, weight in zip(prof["samples"], prof["weights"], strict=True):  # one weight per sample
             total += weight
             threads[thread] += weight
             if stack:

@@ -130,7 +130,7 @@ class Table:
 
     def render(self) -> str:
         widths = [max(len(r[i]) for r in self.rows + [("measurement", "value", "target", "")]) for i in range(4)]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
         out = [line(("measurement", "value", "target", "")), line(tuple("-" * w for w in widths))]
         out += [line(r) for r in self.rows]
         return "\n".join(out)
@@ -170,7 +170,8 @@ def main(argv: list[str]) -> int:
                 env.qos = qos
                 for links in args.links:
                     res[f"ingest_{qos_name(qos)}_{links}"] = repeated(
-                        reps, f"ingest {qos_name(qos)} {links} link(s)", lambda: ingest.run(env, links), ingest_show)
+                        reps, f"ingest {qos_name(qos)} {links} link(s)", lambda links=links: ingest.run(env, links),
+                        ingest_show)
             env.qos = args.qos[0]
         if "ceilings" in args.only:
             # The gateway's messages at each QoS asked for (a revision's unknown default has no
@@ -179,13 +180,15 @@ def main(argv: list[str]) -> int:
             for q, ts in variants:
                 res[f"paho_QoS {q}{'' if ts else ' no ts'}"] = repeated(
                     reps, f"paho ceiling QoS {q}{'' if ts else ', no ts property'}",
-                    lambda: ceilings.paho(env, 16, q, ts), "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
+                    lambda q=q, ts=ts: ceilings.paho(env, 16, q, ts), "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
             res["paho_QoS 0 no ts single-threaded"] = repeated(
                 reps, "paho ceiling QoS 0, no ts property, single-threaded",
-                lambda: ceilings.paho(env, 16, 0, False, threaded=False), "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
+                lambda: ceilings.paho(env, 16, 0, False, threaded=False),
+                "{delivered_per_s:,.0f}/s, zero loss {zero_loss}")
             for batch in (2000, 100, 1):
                 res[f"sqlite_{batch}"] = repeated(reps, f"sqlite ceiling batch {batch}",
-                                                  lambda: ceilings.sqlite(env, batch), "{rows_per_s:,.0f} rows/s")
+                                                  lambda batch=batch: ceilings.sqlite(env, batch),
+                                                  "{rows_per_s:,.0f} rows/s")
         if "commands" in args.only:
             res["commands_idle"] = repeated(reps, "commands, 1 idle link",
                                             lambda: commands.run(env, 1, False, args.commands),
@@ -212,7 +215,7 @@ def main(argv: list[str]) -> int:
                 for links in args.growth_devices:
                     res[f"growth_{links}_{rows}"] = repeated(
                         args.growth_repeat, f"growth {links} device(s), {rows:,} rows before",
-                        lambda: growth.run(env, links, template), ingest_show)
+                        lambda links=links, template=template: growth.run(env, links, template), ingest_show)
         if "floods" in args.only:
             for flood in floods.floods(args.quick, args.floods):
                 res[f"flood_{flood.name}"] = repeated(
@@ -306,7 +309,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
         m = res[key]["median"]
         busy = key in ("commands_busy", "commands_wire")
         # The issue's round trip ends at state/led (it arrives just before result/led).
-        t.add(f"{title}: p50 / p90 / p99", f"{m['p50_ms']:.2f} / {m['p90_ms']:.2f} / {m['p99_ms']:.2f} ms to result/led, "
+        t.add(f"{title}: p50 / p90 / p99",
+              f"{m['p50_ms']:.2f} / {m['p90_ms']:.2f} / {m['p99_ms']:.2f} ms to result/led, "
               f"p50 / p99 {m['state_p50_ms']:.2f} / {m['state_p99_ms']:.2f} ms to state/led"
               + (f" ({n(m['readings_per_s_meanwhile'])} readings/s)" if busy else ""),
               "p99 < 10 ms (state/led)" if busy else "", m["state_p99_ms"] < 10 if busy else None)
@@ -315,7 +319,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
     if "startup_16" in res:
         m = res["startup_16"]["median"]
         t.section("start-up, 16 devices")
-        t.add("READY (bridge + every device online)", f"{m['ready_s']:.2f} s (bridge online {m['bridge_online_s']:.2f} s)",
+        t.add("READY (bridge + every device online)",
+              f"{m['ready_s']:.2f} s (bridge online {m['bridge_online_s']:.2f} s)",
               "< 1.5 s", m["ready_s"] < 1.5)
         t.add("RSS at idle, 5 s after READY", f"{m['idle_rss_mb']:.1f} MB", "< 60 MB", m["idle_rss_mb"] < 60)
     growth_keys = [k for k in res if k.startswith("growth_")]
@@ -330,8 +335,10 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
 
 
 def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
-    """Per flood: the publisher's rate, then the three flood targets (docs/performance.md), then what the gateway did."""
-    shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick, args.floods) if f"flood_{f.name}" in res]
+    """Per flood: the publisher's rate, then the three flood targets (docs/performance.md), then what the gateway
+    did."""
+    shown = [(f, res[f"flood_{f.name}"]["median"]) for f in floods.floods(args.quick, args.floods)
+             if f"flood_{f.name}" in res]
     if not shown:
         return
     t.section(f"floods; final = {floods.SETTLE:g} s after the gateway caught up")
@@ -354,7 +361,8 @@ def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
               f"{n(m['probe_p50_ms'], 1)} / {n(m['probe_p99_ms'], 1)} ({n(m['probe_max_ms'], 1)}) ms, "
               f"{n(m['probe_failed'])} of {n(m['probe_commands'])} unanswered in {commands.TIMEOUT:g} s",
               "all answered", m["commands_ok"])
-        t.add(f"{name}: what the gateway did", f"{flood_effect(name, m)}; log +{n(m['log_lines'])} lines ({n(m['log_kb'])} KB)")
+        t.add(f"{name}: what the gateway did",
+              f"{flood_effect(name, m)}; log +{n(m['log_lines'])} lines ({n(m['log_kb'])} KB)")
 
 
 def flood_effect(name: str, m: dict) -> str:
