@@ -214,6 +214,12 @@ def problem() -> str | None:
     return _self_test()
 
 
+def recheck() -> None:
+    """Forget the check's result: the next :func:`problem` checks paho again (after paho was
+    patched, as the tests of the fallback do)."""
+    _self_test.cache_clear()
+
+
 @functools.cache
 def _self_test() -> str | None:
     try:

@@ -62,6 +62,11 @@ class Recorder:
         with self._lock:
             self.messages.append(msg)
 
+    def received(self) -> list[paho.MQTTMessage]:
+        """Every message so far, in order (a copy: the network thread keeps appending)."""
+        with self._lock:
+            return list(self.messages)
+
     def on(self, topic: str) -> list[str]:
         """Payloads received on ``topic`` (exact, or a filter with + and #), in order."""
         with self._lock:

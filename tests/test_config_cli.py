@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=REPO, timeout=30)
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=30)
 
 
 def test_the_example_config_is_valid() -> None:
@@ -59,7 +60,8 @@ def test_every_problem_is_named_with_key_and_device(tmp_path: Path) -> None:
     result = cli("check-config", "--config", str(path))
     assert result.returncode != 0
     err = result.stderr
-    for expected in ("colour: unknown key", "mqtt.port:", "devices[0] (id 'shed').baudrate: Input should be greater than 0",
+    for expected in ("colour: unknown key", "mqtt.port:",
+                     "devices[0] (id 'shed').baudrate: Input should be greater than 0",
                      "devices[2] (id 'attic'): unknown transport", "devices[3] (id 'bridge').id:",
                      "devices[4] (id 'cellar').prot: unknown key"):
         assert expected in err, err
@@ -189,7 +191,8 @@ def test_device_addresses_run_cannot_use_are_refused_absent_ports_only_noted(
     absent = tmp_path / "ttyACM7"  # a Pico plugged in later: not a problem
     devices = {
         'transport = "uart"\nport = "ttyAMA0"':
-            'devices[0] (id \'d0\').port: not a device path: write the serial device\'s file, e.g. port = "/dev/serial0"',
+            'devices[0] (id \'d0\').port: not a device path: write the serial device\'s file, '
+            'e.g. port = "/dev/serial0"',
         'transport = "i2c"\nbus = "1"': "devices[1] (id 'd1').bus: write the bus number without quotes, bus = 1",
         'transport = "tcp"\nhost = "http://192.168.1.50:8080"':
             'devices[2] (id \'d2\').host: not a host name or IP address: write host = "192.168.1.50" and port = 8080',
@@ -203,7 +206,7 @@ def test_device_addresses_run_cannot_use_are_refused_absent_ports_only_noted(
     assert code == 2
     problems = [line.strip() for line in err.splitlines()[1:]]
     expected = [e for e in devices.values() if e]
-    assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), err
+    assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected, strict=True)), err
     code, err = check(capsys, config_file(tmp_path, f'[[devices]]\nid = "d4"\ntransport = "usb"\nport = "{absent}"\n'))
     assert code == 0, err
     assert f"note: devices[0] (id 'd4').port: {absent} does not exist now; the gateway opens it when it appears" in err
@@ -234,7 +237,8 @@ def test_numbers_are_finite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_messages_say_what_to_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = check(capsys, config_file(tmp_path, (
         'gatway_id = "pi"\nrecorder = { id = "Attic-Rec" }\n'
-        '[mqtt]\nbase_topic = "pico"\npassword_file = "/etc/pico-gateway/mqtt-password"\n[store]\nadopt_wifi_picos = true\n'
+        '[mqtt]\nbase_topic = "pico"\npassword_file = "/etc/pico-gateway/mqtt-password"\n'
+        '[store]\nadopt_wifi_picos = true\n'
         '[[devices]]\nid = "Greenhouse"\ntransport = "uart"\nbaudrat = 9600\npoll_interval = 2.0\n')))
     assert code == 2
     lines = err.splitlines()[1:]
@@ -258,11 +262,13 @@ def test_messages_say_what_to_write(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-def test_an_encrypted_tls_key_is_reported_against_the_keyfile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_encrypted_tls_key_is_reported_against_the_keyfile(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     crt, key = tmp_path / "client.crt", tmp_path / "client.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=gw", "-passout", "pass:pw"],
                    check=True, capture_output=True)
-    code, err = check(capsys, config_file(tmp_path, f'[mqtt.tls]\nenabled = true\ncertfile = "{crt}"\nkeyfile = "{key}"\n'))
+    code, err = check(capsys, config_file(tmp_path,
+                                          f'[mqtt.tls]\nenabled = true\ncertfile = "{crt}"\nkeyfile = "{key}"\n'))
     assert code == 2
     assert f"mqtt.tls.keyfile: cannot use {key}: the private key is encrypted" in err, err

@@ -279,8 +279,7 @@ def retained_configs(broker) -> dict[str, dict]:
         # a marker published after subscribing arrives after every retained message
         ha.publish("homeassistant/zz-marker", "x")
         ha.wait("homeassistant/zz-marker")
-        with ha._lock:
-            return {m.topic: json.loads(m.payload) for m in ha.messages if m.retain and m.payload}
+        return {m.topic: json.loads(m.payload) for m in ha.received() if m.retain and m.payload}
     finally:
         ha.client.disconnect()  # first: the network thread then ends at once, not at its next select timeout
         ha.close()
@@ -358,7 +357,8 @@ def test_switching_mode_hands_the_entities_over_and_clears_the_old_form(broker, 
     d1.stop()
     first.stop()
     ha = Recorder(broker, topics=["homeassistant/#"])  # what Home Assistant receives, in order
-    mqtt, d = connect(broker, DEVICES[:1], stale_scan=1.0, mode=new)  # porch is gone now (1 s: time for a loaded broker)
+    # porch is gone now (1 s: time for a loaded broker)
+    mqtt, d = connect(broker, DEVICES[:1], stale_scan=1.0, mode=new)
     try:
         new_configs = all_configs(d)
         assert not set(new_configs) & set(old_configs)
@@ -368,8 +368,7 @@ def test_switching_mode_hands_the_entities_over_and_clears_the_old_form(broker, 
         kept = {t for t in old_configs if "/gw_porch/" not in t}
         assert d.stats["handed_over"] == len(kept) and d.stats["removed"] == len(old_configs) - len(kept)
         def received() -> list[tuple[str, str, bool]] | None:  # once the subscriber has the clears too
-            with ha._lock:
-                got = [(m.topic, m.payload.decode(), bool(m.retain)) for m in ha.messages]
+            got = [(m.topic, m.payload.decode(), bool(m.retain)) for m in ha.received()]
             return got if {t for t, p, _ in got if t in old_configs and not p} == set(old_configs) else None
 
         got = wait_for(received, 10, "the clears delivered")
@@ -465,7 +464,7 @@ def test_the_running_gateway_announces_its_picos_to_home_assistant(virtual, brok
         fleet["greenhouse"].wait_led("on")
         for device in ("greenhouse", "balcony"):
             topic = f"homeassistant/device/testgw_{device}/config"
-            wait_for(lambda: json.loads(fresh.last(topic) or "{}").get("dev", {}).get("sw") == FIRMWARE, 10,
+            wait_for(lambda topic=topic: json.loads(fresh.last(topic) or "{}").get("dev", {}).get("sw") == FIRMWARE, 10,
                      f"{device}'s firmware version in its discovery config")
         retained = retained_configs(broker)  # what Home Assistant reads when it starts
         assert [retained[f"homeassistant/device/testgw_{x}/config"]["dev"]["sw"] for x in ("greenhouse", "balcony")] \

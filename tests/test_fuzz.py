@@ -41,7 +41,7 @@ def test_arbitrary_bytes_never_raise_and_a_good_frame_still_arrives(chunks: list
     session.received(stream[:cut])  # split anywhere
     session.received(stream[cut:])
     assert link.events.got[-1][1:3] == ("temp", 21.5)
-    assert len(session.rx._buf) <= MAX_FRAME
+    assert len(session.rx._buf) <= MAX_FRAME  # noqa: SLF001 -- the bound is on the buffer, which has no public view
 
 
 @given(st.binary(min_size=1, max_size=MAX_FRAME * 3))
@@ -74,12 +74,14 @@ def test_any_topic_parses_or_is_ignored(topic: str) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(topic=st.one_of(st.text(max_size=80), st.builds(lambda d: f"pico/{d}/cmd/led", st.text(max_size=70)),
-                       st.sampled_from(["pico/fz/cmd/led", "pico/nosuch/cmd/led", "pico//cmd/led", "pico/fz/cmd/led/x"])),
+                       st.sampled_from(["pico/fz/cmd/led", "pico/nosuch/cmd/led", "pico//cmd/led",
+                                        "pico/fz/cmd/led/x"])),
        payload=st.binary(max_size=100), retained=st.booleans())
 def test_the_command_handler_answers_everything_and_never_raises(bridge, topic: str, payload: bytes,
                                                                  retained: bool) -> None:
+    bridge, on_command = bridge
     before = sum(bridge.stats[k] for k in ("commands_ok", "commands_failed", "commands_not_owned"))
-    bridge._on_command(topic, payload, retained)
+    on_command(topic, payload, retained)
     bridge.wait_idle()
     after = sum(bridge.stats[k] for k in ("commands_ok", "commands_failed", "commands_not_owned"))
     is_command = Topics("pico").parse_command(topic) is not None
@@ -89,7 +91,8 @@ def test_the_command_handler_answers_everything_and_never_raises(bridge, topic: 
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
     """A real bridge with a real (never connected) MQTT client and a uart link whose
-    port is not open: every valid command ends as 'port not open'."""
+    port is not open: every valid command ends as 'port not open'. With it, the handler
+    the bridge subscribed for the link's cmd/led: what an MQTT message there reaches."""
     from gateway.bridge import Bridge
     from gateway.config import MqttConfig
     from gateway.mqtt import MqttConnection
@@ -97,9 +100,17 @@ def bridge(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fuzz")
     mqtt = MqttConnection(MqttConfig(host="127.0.0.1", port=1), "fuzz", ("pico/bridge/fz/status", "offline"))
+    handlers = {}
+    subscribe = mqtt.subscribe
+
+    def caught(topic_filter, handler, *args, **kw):  # the handler the bridge gives the broker for cmd/led
+        handlers[topic_filter] = handler
+        return subscribe(topic_filter, handler, *args, **kw)
+
+    mqtt.subscribe = caught
     b = Bridge("fz", Topics("pico"), Store(tmp / "r.db"), mqtt)
     b.add(unopened_uart_link())
-    yield b
+    yield b, handlers["pico/fz/cmd/led"]
 
 
 _value_chars = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "$*,")

@@ -97,21 +97,26 @@ def test_queued_packets_are_joined_only_where_paho_has_nothing_to_do_once_writte
     queue = [(paho.PUBLISH | 2, b"A", 1, 1, None), (paho.PUBLISH | 2, b"B", 2, 1, None),
              (paho.PUBLISH, b"C", 3, 0, info), (paho.PUBACK, b"D", 4, 0, None), (paho.PUBLISH | 2, b"E", 5, 1, None),
              (paho.DISCONNECT, b"F", 0, 0, None), (paho.PUBLISH | 2, b"G", 6, 1, None)]
+    # The fast path's own parts: paho's output queue and FastClient's merge of it, as
+    # gateway/paho_internals.py (the one module allowed to) uses them.
+    put = client._packet_queue  # noqa: SLF001 -- see above
+    merge = client._merge_queued  # noqa: SLF001 -- see above
+    out = client._out_packet  # noqa: SLF001 -- see above (the deque itself: merged in place)
     for command, data, mid, qos, packet_info in queue:
-        client._packet_queue(command, bytearray(data), mid, qos, packet_info)
-    client._merge_queued()
-    entries = list(client._out_packet)
+        put(command, bytearray(data), mid, qos, packet_info)
+    merge()
+    entries = list(out)
     assert [bytes(e["packet"]) for e in entries] == [b"AB", b"C", b"DE", b"F", b"G"]
     assert entries[1]["info"] is info and entries[3]["command"] == paho.DISCONNECT
     assert all(e["to_process"] == len(e["packet"]) for e in entries)
-    client._merge_queued()  # a merged entry is not copied again (a socket that takes nothing)
-    assert [bytes(e["packet"]) for e in client._out_packet] == [b"AB", b"C", b"DE", b"F", b"G"]
-    client._out_packet.clear()
+    merge()  # a merged entry is not copied again (a socket that takes nothing)
+    assert [bytes(e["packet"]) for e in out] == [b"AB", b"C", b"DE", b"F", b"G"]
+    out.clear()
     for data in (b"H", b"I", b"J"):
-        client._packet_queue(paho.PUBLISH | 2, bytearray(data), 7, 1, None)
-    client._out_packet[0]["pos"] = 1  # partly written: stays as it is
-    client._merge_queued()
-    assert [bytes(e["packet"]) for e in client._out_packet] == [b"H", b"IJ"]
+        put(paho.PUBLISH | 2, bytearray(data), 7, 1, None)
+    out[0]["pos"] = 1  # partly written: stays as it is
+    merge()
+    assert [bytes(e["packet"]) for e in out] == [b"H", b"IJ"]
 
 
 def test_a_refused_password_is_said_once_and_never_as_an_unreachable_broker(
@@ -163,12 +168,12 @@ def test_another_client_with_our_client_id_is_named_once_and_the_retries_slow_do
     mqtt.start()
     try:
         for kick in range(1, 4):
-            wait_for(lambda: len(connects) == kick, 10, f"connection {kick}")
+            wait_for(lambda kick=kick: len(connects) == kick, 10, f"connection {kick}")
             other = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="pico-gateway-twin",
                                 protocol=paho.MQTTv5)
             other.connect(broker.host, broker.port)  # (writes its CONNECT; it never reconnects)
             others.append(other)
-            wait_for(lambda: len(drops) == kick, 10, f"drop {kick}")
+            wait_for(lambda kick=kick: len(drops) == kick, 10, f"drop {kick}")
         wait_for(lambda: "another client is most likely connected" in caplog.text, 5, "the conflict named")
     finally:
         mqtt.stop()

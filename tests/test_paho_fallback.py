@@ -39,11 +39,11 @@ def _broken(monkeypatch: pytest.MonkeyPatch, target: object, name: str, value: o
             patch.delattr(target, name)
         else:
             patch.setattr(target, name, value)
-        paho_internals._self_test.cache_clear()
+        paho_internals.recheck()
         try:
             return paho_internals.problem()
         finally:
-            paho_internals._self_test.cache_clear()  # (the next call checks the real paho again)
+            paho_internals.recheck()  # (the next call checks the real paho again)
 
 
 def test_the_check_names_an_internal_that_moved_and_the_gateway_falls_back(
@@ -56,11 +56,11 @@ def test_the_check_names_an_internal_that_moved_and_the_gateway_falls_back(
     assert ignored is not None and "PUBACK (reason 0x87)" in ignored
     with monkeypatch.context() as patch:
         patch.delattr(paho.Client, "_do_on_publish")
-        paho_internals._self_test.cache_clear()
+        paho_internals.recheck()
         try:
             mqtt = MqttConnection(MqttConfig(), "moved", None)
         finally:
-            paho_internals._self_test.cache_clear()
+            paho_internals.recheck()
     assert not mqtt.fast_path and type(mqtt.client) is paho.Client
     warning = [r for r in caplog.records if r.levelno == logging.WARNING and "fast MQTT path is off" in r.message]
     assert len(warning) == 1 and f"paho-mqtt {paho_internals.paho_version()}" in warning[0].message

@@ -88,8 +88,8 @@ def test_two_gateways_two_recorders_one_broker(tmp_path: Path, broker: Broker, r
 
         # Each gateway owns its own devices; both report the device they both claim.
         for gw_id, other in (("pi-a", "pi-b"), ("pi-b", "pi-a")):
-            wait_for(lambda: any(json.loads(p).get("devices", {}).get("dup") == [other]
-                                 for p in recorder.on(f"pico/bridge/{gw_id}/conflicts")), 10,
+            wait_for(lambda gw_id=gw_id, other=other: any(json.loads(p).get("devices", {}).get("dup") == [other]
+                                                          for p in recorder.on(f"pico/bridge/{gw_id}/conflicts")), 10,
                      f"{gw_id} reporting 'dup' claimed by {other}")
         log = gateways[0].output()  # both gateways log to tmp_path/gateway.log
         assert "'dup' is also claimed by gateway 'pi-b'" in log and "'dup' is also claimed by gateway 'pi-a'" in log

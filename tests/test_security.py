@@ -301,12 +301,13 @@ def test_check_config_parses_the_tls_files_not_only_opens_them(tmp_path: Path, p
     for expected, tls in cases.items():
         config = tmp_path / "gw.toml"
         config.write_text("gateway_id = \"tlsgw\"\n[mqtt]\nport = 8883\n[mqtt.tls]\n"
-                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in tls.items()))  # (JSON strings are TOML strings)
+                          # (JSON strings are TOML strings)
+                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in tls.items()))
         check = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
                                capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=30)
         assert check.returncode == 2 and expected in check.stderr, check.stderr
-    good = parse_config({"mqtt": {"tls": {"enabled": True, "ca_file": str(pki["ca"]), "certfile": str(pki["client_crt"]),
-                                          "keyfile": str(pki["client_key"])}}})
+    good = parse_config({"mqtt": {"tls": {"enabled": True, "ca_file": str(pki["ca"]),
+                                          "certfile": str(pki["client_crt"]), "keyfile": str(pki["client_key"])}}})
     assert good.mqtt.file_problems() == ([], [])
 
 
@@ -324,6 +325,7 @@ def test_a_message_the_broker_refuses_is_counted_and_logged(tmp_path: Path, lock
         assert mqtt.publish("pico/greenhouse/cmd/led", "on", qos=1)  # the viewer may not switch
         # (the count comes just before the log line, on the network thread: wait for both)
         wait_for(lambda: mqtt.stats["publish_rejected"] == 1
-                 and "the broker refused a message: Not authorized" in caplog.text, 10, "the refusal counted and logged")
+                 and "the broker refused a message: Not authorized" in caplog.text,
+                 10, "the refusal counted and logged")
     finally:
         mqtt.stop()

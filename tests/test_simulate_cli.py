@@ -67,7 +67,8 @@ def test_simulate_a_config_then_run_the_gateway_on_it(tmp_path: Path, broker, re
                       '[[devices]]\nid = "greenhouse"\ntransport = "uart"\n'
                       '[[devices]]\nid = "shed"\ntransport = "tcp"\nhost = "192.168.1.50"\nprotocol = "tutorial"\n')
     work = tmp_path / "sim"
-    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "--config", str(config), "--workdir", str(work)],
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "--config", str(config),
+                            "--workdir", str(work)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         wait_for(lambda: (work / "gateway.sim.toml").exists(), 20, "the simulated config")
@@ -85,12 +86,13 @@ def test_simulate_a_config_then_run_the_gateway_on_it(tmp_path: Path, broker, re
 
 
 def test_simulate_runs_a_users_own_program(tmp_path: Path) -> None:
-    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", "--firmware", str(HERE / "sim_programs" / "uart_echo.py"),
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "simulate",
+                            "--firmware", str(HERE / "sim_programs" / "uart_echo.py"),
                             "--transport", "uart", "--workdir", str(tmp_path)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines, _ = output_lines(sim)
     try:
-        line = wait_for(lambda: next((l for l in list(lines) if "/dev/pts/" in l), None), 20, "the pty path")
+        line = wait_for(lambda: next((text for text in list(lines) if "/dev/pts/" in text), None), 20, "the pty path")
         path = re.search(r"/dev/pts/\d+", line).group(0)
         with serial.Serial(path, 115200, timeout=5) as port:
             port.write(b"hello\r")

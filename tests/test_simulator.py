@@ -44,7 +44,7 @@ def pid_gone(pid):
         return True
     # a zombie still answers kill(0); look at its state
     try:
-        with open("/proc/%d/stat" % pid) as f:
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
@@ -55,7 +55,7 @@ def fleet_of(tmp_path):
     started = []
 
     def start(devices, **kw):
-        f = start_fleet(devices, str(tmp_path / ("fleet%d" % len(started))), **kw)
+        f = start_fleet(devices, str(tmp_path / f"fleet{len(started)}"), **kw)
         started.append(f)
         return f
 
@@ -73,7 +73,7 @@ def broker(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     conf = d / "mosquitto.conf"
-    conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\n" % port)
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
@@ -371,7 +371,7 @@ def test_board_filesystem_soft_reset_and_flashed_config(fleet_of, tmp_path):
                          timeout=20, capture_output=True)
     text = out.stdout.decode()
     assert "main.py" in text and "lib/" in text, text
-    assert "/ %d ['x.txt']" % len(main_py.read_bytes()) in text, text
+    assert f"/ {len(main_py.read_bytes())} ['x.txt']" in text, text
     assert out.returncode != 0 and b"No such file" in out.stderr + out.stdout   # ENOENT, as mpremote maps it
     with serial.Serial(pico.endpoint, 115200, timeout=0.2) as s:
         s.write(b"\x03\x02")          # interrupt, friendly REPL

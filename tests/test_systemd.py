@@ -4,6 +4,7 @@ log prefixes, the installer's plan in a temporary root, and the unit file itself
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mqtt_helpers import wait_for
 
 from gateway import systemd
 from gateway.service import ServiceError, install_service, render_unit, uninstall_service
@@ -148,7 +150,7 @@ def test_watchdog_pings_at_half_the_interval_while_healthy(
     finally:
         wd.stop()
     times = fake.times("WATCHDOG=1")
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(0.1 < g < 0.4 for g in gaps), gaps  # every ping inside the 0.4 s timeout
     assert sum(gaps) / len(gaps) == pytest.approx(0.2, abs=0.08)  # at half of it
 
@@ -230,7 +232,8 @@ def test_gateway_health_checks_mqtt_writer_and_link_threads(broker, tmp_path) ->
             crash.wait()
             raise RuntimeError("a bug in a link")
 
-    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "health-test", ("pico/bridge/t/status", "offline"))
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "health-test",
+                          ("pico/bridge/t/status", "offline"))
     bridge = Bridge("t", Topics(), Store(tmp_path / "r.db"), mqtt)
     shed = FragileLink(TcpConfig(id="shed", transport="tcp", host="127.0.0.1", port=9), bridge)
     bridge.add(shed)
@@ -243,8 +246,7 @@ def test_gateway_health_checks_mqtt_writer_and_link_threads(broker, tmp_path) ->
     try:
         assert health() == (True, "")
         crash.set()
-        shed._thread.join(5)
-        assert health() == (False, "the link thread of device 'shed' has died")
+        wait_for(lambda: health() == (False, "the link thread of device 'shed' has died"), 5, "the death noticed")
     finally:
         bridge.stop()
         mqtt.stop()

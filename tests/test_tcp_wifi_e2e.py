@@ -67,7 +67,8 @@ def test_tcp_picogw_readings(start_gateway, recorder: Recorder, tmp_path: Path) 
                         "poll_interval": 0.2}])
         recorder.wait("pico/shed/sensor/temp", "21.5", count=2)
         with sqlite3.connect(tmp_path / "readings.db") as db:
-            assert db.execute("SELECT count(*) FROM readings WHERE device='shed' AND metric='uptime'").fetchone()[0] >= 2
+            uptimes = db.execute("SELECT count(*) FROM readings WHERE device='shed' AND metric='uptime'").fetchone()[0]
+            assert uptimes >= 2
     finally:
         peer.close()
 
@@ -101,7 +102,8 @@ def test_unknown_wifi_picos_are_adopted_only_when_asked(tmp_path: Path, broker, 
         with sqlite3.connect(db) as conn:
             return conn.execute("SELECT device, value FROM readings").fetchall()
 
-    strict = GatewayProcess(write_config(tmp_path / "a.toml", broker, [], "strict", db=tmp_path / "a.db"), recorder, "strict")
+    strict = GatewayProcess(write_config(tmp_path / "a.toml", broker, [], "strict", db=tmp_path / "a.db"), recorder,
+                            "strict")
     adopting = GatewayProcess(write_config(tmp_path / "b.toml", broker, [], "adopter", db=tmp_path / "b.db",
                                            adopt_wifi_picos=True), recorder, "adopter")
     try:

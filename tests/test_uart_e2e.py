@@ -45,7 +45,8 @@ def test_readings_are_stored_then_published_in_order(pico, start_gateway, record
     assert recorder.wait("pico/greenhouse/sensor/temp", count=3) == ["21.5", "21.75", "-3"]
     assert recorder.wait("pico/greenhouse/sensor/uptime", count=3) == ["12"] * 3
     stored = rows(tmp_path / "readings.db")
-    assert [(m, v, s) for m, v, _, s in stored if m == "temp"] == [("temp", 21.5, 0), ("temp", 21.75, 1), ("temp", -3.0, 2)]
+    assert [(m, v, s) for m, v, _, s in stored if m == "temp"] == [("temp", 21.5, 0), ("temp", 21.75, 1),
+                                                                    ("temp", -3.0, 2)]
     assert all(before - 1000 <= ts <= time.time() * 1000 for _, _, ts, _ in stored)
     assert recorder.last("pico/greenhouse/state/led") == "off"  # from the hello; nothing was switched
 
@@ -67,7 +68,8 @@ def test_mosquitto_pub_switches_the_led(pico, start_gateway, recorder: Recorder,
         late.close()
 
 
-@pytest.mark.parametrize("payload, led", [("OFF", False), ("toggle", True), ("1", True), ("false", False), (" True\n", True)])
+@pytest.mark.parametrize("payload, led", [("OFF", False), ("toggle", True), ("1", True), ("false", False),
+                                          (" True\n", True)])
 def test_every_accepted_spelling(pico, start_gateway, recorder: Recorder, payload: str, led: bool) -> None:
     start_gateway([{"id": "greenhouse", "transport": "uart", "port": pico.path}])
     recorder.publish("pico/greenhouse/cmd/led", payload)
@@ -205,5 +207,6 @@ def test_seq_gaps_count_on_across_a_restart(pico, broker: Broker, recorder: Reco
             recorder.wait("pico/greenhouse/sensor/temp", str(run + 0.5))
         finally:
             assert gw.stop() == 0  # (the diagnostics at stop, retained)
-        wait_for(lambda: json.loads(recorder.last("pico/greenhouse/diagnostics") or "{}").get("seq_gaps") == 2 * run,
+        wait_for(lambda run=run: json.loads(recorder.last("pico/greenhouse/diagnostics") or "{}").get("seq_gaps")
+                 == 2 * run,
                  10, f"seq_gaps {2 * run} after run {run}")
