@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
@@ -50,7 +50,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class LedCommand(str, Enum):
+class LedCommand(StrEnum):
     ON = "on"
     OFF = "off"
     TOGGLE = "toggle"
