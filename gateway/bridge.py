@@ -6,14 +6,9 @@ worker so that a slow Pico never holds up the network thread or another Pico.
 The gateway subscribes to the command topic of each device it owns, one by one,
 never to ``<base>/+/cmd/led``: a command for a device it does not own never
 reaches it (with several gateways on one broker, each hears only its own).
-Ownership is announced on the retained ``<base>/<device>/owner`` topic; a device
-that another gateway claims too is logged, counted and published, retained, on
-``<base>/bridge/<gateway_id>/conflicts`` (docs/scaling.md). When the other
-claim goes away (its gateway deletes it on a clean stop, or goes offline: its
-``<base>/bridge/<gateway_id>/status``, the last will after a crash), the owner
-publishes the device's owner, status and LED state again: the other gateway's
-last words (``status offline``) must not stay on the broker as the device's state.
-A claim by a gateway already offline is stale: the owner takes the device back.
+Ownership is announced on the retained ``<base>/<device>/owner`` topic, and
+withdrawn (an empty retained message) in the last words; what another gateway's
+claim on the same device means is gateway/ownership.py's business.
 
 Anyone who may publish to the broker can flood these topics (a Node-RED flow in a
 loop will), so every path is bounded:
@@ -28,18 +23,15 @@ loop will), so every path is bounded:
   at most (a burst of REFUSAL_BURST, as many unacknowledged at most); the rest are
   counted (``refusals_unanswered``) and the next answer says how many. Every
   carried-out command is answered;
-- owner claims: the latest MAX_CLAIMANTS claimants per device are kept (older ones
-  forgotten, counted), an error is logged for each up to that many, then one
-  summary line; the conflicts message is republished once per burst of claims,
-  CLAIMS_SPACING seconds apart at most. The other gateways' statuses are
-  remembered for MAX_GATEWAYS_SEEN of them (a flood forgets the oldest: a stale
-  claim then counts as a conflict, as an unknown gateway's does).
+- owner claims: see gateway/ownership.py.
+
+The bridge is a Feature (gateway/features.py): its MQTT hooks are added by
+:meth:`Bridge.start` and :meth:`Bridge.add`, and removed by :meth:`Bridge.stop`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter, deque
@@ -49,9 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 import paho.mqtt.client as paho
 
 from gateway import payloads
-from gateway.coalesce import Coalesced
 from gateway.commands import PayloadError, parse_led_payload
-from gateway.domain import DEVICE_ID_PATTERN, CommandError, LedCommand
+from gateway.domain import CommandError, LedCommand
+from gateway.features import Feature
 from gateway.links.base import Link
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
@@ -66,22 +58,22 @@ MAX_PENDING_COMMANDS = 8  # per device; more are refused as busy
 LINKS_STOP = 1.0  # seconds Bridge.stop waits for all links together (part of the gateway's stop budget)
 REFUSALS_PER_SECOND = 5  # refusal answers per device, sustained; the rest are counted, not answered
 REFUSAL_BURST = 20  # refusal answers per device before the rate applies
-MAX_CLAIMANTS = 4  # other gateways remembered per device claimed by them too
-CLAIMS_SPACING = 1.0  # seconds between two publishes of the claims news (conflicts, our re-claims)
-MAX_GATEWAYS_SEEN = 256  # other gateways whose status (online or not) is remembered
 MAX_KNOWN_METRICS = 4096  # metric names remembered as good: the readings' hot path checks a set, not a regex
-_GATEWAY_ID = re.compile(DEVICE_ID_PATTERN)  # what a claim must say (config.py's gateway_id rule)
 
 
-class Bridge:
+class Bridge(Feature):
+    name = "bridge"
+    stop_floor = LINKS_STOP  # (and the outbox's flush, within the stop's budget)
+
     def __init__(self, gateway_id: str, topics: Topics, store: Store, mqtt: MqttConnection,
-                 outbox: OutboxSettings = OutboxSettings()) -> None:
+                 outbox: OutboxSettings | None = None) -> None:
+        super().__init__()
         self.gateway_id = gateway_id
         self.topics = topics
         self.mqtt = mqtt
         self.links: dict[str, Link] = {}
         self.stats: Counter[str] = Counter()
-        self.outbox = Outbox(store, mqtt, topics, outbox, self._publishes_itself)
+        self.outbox = Outbox(store, mqtt, topics, outbox or OutboxSettings(), self._publishes_itself)
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
@@ -102,21 +94,7 @@ class Bridge:
         self._undelivered_count = 0
         self._carried_undelivered: Counter[str] = Counter()
         self._refusals_undelivered: Counter[str] = Counter()
-        # device -> other gateways claiming it, oldest first (a dict: ordered, no duplicates)
-        self._conflicts: dict[str, dict[str, None]] = {}
-        self._forgotten: Counter[str] = Counter()  # device -> claimants dropped for newer ones
-        self._claims_logged: Counter[str] = Counter()  # device -> error lines logged for its claims
-        self._reclaim: set[str] = set()  # devices whose other claim went away: publish ours again
-        self._gateway_online: dict[str, bool] = {}  # other gateway -> its bridge status, oldest first
-        self._conflicts_changed = False
-        self._claims_news = Coalesced(self._publish_claims_news, "owner-claims", spacing=CLAIMS_SPACING)
-        self._stopping = False
-        mqtt.on_connect(self._announce)
-        mqtt.after_io(self._answers_delivered)
-        # (statuses first: at a connect their retained messages come before the claims, so a
-        # claim left by a gateway that is offline is known to be stale when it arrives)
-        mqtt.subscribe(topics.all_bridge_statuses(), self._on_gateway_status)
-        mqtt.subscribe(topics.all_owners(), self._on_owner)
+        self.stopping = False
 
     def _publishes_itself(self, device: str) -> bool:
         # A device no longer in the config may still have unsent readings: publish them.
@@ -124,7 +102,8 @@ class Bridge:
         return link is not None and link.publishes_itself
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
-        self.mqtt.subscribe(topic_filter, handler)
+        """For a link that hears its device on the broker (wifi); removed at :meth:`stop`."""
+        self.hook(self.mqtt.subscribe(topic_filter, handler))
 
     def _publishing(self) -> list[str]:
         """Devices whose status and state the gateway publishes (not the wifi ones)."""
@@ -134,20 +113,23 @@ class Bridge:
         self.links[link.device] = link
         self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
         if not link.publishes_itself:  # a wifi Pico subscribes to its own commands
-            self.mqtt.subscribe(self.topics.command(link.device, "led"), self._on_command)
+            self.hook(self.mqtt.subscribe(self.topics.command(link.device, "led"), self._on_command))
 
     def start(self) -> None:
+        self.hook(self.mqtt.on_connect(self._announce))
+        self.hook(self.mqtt.after_io(self._answers_delivered))
         self.outbox.start()
         for link in list(self.links.values()):
             link.start()
 
-    def stop(self, links_timeout: float = LINKS_STOP) -> list[tuple[str, str]]:
+    def stop(self, links_timeout: float = LINKS_STOP) -> None:
         """Stop every link at once, waiting up to ``links_timeout`` seconds for all of them,
-        then flush readings (the outbox's own bound); returns the retained 'offline' messages
-        to send last. A link still stopping at the deadline (a driver call that does not
-        return) is logged, counted (``links_abandoned``) and left to end with the process,
-        as is a command still running on a worker: neither holds up the stop."""
-        self._stopping = True  # our own withdrawn claims must not make us claim again
+        then flush readings (the outbox's own bound), and remove the bridge's hooks: a
+        command arriving now has no effect. A link still stopping at the deadline (a driver
+        call that does not return) is logged, counted (``links_abandoned``) and left to end
+        with the process, as is a command still running on a worker: neither holds up the
+        stop. :meth:`last_words` are what to publish last."""
+        self.stopping = True
         deadline = time.monotonic() + links_timeout
         stoppers = [threading.Thread(target=link.stop, name=f"stop-{device}", daemon=True)
                     for device, link in list(self.links.items())]
@@ -163,6 +145,11 @@ class Bridge:
             log.warning("link(s) of %s did not stop within %g s; left to end with the process",
                         ", ".join(sorted(stuck)), links_timeout)
         self.outbox.stop()
+        self.unhook()
+
+    def last_words(self) -> list[tuple[str, str]]:
+        """The retained messages to publish last, once stopped: each device's 'offline', our
+        claims withdrawn, then the gateway's own 'offline'."""
         last = [(self.topics.status(d), "offline") for d in self._publishing()]
         # Give up our claims (an empty retained message deletes one): a gateway that
         # claims the same device too takes it over instead of seeing a stale claim.
@@ -258,10 +245,9 @@ class Bridge:
         """After every (re)connect: our own status, then every device's known state and our claim."""
         self.mqtt.publish(self.topics.bridge_status(self.gateway_id), "online", qos=1, retain=True)
         for device in list(self.links):
-            self._publish_retained(device)
-        self._publish_conflicts()
+            self.publish_retained(device)
 
-    def _publish_retained(self, device: str) -> None:
+    def publish_retained(self, device: str) -> None:
         """The device's retained messages as this gateway knows them: status, LED state
         (those a wifi Pico publishes itself excepted), and our claim."""
         link = self.links.get(device)
@@ -274,108 +260,6 @@ class Bridge:
             if led is not None:
                 self.mqtt.publish(self.topics.state(device), "on" if led else "off", qos=1, retain=True)
         self.mqtt.publish(self.topics.owner(device), payloads.owner(self.gateway_id), qos=1, retain=True)
-
-    def _on_gateway_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        """``<base>/bridge/<gateway_id>/status`` of every gateway: one that goes offline (its
-        clean stop, or its last will) no longer claims anything: devices of ours it claimed
-        get our retained messages again, over its last words."""
-        gateway = self.topics.parse_bridge_status(topic)
-        if gateway is None or gateway == self.gateway_id or not _GATEWAY_ID.match(gateway):
-            return
-        online = payload.strip() == b"online"
-        with self._state_lock:
-            seen = self._gateway_online
-            seen.pop(gateway, None)
-            if len(seen) >= MAX_GATEWAYS_SEEN:
-                del seen[next(iter(seen))]
-            seen[gateway] = online
-            freed = [] if online else [d for d, others in self._conflicts.items() if gateway in others]
-            for device in freed:
-                del self._conflicts[device][gateway]
-                if not self._conflicts[device]:
-                    del self._conflicts[device]
-            self._reclaim.update(freed)
-            self._conflicts_changed |= bool(freed)
-        if freed:
-            self.stats["owner_conflicts_ended"] += len(freed)
-            log.warning("gateway %r, which also claimed %s, is offline: publishing %s owner, status and state "
-                        "again", gateway, ", ".join(map(repr, freed)), "their" if len(freed) > 1 else "its")
-            self._claims_news.request()
-
-    def _on_owner(self, topic: str, payload: bytes, retained: bool) -> None:
-        """``<base>/<device>/owner``: another gateway claiming a device of ours is a conflict."""
-        device = self.topics.parse_owner(topic)
-        if device is None or device not in self.links:
-            return
-        claimant = payloads.decode_owner(payload)
-        if claimant == self.gateway_id:
-            return
-        if not claimant:  # a claim was withdrawn (its gateway stopped): ours stands, and our state
-            if self._stopping:
-                return
-            with self._state_lock:
-                self._reclaim.add(device)
-            self._claims_news.request()
-            return
-        if not _GATEWAY_ID.match(claimant):  # no gateway can have that id: not a claim
-            self.stats["owner_claims_malformed"] += 1
-            self._log_once(device, "malformed claim", "ignoring a claim on %s that is not a gateway id: %r",
-                           self.topics.owner(device), claimant[:40])
-            return
-        with self._state_lock:
-            stale = self._gateway_online.get(claimant) is False
-            if stale:
-                self._reclaim.add(device)
-        if stale:  # left by a gateway that crashed, or stopped before its claim reached us
-            self.stats["owner_claims_stale"] += 1
-            self._log_once(device, f"stale claim {claimant}", "device %r was claimed by gateway %r, which is "
-                           "offline: a stale claim; publishing our claim, status and state", device, claimant)
-            self._claims_news.request()
-            return
-        with self._state_lock:
-            others = self._conflicts.setdefault(device, {})
-            if claimant in others:
-                return
-            if len(others) >= MAX_CLAIMANTS:
-                del others[next(iter(others))]  # the oldest: a flood of claims keeps the latest few
-                self._forgotten[device] += 1
-            others[claimant] = None
-            self._conflicts_changed = True
-            self._claims_logged[device] += 1
-            logged = self._claims_logged[device]
-        self.stats["owner_conflicts"] += 1
-        if logged <= MAX_CLAIMANTS:
-            log.error("device %r is also claimed by gateway %r: two gateways own the same device id and "
-                      "would both store its readings and answer its commands; remove it from one config or "
-                      "rename it (its claim: %s)", device, claimant, self.topics.owner(device))
-        elif logged == MAX_CLAIMANTS + 1:
-            log.error("device %r is claimed by more than %d other gateways: further claims are counted "
-                      "(owner_conflicts) and the latest %d listed on %s, not logged", device, MAX_CLAIMANTS,
-                      MAX_CLAIMANTS, self.topics.bridge_conflicts(self.gateway_id))
-        self._claims_news.request()
-
-    def conflicts(self) -> dict[str, list[str]]:
-        """Device -> the other gateways claiming it (the latest MAX_CLAIMANTS), sorted."""
-        with self._state_lock:
-            return {d: sorted(others) for d, others in sorted(self._conflicts.items())}
-
-    def _publish_conflicts(self) -> None:
-        with self._state_lock:
-            self._conflicts_changed = False
-            forgotten = dict(sorted(self._forgotten.items()))
-        body = payloads.conflicts(self.gateway_id, self.conflicts(), forgotten)
-        self.mqtt.publish(self.topics.bridge_conflicts(self.gateway_id), payloads.encode(body), qos=1, retain=True)
-
-    def _publish_claims_news(self) -> None:
-        """What a burst of owner messages changed, once: our claims again, the conflicts."""
-        with self._state_lock:
-            reclaim, self._reclaim = self._reclaim, set()
-            changed = self._conflicts_changed
-        if not self._stopping:
-            for device in sorted(reclaim):
-                self._publish_retained(device)
-        if changed:
-            self._publish_conflicts()
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = self.topics.parse_command(topic)

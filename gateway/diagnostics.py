@@ -19,6 +19,9 @@ the counters of now, not of up to ``interval`` seconds ago. Anyone who may publi
 can send it, so a burst of requests is one publish, and publishes are
 REFRESH_SPACING seconds apart at least (gateway/coalesce.py).
 
+At stop (after the bridge's: its links' last counters, the backlog once the outbox
+has flushed) both are published once more, with health ``"stopped"``.
+
 Counters count since the gateway started, but ``seq_gaps``, which counts for as long
 as the database lives (gateway/kept_counters.py). See docs/topics.md.
 """
@@ -26,6 +29,7 @@ as the database lives (gateway/kept_counters.py). See docs/topics.md.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from gateway import payloads
 from gateway.coalesce import Coalesced
+from gateway.features import Feature
 from gateway.log_once import Once
 from gateway.payloads import Health
 from gateway.store import StoreBusy
@@ -46,6 +51,7 @@ log = logging.getLogger("gateway.diagnostics")
 STORE_WAIT = 1.0  # seconds the backlog count waits for the database writer
 HEALTH_CHECK = 5.0  # seconds between health checks: a change of state is published this soon
 REFRESH_SPACING = 1.0  # seconds between two publishes that refresh requests ask for
+FINAL_STORE_WAIT = 0.2  # seconds the final backlog count waits for the database writer (part of the stop budget)
 
 
 def health_report(bridge: Bridge, stopped: bool = False) -> Health:
@@ -65,12 +71,16 @@ def _state(health: Health) -> tuple[object, ...]:
     return health["state"], stalled, "" if stalled else health["problem"]
 
 
-class Diagnostics:
+class Diagnostics(Feature):
+    name = "diagnostics"
+    stop_floor = 0.1 + FINAL_STORE_WAIT * 2  # the loop's end, the backlog count, the kept counters' save
+
     def __init__(self, bridge: Bridge, interval: float, log_health: bool = False,
                  kept: KeptCounters | None = None) -> None:
         """``log_health``: log each change of health (the daemon asks for it when systemd's
         watchdog, which logs them itself, is not active). ``kept``: the counters saved at
         each publish (gateway/kept_counters.py)."""
+        super().__init__()
         self.kept = kept
         self.bridge = bridge
         self.interval = interval
@@ -87,13 +97,20 @@ class Diagnostics:
         self._refresh = Coalesced(self._refreshed, "diagnostics-refresh", spacing=REFRESH_SPACING)
 
     def start(self) -> None:
-        self.bridge.mqtt.subscribe(self.bridge.topics.bridge_refresh(self.bridge.gateway_id), self._on_refresh)
+        self.hook(self.bridge.mqtt.subscribe(self.bridge.topics.bridge_refresh(self.bridge.gateway_id),
+                                             self._on_refresh))
         self._thread.start()
 
     def stop(self) -> None:
+        """End the rounds, then publish the final counters, retained, with health "stopped"."""
         self._stop.set()
+        self.unhook()
         self._refresh.stop()
         self._thread.join(timeout=0.1)  # (a round waiting for the store ends on its own; the stop must not wait)
+        try:
+            self.publish(store_wait=FINAL_STORE_WAIT)
+        except sqlite3.Error as exc:  # (the backlog count needs the database)
+            log.error("final diagnostics not published: %s", exc)
 
     def _on_refresh(self, topic: str, payload: bytes, retained: bool) -> None:
         """The MQTT thread: a request for fresh counters (the round itself runs elsewhere)."""
@@ -107,7 +124,7 @@ class Diagnostics:
         self._refresh.request()
 
     def _refreshed(self) -> None:
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not self.bridge.stopping:  # (stopping links are not news: the final round is)
             self._guarded(self.publish)
 
     def publish(self, health: Health | None = None, store_wait: float = STORE_WAIT) -> None:
@@ -151,6 +168,8 @@ class Diagnostics:
             self._guarded(self._turn)
 
     def _turn(self) -> None:
+        if self.bridge.stopping:  # its links stop one by one, which is not ill health: the final round follows
+            return
         health = health_report(self.bridge)
         state = _state(health)
         if self.log_health and state != self._logged:

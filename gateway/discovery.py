@@ -36,13 +36,19 @@ over as Home Assistant documents (``{"migrate_discovery": true}`` to each, the
 new form published, then the old cleared), so the entities keep their names,
 areas and history.
 
-The class only needs a ``publish`` and a ``subscribe`` callable; the daemon
-hands it its MqttConnection's::
+The class only needs a ``publish``, a ``subscribe`` and an ``on_connect``
+callable; the daemon hands it its MqttConnection's. It is a Feature
+(gateway/features.py): :meth:`Discovery.start` subscribes and hooks the connect,
+:meth:`Discovery.stop` removes both and cancels what is pending::
 
     discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic,
-                          config.devices, publish=mqtt.publish, subscribe=mqtt.subscribe)
-    mqtt.on_connect(discovery.on_connect)
+                          config.devices, publish=mqtt.publish, subscribe=mqtt.subscribe,
+                          on_connect=mqtt.on_connect)
     discovery.start()
+
+Two ideas share this module because they share every name: what the configs say
+(topics, ids, payloads) and when they are published (connects, Home Assistant's
+birth message, new metrics, the stale scan); its length is the payloads' tables.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from pydantic import Field, field_validator
 from gateway import __version__
 from gateway.coalesce import Coalesced
 from gateway.domain import StrictModel
+from gateway.features import Feature, Remover
 from gateway.links import LINKS
 from gateway.links.base import DeviceConfig
 from gateway.log_once import Once
@@ -71,7 +78,8 @@ ORIGIN_NAME = "pico-gateway"
 MANUFACTURER = "pico-gateway"
 Handler = Callable[[str, bytes, bool], None]
 Publish = Callable[[str, str, int, bool], object]
-Subscribe = Callable[[str, Handler], None]
+Subscribe = Callable[[str, Handler], Remover | None]
+OnConnect = Callable[[Callable[[], None]], Remover]
 
 MIN_REPUBLISH_SPACING = 1.0  # seconds between two republishes for HA's birth message, at least
 MAX_METRICS = 32  # per device: a misbehaving Wi-Fi Pico must not grow a config without end
@@ -101,7 +109,8 @@ DIAGNOSTICS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("seq_gaps", "seq_gaps", {"name": "Sequence gaps", "state_class": "total_increasing", "icon": "mdi:counter"}),
     ("rejected", "errors", {"name": "Errors", "state_class": "total_increasing", "icon": "mdi:alert-circle-outline"}),
     ("last_seen_ms", "last_seen", {"name": "Last seen", "device_class": "timestamp"}),
-    ("reconnects", "reconnects", {"name": "Reconnects", "state_class": "total_increasing", "icon": "mdi:lan-disconnect"}),
+    ("reconnects", "reconnects", {"name": "Reconnects", "state_class": "total_increasing",
+                                  "icon": "mdi:lan-disconnect"}),
     ("commands_failed", "commands_failed", {"name": "Failed commands", "state_class": "total_increasing"}),
     ("backlog", "backlog", {"name": "Backlog", "state_class": "measurement"}),
     ("frames", "frames", {"name": "Frames received", "state_class": "total_increasing",
@@ -146,10 +155,15 @@ def model(device: DeviceConfig) -> str:
     return f"{link.board} ({device.transport}, {link.software(device.protocol)})"
 
 
-class Discovery:
+class Discovery(Feature):
+    name = "discovery"
+
     def __init__(self, config: DiscoveryConfig, gateway_id: str, base_topic: str,
                  devices: Sequence[DeviceConfig], publish: Publish, subscribe: Subscribe,
-                 *, sw_version: str = __version__, migrate_wait: float = MIGRATE_WAIT) -> None:
+                 *, on_connect: OnConnect | None = None, sw_version: str = __version__,
+                 migrate_wait: float = MIGRATE_WAIT) -> None:
+        """``on_connect``: where :meth:`start` hooks :meth:`on_connect` (None: the caller does)."""
+        super().__init__()
         self.config = config
         self.prefix = config.prefix
         self.gateway_id = gateway_id
@@ -157,6 +171,7 @@ class Discovery:
         self.devices = {d.id: d for d in devices}
         self._publish = publish
         self._subscribe = subscribe
+        self._on_connect = on_connect
         self.sw_version = sw_version
         self._lock = threading.Lock()
         self._metrics: dict[str, list[str]] = {d.id: list(known_metrics(d)) for d in devices}
@@ -247,7 +262,7 @@ class Discovery:
                     template = ("{{ (value_json.last_seen_ms / 1000) | timestamp_custom('%Y-%m-%dT%H:%M:%S+00:00', "
                                 "false) if value_json.last_seen_ms is number else None }}")
                 else:
-                    template = "{{ value_json.%s }}" % key
+                    template = "{{ value_json." + key + " }}"
                 cmps[component] = {"p": "sensor", "unique_id": self.unique_id(device_id, component),
                                    "state_topic": self.diagnostics_topic(device_id), "value_template": template,
                                    "entity_category": "diagnostic", **options, **gateway_avail}
@@ -315,17 +330,19 @@ class Discovery:
         if not self.config.enabled:
             log.info("Home Assistant discovery is off (homeassistant.enabled = false)")
             return
-        self._subscribe(self.ha_status_topic(), self._on_ha_status)
+        self.hook(self._subscribe(self.ha_status_topic(), self._on_ha_status))
         # Both forms, whichever is configured: a switched mode leaves the other one's behind.
-        self._subscribe(f"{self.prefix}/device/+/config", self._on_config)
+        self.hook(self._subscribe(f"{self.prefix}/device/+/config", self._on_config))
         for platform in PLATFORMS:
-            self._subscribe(f"{self.prefix}/{platform}/+/+/config", self._on_config)
+            self.hook(self._subscribe(f"{self.prefix}/{platform}/+/+/config", self._on_config))
         self._started, self._stale_scan = True, stale_scan
+        if self._on_connect is not None:  # (last: the subscriptions are out when it runs)
+            self.hook(self._on_connect(self.on_connect))
 
     def on_connect(self) -> None:
         """After every connect to the broker, the first included: publish everything, and
         look for stale configs among the retained ones the subscriptions deliver."""
-        if not self._started:
+        if not self._started or self._stopped.is_set():
             return
         self.publish_all()
         if self._stale_scan is not None:
@@ -336,6 +353,8 @@ class Discovery:
         if not self.config.enabled or device not in self.devices:
             return
         if metric in self._metrics.get(device, ()):  # the hot path, every reading: no lock
+            return
+        if self._stopped.is_set():  # (links still report while they stop)
             return
         with self._lock:
             metrics = self._metrics.setdefault(device, [])
@@ -349,8 +368,8 @@ class Discovery:
 
     def firmware_seen(self, device: str, version: str) -> None:
         """The Pico's hello said which firmware it runs: shown as the device's software version."""
-        if not self.config.enabled or device not in self.devices or not version:  # ("": it named none)
-            return
+        if not self.config.enabled or device not in self.devices or not version or self._stopped.is_set():
+            return  # (version "": the hello named none)
         if not FIRMWARE_VERSION.fullmatch(version):
             self.stats["bad_firmware"] += 1
             if self._bad_firmware.first(device):
@@ -401,6 +420,7 @@ class Discovery:
 
     def stop(self) -> None:
         self._stopped.set()
+        self.unhook()
         self._republish.stop()
         with self._lock:
             timers, self._timers = self._timers, []

@@ -177,6 +177,8 @@ class MqttConnection:
         self._inflight_warned = False  # (without the fast path) the broker allows fewer in flight than we send
         self._manual_ack = manual_ack
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._session = False  # connected, and the subscriptions renewed (under _lock)
+        self._late_hooks: list[Callable[[], None]] = []  # connect hooks added since: to run for this connection
         self._on_disconnect_hooks: list[Callable[[], None]] = []
         self._after_io_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -221,9 +223,17 @@ class MqttConnection:
         self.client.on_socket_register_write = lambda client, userdata, sock: self._wake_soon()
 
     def on_connect(self, hook: Callable[[], None]) -> Remover:
-        """Run ``hook`` after every (re)connection, once the subscriptions are renewed.
+        """Run ``hook`` after every (re)connection, once the subscriptions are renewed; added
+        while connected, it also runs soon (on the network thread) for this connection, once.
         Returns what removes it (Home Assistant's pattern: whoever adds a hook can take it back)."""
-        return _add_hook(self._on_connect_hooks, hook)
+        with self._lock:  # (with _on_connect's copy of the hooks: each connection runs a hook once)
+            remove = _add_hook(self._on_connect_hooks, hook)
+            late = self._session
+            if late:
+                self._late_hooks.append(hook)
+        if late:
+            self._wake()
+        return remove
 
     def on_disconnect(self, hook: Callable[[], None]) -> Remover:
         """Run ``hook`` (on paho's thread) whenever the connection is lost; returns its remover."""
@@ -360,10 +370,11 @@ class MqttConnection:
         return self._subscribe((topic_filter, qos, handler, True))
 
     def _subscribe(self, entry: tuple[str, int, Handler | RawHandler, bool]) -> Remover:
-        with self._lock:
+        with self._lock:  # (with _on_connect's copy: a subscription made while it connects is not lost)
             self._subscriptions.append(entry)
             self._matches.clear()
-        if self.connected.is_set():
+            live = self._session
+        if live:
             self.client.subscribe(entry[0], options=_options(entry[1]))
 
         def remove() -> None:
@@ -500,8 +511,23 @@ class MqttConnection:
         if client.socket() is sock and client.want_write():
             client.loop_write()  # whatever is queued, publishes from any thread included
         client.loop_misc()  # keepalive: PINGREQ, and a dead broker noticed
+        if self._late_hooks:
+            self._run_late_hooks()
         for hook in tuple(self._after_io_hooks):  # (a hook may be removed meanwhile)
             hook()
+
+    def _run_late_hooks(self) -> None:
+        """Connect hooks added while connected, for this connection (each on its own: one that
+        raises must not keep the others from running)."""
+        with self._lock:
+            late, self._late_hooks = self._late_hooks, []
+            hooks = self._on_connect_hooks
+            late = [hook for hook in late if hook in hooks]  # (removed meanwhile: not run)
+        for hook in late:
+            try:
+                hook()
+            except Exception as exc:
+                self._callback_failed(hook, exc)
 
     # -- paho callbacks (network thread) -------------------------------------
     def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
@@ -571,10 +597,12 @@ class MqttConnection:
         self.stats["connects"] += 1
         with self._lock:
             subs = list(self._subscriptions)
+            hooks = tuple(self._on_connect_hooks)
+            self._session, self._late_hooks = True, []
         if subs:
             client.subscribe([(f, _options(q)) for f, q, _, _ in subs])
         self.connected.set()
-        for hook in tuple(self._on_connect_hooks):
+        for hook in hooks:
             hook()
 
     def _refusal(self, kind: object, msg: str, *args: object) -> None:
@@ -613,6 +641,8 @@ class MqttConnection:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        reason: ReasonCode, properties: Properties | None) -> None:
         was = self.connected.is_set()
+        with self._lock:
+            self._session, self._late_hooks = False, []  # (the next connection runs every hook)
         self.connected.clear()
         lasted = time.monotonic() - self._connected_at
         # mosquitto closes the older of two connections with one client id without a word (2.0) or

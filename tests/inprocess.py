@@ -10,8 +10,10 @@ from mqtt_helpers import Broker
 from gateway.bridge import Bridge
 from gateway.config import MqttConfig
 from gateway.diagnostics import Diagnostics
+from gateway.features import Lifecycle, Step
 from gateway.links.uart import UartConfig, UartLink
 from gateway.mqtt import MqttConnection
+from gateway.ownership import Ownership
 from gateway.store import Store
 from gateway.topics import Topics
 
@@ -30,13 +32,15 @@ class InProcessGateway:
         for device, port in devices.items():
             self.bridge.add(UartLink(UartConfig(id=device, transport="uart", port=port), self.bridge))
         self.diagnostics = Diagnostics(self.bridge, interval)
+        self.ownership = Ownership(self.bridge)
+        self.lifecycle = Lifecycle(4.0)
         self.stopped = False
 
     def start(self) -> InProcessGateway:
-        self.mqtt.start()
+        """The daemon's parts in the daemon's order (gateway/daemon.py)."""
+        self.lifecycle.start([Step("mqtt", self.mqtt.start, lambda: self.mqtt.stop(self.bridge.last_words())),
+                              self.diagnostics, self.ownership, self.bridge])
         assert self.mqtt.wait_connected(10)
-        self.bridge.start()
-        self.diagnostics.start()
         return self
 
     def stop(self) -> None:
@@ -44,8 +48,5 @@ class InProcessGateway:
         if self.stopped:
             return
         self.stopped = True
-        self.diagnostics.stop()
-        last_words = self.bridge.stop()
-        self.diagnostics.publish(store_wait=0.2)
-        self.mqtt.stop(last_words)
+        self.lifecycle.stop()
         self.store.close()

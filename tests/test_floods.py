@@ -20,7 +20,8 @@ from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer, TutorialTcpPeer
 
-from gateway.bridge import MAX_CLAIMANTS, REFUSAL_BURST
+from gateway.bridge import REFUSAL_BURST
+from gateway.ownership import MAX_CLAIMANTS
 from gateway.payloads import Conflicts, check
 
 SPACING = 2.0  # s: the republish_delay the birth-flood test sets, and so the republishes' spacing

@@ -18,7 +18,7 @@ from inprocess import InProcessGateway
 from mqtt_helpers import Broker, Recorder, wait_for
 from peers import PicogwPeer
 
-from gateway import bridge
+from gateway import ownership
 from gateway.config import MqttConfig
 from gateway.history import fetch_retained
 
@@ -27,7 +27,7 @@ OWNED = {"pico/greenhouse/status": "online", "pico/greenhouse/owner": "pi-a", "p
 
 @pytest.fixture
 def gateways(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(bridge, "CLAIMS_SPACING", 0.1)  # (1 s in the gateway: a test need not wait that long)
+    monkeypatch.setattr(ownership, "CLAIMS_SPACING", 0.1)  # (1 s in the gateway: a test need not wait that long)
     started: list[InProcessGateway] = []
     yield started
     for gw in started:
@@ -75,7 +75,7 @@ class CrashingGateway:
 def test_the_owner_republishes_its_state_when_the_other_claim_goes_away(
         tmp_path: Path, broker: Broker, recorder: Recorder, gateways: list[InProcessGateway],
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.bridge")
+    caplog.set_level(logging.WARNING, logger="gateway.ownership")
     # A claim left by a gateway that crashed long ago: its will said offline.
     recorder.publish("pico/bridge/pi-old/status", "offline", retain=True)
     recorder.publish("pico/porch/owner", "pi-old", retain=True)
