@@ -140,3 +140,25 @@ def test_a_stop_that_raises_or_hangs_does_not_keep_the_others_from_stopping(
     assert lifecycle.stats == {"stops_abandoned": 1, "stop_failures": 1}
     assert any("hanging did not stop within" in m for m in caplog.messages)
     assert any("stopping failing failed (the others still stop): RuntimeError" in m for m in caplog.messages)
+
+
+def test_a_connect_hook_added_while_connected_runs_for_that_connection_once(broker: Broker) -> None:
+    """A part that starts after the connection is up (the daemon starts the connection first)
+    still announces itself: its hook runs for the connection in place, once."""
+    from gateway.config import MqttConfig
+    from gateway.mqtt import MqttConnection
+
+    mqtt = MqttConnection(MqttConfig(host=broker.host, port=broker.port), "late-hook", None)
+    mqtt.start()
+    try:
+        assert mqtt.wait_connected(10)
+        runs: list[str] = []
+        mqtt.on_connect(lambda: runs.append(threading.current_thread().name))
+        wait_for(lambda: runs, 5, "the late hook's run")
+        heard: list[bytes] = []
+        mqtt.subscribe("test/late", lambda topic, payload, retained: heard.append(payload))
+        mqtt.publish("test/late", "x", qos=1)  # (after our SUBSCRIBE, on the same connection)
+        wait_for(lambda: heard, 5, "a message on the late subscription")
+        assert runs == ["mqtt"]  # once, on the network thread, like every connect hook
+    finally:
+        mqtt.stop()
