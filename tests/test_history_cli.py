@@ -19,6 +19,8 @@ from peers import PicogwPeer
 
 import gateway.diagnostics as diagnostics
 import gateway.history as history
+import gateway.status as status
+import gateway.stored as stored
 from gateway.cli import SIGPIPE_EXIT, main
 from gateway.history import DEFAULT_LIMIT, parse_since, query_readings
 from gateway.mosquitto import free_port
@@ -203,7 +205,7 @@ def test_readings_are_read_in_chunks_in_the_order_of_time(tmp_path, monkeypatch)
     # equal times within a metric and across metrics, out of insertion order
     store.add([("d", "abcd"[i % 4], float(i), 1000 + (i * 7) % 13, i) for i in range(60)])
     store.close()
-    monkeypatch.setattr(history, "CHUNK", 3)
+    monkeypatch.setattr(stored, "CHUNK", 3)
     conn = history.open_readonly(path)
     try:
         everything = conn.execute("SELECT ts, id, metric, value, seq FROM readings ORDER BY ts, id").fetchall()
@@ -267,7 +269,7 @@ def test_status_asks_the_gateway_for_fresh_counters_and_shows_their_age(tmp_path
 
 
 def test_status_with_broker(tmp_path, db, broker, recorder, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(history, "REFRESH_WAIT", 0.2)  # nothing answers refresh requests here
+    monkeypatch.setattr(status, "REFRESH_WAIT", 0.2)  # nothing answers refresh requests here
     cfg = config_for(tmp_path, broker, db)
     recorder.publish("pico/bridge/testgw/status", "online", retain=True)
     recorder.publish("pico/greenhouse/status", "online", retain=True)

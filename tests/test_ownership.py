@@ -20,7 +20,7 @@ from peers import PicogwPeer
 
 from gateway import ownership
 from gateway.config import MqttConfig
-from gateway.history import fetch_retained
+from gateway.status import fetch_retained
 
 OWNED = {"pico/greenhouse/status": "online", "pico/greenhouse/owner": "pi-a", "pico/greenhouse/state/led": "off"}
 

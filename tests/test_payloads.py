@@ -13,7 +13,6 @@ import pytest
 
 from gateway import payloads
 from gateway.diagnostics import health_report
-from gateway.history import health_line
 from gateway.payloads import (
     BridgeDiagnostics,
     CommandResult,
@@ -26,6 +25,7 @@ from gateway.payloads import (
     check,
 )
 from gateway.progress import Heartbeat
+from gateway.status import health_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = (DeviceDiagnostics, BridgeDiagnostics, Health, LoopReport, CommandResult, Conflicts, Hello,
