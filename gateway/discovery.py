@@ -46,9 +46,11 @@ callable; the daemon hands it its MqttConnection's. It is a Feature
                           on_connect=mqtt.on_connect)
     discovery.start()
 
-Two ideas share this module because they share every name: what the configs say
-(topics, ids, payloads) and when they are published (connects, Home Assistant's
-birth message, new metrics, the stale scan); its length is the payloads' tables.
+One module, past 400 lines: what the configs say (topics, ids, payloads) and when
+they go out (connects, Home Assistant's birth message, new metrics and firmware,
+the stale scan and the hand-over between forms) read and change the same state,
+the metrics and firmware seen per device and the configs found on the broker; a
+third of its length is the tables of entity options.
 """
 
 from __future__ import annotations

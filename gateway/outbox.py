@@ -17,6 +17,10 @@ needs none (building the property per message tripled paho's cost). At most
 WINDOW readings sit in paho's queue, so a command's answer never waits behind
 more. Delivery is at least once: see docs/reliability.md for the duplicate
 bound, and the bounds on the backlog and on memory while the disk refuses writes.
+
+One module, past 400 lines, because it is one thread's state: the rows waiting for a
+commit, the window in flight, the backlog's scan position and its bounds change
+together in each turn, and every method here is a step of that turn.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.log_once import Once
-from gateway.mqtt import MqttConnection, published
+from gateway.mqtt import Delivery, MqttConnection, published
 from gateway.progress import Heartbeat
 from gateway.store import DatabaseReplaced, Row, Store
 from gateway.topics import Topics
@@ -83,7 +87,7 @@ class Outbox:
         self.stats: Counter[str] = Counter()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # lists of rows, None (wake), _STOP
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._inflight: dict[int, paho.MQTTMessageInfo] = {}  # row id -> paho's info, in publish order
+        self._inflight: dict[int, Delivery] = {}  # row id -> paho's info, in publish order
         self._done: set[int] = set()  # acknowledged, to be marked sent in the next commit
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
@@ -107,9 +111,7 @@ class Outbox:
         self._last_id = 0
         self._marks: deque[tuple[float, int]] = deque()
         self._own_expired_until = 0  # ids up to here, stored by this process, are past the age bound
-        mqtt.after_io(self._after_io)
-        mqtt.on_connect(self._wake)  # the backlog can move
-        mqtt.on_disconnect(self._lost_connection.set)
+        self._removers: list[Callable[[], None]] = []
 
     # -- any thread ------------------------------------------------------------------
     def _after_io(self) -> None:  # the MQTT network thread, after each round of I/O
@@ -127,6 +129,9 @@ class Outbox:
         self._queue.put(rows)
 
     def start(self) -> None:
+        mqtt = self.mqtt
+        self._removers = [mqtt.after_io(self._after_io), mqtt.on_connect(self._wake),  # (the backlog can move)
+                          mqtt.on_disconnect(self._lost_connection.set)]
         self._thread.start()
 
     def alive(self) -> bool:
@@ -149,10 +154,13 @@ class Outbox:
                 except queue.Empty:
                     break
                 if item.__class__ is list:
-                    lost += len(item)  # type: ignore[arg-type]
+                    lost += len(item)
             self.stats["lost_at_shutdown"] += lost
             log.error("the outbox did not finish within %g s (a commit the disk does not answer?): "
                       "%d held reading(s) lost", timeout, lost)
+        removers, self._removers = self._removers, []
+        for remove in removers:  # (its hooks on the connection go with it)
+            remove()
 
     # -- outbox thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -190,7 +198,7 @@ class Outbox:
             item = self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
             while True:
                 if item.__class__ is list:
-                    rows += item  # type: ignore[arg-type]
+                    rows += item
                 elif item is _STOP:
                     stopping = True
                 if len(rows) >= MAX_BATCH:
@@ -242,7 +250,7 @@ class Outbox:
         self.stats["stored"] += len(rows)
         self._pending = []
         self._done = set()
-        self._ready.extend(zip(range(first_id, first_id + len(rows)), rows))
+        self._ready.extend(zip(range(first_id, first_id + len(rows)), rows, strict=True))
         if len(self._ready) > READY_MAX:  # the broker is slower than the Picos: read them back later
             self._rescan_from(self._ready[0][0])
             self._ready.clear()
