@@ -3,9 +3,10 @@
     simulate --config FILE [--workdir DIR] [--broker HOST:PORT]
         one virtual Pico per [[devices]] entry of a gateway config; writes
         <workdir>/fleet.json (endpoints) and <workdir>/gateway.sim.toml (the
-        same config with every device pointed at its virtual Pico: uart/usb
-        ``port`` = pty, i2c ``bus`` = the simulated bus directory, tcp
-        ``host``/``port`` = the virtual Pico's server), then runs until Ctrl-C.
+        same config with every device pointed at its virtual Pico, as its link's
+        ``Simulation.point`` says: uart/usb ``port`` = pty, i2c ``bus`` = the
+        simulated bus directory, tcp ``host``/``port`` = the virtual Pico's
+        server), then runs until Ctrl-C.
     simulate --firmware PATH|picogw|tutorial --transport uart [--id ID] ...
         one virtual Pico.
     --runtime micropython runs the firmware on the real MicroPython VM
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 
-from gateway.simulator.fleet import TRANSPORTS, start_fleet
+from gateway.simulator.fleet import start_fleet, transports
 
 
 def _toml_value(v):
@@ -69,15 +70,32 @@ def simulated_config(data, fleet):
         d = dict(d)
         p = fleet.picos.get(d.get("id"))
         if p is not None:
-            if p.transport in ("uart", "usb"):
-                d["port"] = p.endpoint
-            elif p.transport == "i2c":
-                d["bus"] = fleet.i2c_bus_dir
-            elif p.transport == "tcp":
-                d["host"], d["port"] = p.endpoint[0], int(p.endpoint[1])
+            d = p.simulation.point(d, p.endpoint)
         devices.append(d)
     out["devices"] = devices
     return out
+
+
+def _plugins_from(data, folder):
+    """``data`` with the plugins it names loaded (their links can then be simulated too), and
+    its plugin files named by absolute paths: gateway.sim.toml is written in another folder."""
+    from pathlib import Path
+
+    from gateway.links import PluginError, load_plugin, plugin_file
+
+    names = data.get("plugins")
+    if not isinstance(names, list):
+        return data
+    resolved = []
+    for name in names:
+        if isinstance(name, str):
+            try:
+                load_plugin(name, Path(folder))
+            except PluginError as exc:
+                raise SystemExit("simulate: plugins: %s" % exc) from None
+            path = plugin_file(name, Path(folder))
+            resolved.append(str(path.resolve()) if path is not None else name)
+    return {**data, "plugins": resolved}
 
 
 def _parse_broker(s):
@@ -93,7 +111,7 @@ def main_simulate(argv, load_devices=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="gateway TOML: a virtual Pico for every device")
     src.add_argument("--firmware", help="picogw, tutorial, or a firmware dir / .py file")
-    p.add_argument("--transport", choices=TRANSPORTS, default="uart")
+    p.add_argument("--transport", choices=transports(), default="uart")
     p.add_argument("--id", default="pico", help="device id (with --firmware)")
     p.add_argument("--read-interval", type=float, default=5.0)
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker for Wi-Fi Picos "
@@ -110,6 +128,7 @@ def main_simulate(argv, load_devices=None):
         import tomllib
         with open(args.config, "rb") as f:
             data = tomllib.load(f)  # kept as written, for gateway.sim.toml
+        data = _plugins_from(data, os.path.dirname(os.path.abspath(args.config)))
         if load_devices is not None:
             devices = [dict(d) for d in load_devices(args.config)]
         else:
@@ -151,13 +170,13 @@ def main_simulate(argv, load_devices=None):
             ep = "%s:%s" % ep if isinstance(ep, tuple) else ep
             print("  %-16s %-5s %-9s %s" % (pico.id, pico.transport,
                                              pico.desc.get("firmware", "picogw"), ep))
-        if fleet.i2c_bus_dir and any(p.transport == "i2c" for p in fleet):
+        if fleet.i2c_bus_dir and os.listdir(fleet.i2c_bus_dir):  # (a target's socket is there)
             print("  i2c bus: %s" % fleet.i2c_bus_dir)
         print("endpoints: %s" % summary)
         if data:
             path = os.path.join(workdir, "gateway.sim.toml")
-            with open(path, "w") as f:
-                f.write(dump_toml(simulated_config(data, fleet)))
+            with open(path, "w") as out:
+                out.write(dump_toml(simulated_config(data, fleet)))
             print("gateway config for these Picos: %s" % path)
             print("  run it with: pico-gateway run --config %s" % path)
         print("Ctrl-C stops them.", flush=True)
