@@ -94,6 +94,8 @@ class I2cSimulation(Simulation):
 
     ready_key = "i2c_socket"
     tutorial = "i2c_led.py"
+    demo_devices = ({"id": "cellar", "transport": "i2c", "protocol": "picogw", "poll_interval": 1.0},
+                    {"id": "attic", "transport": "i2c", "protocol": "tutorial", "address": 0x44, "poll_interval": 1.0})
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"I2C": {"addr": int(desc.get("address", 0x43))}}, {}

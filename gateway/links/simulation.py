@@ -47,6 +47,9 @@ class Simulation:
     None (the tutorial has no program for this link)."""
     stock: ClassVar[bool] = False
     """A Pico with stock MicroPython (a bare REPL) is of use on this link."""
+    demo_devices: ClassVar[tuple[dict[str, Any], ...]] = ()
+    """The devices ``pico-gateway demo`` shows on this link: gateway config tables, whose
+    address keys are placeholders that :meth:`point` replaces."""
 
     def prepare(self, desc: Description, broker: Broker) -> tuple[dict[str, Any], dict[str, Any]]:
         """(``config.py`` values beyond DEVICE, LINK and READ_INTERVAL; simulation knobs for

@@ -57,6 +57,7 @@ class TcpSimulation(Simulation):
 
     ready_key = "tcp"
     tutorial = "tcp_led.py"
+    demo_devices = ({"id": "shed", "transport": "tcp", "protocol": "tutorial", "host": "sim", "poll_interval": 1.0},)
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
         port = free_port()

@@ -16,6 +16,8 @@ class UartConfig(SerialDeviceConfig):
 
 class UartSimulation(SerialPortSimulation):
     tutorial = "uart_led.py"
+    demo_devices = ({"id": "greenhouse", "transport": "uart", "protocol": "picogw", "port": "sim", "heartbeat": 2.0},
+                    {"id": "porch", "transport": "uart", "protocol": "tutorial", "port": "sim"})
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"UART": {"baudrate": int(desc.get("baudrate", 115200))}}, {}

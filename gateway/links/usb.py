@@ -230,6 +230,8 @@ class UsbSimulation(SerialPortSimulation):
     ready_key = "usb"
     tutorial = STOCK
     stock = True
+    demo_devices = ({"id": "desk", "transport": "usb", "protocol": "picogw", "port": "sim"},
+                    {"id": "bench", "transport": "usb", "protocol": "tutorial", "port": "sim", "poll_interval": 2.0})
 
 
 class UsbLink(Link):

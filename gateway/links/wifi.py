@@ -28,6 +28,7 @@ class WifiSimulation(Simulation):
 
     ready_key = "mqtt"
     ready_value = "connected"
+    demo_devices = ({"id": "balcony", "transport": "wifi"},)
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"WIFI": {"broker": broker[0], "port": int(broker[1]), "base": desc.get("base", "pico"),
