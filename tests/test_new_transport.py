@@ -131,3 +131,17 @@ def test_a_transport_in_one_file_reaches_every_part(tmp_path: Path, broker: Brok
         except subprocess.TimeoutExpired:
             simulate.kill()
             simulate.wait()
+
+
+def test_flash_writes_the_firmware_link_the_new_transport_runs(tmp_path: Path, broker: Broker,
+                                                                registry_restored: None) -> None:
+    """Its Pico runs our firmware's uart link: that is what flash writes in its config.py."""
+    from gateway.config import load_config
+    from gateway.flash import config_values
+    from gateway.simulator.config_py import render_config_py
+
+    config = load_config(_config(tmp_path / "gateway.toml", broker,
+                                 'id = "bench"\ntransport = "tcpserial"\nhost = "127.0.0.1"\nport = 4001'))
+    values = config_values(config, config.devices[0], None)
+    assert values["DEVICE"] == "bench" and values["LINK"] == "uart"
+    assert 'LINK = "uart"' in render_config_py(values)
