@@ -145,3 +145,18 @@ def test_flash_writes_the_firmware_link_the_new_transport_runs(tmp_path: Path, b
     values = config_values(config, config.devices[0], None)
     assert values["DEVICE"] == "bench" and values["LINK"] == "uart"
     assert 'LINK = "uart"' in render_config_py(values)
+
+
+def test_a_plugin_that_cannot_be_loaded_is_a_config_problem(tmp_path: Path, registry_restored: None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken_link.py").write_text('raise RuntimeError("half-written")\n')
+    config = tmp_path / "gateway.toml"
+    config.write_text('plugins = ["no_such_link_module", "broken_link.py", "gone.py"]\n'
+                      '[[devices]]\nid = "bench"\ntransport = "tcpserial"\n')
+    assert cli.main(["check-config", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  plugins[0]: cannot import 'no_such_link_module': No module named 'no_such_link_module' "
+        "(install it, or name its .py file)",
+        "  plugins[1]: loading 'broken_link.py' failed: RuntimeError: half-written",
+        f"  plugins[2]: {tmp_path / 'gone.py'} is not a file"]
+    assert not any(name.startswith("pico_gateway_plugin_broken") for name in sys.modules)
