@@ -33,10 +33,10 @@ def _toml_value(v):
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"%s"' % v.replace("\\", "\\\\").replace('"', '\\"')
+        return '"{}"'.format(v.replace("\\", "\\\\").replace('"', '\\"'))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError("cannot write %r as TOML" % (v,))
+    raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def dump_toml(data):
@@ -49,12 +49,12 @@ def dump_toml(data):
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             arrays.append((k, v))
         elif v is not None:
-            lines.append("%s = %s" % (k, _toml_value(v)))
+            lines.append(f"{k} = {_toml_value(v)}")
     for k, v in tables:
-        lines += ["", "[%s]" % k] + ["%s = %s" % (a, _toml_value(b)) for a, b in v.items() if b is not None]
+        lines += ["", f"[{k}]"] + [f"{a} = {_toml_value(b)}" for a, b in v.items() if b is not None]
     for k, items in arrays:
         for item in items:
-            lines += ["", "[[%s]]" % k] + ["%s = %s" % (a, _toml_value(b))
+            lines += ["", f"[[{k}]]"] + [f"{a} = {_toml_value(b)}"
                                            for a, b in item.items() if b is not None]
     return "\n".join(lines) + "\n"
 
@@ -92,7 +92,7 @@ def _plugins_from(data, folder):
             try:
                 load_plugin(name, Path(folder))
             except PluginError as exc:
-                raise SystemExit("simulate: plugins: %s" % exc) from None
+                raise SystemExit(f"simulate: plugins: {exc}") from None
             path = plugin_file(name, Path(folder))
             resolved.append(str(path.resolve()) if path is not None else name)
     return {**data, "plugins": resolved}
@@ -134,7 +134,7 @@ def main_simulate(argv, load_devices=None):
         else:
             devices = [dict(d) for d in data.get("devices") or []]
         if not devices:
-            print("simulate: %s has no devices" % args.config, file=sys.stderr)
+            print(f"simulate: {args.config} has no devices", file=sys.stderr)
             return 2
     else:
         devices = [{"id": args.id, "transport": args.transport, "firmware": args.firmware,
@@ -160,32 +160,30 @@ def main_simulate(argv, load_devices=None):
     try:
         fleet = start_fleet(devices, workdir, broker=broker, timeout=args.timeout)
     except (ValueError, RuntimeError, TimeoutError, OSError) as e:
-        print("simulate: %s" % e, file=sys.stderr)
+        print(f"simulate: {e}", file=sys.stderr)
         return 1
     try:
         summary = fleet.write_summary()
-        print("virtual Picos running (workdir %s):" % workdir)
+        print(f"virtual Picos running (workdir {workdir}):")
         for pico in fleet:
             ep = pico.endpoint
-            ep = "%s:%s" % ep if isinstance(ep, tuple) else ep
-            print("  %-16s %-5s %-9s %s" % (pico.id, pico.transport,
-                                             pico.desc.get("firmware", "picogw"), ep))
+            ep = "{}:{}".format(*ep) if isinstance(ep, tuple) else ep
+            print(f"  {pico.id:<16} {pico.transport:<5} {pico.desc.get('firmware', 'picogw'):<9} {ep}")
         if fleet.i2c_bus_dir and os.listdir(fleet.i2c_bus_dir):  # (a target's socket is there)
-            print("  i2c bus: %s" % fleet.i2c_bus_dir)
-        print("endpoints: %s" % summary)
+            print(f"  i2c bus: {fleet.i2c_bus_dir}")
+        print(f"endpoints: {summary}")
         if data:
             path = os.path.join(workdir, "gateway.sim.toml")
             with open(path, "w") as out:
                 out.write(dump_toml(simulated_config(data, fleet)))
-            print("gateway config for these Picos: %s" % path)
-            print("  run it with: pico-gateway run --config %s" % path)
+            print(f"gateway config for these Picos: {path}")
+            print(f"  run it with: pico-gateway run --config {path}")
         print("Ctrl-C stops them.", flush=True)
         while not stop.wait(0.5):
             dead = [p for p in fleet if not p.alive()]
             if dead:
                 for d in dead:
-                    print("virtual Pico %s exited (%s); log %s"
-                          % (d.id, d.proc.returncode, d.log_path), file=sys.stderr)
+                    print(f"virtual Pico {d.id} exited ({d.proc.returncode}); log {d.log_path}", file=sys.stderr)
                 return 1
         return 0
     finally:

@@ -72,7 +72,7 @@ def simulation(transport):
     """The link's Simulation; ValueError naming the transports that have one."""
     link = LINKS.get(transport)
     if link is None or link.simulation is None:
-        raise ValueError("transport must be one of %s" % "|".join(transports()))
+        raise ValueError(f"transport must be one of {'|'.join(transports())}")
     return link.simulation
 
 
@@ -82,17 +82,17 @@ def resolve_firmware(firmware, transport, pico_dir=PICO_DIR):
     sim = simulation(transport)
     if firmware == "stock":
         if not sim.stock:
-            raise ValueError("stock MicroPython (a bare REPL) is of no use on a %s Pico" % transport)
+            raise ValueError(f"stock MicroPython (a bare REPL) is of no use on a {transport} Pico")
         return None
     if firmware == "picogw":
         if LINKS[transport].firmware is None:
-            raise ValueError("our firmware has no link for %s Picos: give the firmware's path" % transport)
+            raise ValueError(f"our firmware has no link for {transport} Picos: give the firmware's path")
         return pico_dir
     if firmware == "tutorial":
         if sim.tutorial == STOCK:
             return None
         if sim.tutorial is None:
-            raise ValueError("the tutorial has no %s program" % transport)
+            raise ValueError(f"the tutorial has no {transport} program")
         return os.path.join(pico_dir, "tutorial", sim.tutorial)
     return os.path.abspath(firmware)
 
@@ -140,7 +140,7 @@ class VirtualPico:
     def rss_kb(self):
         """The Pico process's resident memory (kB), or None once it is gone."""
         try:
-            with open("/proc/%d/status" % self.proc.pid) as f:
+            with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1])
@@ -177,19 +177,19 @@ class VirtualPico:
             if predicate(st):
                 return st
             if cancel is not None and cancel.is_set():
-                raise Cancelled("virtual Pico %s: cancelled waiting for %s" % (self.id, what))
+                raise Cancelled(f"virtual Pico {self.id}: cancelled waiting for {what}")
             if not self.alive():
-                raise RuntimeError("virtual Pico %s exited (%s) waiting for %s:\n%s"
-                                   % (self.id, self.proc.returncode, what, self.log()[-3000:]))
+                raise RuntimeError(f"virtual Pico {self.id} exited ({self.proc.returncode}) waiting for {what}:\n"
+                                   f"{self.log()[-3000:]}")
             if time.monotonic() >= deadline:
-                raise TimeoutError("virtual Pico %s: no %s within %.1fs; state %r\n%s"
-                                   % (self.id, what, timeout, st, self.log()[-3000:]))
+                raise TimeoutError(f"virtual Pico {self.id}: no {what} within {timeout:.1f}s; state {st!r}\n"
+                                   f"{self.log()[-3000:]}")
             time.sleep(0.02)
 
     def wait_ready(self, timeout=10.0, cancel=None):
         key, want = self.simulation.ready_key, self.simulation.ready_value
         st = self.wait_for(lambda st: st.get(key) is not None and (want is None or st.get(key) == want),
-                           timeout, "%s endpoint" % key, cancel)
+                           timeout, f"{key} endpoint", cancel)
         if self._unexpose is None:
             self.exposed, self._unexpose = self.simulation.expose(self.simulation.endpoint(st, self.broker))
             if self.exposed == self.simulation.endpoint(st, self.broker):
@@ -203,14 +203,14 @@ class VirtualPico:
             stop()
 
     def wait_led(self, state, timeout=5.0):
-        return self.wait_for(lambda st: st.get("led") == state, timeout, "LED %s" % state)
+        return self.wait_for(lambda st: st.get("led") == state, timeout, f"LED {state}")
 
     def reset(self):
         """Pull the RUN pin low: the Pico restarts (boot.py, main.py from its
         fs) in place, same pid, pty paths and sockets; LED off.  Returns at
         once; wait for what the firmware does after a boot (e.g. its hello)."""
         if self.proc.poll() is not None:
-            raise RuntimeError("virtual Pico %s is not running" % self.id)
+            raise RuntimeError(f"virtual Pico {self.id} is not running")
         os.kill(self.proc.pid, signal.SIGUSR1)
 
     def terminate(self):
@@ -318,21 +318,21 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
         try:
             sim = simulation(desc.get("transport"))
         except ValueError as exc:
-            raise ValueError("device %r: %s" % (desc.get("id"), exc)) from None
+            raise ValueError(f"device {desc.get('id')!r}: {exc}") from None
         if desc["id"] in seen_ids:
-            raise ValueError("device %r listed twice" % desc["id"])
+            raise ValueError(f"device {desc['id']!r} listed twice")
         seen_ids.add(desc["id"])
         claim = sim.claim(desc)
         if claim is not None:
             if claim in claimed:
-                raise ValueError("device %r: %s %s already used" % (desc["id"], claim[0], claim[1]))
+                raise ValueError(f"device {desc['id']!r}: {claim[0]} {claim[1]} already used")
             claimed.add(claim)
         runtime = desc.get("runtime", "cpython")
         if runtime not in ("cpython", "micropython"):
-            raise ValueError("device %r: runtime must be cpython|micropython" % desc["id"])
+            raise ValueError(f"device {desc['id']!r}: runtime must be cpython|micropython")
         if runtime == "micropython" and LINKS[desc["transport"]].firmware not in vm.TRANSPORTS:
-            raise ValueError("device %r: the MicroPython runtime runs %s Picos only so far, not %s"
-                             % (desc["id"], "/".join(vm.TRANSPORTS), desc["transport"]))
+            raise ValueError(f"device {desc['id']!r}: the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos "
+                             f"only so far, not {desc['transport']}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
