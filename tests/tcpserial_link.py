@@ -81,8 +81,8 @@ def serve_serial_over_tcp(path: str) -> tuple[tuple[str, int], Callable[[], None
     def shuttle(client: socket.socket) -> None:
         with client, serial.Serial(path, 115200, timeout=0) as line:
             while not stopping.is_set():
-                ready, _, _ = select.select([client, line.fileno()], [], [], 0.2)
-                if client in ready:
+                ready, _, _ = select.select([client.fileno(), line.fileno()], [], [], 0.2)
+                if client.fileno() in ready:
                     data = client.recv(READ_SIZE)
                     if not data:
                         return

@@ -56,13 +56,13 @@ def test_the_firmwares_links_are_the_ones_the_gateways_links_run() -> None:
 def test_config_py_has_the_sections_the_firmware_documents() -> None:
     """Each link's firmware_config (what config.py's sections hold by default) has the keys
     of the firmware's own example, pico/config_example.py."""
-    example: dict[str, object] = {}
+    example: dict[str, typing.Any] = {}
     exec((REPO / "pico" / "config_example.py").read_text(), example)
     sections = {k: v for k, v in defaults().items() if isinstance(v, dict) and k not in ("ADC_PINS", "DIGITAL_PINS")}
     assert sections, "no link declares a config.py section"
     for name, values in sections.items():
         assert isinstance(example.get(name), dict), name
-        assert set(values) == set(example[name]), name  # type: ignore[arg-type]
+        assert set(values) == set(example[name]), name
     with pytest.raises(ValueError, match="LINK must be one of"):
         render_config_py({"DEVICE": "x", "LINK": "ble"})
     assert firmware_links() >= set(_firmware_table())
