@@ -28,20 +28,60 @@ import ssl
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from gateway.discovery import DiscoveryConfig
 from gateway.domain import DEVICE_ID_PATTERN, StrictModel
 from gateway.hosts import host_advice, is_host
-from gateway.links import LINKS
+from gateway.links import LINKS, PluginError, load_plugin
 from gateway.links.base import DeviceConfig
+from gateway.links.i2c import I2cConfig
+from gateway.links.tcp import TcpConfig
+from gateway.links.uart import UartConfig
+from gateway.links.usb import UsbConfig
+from gateway.links.wifi import WifiConfig
 
-AnyDevice = Annotated[
-    Union[tuple(link.Config for link in LINKS.values())],  # type: ignore[valid-type]  # noqa: UP007
-    Field(discriminator="transport"),
-]
+BuiltinDevice = UartConfig | WifiConfig | TcpConfig | I2cConfig | UsbConfig
+"""The device configs of the gateway's own links (tests/test_links_registry.py holds this
+equal to the registry's built-ins)."""
+
+
+def validate_device(value: Any) -> DeviceConfig:
+    """A ``[[devices]]`` table validated by its transport's config model, found in LINKS
+    when it is validated: a transport a plugin registered validates like a built-in one."""
+    if isinstance(value, DeviceConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("device_type", "a device is a [[devices]] table with a transport key")
+    transport = value.get("transport")
+    if transport is None:
+        raise PydanticCustomError("union_tag_not_found", "missing 'transport'")
+    link = LINKS.get(transport) if isinstance(transport, str) else None
+    if link is None:
+        raise PydanticCustomError("union_tag_invalid", "unknown transport {transport!r}", {"transport": transport})
+    return link.Config.model_validate(value)
+
+
+def _by_transport(value: Any, handler: ValidatorFunctionWrapHandler) -> DeviceConfig:
+    return validate_device(value)  # (not handler: the static union does not know the plugins' links)
+
+
+AnyDevice = Annotated[SerializeAsAny[BuiltinDevice | DeviceConfig], WrapValidator(_by_transport)]
+"""A device of any registered transport: statically one of the built-in configs or, for a
+plugin's link, a DeviceConfig; validated by :func:`validate_device`, written out whole
+(a plugin's keys too)."""
 
 
 def default_gateway_id() -> str:
@@ -178,7 +218,8 @@ class MqttConfig(StrictModel):
 
     def file_problems(self) -> tuple[list[str], list[str]]:
         """(problems, notes): every password/TLS file that is missing or unreadable, and TLS
-        files that do not parse, each naming its key; notes for what only the service can check (a systemd credential)."""
+        files that do not parse, each naming its key; notes for what only the service can
+        check (a systemd credential)."""
         problems: list[str] = []
         notes: list[str] = []
         try:
@@ -265,6 +306,8 @@ class GatewayConfig(StrictModel):
     homeassistant: DiscoveryConfig = DiscoveryConfig()
     recorder: RecorderConfig = RecorderConfig()
     adopt_wifi_picos: bool = Field(False, description="treat unknown Pico Ws that publish a hello as wifi devices")
+    plugins: list[str] = Field([], description="modules (or .py files, from the config's folder) that register "
+                                               "links of their own (docs/links.md)")
     devices: list[AnyDevice] = []
 
     @model_validator(mode="after")
@@ -295,7 +338,27 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+def load_plugins(data: dict[str, Any], path: str | Path) -> list[str]:
+    """Import the modules the config's ``plugins`` names (relative paths from the config's
+    folder), before its devices are read; the problems, each naming its entry."""
+    names = data.get("plugins", [])
+    if not isinstance(names, list):
+        return []  # (the validation says what is wrong with it)
+    folder = Path(path).parent if str(path) != "<config>" else Path.cwd()
+    problems = []
+    for index, name in enumerate(names):
+        if isinstance(name, str):
+            try:
+                load_plugin(name, folder)
+            except PluginError as exc:
+                problems.append(f"plugins[{index}]: {exc}")
+    return problems
+
+
 def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> GatewayConfig:
+    plugin_problems = load_plugins(data, path)
+    if plugin_problems:
+        raise ConfigError(path, plugin_problems)
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -424,22 +487,19 @@ def runtime_problems(mqtt: MqttConfig | None, store: StoreConfig | None, devices
     return problems + device_issues, notes + device_notes
 
 
-_DEVICE = TypeAdapter(AnyDevice)
-
-
 def _valid_parts(data: dict[str, Any]) -> tuple[MqttConfig | None, StoreConfig | None, list[tuple[int, DeviceConfig]]]:
     """The sections of a file that does not validate as a whole which do alone: their
     runtime problems are reported with the file's, so that one round of fixes is enough."""
     def valid(validate: Any, value: Any) -> Any:
         try:
             return validate(value)
-        except (ValidationError, TypeError):
+        except (ValidationError, PydanticCustomError, TypeError):
             return None
 
     mqtt = valid(MqttConfig.model_validate, data.get("mqtt", {}))
     store = valid(StoreConfig.model_validate, data.get("store", {}))
     raw = data.get("devices", [])
-    devices = [(index, valid(_DEVICE.validate_python, device)) for index, device in
+    devices = [(index, valid(validate_device, device)) for index, device in
                enumerate(raw if isinstance(raw, list) else [])]
     return mqtt, store, [(index, device) for index, device in devices if device is not None]
 
@@ -474,9 +534,6 @@ def _describe(err: Any, data: dict[str, Any]) -> str:
         out = f"devices[{index}]" + (f" (id '{dev_id}')" if isinstance(dev_id, str) and dev_id else "")
         rest = loc[2:]
         transport = device.get("transport") if isinstance(device, dict) else None
-        # A discriminated union puts the transport name in the path: drop it.
-        if rest and rest[0] == transport:
-            rest = rest[1:]
         link = LINKS.get(transport) if isinstance(transport, str) else None
         model = link.Config if link else None
         loc = rest
@@ -492,7 +549,8 @@ def _describe(err: Any, data: dict[str, Any]) -> str:
     elif kind == "string_pattern_mismatch":
         message = _pattern_message(err.get("ctx", {}).get("pattern", ""), err.get("input"), message)
     elif kind == "union_tag_invalid":
-        message = f"unknown transport; expected one of: {', '.join(LINKS)}"
+        message = (f"unknown transport; expected one of: {', '.join(LINKS)} (a plugin's transport: name its "
+                   "module in plugins, docs/links.md)")
     elif kind == "union_tag_not_found":
         message = f"missing 'transport' (one of: {', '.join(LINKS)})"
     return f"{out}: {message}" if out else message

@@ -14,26 +14,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.links import LINKS
 from gateway.mosquitto import PrivateBroker
 from gateway.processes import stop_process
 from gateway.simulator.cli import dump_toml, simulated_config
 from gateway.simulator.fleet import Cancelled, start_fleet
 from gateway.systemd import stop_on_signals
 
-DEVICES = [
-    {"id": "greenhouse", "transport": "uart", "protocol": "picogw", "port": "sim", "heartbeat": 2.0},
-    {"id": "porch", "transport": "uart", "protocol": "tutorial", "port": "sim"},
-    {"id": "cellar", "transport": "i2c", "protocol": "picogw", "poll_interval": 1.0},
-    {"id": "attic", "transport": "i2c", "protocol": "tutorial", "address": 0x44, "poll_interval": 1.0},
-    {"id": "desk", "transport": "usb", "protocol": "picogw", "port": "sim"},
-    {"id": "bench", "transport": "usb", "protocol": "tutorial", "port": "sim", "poll_interval": 2.0},
-    {"id": "balcony", "transport": "wifi"},
-    {"id": "shed", "transport": "tcp", "protocol": "tutorial", "host": "sim", "poll_interval": 1.0},
-]
+DEVICES: list[dict[str, Any]] = [dict(device) for link in LINKS.values() if link.simulation is not None
+                                 for device in link.simulation.demo_devices]
+"""Every link's demo devices (``Simulation.demo_devices``)."""
+COMMANDED = [d["id"] for d in DEVICES if not LINKS[d["transport"]].publishes_itself]
+"""The devices whose commands the gateway carries (a Pico W on wifi takes its own)."""
 READ_INTERVAL = 1.0
 
 
@@ -43,7 +40,7 @@ class Board:
     def __init__(self, base: str) -> None:
         self.base = base
         self.lock = threading.Lock()
-        self.rows: dict[str, dict[str, object]] = {d["id"]: {"metrics": {}} for d in DEVICES}
+        self.rows: dict[str, dict[str, Any]] = {d["id"]: {"metrics": {}} for d in DEVICES}
 
     def on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -53,7 +50,7 @@ class Board:
         text = msg.payload.decode(errors="replace")
         with self.lock:
             if parts[2] == "sensor" and len(parts) == 4:
-                row["metrics"][parts[3]] = text  # type: ignore[index]
+                row["metrics"][parts[3]] = text
                 row["seen"] = time.monotonic()
             elif parts[2:] == ["state", "led"]:
                 row["led"] = text
@@ -69,7 +66,7 @@ class Board:
                 row = self.rows[d["id"]]
                 seen = row.get("seen")
                 age = f"{now - seen:4.1f}s" if isinstance(seen, float) else "-"
-                metrics = "  ".join(f"{k}={v}" for k, v in sorted(row["metrics"].items()))  # type: ignore[union-attr]
+                metrics = "  ".join(f"{k}={v}" for k, v in sorted(row["metrics"].items()))
                 lines.append(f"{d['id']:<11} {d['transport']:<5} {d.get('protocol', 'picogw'):<9} "
                              f"{row.get('status', '-'):<8} {row.get('led', '-'):<4} {age:>5}  {metrics[:60]}")
         return "\n".join(lines)
@@ -118,8 +115,8 @@ def run_demo(duration: float | None = None, workdir: str | None = None) -> int:
             return 0
         hint = (f"Try, in another terminal:\n"
                 f"  mosquitto_sub -h {broker.host} -p {broker.port} -v -t 'pico/#'\n"
-                f"  mosquitto_pub -h {broker.host} -p {broker.port} -t pico/greenhouse/cmd/led -m toggle\n"
-                f"  mosquitto_pub -h {broker.host} -p {broker.port} -t pico/shed/cmd/led -m on\n"
+                f"  mosquitto_pub -h {broker.host} -p {broker.port} -t pico/{COMMANDED[0]}/cmd/led -m toggle\n"
+                f"  mosquitto_pub -h {broker.host} -p {broker.port} -t pico/{COMMANDED[-1]}/cmd/led -m on\n"
                 f"  sqlite3 {tmp / 'readings.db'} 'SELECT * FROM readings ORDER BY id DESC LIMIT 5'\n"
                 f"Ctrl-C stops everything" + (f" (or after {duration:g} s)." if duration else "."))
         print(hint, flush=True)

@@ -98,11 +98,13 @@ def load_secrets(path: str | Path) -> dict[str, Any]:
 
 def config_values(config: GatewayConfig, device: DeviceConfig, secrets: dict[str, Any] | None) -> dict[str, Any]:
     """The values of the board's config.py (gateway.simulator.config_py's format)."""
-    values: dict[str, Any] = {"DEVICE": device.id, "LINK": device.transport}
+    link = LINKS[device.transport]
+    if link.firmware is None:
+        raise FlashError(f"device {device.id!r} is on {device.transport}: our firmware has no link for it")
+    values: dict[str, Any] = {"DEVICE": device.id, "LINK": link.firmware}  # (a transport may run another's)
     interval = getattr(device, "poll_interval", None) or getattr(device, "read_interval", None)
     if interval:
         values["READ_INTERVAL"] = float(interval)
-    link = LINKS[device.transport]
     values.update(link.config_py(device))
     if link.needs_wifi:
         if secrets is None:

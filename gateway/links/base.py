@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from gateway.backoff import Backoff
 from gateway.domain import RESERVED_IDS, DeviceId, LedCommand, StrictModel
+from gateway.links.simulation import Simulation
 from gateway.log_once import Once
 from gateway.progress import Heartbeat
 
@@ -93,6 +94,15 @@ class Link(ABC):
     board: ClassVar[str] = "Raspberry Pi Pico"
     """The board this transport implies (one reached over Wi-Fi is a Pico W), as
     discovery names it in the device's model."""
+
+    firmware: ClassVar[str | None] = None
+    """The link of our firmware (``LINK`` in the board's config.py, a ``link_<name>.py`` of
+    pico/) that a Pico on this transport runs; None when our firmware has none for it."""
+    firmware_config: ClassVar[dict[str, dict[str, Any]]] = {}
+    """The sections of config.py that this firmware link reads, with the firmware's
+    defaults (gateway/simulator/config_py.py writes them)."""
+    simulation: ClassVar[Simulation | None] = None
+    """How ``simulate`` gives a device of this link a virtual Pico (None: it cannot)."""
 
     needs_wifi: ClassVar[bool] = False
     """The Pico joins a Wi-Fi network (flash writes the network into its config.py)."""

@@ -31,6 +31,7 @@ from smbus2 import SMBus, i2c_msg
 
 from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
 from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
+from gateway.links.simulation import Description, Simulation
 from gateway.protocols import PROTOCOLS, ProtocolKind
 from gateway.protocols.picogw import is_key
 
@@ -88,10 +89,31 @@ class I2cSpeech(NamedTuple):
 I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
 
 
+class I2cSimulation(Simulation):
+    """Every virtual I2C target is on one simulated bus (a folder of sockets, one per address)."""
+
+    ready_key = "i2c_socket"
+    tutorial = "i2c_led.py"
+    demo_devices = ({"id": "cellar", "transport": "i2c", "protocol": "picogw", "poll_interval": 1.0},
+                    {"id": "attic", "transport": "i2c", "protocol": "tutorial", "address": 0x44, "poll_interval": 1.0})
+
+    def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"I2C": {"addr": int(desc.get("address", 0x43))}}, {}
+
+    def claim(self, desc: Description) -> tuple[str, str] | None:
+        return "I2C address", f"0x{int(desc.get('address', 0x43)):02x}"
+
+    def point(self, device: dict[str, Any], endpoint: Any) -> dict[str, Any]:
+        return {**device, "bus": os.path.dirname(endpoint)}  # the target's socket is <bus>/0x43.sock
+
+
 class I2cLink(PollingLink):
     transport = "i2c"
     Config = I2cConfig
     config: I2cConfig
+    firmware = "i2c"
+    firmware_config = {"I2C": {"id": 0, "addr": 0x43, "sda": 4, "scl": 5}}
+    simulation = I2cSimulation()
 
     @classmethod
     def config_py(cls, device: DeviceConfig) -> dict[str, Any]:
@@ -184,7 +206,7 @@ class I2cLink(PollingLink):
         self._boot_id = boot
         self._names = self._seen_names = names
 
-    def _poll_picogw(self) -> None:
+    def poll_picogw(self) -> None:
         try:
             for _ in range(RESTART_RETRIES):
                 if self._names is None:
@@ -236,7 +258,7 @@ class I2cLink(PollingLink):
         return True
 
     # -- tutorial target ---------------------------------------------------------------
-    def _poll_tutorial(self) -> None:
+    def poll_tutorial(self) -> None:
         value = self._xfer("read_byte", lambda bus: bus.read_byte(self.config.address))
         self.events.led_state(self.device, value != 0)
 
@@ -249,7 +271,7 @@ class I2cLink(PollingLink):
             self.stats["command_errors"] += 1
             raise CommandError(str(exc)) from exc
 
-    def _set_led_tutorial(self, command: LedCommand) -> bool:
+    def set_led_tutorial(self, command: LedCommand) -> bool:
         addr = self.config.address
         if command is LedCommand.TOGGLE:
             on = self._xfer("read_byte", lambda bus: bus.read_byte(addr)) == 0
@@ -261,7 +283,7 @@ class I2cLink(PollingLink):
             raise CommandError(f"the Pico reads back {'on' if state else 'off'} after the write")
         return state
 
-    def _set_led_picogw(self, command: LedCommand) -> bool:
+    def set_led_picogw(self, command: LedCommand) -> bool:
         self._write(LED_CMD, CMD_CODES[command])
         deadline = time.monotonic() + self.config.command_timeout
         while True:
@@ -279,5 +301,5 @@ class I2cLink(PollingLink):
             self._speech.poll(self)
 
 
-PROTOCOLS.register(I2C, "picogw", I2cSpeech(I2cLink._poll_picogw, I2cLink._set_led_picogw))
-PROTOCOLS.register(I2C, "tutorial", I2cSpeech(I2cLink._poll_tutorial, I2cLink._set_led_tutorial))
+PROTOCOLS.register(I2C, "picogw", I2cSpeech(I2cLink.poll_picogw, I2cLink.set_led_picogw))
+PROTOCOLS.register(I2C, "tutorial", I2cSpeech(I2cLink.poll_tutorial, I2cLink.set_led_tutorial))

@@ -177,9 +177,9 @@ class SerialReactor:
                         self._ports[link] = state = _Port(link)
                         self._open(state)
                 else:
-                    state = self._ports.pop(link, None)
-                    if state is not None and state.port is not None:
-                        self._close(state, "stopping", reopen=False)
+                    gone = self._ports.pop(link, None)
+                    if gone is not None and gone.port is not None:
+                        self._close(gone, "stopping", reopen=False)
                     else:
                         link.set_online(False, "stopping")
             finally:

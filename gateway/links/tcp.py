@@ -23,6 +23,7 @@ from pydantic import Field
 from gateway.domain import MAY_STILL_HAPPEN, CommandError, LedCommand, now_ms
 from gateway.hosts import host_advice, is_host
 from gateway.links.base import DeviceConfig, LinkEvents, PollingLink
+from gateway.links.simulation import Description, Simulation, free_port
 from gateway.protocols import PROTOCOLS, ProtocolKind
 
 MAX_ANSWER = 512  # bytes; the answers are a word or one line of readings
@@ -50,11 +51,30 @@ TcpPoll = Callable[["TcpLink"], None]
 TCP: ProtocolKind[TcpPoll] = ProtocolKind("tcp")
 
 
+class TcpSimulation(Simulation):
+    """The virtual Pico W's server listens on a free loopback port (its program's own 8080
+    is mapped there), and the device's host and port name it."""
+
+    ready_key = "tcp"
+    tutorial = "tcp_led.py"
+    demo_devices = ({"id": "shed", "transport": "tcp", "protocol": "tutorial", "host": "sim", "poll_interval": 1.0},)
+
+    def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        port = free_port()
+        return {"TCP": {"host": "127.0.0.1", "port": port}}, {"tcp_port_map": f"8080={port}"}
+
+    def point(self, device: dict[str, Any], endpoint: Any) -> dict[str, Any]:
+        return {**device, "host": endpoint[0], "port": int(endpoint[1])}
+
+
 class TcpLink(PollingLink):
     online_reason = "answers"
     transport = "tcp"
     board = "Raspberry Pi Pico W"
     needs_wifi = True
+    firmware = "tcp"
+    firmware_config = {"TCP": {"host": "0.0.0.0", "port": 8080}}
+    simulation = TcpSimulation()
     Config = TcpConfig
     config: TcpConfig
 
@@ -134,11 +154,11 @@ class TcpLink(PollingLink):
         if values:
             self.events.reading(self.device, values, now_ms(), None)
 
-    def _poll_picogw(self) -> None:
+    def poll_picogw(self) -> None:
         self.query()
         self._poll_readings()
 
-    def _poll_tutorial(self) -> None:
+    def poll_tutorial(self) -> None:
         self.query()
 
     def poll(self) -> None:
@@ -148,5 +168,5 @@ class TcpLink(PollingLink):
             raise OSError(f"{self.config.host}:{self.config.port}: {exc}") from exc
 
 
-PROTOCOLS.register(TCP, "picogw", TcpLink._poll_picogw)
-PROTOCOLS.register(TCP, "tutorial", TcpLink._poll_tutorial)
+PROTOCOLS.register(TCP, "picogw", TcpLink.poll_picogw)
+PROTOCOLS.register(TCP, "tutorial", TcpLink.poll_tutorial)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from gateway.links.base import DeviceConfig
 from gateway.links.serial_link import SerialDeviceConfig, SerialLink
+from gateway.links.simulation import Description, SerialPortSimulation
 
 
 class UartConfig(SerialDeviceConfig):
@@ -13,10 +14,22 @@ class UartConfig(SerialDeviceConfig):
     port: str = "/dev/serial0"
 
 
+class UartSimulation(SerialPortSimulation):
+    tutorial = "uart_led.py"
+    demo_devices = ({"id": "greenhouse", "transport": "uart", "protocol": "picogw", "port": "sim", "heartbeat": 2.0},
+                    {"id": "porch", "transport": "uart", "protocol": "tutorial", "port": "sim"})
+
+    def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"UART": {"baudrate": int(desc.get("baudrate", 115200))}}, {}
+
+
 class UartLink(SerialLink):
     transport = "uart"
     Config = UartConfig
     hello_on = "own port"
+    firmware = "uart"
+    firmware_config = {"UART": {"id": 0, "baudrate": 115200, "tx": 0, "rx": 1}}
+    simulation = UartSimulation()
 
     @classmethod
     def config_py(cls, device: DeviceConfig) -> dict[str, Any]:

@@ -23,12 +23,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import serial
-from mpremote.transport import TransportError
+from mpremote.transport import TransportError  # type: ignore[import-untyped]  # mpremote ships no types
 from pydantic import Field
 
 from gateway.domain import CommandError, LedCommand, now_ms
 from gateway.links.base import Link, LinkEvents, PollingLink
 from gateway.links.serial_link import WRITE_TIMEOUT, SerialDeviceConfig, SerialLink
+from gateway.links.simulation import STOCK, SerialPortSimulation
 from gateway.progress import Heartbeat
 from gateway.protocols import PROTOCOLS, ProtocolKind
 
@@ -145,7 +146,7 @@ class UsbReplLink(PollingLink):
     def __init__(self, config: UsbConfig, events: LinkEvents) -> None:
         super().__init__(config, events)
         self._lock = threading.Lock()  # one exec at a time
-        self._transport: object | None = None
+        self._transport: Any = None  # mpremote's SerialTransport, while the raw REPL is open
 
     def closed(self) -> None:
         with self._lock:
@@ -155,17 +156,17 @@ class UsbReplLink(PollingLink):
         transport, self._transport = self._transport, None
         if transport is not None:
             try:
-                transport.exit_raw_repl()  # type: ignore[attr-defined]
+                transport.exit_raw_repl()
             except Exception:  # the port may be gone; closing is all that is left
                 pass
             try:
-                transport.close()  # type: ignore[attr-defined]
+                transport.close()
             except Exception:
                 pass
 
-    def _exec(self, key: object) -> str:
+    def _exec(self, key: LedCommand | str) -> str:
         """Run one fixed snippet; its output. Opens the raw REPL when needed."""
-        from mpremote.transport_serial import SerialTransport
+        from mpremote.transport_serial import SerialTransport  # type: ignore[import-untyped]  # (as above)
 
         with self._lock:
             try:
@@ -175,7 +176,7 @@ class UsbReplLink(PollingLink):
                     transport.serial = BoundedPort(transport.serial, self.config.command_timeout, self._stop)
                     self._transport = transport
                     enter_raw_repl(transport, self.config.command_timeout + 3)
-                out = self._transport.exec_raw(SNIPPETS[key], timeout=self.config.command_timeout)  # type: ignore[attr-defined]
+                out = self._transport.exec_raw(SNIPPETS[key], timeout=self.config.command_timeout)
             except (TransportError, OSError, ValueError) as exc:
                 if not isinstance(exc, Stopping):
                     self.stats["repl_errors"] += 1
@@ -204,7 +205,7 @@ class UsbReplLink(PollingLink):
             self.stats["bad_values"] += 1
             raise OSError(f"unexpected answer to the reading snippet: {' '.join(fields)[:60]!r}")
         values = []
-        for name, raw in zip(READ_METRICS, fields):
+        for name, raw in zip(READ_METRICS, fields, strict=False):  # (the third field is the LED)
             try:
                 value = float(raw)
             except ValueError:
@@ -223,6 +224,16 @@ PROTOCOLS.register(USB, "picogw", UsbSerialLink)
 PROTOCOLS.register(USB, "tutorial", UsbReplLink)
 
 
+class UsbSimulation(SerialPortSimulation):
+    """The virtual Pico's USB console is its pty; the tutorial's Pico runs stock MicroPython."""
+
+    ready_key = "usb"
+    tutorial = STOCK
+    stock = True
+    demo_devices = ({"id": "desk", "transport": "usb", "protocol": "picogw", "port": "sim"},
+                    {"id": "bench", "transport": "usb", "protocol": "tutorial", "port": "sim", "poll_interval": 2.0})
+
+
 class UsbLink(Link):
     """The usb transport: our firmware's frames, or stock MicroPython's REPL."""
 
@@ -230,6 +241,8 @@ class UsbLink(Link):
     Config = UsbConfig
     flashed_over_own_port = True
     hello_on = "usb"
+    firmware = "usb"
+    simulation = UsbSimulation()
 
     @classmethod
     def software(cls, protocol: str) -> str:

@@ -8,11 +8,12 @@ tracks its availability; it re-publishes nothing and never re-sends commands.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from gateway import payloads
 from gateway.domain import CommandError, LedCommand, now_ms, parse_value
 from gateway.links.base import DeviceConfig, Link, LinkEvents
+from gateway.links.simulation import Description, Simulation
 
 MAX_HELLO_BYTES = 1024
 
@@ -21,12 +22,38 @@ class WifiConfig(DeviceConfig):
     transport: Literal["wifi"]
 
 
+class WifiSimulation(Simulation):
+    """The virtual Pico W joins a simulated network and the test broker: it is ready once
+    connected, and reached through the broker (the gateway's config needs no change)."""
+
+    ready_key = "mqtt"
+    ready_value = "connected"
+    demo_devices = ({"id": "balcony", "transport": "wifi"},)
+
+    def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"WIFI": {"broker": broker[0], "port": int(broker[1]), "base": desc.get("base", "pico"),
+                         "user": desc.get("mqtt_user"), "mqtt_password": desc.get("mqtt_password"),
+                         "client_id": desc.get("client_id")}}, {}
+
+    def endpoint(self, state: Any, broker: tuple[str, int]) -> Any:
+        return tuple(broker)
+
+
+WIFI_NETWORK = {"ssid": "", "password": "", "broker": "127.0.0.1", "port": 1883,
+                "base": "pico", "user": None, "mqtt_password": None, "client_id": None}
+"""config.py's WIFI section, with the firmware's defaults (the network, and for the wifi
+link the broker it publishes to)."""
+
+
 class WifiLink(Link):
     transport = "wifi"
     board = "Raspberry Pi Pico W"
     needs_wifi = True
     Config = WifiConfig
     publishes_itself = True
+    firmware = "wifi"
+    firmware_config = {"WIFI": WIFI_NETWORK}
+    simulation = WifiSimulation()
 
     def __init__(self, config: WifiConfig, events: LinkEvents) -> None:
         super().__init__(config, events)

@@ -3,9 +3,10 @@
     simulate --config FILE [--workdir DIR] [--broker HOST:PORT]
         one virtual Pico per [[devices]] entry of a gateway config; writes
         <workdir>/fleet.json (endpoints) and <workdir>/gateway.sim.toml (the
-        same config with every device pointed at its virtual Pico: uart/usb
-        ``port`` = pty, i2c ``bus`` = the simulated bus directory, tcp
-        ``host``/``port`` = the virtual Pico's server), then runs until Ctrl-C.
+        same config with every device pointed at its virtual Pico, as its link's
+        ``Simulation.point`` says: uart/usb ``port`` = pty, i2c ``bus`` = the
+        simulated bus directory, tcp ``host``/``port`` = the virtual Pico's
+        server), then runs until Ctrl-C.
     simulate --firmware PATH|picogw|tutorial --transport uart [--id ID] ...
         one virtual Pico.
     --runtime micropython runs the firmware on the real MicroPython VM
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 
-from gateway.simulator.fleet import TRANSPORTS, start_fleet
+from gateway.simulator.fleet import start_fleet, transports
 
 
 def _toml_value(v):
@@ -32,10 +33,10 @@ def _toml_value(v):
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"%s"' % v.replace("\\", "\\\\").replace('"', '\\"')
+        return '"{}"'.format(v.replace("\\", "\\\\").replace('"', '\\"'))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError("cannot write %r as TOML" % (v,))
+    raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def dump_toml(data):
@@ -48,12 +49,12 @@ def dump_toml(data):
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             arrays.append((k, v))
         elif v is not None:
-            lines.append("%s = %s" % (k, _toml_value(v)))
+            lines.append(f"{k} = {_toml_value(v)}")
     for k, v in tables:
-        lines += ["", "[%s]" % k] + ["%s = %s" % (a, _toml_value(b)) for a, b in v.items() if b is not None]
+        lines += ["", f"[{k}]"] + [f"{a} = {_toml_value(b)}" for a, b in v.items() if b is not None]
     for k, items in arrays:
         for item in items:
-            lines += ["", "[[%s]]" % k] + ["%s = %s" % (a, _toml_value(b))
+            lines += ["", f"[[{k}]]"] + [f"{a} = {_toml_value(b)}"
                                            for a, b in item.items() if b is not None]
     return "\n".join(lines) + "\n"
 
@@ -69,15 +70,32 @@ def simulated_config(data, fleet):
         d = dict(d)
         p = fleet.picos.get(d.get("id"))
         if p is not None:
-            if p.transport in ("uart", "usb"):
-                d["port"] = p.endpoint
-            elif p.transport == "i2c":
-                d["bus"] = fleet.i2c_bus_dir
-            elif p.transport == "tcp":
-                d["host"], d["port"] = p.endpoint[0], int(p.endpoint[1])
+            d = p.simulation.point(d, p.endpoint)
         devices.append(d)
     out["devices"] = devices
     return out
+
+
+def _plugins_from(data, folder):
+    """``data`` with the plugins it names loaded (their links can then be simulated too), and
+    its plugin files named by absolute paths: gateway.sim.toml is written in another folder."""
+    from pathlib import Path
+
+    from gateway.links import PluginError, load_plugin, plugin_file
+
+    names = data.get("plugins")
+    if not isinstance(names, list):
+        return data
+    resolved = []
+    for name in names:
+        if isinstance(name, str):
+            try:
+                load_plugin(name, Path(folder))
+            except PluginError as exc:
+                raise SystemExit(f"simulate: plugins: {exc}") from None
+            path = plugin_file(name, Path(folder))
+            resolved.append(str(path.resolve()) if path is not None else name)
+    return {**data, "plugins": resolved}
 
 
 def _parse_broker(s):
@@ -93,7 +111,7 @@ def main_simulate(argv, load_devices=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="gateway TOML: a virtual Pico for every device")
     src.add_argument("--firmware", help="picogw, tutorial, or a firmware dir / .py file")
-    p.add_argument("--transport", choices=TRANSPORTS, default="uart")
+    p.add_argument("--transport", choices=transports(), default="uart")
     p.add_argument("--id", default="pico", help="device id (with --firmware)")
     p.add_argument("--read-interval", type=float, default=5.0)
     p.add_argument("--broker", help="HOST:PORT of the MQTT broker for Wi-Fi Picos "
@@ -110,12 +128,13 @@ def main_simulate(argv, load_devices=None):
         import tomllib
         with open(args.config, "rb") as f:
             data = tomllib.load(f)  # kept as written, for gateway.sim.toml
+        data = _plugins_from(data, os.path.dirname(os.path.abspath(args.config)))
         if load_devices is not None:
             devices = [dict(d) for d in load_devices(args.config)]
         else:
             devices = [dict(d) for d in data.get("devices") or []]
         if not devices:
-            print("simulate: %s has no devices" % args.config, file=sys.stderr)
+            print(f"simulate: {args.config} has no devices", file=sys.stderr)
             return 2
     else:
         devices = [{"id": args.id, "transport": args.transport, "firmware": args.firmware,
@@ -141,32 +160,30 @@ def main_simulate(argv, load_devices=None):
     try:
         fleet = start_fleet(devices, workdir, broker=broker, timeout=args.timeout)
     except (ValueError, RuntimeError, TimeoutError, OSError) as e:
-        print("simulate: %s" % e, file=sys.stderr)
+        print(f"simulate: {e}", file=sys.stderr)
         return 1
     try:
         summary = fleet.write_summary()
-        print("virtual Picos running (workdir %s):" % workdir)
+        print(f"virtual Picos running (workdir {workdir}):")
         for pico in fleet:
             ep = pico.endpoint
-            ep = "%s:%s" % ep if isinstance(ep, tuple) else ep
-            print("  %-16s %-5s %-9s %s" % (pico.id, pico.transport,
-                                             pico.desc.get("firmware", "picogw"), ep))
-        if fleet.i2c_bus_dir and any(p.transport == "i2c" for p in fleet):
-            print("  i2c bus: %s" % fleet.i2c_bus_dir)
-        print("endpoints: %s" % summary)
+            ep = "{}:{}".format(*ep) if isinstance(ep, tuple) else ep
+            print(f"  {pico.id:<16} {pico.transport:<5} {pico.desc.get('firmware', 'picogw'):<9} {ep}")
+        if fleet.i2c_bus_dir and os.listdir(fleet.i2c_bus_dir):  # (a target's socket is there)
+            print(f"  i2c bus: {fleet.i2c_bus_dir}")
+        print(f"endpoints: {summary}")
         if data:
             path = os.path.join(workdir, "gateway.sim.toml")
-            with open(path, "w") as f:
-                f.write(dump_toml(simulated_config(data, fleet)))
-            print("gateway config for these Picos: %s" % path)
-            print("  run it with: pico-gateway run --config %s" % path)
+            with open(path, "w") as out:
+                out.write(dump_toml(simulated_config(data, fleet)))
+            print(f"gateway config for these Picos: {path}")
+            print(f"  run it with: pico-gateway run --config {path}")
         print("Ctrl-C stops them.", flush=True)
         while not stop.wait(0.5):
             dead = [p for p in fleet if not p.alive()]
             if dead:
                 for d in dead:
-                    print("virtual Pico %s exited (%s); log %s"
-                          % (d.id, d.proc.returncode, d.log_path), file=sys.stderr)
+                    print(f"virtual Pico {d.id} exited ({d.proc.returncode}); log {d.log_path}", file=sys.stderr)
                 return 1
         return 0
     finally:

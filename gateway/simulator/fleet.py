@@ -11,12 +11,13 @@ A device description is a plain dict:
 key                meaning
 =================  ===========================================================
 ``id``             device id (required)
-``transport``      ``uart`` | ``usb`` | ``i2c`` | ``wifi`` | ``tcp`` (required)
-``firmware``       ``picogw`` (default: ``pico/``), ``tutorial``
-                   (``pico/tutorial/<transport>_led.py``; usb: stock
-                   MicroPython, a REPL for mpremote; wifi has none), ``stock``
-                   (usb only: MicroPython with an empty fs), or a path;
-                   copied to the Pico's fs (``VirtualPico.fs``) at start
+``transport``      a transport of the registry whose link can be simulated
+                   (``Link.simulation``, gateway/links/; required)
+``firmware``       ``picogw`` (default: ``pico/``), ``tutorial`` (the
+                   tutorial's program for the link, from ``pico/tutorial/``; usb:
+                   stock MicroPython, a REPL for mpremote; wifi has none),
+                   ``stock`` (usb only: MicroPython with an empty fs), or a
+                   path; copied to the Pico's fs (``VirtualPico.fs``) at start
 ``protocol``       accepted as a synonym of ``firmware`` (gateway config key)
 ``read_interval``  seconds between readings (also ``poll_interval``); 5.0
 ``address``        I2C address (default 0x43)
@@ -30,9 +31,11 @@ key                meaning
                    gateway.simulator.vm; every link but wifi so far)
 =================  ===========================================================
 
-Endpoints (``VirtualPico.endpoint``): uart/usb: the pty path for pyserial or
-mpremote; i2c: the target's socket (``fleet.i2c_bus_dir`` is the bus, give it
-to ``SimulatedSMBus``); tcp: ``(host, port)``; wifi: the broker ``(host, port)``.
+Endpoints (``VirtualPico.endpoint``), as each link's ``Simulation`` says: uart/usb:
+the pty path for pyserial or mpremote; i2c: the target's socket
+(``fleet.i2c_bus_dir`` is the bus, give it to ``SimulatedSMBus``); tcp:
+``(host, port)``; wifi: the broker ``(host, port)``; a link that puts something
+in front of its virtual Pico (``Simulation.expose``): what that serves.
 
 ``VirtualPico.fs`` is the board's filesystem (``/``): what it runs at boot
 (``main.py``, ``config.py``) and what mpremote/``pico-gateway flash`` write.
@@ -44,43 +47,53 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from gateway.firmware import firmware_dir
+from gateway.links import LINKS
+from gateway.links.simulation import STOCK
 from gateway.simulator import vm
 from gateway.simulator.config_py import render_config_py
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
 PICO_DIR = str(firmware_dir())
-TRANSPORTS = ("uart", "usb", "i2c", "wifi", "tcp")
-READY_KEY = {"uart": "uart", "usb": "usb", "i2c": "i2c_socket", "tcp": "tcp", "wifi": "mqtt"}
+SIMULATED_NETWORK = {"ssid": "simulated-ap", "password": "simulated"}  # what a Pico W joins here
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def transports():
+    """The transports of the registry that have a virtual Pico (``Link.simulation``)."""
+    return [name for name, link in LINKS.items() if link.simulation is not None]
+
+
+def simulation(transport):
+    """The link's Simulation; ValueError naming the transports that have one."""
+    link = LINKS.get(transport)
+    if link is None or link.simulation is None:
+        raise ValueError(f"transport must be one of {'|'.join(transports())}")
+    return link.simulation
 
 
 def resolve_firmware(firmware, transport, pico_dir=PICO_DIR):
     """Path of the firmware for a device, or None for stock MicroPython."""
     firmware = firmware or "picogw"
+    sim = simulation(transport)
     if firmware == "stock":
-        if transport != "usb":
-            raise ValueError("stock MicroPython (a bare REPL) needs a usb Pico")
+        if not sim.stock:
+            raise ValueError(f"stock MicroPython (a bare REPL) is of no use on a {transport} Pico")
         return None
     if firmware == "picogw":
+        if LINKS[transport].firmware is None:
+            raise ValueError(f"our firmware has no link for {transport} Picos: give the firmware's path")
         return pico_dir
     if firmware == "tutorial":
-        if transport == "usb":
+        if sim.tutorial == STOCK:
             return None
-        if transport == "wifi":
-            raise ValueError("the tutorial has no wifi program")
-        return os.path.join(pico_dir, "tutorial", "%s_led.py" % transport)
+        if sim.tutorial is None:
+            raise ValueError(f"the tutorial has no {transport} program")
+        return os.path.join(pico_dir, "tutorial", sim.tutorial)
     return os.path.abspath(firmware)
 
 
@@ -96,6 +109,9 @@ class VirtualPico:
         self.state_path = os.path.join(dirpath, "pico.json")
         self.fs = os.path.join(dirpath, "fs")
         self.broker = broker
+        self.simulation = simulation(self.transport)
+        self.exposed = None  # what the link put in front of the virtual Pico (Simulation.expose), once ready
+        self._unexpose = None
 
     @property
     def pid(self):
@@ -110,11 +126,9 @@ class VirtualPico:
 
     @property
     def endpoint(self):
-        st = self.state()
-        if self.transport == "wifi":
-            return tuple(self.broker)
-        v = st.get(READY_KEY[self.transport])
-        return tuple(v) if isinstance(v, list) else v
+        if self.exposed is not None:
+            return self.exposed
+        return self.simulation.endpoint(self.state(), self.broker)
 
     @property
     def led(self):
@@ -126,7 +140,7 @@ class VirtualPico:
     def rss_kb(self):
         """The Pico process's resident memory (kB), or None once it is gone."""
         try:
-            with open("/proc/%d/status" % self.proc.pid) as f:
+            with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1])
@@ -163,30 +177,40 @@ class VirtualPico:
             if predicate(st):
                 return st
             if cancel is not None and cancel.is_set():
-                raise Cancelled("virtual Pico %s: cancelled waiting for %s" % (self.id, what))
+                raise Cancelled(f"virtual Pico {self.id}: cancelled waiting for {what}")
             if not self.alive():
-                raise RuntimeError("virtual Pico %s exited (%s) waiting for %s:\n%s"
-                                   % (self.id, self.proc.returncode, what, self.log()[-3000:]))
+                raise RuntimeError(f"virtual Pico {self.id} exited ({self.proc.returncode}) waiting for {what}:\n"
+                                   f"{self.log()[-3000:]}")
             if time.monotonic() >= deadline:
-                raise TimeoutError("virtual Pico %s: no %s within %.1fs; state %r\n%s"
-                                   % (self.id, what, timeout, st, self.log()[-3000:]))
+                raise TimeoutError(f"virtual Pico {self.id}: no {what} within {timeout:.1f}s; state {st!r}\n"
+                                   f"{self.log()[-3000:]}")
             time.sleep(0.02)
 
     def wait_ready(self, timeout=10.0, cancel=None):
-        key = READY_KEY[self.transport]
-        want = "connected" if key == "mqtt" else None
-        return self.wait_for(lambda st: st.get(key) is not None and (want is None or st.get(key) == want),
-                             timeout, "%s endpoint" % key, cancel)
+        key, want = self.simulation.ready_key, self.simulation.ready_value
+        st = self.wait_for(lambda st: st.get(key) is not None and (want is None or st.get(key) == want),
+                           timeout, f"{key} endpoint", cancel)
+        if self._unexpose is None:
+            self.exposed, self._unexpose = self.simulation.expose(self.simulation.endpoint(st, self.broker))
+            if self.exposed == self.simulation.endpoint(st, self.broker):
+                self.exposed = None  # (nothing in front: the endpoint is read from the state, as it changes)
+        return st
+
+    def unexpose(self):
+        """Stop what the link put in front of the virtual Pico (nothing, for most links)."""
+        stop, self._unexpose = self._unexpose, None
+        if stop is not None:
+            stop()
 
     def wait_led(self, state, timeout=5.0):
-        return self.wait_for(lambda st: st.get("led") == state, timeout, "LED %s" % state)
+        return self.wait_for(lambda st: st.get("led") == state, timeout, f"LED {state}")
 
     def reset(self):
         """Pull the RUN pin low: the Pico restarts (boot.py, main.py from its
         fs) in place, same pid, pty paths and sockets; LED off.  Returns at
         once; wait for what the firmware does after a boot (e.g. its hello)."""
         if self.proc.poll() is not None:
-            raise RuntimeError("virtual Pico %s is not running" % self.id)
+            raise RuntimeError(f"virtual Pico {self.id} is not running")
         os.kill(self.proc.pid, signal.SIGUSR1)
 
     def terminate(self):
@@ -241,6 +265,7 @@ class Fleet:
 
     def stop(self, timeout=3.0):
         for p in self.picos.values():
+            p.unexpose()
             p.terminate()
         deadline = time.monotonic() + timeout
         for p in self.picos.values():
@@ -256,23 +281,22 @@ class Fleet:
             p.proc.wait()
 
 
-def _config_values(desc, broker, tcp_port):
-    transport = desc["transport"]
+def _prepare(desc, broker):
+    """(the virtual Pico's config.py values, its simulation knobs): what every Pico has,
+    what its link adds (``Simulation.prepare``), then the description's own."""
+    link = LINKS[desc["transport"]]
     interval = desc.get("read_interval", desc.get("poll_interval", 5.0))
-    values = {
-        "DEVICE": desc["id"],
-        "LINK": transport,
-        "READ_INTERVAL": float(interval),
-        "UART": {"id": 0, "baudrate": int(desc.get("baudrate", 115200)), "tx": 0, "rx": 1},
-        "I2C": {"id": 0, "addr": int(desc.get("address", 0x43)), "sda": 4, "scl": 5},
-        "WIFI": {"ssid": "simulated-ap", "password": "simulated", "broker": broker[0],
-                 "port": int(broker[1]), "base": desc.get("base", "pico"),
-                 "user": desc.get("mqtt_user"), "mqtt_password": desc.get("mqtt_password"),
-                 "client_id": desc.get("client_id")},
-        "TCP": {"host": "127.0.0.1", "port": tcp_port or 8080},
-    }
+    values = {"DEVICE": desc["id"], "LINK": link.firmware, "READ_INTERVAL": float(interval)}
+    if link.needs_wifi:
+        values["WIFI"] = dict(SIMULATED_NETWORK)
+    extra, knobs = simulation(desc["transport"]).prepare(desc, tuple(broker))
+    for key, value in extra.items():
+        merged = values.get(key)
+        values[key] = {**merged, **value} if isinstance(merged, dict) and isinstance(value, dict) else value
     values.update(desc.get("config") or {})
-    return values
+    sim = dict(knobs)
+    sim.update(desc.get("sim") or {})
+    return values, sim
 
 
 class Cancelled(Exception):
@@ -289,25 +313,26 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
     bus_dir = os.path.join(workdir, "i2c-bus")
     os.makedirs(bus_dir, exist_ok=True)
     fleet = Fleet(workdir, tuple(broker), bus_dir)
-    seen_ids, seen_addr = set(), set()
+    seen_ids, claimed = set(), set()
     for desc in devices:
-        if desc.get("transport") not in TRANSPORTS:
-            raise ValueError("device %r: transport must be one of %s"
-                             % (desc.get("id"), "|".join(TRANSPORTS)))
+        try:
+            sim = simulation(desc.get("transport"))
+        except ValueError as exc:
+            raise ValueError(f"device {desc.get('id')!r}: {exc}") from None
         if desc["id"] in seen_ids:
-            raise ValueError("device %r listed twice" % desc["id"])
+            raise ValueError(f"device {desc['id']!r} listed twice")
         seen_ids.add(desc["id"])
-        if desc["transport"] == "i2c":
-            addr = int(desc.get("address", 0x43))
-            if addr in seen_addr:
-                raise ValueError("device %r: I2C address 0x%02x already used" % (desc["id"], addr))
-            seen_addr.add(addr)
+        claim = sim.claim(desc)
+        if claim is not None:
+            if claim in claimed:
+                raise ValueError(f"device {desc['id']!r}: {claim[0]} {claim[1]} already used")
+            claimed.add(claim)
         runtime = desc.get("runtime", "cpython")
         if runtime not in ("cpython", "micropython"):
-            raise ValueError("device %r: runtime must be cpython|micropython" % desc["id"])
-        if runtime == "micropython" and desc["transport"] not in vm.TRANSPORTS:
-            raise ValueError("device %r: the MicroPython runtime runs %s Picos only so far, not %s"
-                             % (desc["id"], "/".join(vm.TRANSPORTS), desc["transport"]))
+            raise ValueError(f"device {desc['id']!r}: runtime must be cpython|micropython")
+        if runtime == "micropython" and LINKS[desc["transport"]].firmware not in vm.TRANSPORTS:
+            raise ValueError(f"device {desc['id']!r}: the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos "
+                             f"only so far, not {desc['transport']}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
@@ -327,13 +352,10 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
                 except FileNotFoundError:
                     pass
             shutil.rmtree(os.path.join(d, "fs"), ignore_errors=True)   # a fresh board
-            tcp_port = free_port() if transport == "tcp" else None
+            values, sim = _prepare(desc, broker)
             cfg_path = os.path.join(d, "config.py")
             with open(cfg_path, "w") as f:
-                f.write(render_config_py(_config_values(desc, broker, tcp_port)))
-            sim = dict(desc.get("sim") or {})
-            if tcp_port:
-                sim.setdefault("tcp_port_map", "8080=%d" % tcp_port)
+                f.write(render_config_py(values))
             sim_path = os.path.join(d, "sim.json")
             with open(sim_path, "w") as f:
                 json.dump(sim, f)
