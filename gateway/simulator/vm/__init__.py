@@ -10,4 +10,4 @@ its limits.
 """
 
 #: The links a firmware can use on the MicroPython runtime so far.
-TRANSPORTS = ("uart", "usb", "tcp", "i2c")
+TRANSPORTS = ("uart", "usb", "tcp", "i2c", "wifi")

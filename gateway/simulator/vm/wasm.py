@@ -111,7 +111,7 @@ def load_module(engine):
     from wasmtime import Module
     wasm = artifact_path().read_bytes()
     key = hashlib.sha256(wasm + version("wasmtime").encode()).hexdigest()[:16]
-    path = cache_dir() / ("micropython-%s.cwasm" % key)
+    path = cache_dir() / (f"micropython-{key}.cwasm")
     if path.is_file():
         try:
             return Module.deserialize_file(engine, str(path))
@@ -235,7 +235,7 @@ class VM:
             instance.exports(store)["_start"](store)
         except ExitTrap as e:
             if getattr(e, "code", 0) not in (0, None):
-                raise VMError("MicroPython exited with status %s" % e.code) from None
+                raise VMError(f"MicroPython exited with status {e.code}") from None
         except (Trap, WasmtimeError) as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise VMError("MicroPython VM trapped: %s" % (lines[-1] if lines else e)) from None
