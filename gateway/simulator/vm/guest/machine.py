@@ -148,7 +148,7 @@ class UART(HostObject):
         self._m("deinit")
 
     # any() and read() are what a firmware polls: raw host calls, no JSON,
-    # allocating only the answer (the guest never collects: see _boot.py).
+    # allocating only the answer (less garbage, fewer collections).
     def any(self):
         return int(raw("raw_any", self._hs))
 
