@@ -72,6 +72,23 @@ def test_picogw_firmware_on_the_vm(virtual, recorder: Recorder) -> None:
     assert summary["runtime"] == "micropython" and summary["rss_kb"] > 10_000
 
 
+def test_cpython_runtime_kept_for_large_fleets_still_runs_our_firmware(virtual, recorder: Recorder) -> None:
+    # --runtime cpython (not the default): MicroPython's modules imitated, its
+    # own umqtt for the Pico W.  Every other test of the firmware runs on the VM.
+    fleet, _ = virtual([
+        {"id": "cp1", "transport": "uart", "port": "sim", "read_interval": 0.2, "runtime": "cpython"},
+        {"id": "cpw", "transport": "wifi", "read_interval": 0.2, "runtime": "cpython"},
+    ])
+    recorder.wait("pico/cp1/sensor/temp", count=2)
+    recorder.wait("pico/cpw/sensor/temp", count=2)
+    assert switch(recorder, "cp1", "on", 1)["state"] == "on"
+    recorder.publish("pico/cpw/cmd/led", "on")
+    fleet["cpw"].wait_led("on")
+    summary = fleet.endpoints()
+    assert summary["cp1"]["runtime"] == summary["cpw"]["runtime"] == "cpython"
+    assert "MicroPython 0.1a2 VM" not in fleet["cp1"].log()
+
+
 def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:
     prog = tmp_path / "dc.py"
     prog.write_text("from machine import UART\nuart = UART(0)\n"
