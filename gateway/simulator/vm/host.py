@@ -93,10 +93,10 @@ def _vm_i2c_target(shim: Any) -> type:
 
         def _event(self, ev: int) -> bool:
             irq = self._irq
-            if irq.handler is None or not (ev & irq._trigger):
+            if irq.handler is None or not (ev & irq.armed):
                 return False
-            irq._flags = ev & irq._trigger
-            return self.host.deliver_irq(self.handle, irq._flags)
+            irq.pending = ev & irq.armed
+            return self.host.deliver_irq(self.handle, irq.pending)
 
         def take(self, n: int) -> bytes:
             """What a guest readinto(buf) of n bytes gets from the FIFO."""
@@ -149,6 +149,8 @@ class Host:
         if isinstance(v, dict) and "$h" in v:
             return self.objects[v["$h"]]
         if isinstance(v, dict) and "$mem" in v:      # a guest bytearray, served in place
+            if self.vm is None:
+                raise RuntimeError("no VM to serve guest memory from")
             return self.vm.guest_bytes(*v["$mem"])
         return wasm.decode(v)
 
@@ -284,7 +286,7 @@ class Host:
             except Interrupted:
                 return "!KeyboardInterrupt: "
             except OSError as e:
-                return "!OSError %d" % wasm.errno_of(e)
+                return f"!OSError {wasm.errno_of(e):d}"
             except Exception as e:
                 return f"!{type(e).__name__}: {e}"
         return call
@@ -306,7 +308,7 @@ class Host:
             conn, addr = self.objects[int(payload)].accept()
         except BlockingIOError:
             return ""
-        return "%d %s %d" % (self._register(conn), addr[0], addr[1])
+        return f"{self._register(conn):d} {addr[0]} {addr[1]:d}"
 
     def _recv(self, payload: str) -> str:
         self._check()
@@ -367,8 +369,8 @@ class Host:
         while True:
             if self.irqs:
                 handle, flags = self.irqs.popleft()
-                left = max(0, int((deadline - time.monotonic()) * 1000))
-                return "I%d %d %d" % (handle, flags, left)
+                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                return f"I{handle:d} {flags:d} {left_ms:d}"
             left = deadline - time.monotonic()
             if left <= 0:
                 return ""

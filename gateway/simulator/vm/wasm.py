@@ -196,7 +196,7 @@ class VM:
             value = self.host[name](*decode(args), **{k: decode(v) for k, v in kwargs.items()})
             out = json.dumps({"v": encode(value)}, separators=(",", ":"))
         except OSError as e:   # MicroPython has one OSError, with an errno
-            out = json.dumps({"e": ["OSError", "[Errno %d] %s" % (errno_of(e), e)]})
+            out = json.dumps({"e": ["OSError", f"[Errno {errno_of(e):d}] {e}"]})
         except Exception as e:
             out = json.dumps({"e": [type(e).__name__, str(e)]})
         data = out.encode()
@@ -206,7 +206,19 @@ class VM:
 
     def run(self) -> None:
         """Run the program to its end (blocks; run it in a thread)."""
-        from wasmtime import Engine, ExitTrap, Func, FuncType, Linker, Store, Trap, ValType, WasiConfig, WasmtimeError
+        from wasmtime import (
+            Engine,
+            ExitTrap,
+            Func,
+            FuncType,
+            Linker,
+            Memory,
+            Store,
+            Trap,
+            ValType,
+            WasiConfig,
+            WasmtimeError,
+        )
         engine = Engine(_config())
         store = Store(engine)
         wasi = WasiConfig()
@@ -231,9 +243,11 @@ class VM:
                       Func(store, FuncType([], [i32]), lambda: RESULT_CAP))
         try:
             instance = linker.instantiate(store, load_module(engine, self.artifact))
-            memory = instance.exports(store)["memory"]
+            memory, start = instance.exports(store)["memory"], instance.exports(store)["_start"]
+            if not isinstance(memory, Memory) or not isinstance(start, Func):
+                raise VMError("the MicroPython module exports no memory or _start")
             self._base = ctypes.addressof(memory.data_ptr(store).contents)
-            instance.exports(store)["_start"](store)
+            start(store)
         except ExitTrap as e:
             if getattr(e, "code", 0) not in (0, None):
                 raise VMError(f"MicroPython exited with status {e.code}") from None

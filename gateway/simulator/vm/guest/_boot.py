@@ -35,7 +35,7 @@ def _run(path, final):
     _picosim.call("firmware", ("running",))
     _picosim.call("executing", (True,))
     try:
-        execfile(path, {"__name__": "__main__", "__file__": path})
+        execfile(path, {"__name__": "__main__", "__file__": path})  # noqa: F821 (a MicroPython built-in)
         if final:
             _picosim.call("firmware", ("ended",))
     except SystemExit:
