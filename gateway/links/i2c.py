@@ -93,15 +93,20 @@ class I2cSimulation(Simulation):
     """Every virtual I2C target is on one simulated bus (a folder of sockets, one per address)."""
 
     ready_key = "i2c_socket"
-    tutorial = "i2c_led.py"
-    demo_devices = ({"id": "cellar", "transport": "i2c", "protocol": "picogw", "poll_interval": 1.0},
-                    {"id": "attic", "transport": "i2c", "protocol": "tutorial", "address": 0x44, "poll_interval": 1.0})
+    tutorial = "i2c_main.py"
+    # The tutorial's i2c_main.py answers at 0x43, as written: our firmware takes the other address.
+    demo_devices = ({"id": "cellar", "transport": "i2c", "protocol": "picogw", "address": 0x44, "poll_interval": 1.0},
+                    {"id": "attic", "transport": "i2c", "protocol": "tutorial", "poll_interval": 1.0})
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"I2C": {"addr": int(desc.get("address", 0x43))}}, {}
 
     def claim(self, desc: Description) -> tuple[str, str] | None:
-        return "I2C address", f"0x{int(desc.get('address', 0x43)):02x}"
+        address = int(desc.get("address", 0x43))
+        if desc.get("firmware", desc.get("protocol")) == "tutorial" and address != 0x43:
+            raise ValueError(f"device {desc.get('id')!r}: the tutorial's i2c_main.py answers at 0x43, not "
+                             f"0x{address:02x} (give this device address 0x43, or run an edited copy with --firmware)")
+        return "I2C address", f"0x{address:02x}"
 
     def point(self, device: dict[str, Any], endpoint: Any) -> dict[str, Any]:
         return {**device, "bus": os.path.dirname(endpoint)}  # the target's socket is <bus>/0x43.sock

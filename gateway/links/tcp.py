@@ -56,7 +56,7 @@ class TcpSimulation(Simulation):
     is mapped there), and the device's host and port name it."""
 
     ready_key = "tcp"
-    tutorial = "tcp_led.py"
+    tutorial = "wifi_tcp_main.py"
     demo_devices = ({"id": "shed", "transport": "tcp", "protocol": "tutorial", "host": "sim", "poll_interval": 1.0},)
 
     def prepare(self, desc: Description, broker: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:

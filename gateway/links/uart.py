@@ -15,7 +15,7 @@ class UartConfig(SerialDeviceConfig):
 
 
 class UartSimulation(SerialPortSimulation):
-    tutorial = "uart_led.py"
+    tutorial = "uart_main.py"
     demo_devices = ({"id": "greenhouse", "transport": "uart", "protocol": "picogw", "port": "sim", "heartbeat": 2.0},
                     {"id": "porch", "transport": "uart", "protocol": "tutorial", "port": "sim"})
 

@@ -118,9 +118,9 @@ def main_simulate(argv, load_devices=None):
                    "(default: the config's [mqtt], else 127.0.0.1:1883)")
     p.add_argument("--workdir", help="where state files, logs and ptys' info go")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for start-up")
-    p.add_argument("--runtime", choices=("cpython", "micropython"),
-                   help="run the firmware on the MicroPython VM (micropython; every link but wifi so far) "
-                   "or on CPython with MicroPython's modules imitated (cpython, the default)")
+    p.add_argument("--runtime", choices=("micropython", "cpython"),
+                   help="run the firmware on the MicroPython VM (micropython, the default) or on CPython "
+                   "with MicroPython's modules imitated (cpython: cheaper per Pico, not faithful)")
     args = p.parse_args(argv)
 
     data = {}

@@ -14,7 +14,7 @@ key                meaning
 ``transport``      a transport of the registry whose link can be simulated
                    (``Link.simulation``, gateway/links/; required)
 ``firmware``       ``picogw`` (default: ``pico/``), ``tutorial`` (the
-                   tutorial's program for the link, from ``pico/tutorial/``; usb:
+                   tutorial's program for the link, verbatim, from ``pico/tutorial/``; usb:
                    stock MicroPython, a REPL for mpremote; wifi has none),
                    ``stock`` (usb only: MicroPython with an empty fs), or a
                    path; copied to the Pico's fs (``VirtualPico.fs``) at start
@@ -26,9 +26,9 @@ key                meaning
 ``sim``            knobs for the sidecar JSON (see gateway.simulator.runtime),
                    e.g. ``{"temp_c": 30.0}``; change later with set_sim()
 ``config``         extra entries merged into the generated config.py
-``runtime``        ``cpython`` (default: MicroPython's modules imitated on
-                   CPython) or ``micropython`` (the real MicroPython VM, see
-                   gateway.simulator.vm; every link but wifi so far)
+``runtime``        ``micropython`` (default: the real MicroPython VM, see
+                   gateway.simulator.vm) or ``cpython`` (MicroPython's modules
+                   imitated on CPython: cheaper, not faithful)
 =================  ===========================================================
 
 Endpoints (``VirtualPico.endpoint``), as each link's ``Simulation`` says: uart/usb:
@@ -252,7 +252,7 @@ class Fleet:
     def endpoints(self):
         return {p.id: {"transport": p.transport, "endpoint": p.endpoint, "pid": p.pid,
                        "state": p.state_path, "log": p.log_path,
-                       "runtime": p.desc.get("runtime", "cpython"), "rss_kb": p.rss_kb()}
+                       "runtime": p.desc.get("runtime", vm.DEFAULT_RUNTIME), "rss_kb": p.rss_kb()}
                 for p in self}
 
     def write_summary(self, path=None):
@@ -327,12 +327,14 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
             if claim in claimed:
                 raise ValueError(f"device {desc['id']!r}: {claim[0]} {claim[1]} already used")
             claimed.add(claim)
-        runtime = desc.get("runtime", "cpython")
-        if runtime not in ("cpython", "micropython"):
+        runtime = desc.get("runtime", vm.DEFAULT_RUNTIME)
+        if runtime not in vm.RUNTIMES:
             raise ValueError(f"device {desc['id']!r}: runtime must be cpython|micropython")
         if runtime == "micropython" and LINKS[desc["transport"]].firmware not in vm.TRANSPORTS:
             raise ValueError(f"device {desc['id']!r}: the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos "
                              f"only so far, not {desc['transport']}")
+        if runtime == "micropython" and vm.missing():
+            raise ValueError(f"device {desc['id']!r}: {vm.missing()}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
@@ -362,7 +364,7 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
             cmd = [python or sys.executable, "-m", "gateway.simulator.pico",
                    "--config-py", cfg_path, "--state-dir", d, "--i2c-bus", bus_dir,
                    "--sim-json", sim_path, "--device", desc["id"], "--fs", os.path.join(d, "fs")]
-            cmd += ["--runtime", desc.get("runtime", "cpython")]
+            cmd += ["--runtime", desc.get("runtime", vm.DEFAULT_RUNTIME)]
             if fw is not None:
                 cmd += ["--firmware", fw]
             else:

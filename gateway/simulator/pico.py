@@ -190,9 +190,9 @@ def main(argv=None):
     p.add_argument("--usb", action="store_true", help="give the Pico a USB console")
     p.add_argument("--device", help="device id for logs")
     p.add_argument("--board", default=None, help="board name in the REPL banner")
-    p.add_argument("--runtime", choices=("cpython", "micropython"), default="cpython",
-                   help="run the firmware on CPython with MicroPython's modules imitated "
-                   "(default), or on the MicroPython VM (gateway.simulator.vm)")
+    p.add_argument("--runtime", choices=vm.RUNTIMES, default=vm.DEFAULT_RUNTIME,
+                   help="run the firmware on the MicroPython VM (gateway.simulator.vm, the default) "
+                   "or on CPython with MicroPython's modules imitated (cheaper, not faithful)")
     args = p.parse_args(argv)
     for name in ("firmware", "config_py", "state_dir", "fs", "i2c_bus", "sim_json"):
         if getattr(args, name):
@@ -245,7 +245,7 @@ def main(argv=None):
     if args.runtime == "micropython":
         usb = args.usb or link == "usb" or not has_main
         if not usb and link not in vm.TRANSPORTS:
-            p.error(f"the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos only so far, not {link}")
+            p.error(f"the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos, not {link}")
         from gateway.simulator.vm import host as vm_host
         board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
         return vm_host.run(fs, usb=usb, board=board, link=link)

@@ -42,6 +42,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 DEFAULTS = {
     "temp_c": 21.5,
@@ -57,7 +58,7 @@ DEFAULTS = {
     "pins": {},
 }
 
-_ENV = {
+_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "temp_c": ("PICOSIM_TEMP_C", float),
     "temp_noise": ("PICOSIM_TEMP_NOISE", float),
     "uart_bitflip": ("PICOSIM_UART_BITFLIP", float),
@@ -73,7 +74,7 @@ _lock = threading.RLock()
 _sidecar_path = None
 _sidecar_mtime = None
 _sidecar_checked = 0.0
-_sidecar = {}
+_sidecar: dict = {}
 
 state_path = None          # pico.json, or None (no state file)
 i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
@@ -100,7 +101,7 @@ def configure(state_dir=None, sim_json=None, i2c_bus_dir=None, device="pico", lo
 
 def log(msg):
     try:
-        _log.write("[virtual-pico %s] %s\n" % (device_id, msg))
+        _log.write(f"[virtual-pico {device_id}] {msg}\n")
         _log.flush()
     except (OSError, ValueError):
         pass
@@ -122,7 +123,7 @@ def _reload_sidecar():
         with open(_sidecar_path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        log("ignoring unreadable sidecar %s: %s" % (_sidecar_path, e))
+        log(f"ignoring unreadable sidecar {_sidecar_path}: {e}")
         return
     _sidecar_mtime = mtime
     _sidecar = data if isinstance(data, dict) else {}
@@ -141,7 +142,7 @@ def knob(name):
 
 def adc_value(channel):
     """Configured raw u16 for ADC channel / GPIO `channel`, or None."""
-    env = os.environ.get("PICOSIM_ADC_%d" % channel)
+    env = os.environ.get(f"PICOSIM_ADC_{channel:d}")
     if env is not None:
         return int(env) & 0xFFFF
     table = knob("adc") or {}
@@ -167,7 +168,7 @@ def write_state():
     if state_path is None:
         return
     with _lock:
-        tmp = "%s.%d.tmp" % (state_path, os.getpid())
+        tmp = f"{state_path}.{os.getpid():d}.tmp"
         with open(tmp, "w") as f:
             json.dump(_state, f)
         os.replace(tmp, state_path)

@@ -97,7 +97,7 @@ def _restart(cause, keep_led):
 # --- Pin ------------------------------------------------------------------------
 
 _LED_NAMES = ("LED", "WL_GPIO0", 25, "GP25", "GPIO25")
-_pin_levels = {}
+_pin_levels: dict = {}
 
 
 class Pin:
@@ -112,14 +112,14 @@ class Pin:
 
     def __init__(self, id, mode=-1, pull=-1, *, value=None, drive=None, alt=None):
         if isinstance(id, Pin):
-            id = id._id
+            id = id._id  # noqa: SLF001 (a Pin given for a Pin: its number)
         if isinstance(id, str) and id.startswith("GP") and id[2:].isdigit():
             id = int(id[2:])
         if not isinstance(id, (int, str)):
             raise TypeError("invalid pin")
         if isinstance(id, int) and not 0 <= id <= 47:
             raise ValueError("invalid pin")
-        self._id = id
+        self._id: int | str = id
         self._is_led = id in _LED_NAMES
         self._mode = Pin.IN
         self._pull = None
@@ -183,8 +183,8 @@ class Pin:
 
     def __repr__(self):
         if isinstance(self._id, str):
-            return "Pin(%s, mode=%s)" % (self._id, "OUT" if self._mode == Pin.OUT else "IN")
-        return "Pin(GPIO%d, mode=%s)" % (self._id, "OUT" if self._mode == Pin.OUT else "IN")
+            return "Pin({}, mode={})".format(self._id, "OUT" if self._mode == Pin.OUT else "IN")
+        return f"Pin(GPIO{self._id:d}, mode={'OUT' if self._mode == Pin.OUT else 'IN'})"
 
 
 Signal = None  # not provided
@@ -207,7 +207,7 @@ class ADC:
 
     def __init__(self, pin, *, atten=None):
         if isinstance(pin, Pin):
-            pin = pin._id
+            pin = pin._id  # noqa: SLF001 (a Pin given for its ADC channel)
         if isinstance(pin, int) and 26 <= pin <= 29:
             pin -= 26
         if pin not in (0, 1, 2, 3, 4):
@@ -231,12 +231,12 @@ class ADC:
         return 0
 
     def __repr__(self):
-        return "<ADC channel=%d>" % self._ch
+        return f"<ADC channel={self._ch:d}>"
 
 
 # --- UART -----------------------------------------------------------------------
 
-_uart_ptys = {}   # uart id -> (master_fd, slave_fd, path)
+_uart_ptys: dict = {}   # uart id -> (master_fd, slave_fd, path)
 _uart_lock = threading.Lock()
 
 
@@ -256,7 +256,7 @@ def uart_pty(uart_id):
     inherited across a reset (PICOSIM_FD_UART<id>=master,slave,path)."""
     with _uart_lock:
         if uart_id not in _uart_ptys:
-            inherited = os.environ.get("PICOSIM_FD_UART%d" % uart_id)
+            inherited = os.environ.get(f"PICOSIM_FD_UART{uart_id:d}")
             if inherited:
                 m, s, path = inherited.split(",", 2)
                 _uart_ptys[uart_id] = (int(m), int(s), path)
@@ -265,10 +265,10 @@ def uart_pty(uart_id):
             m, s, path = _uart_ptys[uart_id]
             os.set_inheritable(m, True)
             os.set_inheritable(s, True)
-            os.environ["PICOSIM_FD_UART%d" % uart_id] = "%d,%d,%s" % (m, s, path)
+            os.environ[f"PICOSIM_FD_UART{uart_id:d}"] = f"{m:d},{s:d},{path}"
             if uart_id == 0 or runtime.get_state("uart") is None:
                 runtime.publish("uart", path)
-            runtime.log("UART%d is %s" % (uart_id, path))
+            runtime.log(f"UART{uart_id:d} is {path}")
         return _uart_ptys[uart_id]
 
 
@@ -291,7 +291,7 @@ class UART:
 
     def __init__(self, id, baudrate=115200, bits=8, parity=None, stop=1, **kw):
         if id not in (0, 1):
-            raise ValueError("UART(%r) doesn't exist" % (id,))
+            raise ValueError(f"UART({id!r}) doesn't exist")
         self._id = id
         self._fd, self._slave, self.path = uart_pty(id)
         self._timeout = 0
@@ -403,8 +403,8 @@ class UART:
         return None
 
     def __repr__(self):
-        return "UART(%d, baudrate=%d, bits=8, parity=None, stop=1, tx=?, rx=?, pty=%s)" % (
-            self._id, self.baudrate, self.path)
+        return (f"UART({self._id:d}, baudrate={self.baudrate:d}, bits=8, parity=None, stop=1, "
+                f"tx=?, rx=?, pty={self.path})")
 
 
 # --- I2C controller (nothing on its bus) --------------------------------------
@@ -433,17 +433,17 @@ class _TargetIRQ:
         self._target = target
         self.handler = None
         self.hard = False
-        self._trigger = 0
-        self._flags = 0
+        self.armed = 0
+        self.pending = 0
 
     def flags(self):
-        return self._flags
+        return self.pending
 
     def trigger(self, new=None):
         if new is None:
-            return self._trigger
-        self._trigger = new
-        self._flags = 0
+            return self.armed
+        self.armed = new
+        self.pending = 0
 
 
 class I2CTarget:
@@ -463,7 +463,7 @@ class I2CTarget:
         if addr is None:
             raise TypeError("'addr' argument required")
         if id not in (0, 1):
-            raise ValueError("I2C(%r) doesn't exist" % (id,))
+            raise ValueError(f"I2C({id!r}) doesn't exist")
         if addrsize not in (7, 10):
             raise ValueError("invalid addrsize")
         if mem is not None:
@@ -510,20 +510,20 @@ class I2CTarget:
                 raise ValueError("hard IRQ required")
             self._irq.handler = handler
             self._irq.hard = hard
-            self._irq._trigger = trigger if handler is not None else 0
-            self._irq._flags = 0
+            self._irq.armed = trigger if handler is not None else 0
+            self._irq.pending = 0
         return self._irq
 
     def __repr__(self):
-        return "I2CTarget(%d, addr=%d)" % (self._id, self.addr)
+        return f"I2CTarget({self._id:d}, addr={self.addr:d})"
 
     # -- bus events (called by the bus server, one transaction at a time) --
 
     def _event(self, ev):
         irq = self._irq
-        if irq.handler is None or not (ev & irq._trigger):
+        if irq.handler is None or not (ev & irq.armed):
             return False
-        irq._flags = ev & irq._trigger
+        irq.pending = ev & irq.armed
         try:
             irq.handler(self)
         except Exception:

@@ -48,8 +48,8 @@ def opt_level(level=None):
 def mem_info(verbose=None):
     import gc
     print("stack: 532 out of 7936")
-    print("GC: total: %d, used: %d, free: %d" % (
-        gc.mem_alloc() + gc.mem_free(), gc.mem_alloc(), gc.mem_free()))
+    used, free = gc.mem_alloc(), gc.mem_free()  # type: ignore[attr-defined]  # (patches.py adds them to CPython's gc)
+    print(f"GC: total: {used + free:d}, used: {used:d}, free: {free:d}")
 
 
 def qstr_info(verbose=None):

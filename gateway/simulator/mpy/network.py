@@ -67,7 +67,7 @@ class WLAN:
             self._status = STAT_NO_AP_FOUND
             return
         self._status = STAT_GOT_IP
-        runtime.log("Wi-Fi connected to %r, ip 127.0.0.1" % (ssid,))
+        runtime.log(f"Wi-Fi connected to {ssid!r}, ip 127.0.0.1")
 
     def disconnect(self):
         self._status = STAT_IDLE

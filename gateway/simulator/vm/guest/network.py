@@ -1,7 +1,7 @@
 # network for a virtual Pico W on the MicroPython VM: WLAN is a handle to the
 # host's simulated station (gateway/simulator/mpy/network.py: it joins a
 # simulated access point, the station's address is loopback).
-from _picosim import HostObject, call
+from _picosim import HostObject, call, raw
 
 STA_IF = 0
 AP_IF = 1
@@ -31,6 +31,7 @@ class WLAN(HostObject):
 
     def __init__(self, interface_id=STA_IF):
         self._new("WLAN", (interface_id,))
+        self._hs = str(self._h)
 
     def active(self, is_active=None):
         return self._m("active") if is_active is None else self._m("active", (is_active,))
@@ -42,7 +43,8 @@ class WLAN(HostObject):
         self._m("disconnect")
 
     def isconnected(self):
-        return self._m("isconnected")
+        # A raw call: a firmware asks it in every turn of its loop.
+        return raw("raw_wlan_up", self._hs) == "1"
 
     def status(self, param=None):
         return self._m("status") if param is None else self._m("status", (param,))

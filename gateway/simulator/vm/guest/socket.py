@@ -57,7 +57,8 @@ class socket(HostObject):
         self._m("connect", (list(addr),))
 
     def setblocking(self, flag):
-        self._m("setblocking", (bool(flag),))
+        # A raw call: umqtt's check_msg() flips it twice per poll.
+        raw("raw_sblock", "%s %d" % (self._hs, 1 if flag else 0))
 
     def settimeout(self, value):
         self._m("settimeout", (value,))
@@ -70,7 +71,10 @@ class socket(HostObject):
         return binascii.unhexlify(r)
 
     def read(self, n=-1):
-        return self._m("read", (n,))
+        # As MicroPython's stream read: up to n bytes (all until EOF for -1),
+        # b"" at EOF, None when a non-blocking socket has nothing yet.
+        r = raw("raw_sread", "%s %d" % (self._hs, n))
+        return None if r == "-" else binascii.unhexlify(r)
 
     def readinto(self, buf, nbytes=None):
         data = self.recv(len(buf) if nbytes is None else nbytes)
@@ -86,7 +90,12 @@ class socket(HostObject):
     def sendall(self, data):
         self._m("sendall", (data,))
 
-    def write(self, data):
+    def write(self, data, *n):
+        # MicroPython's stream write(buf[, max_len]) and write(buf, off, max_len).
+        if len(n) == 1:
+            data = memoryview(data)[:n[0]]
+        elif len(n) == 2:
+            data = memoryview(data)[n[0]:n[0] + n[1]]
         return self._m("write", (data,))
 
     def makefile(self, mode="rb", buffering=0):
