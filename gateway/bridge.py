@@ -49,6 +49,7 @@ from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
 from gateway.outbox import Outbox, OutboxSettings
 from gateway.progress import Heartbeat, first_stall
+from gateway.protocols import tell_stored
 from gateway.store import Row, Store
 from gateway.topics import METRIC_PATTERN, Topics, is_metric
 
@@ -74,6 +75,8 @@ class Bridge(Feature):
         self.links: dict[str, Link] = {}
         self.stats: Counter[str] = Counter()
         self.outbox = Outbox(store, mqtt, topics, outbox or OutboxSettings(), self._publishes_itself)
+        # Picos that keep readings until they are on disk hear of each commit (docs/protocol.md 1.8).
+        store.on_stored = lambda stored, refused: tell_stored(self.links, stored, refused)
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()

@@ -328,7 +328,8 @@ class Outbox:
         messages: list[tuple[str, str]] = []
         room = WINDOW - len(self._inflight)
         while ready and len(row_ids) < room:
-            row_id, (device, metric, value, _, _) = ready.popleft()
+            row_id, row = ready.popleft()
+            device, metric, value = row[0], row[1], row[2]  # (a row may be longer: gateway/store.py)
             if self.publishes_itself(device):
                 self._done.add(row_id)  # its Pico published it already
                 continue
@@ -358,7 +359,7 @@ class Outbox:
 
     def _publish(self, row_id: int, row: Row, live: bool) -> bool:
         """Hand one reading to paho; False when it could not take it now."""
-        device, metric, value, ts, _ = row
+        device, metric, value, ts = row[0], row[1], row[2], row[3]  # (a row may be longer: gateway/store.py)
         if self.publishes_itself(device):
             self._done.add(row_id)  # its Pico published it already
             return True

@@ -7,9 +7,15 @@
 (History is read by ``pico-gateway readings``, gateway/history.py, over its own
 read-only connection.)
 
-Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent)``:
-``ts`` in Unix milliseconds (UTC), indexed on (device, metric, ts) for "one
-device's metric over a time range". ``sent`` is the outbox: 0 until the broker
+Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent,
+boot INTEGER, ts_pico INTEGER)``: ``ts`` in Unix milliseconds (UTC), indexed on
+(device, metric, ts) for "one device's metric over a time range". ``boot`` is the
+random number a Pico that keeps its readings until they are acknowledged draws at
+each boot (docs/protocol.md); such a Pico sends a reading again when it cannot know
+it was stored, and the store keeps one row per (device, boot, seq, metric) (a
+partial unique index: rows without a boot cost nothing). ``ts_pico`` is 1 when
+``ts`` is the Pico's own time of the reading (one it sent late, from its buffer),
+0 when it is the time the gateway received it. ``sent`` is the outbox: 0 until the broker
 acknowledged the reading's message, then 1; 2 when the backlog bound made the
 gateway give up publishing it (the reading stays here). A partial index keeps
 the unsent rows cheap to find however big the table grows. Table
@@ -38,7 +44,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,11 +58,13 @@ from gateway.store_writer import (
     write_message,
 )
 
-__all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoreBusy", "StoredRow", "WriterDied", "id_ranges"]
+__all__ = ["EXPIRED", "SENT", "UNSENT", "DatabaseReplaced", "Row", "Store", "StoreBusy", "StoredRow", "WriterDied",
+           "id_ranges"]
 
 log = logging.getLogger("gateway.store")
 
-Row = tuple[str, str, float, int, "int | None"]  # device, metric, value, ts_ms, seq
+# (device, metric, value, ts_ms, seq), or with two more: boot, ts_pico (see above)
+Row = tuple[str, str, float, int, "int | None"] | tuple[str, str, float, int, "int | None", "int | None", int]
 StoredRow = tuple[int, str, str, float, int, "int | None"]  # id + Row
 
 _WRITER = str(Path(store_writer.__file__).resolve())
@@ -92,6 +100,11 @@ def _death(code: int) -> str:
 class Store:
     def __init__(self, path: str | Path, synchronous: Literal["full", "normal"] = "full") -> None:
         self.path = Path(path)
+        # Told after every commit what is on disk now: (rows stored, rows refused as already
+        # stored); called on the committing thread, so it must not block.
+        self.on_stored: Callable[[list[Row], list[Row]], None] | None = None
+        self.duplicates_refused = 0
+        self._hook_failed = False
         self.synchronous = synchronous
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer_starts = 0
@@ -161,17 +174,35 @@ class Store:
         finally:
             self._lock.release()
 
-    def commit(self, rows: Sequence[Row], sent_ids: Iterable[int] = ()) -> int:
+    def commit(self, rows: list[Row], sent_ids: Iterable[int] = ()) -> int:
         """Insert ``rows`` as unsent and mark ``sent_ids`` sent, in one transaction.
 
         Returns the id of the first inserted row (the others follow it, in order:
-        this store is the only writer). Raises sqlite3.Error (disk full, read-only
+        this store is the only writer). Rows with a boot (7-tuples) that are stored
+        already, or that repeat an earlier row of this call, are refused: taken out of
+        ``rows`` (a list), counted in ``duplicates_refused``, and the first id is that of
+        the first row left. Raises sqlite3.Error (disk full, read-only
         file) with nothing changed; ``WriterDied`` when the writer process died
         (the transaction may have been stored: at most this one is stored twice
         when retried); ``DatabaseReplaced`` (nothing changed) when the file was
         deleted or replaced and the store moved on to a new one.
         """
-        return self._call("commit", list(rows), list(sent_ids))
+        batch = list(rows)
+        first, refused = self._call("commit", batch, list(sent_ids))
+        dropped: list[Row] = []
+        if refused:
+            self.duplicates_refused += len(refused)
+            for i in reversed(refused):
+                dropped.append(rows.pop(i))
+            dropped.reverse()
+        if self.on_stored is not None:
+            try:
+                self.on_stored(rows if refused else batch, dropped)
+            except Exception:  # the commit stands; a broken listener must not look like a failed one
+                if not self._hook_failed:
+                    self._hook_failed = True
+                    log.exception("error in a listener told of stored readings (logged once)")
+        return first
 
     def record(self, rows: Sequence[Row]) -> None:
         """Insert rows that need no publishing (a recorder's: the broker has them), as sent."""
@@ -200,8 +231,9 @@ class Store:
         Older rows (from an earlier run), and all when ``own_from_id`` is None, are
         too old when their ``ts`` is before ``older_than_ms``.
         """
-        return tuple(self._call("expire_unsent", keep_rows, older_than_ms,
-                                own_from_id if own_from_id is not None else 1 << 62, own_until_id))  # type: ignore[return-value]
+        by_rows, by_age = self._call("expire_unsent", keep_rows, older_than_ms,
+                                     own_from_id if own_from_id is not None else 1 << 62, own_until_id)
+        return by_rows, by_age
 
     def counters(self, wait: float | None = None) -> dict[tuple[str, str], int]:
         """The counters kept across runs, by (device, name): see gateway/kept_counters.py."""

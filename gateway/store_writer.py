@@ -38,6 +38,12 @@ from typing import IO, Any
 UNSENT, SENT, EXPIRED = 0, 1, 2
 INSERT = "INSERT INTO readings (device, metric, value, ts, seq, sent) VALUES (?, ?, ?, ?, ?, 0)"
 INSERT_SENT = INSERT.replace("?, 0)", f"?, {SENT})")
+# A row that names its Pico's boot (a 7-tuple: ... seq, boot, ts_pico) may be sent again by
+# that Pico (docs/protocol.md, acknowledged readings): it is stored once per (device, boot,
+# seq, metric), the unique index readings_once.
+INSERT_BOOT = ("INSERT INTO readings (device, metric, value, ts, seq, boot, ts_pico, sent) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, 0)")
+FIND_STORED = "SELECT seq, metric FROM readings WHERE device = ? AND boot = ? AND seq BETWEEN ? AND ?"
 # The WAL's bound: SQLite checkpoints it every WAL_PAGES pages (its default, 4 MiB at 4 KiB
 # pages), and cuts it back to that size after a checkpoint (journal_size_limit; unbounded by
 # default). On a nearly full filesystem the bound shrinks to an eighth of the free space (down
@@ -51,9 +57,12 @@ FREE_SPACE_CHECK = 1.0
 SCHEMA = [
     ('CREATE TABLE IF NOT EXISTS "readings" ("id" INTEGER PRIMARY KEY, "device" TEXT NOT NULL, '
      '"metric" TEXT NOT NULL, "value" REAL NOT NULL, "ts" INTEGER NOT NULL, "seq" INTEGER, '
-     '"sent" INTEGER NOT NULL DEFAULT 1)'),
+     '"sent" INTEGER NOT NULL DEFAULT 1, "boot" INTEGER, "ts_pico" INTEGER NOT NULL DEFAULT 0)'),
     'CREATE INDEX IF NOT EXISTS "idx_readings_device_metric_ts" ON "readings" ("device", "metric", "ts")',
     "CREATE INDEX IF NOT EXISTS readings_unsent ON readings(id) WHERE sent = 0",
+    # A reading a Pico sent again is refused (docs/protocol.md, acknowledged readings). Partial:
+    # rows without a boot (older firmware, the tutorial's programs, other links) cost nothing.
+    "CREATE UNIQUE INDEX IF NOT EXISTS readings_once ON readings(device, boot, seq, metric) WHERE boot IS NOT NULL",
     # Counters that outlive a run (gateway/kept_counters.py): one row per device and counter.
     ('CREATE TABLE IF NOT EXISTS "counters" ("device" TEXT NOT NULL, "name" TEXT NOT NULL, '
      '"value" INTEGER NOT NULL, PRIMARY KEY ("device", "name")) WITHOUT ROWID'),
@@ -121,6 +130,10 @@ class Writer:
             if columns and "sent" not in columns:
                 # Rows from before the outbox existed count as sent: never replay history.
                 conn.execute(f'ALTER TABLE readings ADD COLUMN "sent" INTEGER NOT NULL DEFAULT {SENT}')
+            if columns and "boot" not in columns:
+                # Older rows have no boot: none of them is ever taken for a duplicate.
+                conn.execute('ALTER TABLE readings ADD COLUMN "boot" INTEGER')
+                conn.execute('ALTER TABLE readings ADD COLUMN "ts_pico" INTEGER NOT NULL DEFAULT 0')
             for statement in SCHEMA:
                 conn.execute(statement)
         st = os.stat(self.path)  # (the file exists now: the schema is in it)
@@ -176,8 +189,8 @@ class Writer:
             done = {i for lo, hi in sent_ranges for i in range(lo, hi + 1)}  # acknowledged: not carried
             try:
                 self.carry = [row[1:] for row in self.conn.execute(
-                    "SELECT id, device, metric, value, ts, seq FROM readings WHERE sent = 0 ORDER BY id")
-                    if row[0] not in done]
+                    "SELECT id, device, metric, value, ts, seq, boot, ts_pico FROM readings WHERE sent = 0 "
+                    "ORDER BY id") if row[0] not in done]
                 self.lost = self.conn.execute("SELECT count(*) FROM readings").fetchone()[0]
             except sqlite3.Error:
                 self.carry, self.lost = [], None
@@ -197,7 +210,7 @@ class Writer:
         try:
             with conn:
                 conn.execute("BEGIN")
-                conn.executemany(INSERT, self.carry)
+                conn.executemany(INSERT_BOOT.replace("INSERT", "INSERT OR IGNORE", 1), self.carry)
         except sqlite3.Error:
             conn.close()
             raise
@@ -209,18 +222,54 @@ class Writer:
                 f"into the file now at that path, and carrying on there")
 
     # -- requests ------------------------------------------------------------------------
-    def commit(self, rows: list[tuple], sent_ids: list[int]) -> int:
+    def commit(self, rows: list[tuple], sent_ids: list[int]) -> tuple[int, list[int]]:
+        """(id of the first row stored, indexes in ``rows`` of those refused as duplicates):
+        the stored rows have ids from the first on, in order."""
         self.check_identity()
         self.fit_wal_to_free_space()
         conn = self.conn
         with conn:
             conn.execute("BEGIN")
-            conn.executemany(INSERT, rows)
+            refused: list[int] = []
+            if all(len(row) == 5 for row in rows):  # (the usual case: nothing that can come twice)
+                conn.executemany(INSERT, rows)
+                stored = len(rows)
+            else:
+                refused = self._duplicates(rows)
+                skip = set(refused)
+                kept = [row if len(row) == 7 else (*row, None, 0) for i, row in enumerate(rows) if i not in skip]
+                conn.executemany(INSERT_BOOT, kept)
+                stored = len(kept)
             last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             ranges = id_ranges(sent_ids)
             if ranges:
                 conn.executemany("UPDATE readings SET sent = 1 WHERE id BETWEEN ? AND ?", ranges)
-        return last - len(rows) + 1
+        return last - stored + 1, refused
+
+    def _duplicates(self, rows: list[tuple]) -> list[int]:
+        """Indexes of the rows with a boot that are stored already, or repeat an earlier row
+        of this batch: one indexed range query per (device, boot) of the batch."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for row in rows:
+            if len(row) > 5 and row[5] is not None and row[4] is not None:
+                span = spans.get((row[0], row[5]))
+                if span is None:
+                    spans[(row[0], row[5])] = [row[4], row[4]]
+                else:
+                    span[0], span[1] = min(span[0], row[4]), max(span[1], row[4])
+        seen: set[tuple[str, int, int, str]] = set()
+        for (device, boot), (low, high) in spans.items():
+            seen.update((device, boot, seq, metric)
+                        for seq, metric in self.conn.execute(FIND_STORED, (device, boot, low, high)))
+        refused = []
+        for i, row in enumerate(rows):
+            if len(row) > 5 and row[5] is not None and row[4] is not None:
+                key = (row[0], row[5], row[4], row[1])
+                if key in seen:
+                    refused.append(i)
+                else:
+                    seen.add(key)
+        return refused
 
     def record(self, rows: list[tuple]) -> None:
         self.check_identity()
@@ -296,9 +345,10 @@ class Writer:
 
 
 def serve(writer: Writer, requests: IO[bytes], answers: IO[bytes]) -> None:
-    handlers: dict[str, Callable[..., Any]] = {"commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
-                "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
-                "counters": writer.counters, "keep_counters": writer.keep_counters, "set_fault": writer.set_fault}
+    handlers: dict[str, Callable[..., Any]] = {
+        "commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
+        "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
+        "counters": writer.counters, "keep_counters": writer.keep_counters, "set_fault": writer.set_fault}
     while True:
         try:
             op, *args = read_message(requests)

@@ -6,6 +6,11 @@
 DEVICE = "greenhouse"          # device id: [a-z0-9][a-z0-9_-]{0,63}
 LINK = "uart"                  # uart | usb | i2c | wifi | tcp
 READ_INTERVAL = 5.0            # seconds between readings
+# uart and usb: frames kept in RAM until the gateway says it stored them, and
+# sent again after a gateway restart or an unplugged cable (docs/protocol.md
+# 1.8). About 70 bytes each: 240 (20 minutes at 5 s) take ~17 kB of the
+# Pico's ~190 kB heap. 0 turns acknowledgements off.
+ACK_RING = 240
 
 # uart: machine.UART id, speed and pins (UART0 on GP0/GP1 <-> Pi GPIO14/15)
 UART = {"id": 0, "baudrate": 115200, "tx": 0, "rx": 1}

@@ -3,12 +3,17 @@
 # ack/nack, the clock its hello and answers carry (t=) and the deadlines
 # commands may carry (exp=), and the counters of what was dropped. link_uart
 # and link_usb feed it lines and write out the frames it returns.
+#
+# With acknowledgements on (enable_acks, docs/protocol.md 1.8) every R and S
+# frame is kept in a Ring until the gateway says it stored it (a K frame); the
+# gateway asks for what is kept (C,<id>,resend) after each hello, and the
+# frames go out again oldest first, paced by the main loop (resend_frame).
 
 import clock
 import frame
 import led as ledmod
 
-FW_VERSION = "0.2.0"
+FW_VERSION = "0.3.0"
 PROTO = "1"
 
 # The t= clock: milliseconds, wrapping at 2**30 (what ticks_ms is on a Pico;
@@ -27,6 +32,84 @@ def t_diff(a, b):
     return d
 
 
+SEQ_MASK = 0xFFFFFFFF
+SEQ_HALF = 0x80000000
+TS_ROOM = 33   # ",lost=" and 10 digits, ",ts=" and 13: a resent frame grows by this much at most
+DEFAULT_RING = 240   # frames kept until acknowledged: 20 minutes at the default 5 s
+
+
+def seq_le(a, b):
+    # a <= b for sequence numbers mod 2**32 (within half the range)
+    return ((b - a) & SEQ_MASK) < SEQ_HALF
+
+
+class Ring:
+    # The R and S frames not yet acknowledged, oldest first, in fixed lists
+    # (an entry costs its body text only: about 70 bytes of heap for a
+    # reading of the three built-in metrics). `unsent` counts the newest
+    # entries still to be sent: a frame taken while older ones are being
+    # resent waits its turn, so the gateway gets every boot's frames in order.
+    # A full ring drops its oldest entry and counts it in `lost`; when that
+    # entry was the next to send, `skipped` counts it for the next frame sent
+    # (its lost= field: the gateway then knows the gap is not the wire's).
+
+    def __init__(self, size):
+        self.size = max(1, int(size))
+        self.seqs = [0] * self.size
+        self.ticks = [0] * self.size
+        self.texts = [None] * self.size   # type letter + the body's fields: "Rtemp=21.5,uptime=5"
+        self.head = 0
+        self.count = 0
+        self.unsent = 0
+        self.lost = 0
+        self.skipped = 0
+
+    def add(self, seq, ticks, text):
+        if self.count == self.size:
+            if self.unsent == self.count:
+                self.skipped += 1
+            self.texts[self.head] = None
+            self.head = (self.head + 1) % self.size
+            self.count -= 1
+            if self.unsent > self.count:
+                self.unsent = self.count
+            self.lost += 1
+        i = (self.head + self.count) % self.size
+        self.seqs[i] = seq
+        self.ticks[i] = ticks
+        self.texts[i] = text
+        self.count += 1
+        self.unsent += 1
+
+    def ack(self, upto):
+        # The gateway stored every frame up to `upto`: forget them.
+        n = 0
+        while self.count and seq_le(self.seqs[self.head], upto):
+            self.texts[self.head] = None
+            self.head = (self.head + 1) % self.size
+            self.count -= 1
+            n += 1
+        if self.unsent > self.count:
+            self.unsent = self.count
+        return n
+
+    def rewind(self):
+        # Send everything kept again, oldest first.
+        self.unsent = self.count
+        self.skipped = 0
+
+    def oldest_seq(self):
+        return self.seqs[self.head] if self.count else None
+
+    def take_unsent(self):
+        # The index of the oldest entry still to send (marked sent), or -1.
+        if not self.unsent:
+            return -1
+        i = (self.head + self.count - self.unsent) % self.size
+        self.unsent -= 1
+        return i
+
+
 def parse_t(value):
     # A t= / exp= value: decimal 0 .. 2**30 - 1, else None.
     if value is None or not (1 <= len(value) <= 10) or not value.isdigit():
@@ -38,7 +121,7 @@ def parse_t(value):
 
 
 class Node:
-    def __init__(self, device, led, sensors, ticks_ms=None):
+    def __init__(self, device, led, sensors, ticks_ms=None, boot=None):
         self.device = device
         self.led = led            # led.Led
         self.sensors = sensors    # sensors.Sensors (needs .names and .read())
@@ -46,6 +129,23 @@ class Node:
         self.seq = 0              # next H/R/S sequence number, mod 2**32
         self.counts = {"frames": 0, "noise": 0, "malformed": 0,
                        "corrupt": 0, "overlong": 0, "ignored": 0}
+        if boot is None:
+            import regmap
+            boot = regmap.new_boot_id()
+        self.boot = str(boot)     # this boot's number, as the hello and K frames write it
+        self.ring = None          # Ring, once enable_acks is called
+        self.time_ms = None       # Unix ms the gateway told (a T frame), and
+        self.time_ticks = 0       # our t clock when it did
+
+    def enable_acks(self, size=DEFAULT_RING):
+        # Keep R and S frames until the gateway acknowledges them; the hello says so.
+        self.ring = Ring(size)
+
+    def unix_ms(self, ticks):
+        # Unix ms of t clock value `ticks`, once the gateway told the time; else None.
+        if self.time_ms is None:
+            return None
+        return self.time_ms + t_diff(ticks, self.time_ticks)
 
     def t(self):
         # The t= field: this Pico's clock now (the gateway learns from it
@@ -66,7 +166,12 @@ class Node:
         # is cut to 32 bytes. Fields that would push the frame past 200 bytes
         # are left out.
         fields = [("proto", PROTO), ("fw", FW_VERSION),
-                  ("dev", self.device[:frame.MAX_VALUE]), ("led", self.led.word()), ("t", self.t())]
+                  ("dev", self.device[:frame.MAX_VALUE]), ("led", self.led.word()), ("boot", self.boot)]
+        if self.ring is not None:
+            fields.append(("ack", str(self.ring.size)))
+            fields.append(("lost", str(self.ring.lost)))
+        fields.append(("t", self.t()))
+        required = len(fields)
         chunk = ""
         for name in self.sensors.names:
             if chunk and len(chunk) + 1 + len(name) > frame.MAX_VALUE:
@@ -79,38 +184,80 @@ class Node:
             try:
                 return [frame.encode("H", self.seq, fields)]
             except ValueError:
-                if len(fields) <= 5:
+                if len(fields) <= required:
                     raise
                 fields.pop()
 
     def reading_frames(self, readings):
         # readings: [(metric, number)] taken at one time. Usually one R frame;
         # split over several (each with its own sequence number) if it would
-        # pass 200 bytes. nan/inf values are left out.
+        # pass 200 bytes (with acks: with room for the ts= of a resend).
+        # nan/inf values are left out. Returns the frames to send now: with
+        # acks on, while older frames are being resent, none (they wait in
+        # the ring, and resend_frame sends them in turn).
         fields = []
         for name, value in readings:
             text = frame.fmt_number(value)
             if text is not None and len(text) <= frame.MAX_VALUE:
                 fields.append((name, text))
+        room = 0 if self.ring is None else TS_ROOM
         out = []
         while fields:
             n = len(fields)
             while True:
                 try:
                     line = frame.encode("R", self.seq, fields[:n])
-                    break
+                    if len(line) + room <= frame.MAX_FRAME:
+                        break
                 except ValueError:
-                    n -= 1
-                    if n == 0:
-                        return out
-            self._next_seq()
-            out.append(line)
+                    pass
+                n -= 1
+                if n == 0:
+                    return out
+            self._keep("R", fields[:n], line, out)
             fields = fields[n:]
         return out
 
+    def _keep(self, ftype, fields, line, out):
+        # The frame `line` takes the next sequence number; with acks it is kept
+        # until acknowledged, and sent now only if nothing older waits.
+        seq = self._next_seq()
+        ring = self.ring
+        if ring is None:
+            out.append(line)
+            return
+        waiting = ring.unsent
+        ring.add(seq, self.ticks_ms() & T_MASK, ftype + ",".join(k + "=" + v for k, v in fields))
+        if not waiting:
+            ring.take_unsent()
+            out.append(line)
+
+    def resend_frame(self):
+        # The next kept frame to send again (oldest first), or None. A frame
+        # sent late carries ts=, when it was taken (Unix ms; 0 if the gateway
+        # has not told the time); an S frame resent says an old LED state.
+        ring = self.ring
+        if ring is None:
+            return None
+        i = ring.take_unsent()
+        if i < 0:
+            return None
+        text = ring.texts[i]
+        ts = self.unix_ms(ring.ticks[i])
+        body = text[0] + "," + str(ring.seqs[i]) + "," + text[1:]
+        if ring.skipped:   # the frames just before this one fell off the full ring
+            body = body + ",lost=" + str(ring.skipped)
+            ring.skipped = 0
+        body = body + ",ts=" + ("0" if ts is None else str(ts))
+        return frame.encode_body(body)
+
     def state_frame(self):
-        # S frame: for LED changes that did not come from a command.
-        return frame.encode("S", self._next_seq(), [("led", self.led.word())])
+        # S frame: for LED changes that did not come from a command. None when
+        # it has to wait in the ring behind older frames being resent.
+        fields = [("led", self.led.word())]
+        out = []
+        self._keep("S", fields, frame.encode("S", self.seq, fields), out)
+        return out[0] if out else None
 
     # --- frames the Pico receives --------------------------------------
 
@@ -123,10 +270,24 @@ class Node:
             self.counts[kind] = self.counts.get(kind, 0) + 1
             return []
         self.counts["frames"] += 1
-        if ftype != "C":
-            self.counts["ignored"] += 1
+        if ftype == "C":
+            return self.handle_command(number, fields)
+        if ftype == "K" and self.ring is not None:
+            # K,<seq>,boot=<boot>: the gateway stored every frame of that boot up to seq.
+            if len(fields) == 1 and fields[0][0] == "boot" and fields[0][1] == self.boot:
+                self.ring.ack(number)
+            else:
+                self.counts["ignored"] += 1
             return []
-        return self.handle_command(number, fields)
+        if ftype == "T" and len(fields) == 1 and fields[0][0] == "now":
+            # T,0,now=<Unix ms>: the time, for the ts= of frames sent late.
+            v = fields[0][1]
+            if v is not None and 1 <= len(v) <= 16 and v.isdigit():
+                self.time_ms = int(v)
+                self.time_ticks = self.ticks_ms() & T_MASK
+                return []
+        self.counts["ignored"] += 1
+        return []
 
     def handle_command(self, cid, fields):
         # One command field, and at most one exp=<t> (in any order): the last
@@ -169,6 +330,16 @@ class Node:
             if key == "hello":
                 out.extend(self.hello_frames())
             return out
+        if key == "resend" and self.ring is not None:
+            # Everything kept goes out again, oldest first; `from` is the number
+            # of the first frame after this answer.
+            if value is not None:
+                return [self._answer("N", cid, [("err", "bad-value")])]
+            ring = self.ring
+            ring.rewind()
+            first = ring.oldest_seq()
+            return [self._answer("A", cid, [("from", str(self.seq if first is None else first)),
+                                           ("n", str(ring.count))])]
         return [self._answer("N", cid, [("err", "unknown")])]
 
     def _answer(self, ftype, cid, fields):

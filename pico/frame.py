@@ -87,7 +87,12 @@ def encode(ftype, number, fields=()):
             if not _value_ok(value.encode()):
                 raise ValueError("bad value")
             parts.append(key + "=" + value)
-    body = ",".join(parts).encode()
+    return encode_body(",".join(parts))
+
+
+def encode_body(body):
+    # A body (str) already made of checked parts -> the whole line as bytes.
+    body = body.encode()
     line = b"$" + body + b"*" + _hex8(crc32(body)).encode() + b"\n"
     if len(line) > MAX_FRAME:
         raise ValueError("overlong")

@@ -1,5 +1,6 @@
 # uart link: picogw frames over machine.UART (Pi GPIO14/15 <-> Pico UART0).
 
+import core
 import machine
 import serial_loop
 
@@ -26,4 +27,5 @@ class UartPort:
 
 def run(config, node):
     port = UartPort(getattr(config, "UART", None))
-    serial_loop.run(port, node, getattr(config, "READ_INTERVAL", 5.0))
+    serial_loop.run(port, node, getattr(config, "READ_INTERVAL", 5.0),
+                    getattr(config, "ACK_RING", core.DEFAULT_RING))

@@ -6,6 +6,7 @@
 import select
 import sys
 
+import core
 import serial_loop
 
 CHUNK = 64
@@ -41,4 +42,5 @@ class UsbPort:
 
 
 def run(config, node):
-    serial_loop.run(UsbPort(), node, getattr(config, "READ_INTERVAL", 5.0))
+    serial_loop.run(UsbPort(), node, getattr(config, "READ_INTERVAL", 5.0),
+                    getattr(config, "ACK_RING", core.DEFAULT_RING))

@@ -188,7 +188,7 @@ def expected_deadlines(deadlines_vec):
 def run_node(core, ledmod, frame, sensors):
     # A scripted session with the serial-protocol core: what it sends back.
     ticks = _Ticks(1000)
-    node = core.Node("greenhouse", ledmod.Led(_Pin(0)), _Sensors(), ticks_ms=ticks)
+    node = core.Node("greenhouse", ledmod.Led(_Pin(0)), _Sensors(), ticks_ms=ticks, boot=4711)
     out = [node.hello_frames()[0], node.reading_frames(node.sensors.read())[0]]
     for cid, fields in [(1, [("led", "on")]), (2, [("led", "toggle")]), (3, [("led", None)]),
                         (4, [("led", "maybe")]), (5, [("hello", None)]), (6, [("ping", None)]),
@@ -206,6 +206,52 @@ def run_node(core, ledmod, frame, sensors):
     res.append([sensors.temp_c(r) for r in (0, 14000, 14500, 65535)])
     res.append([frame.fmt_number(v) for v in (21.53, 3.0, -0.125, 171232, 1.65)])
     return res
+
+
+def run_acks(core, ledmod, frame):
+    # The ring of frames kept until acknowledged (docs/protocol.md 1.8), scripted:
+    # what the Pico sends at each step.
+    ticks = _Ticks(1000)
+    node = core.Node("greenhouse", ledmod.Led(_Pin(0)), _Sensors(), ticks_ms=ticks, boot=4711)
+    node.enable_acks(3)
+    out = []
+
+    def step(name, frames):
+        out.append([name, [f.decode() for f in frames if f is not None]])
+
+    def resends():
+        got = []
+        while True:
+            f = node.resend_frame()
+            if f is None:
+                return got
+            got.append(f)
+
+    step("hello", node.hello_frames())
+    step("r0", node.reading_frames([("temp", 1)]))
+    ticks.now = 2000
+    step("r1", node.reading_frames([("temp", 2)]))
+    step("ack0", node.handle_line(frame.encode("K", 0, [("boot", "4711")])))
+    step("ack_other_boot", node.handle_line(frame.encode("K", 1, [("boot", "9")])))
+    step("time", node.handle_line(frame.encode("T", 0, [("now", "1764070000000")])))
+    ticks.now = 2500
+    step("resend", node.handle_line(frame.encode("C", 5, [("resend", None)])))
+    step("r2_waits", node.reading_frames([("temp", 3)]))
+    step("s_waits", [node.state_frame()])
+    step("paced", resends())
+    step("r4_live", node.reading_frames([("temp", 4)]))       # the ring is full: r1 falls off
+    step("hello_lost", node.hello_frames())
+    step("resend_after_drop", node.handle_line(frame.encode("C", 6, [("resend", None)])) + resends())
+    step("ack_all", node.handle_line(frame.encode("K", 4, [("boot", "4711")])))
+    step("resend_empty", node.handle_line(frame.encode("C", 7, [("resend", None)])) + resends())
+    ticks.now = (1 << 30) - 400                                 # the time told just before the t clock wraps
+    node.handle_line(frame.encode("T", 0, [("now", "1764080000000")]))
+    ticks.now = (1 << 30) + 100
+    step("wrapped", node.reading_frames([("temp", 5)]))
+    node.handle_line(frame.encode("C", 8, [("resend", None)]))
+    step("wrapped_resend", resends())
+    out.append([node.ring.count, node.ring.lost, node.counts["ignored"]])
+    return out
 
 
 # The program run inside MicroPython: the vectors and the modules are in the
@@ -230,6 +276,7 @@ res["new_boot_id"] = regmap.new_boot_id()
 res["mem_free"] = gc.mem_free()
 import core, led, sensors
 res["node"] = firmware_vectors.run_node(core, led, frame, sensors)
+res["acks"] = firmware_vectors.run_acks(core, led, frame)
 res["deadlines"] = firmware_vectors.run_deadlines(core, led, frame, json.load(open("/input/deadlines.json")))
 print("RESULT " + json.dumps(res))
 """

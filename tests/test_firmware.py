@@ -163,6 +163,8 @@ def test_vectors_micropython(force_py_crc, tmp_path):
     cpython = firmware_vectors.run_node(load("core"), load("led"), load("frame"), load("sensors"))
     assert res["node"] == json.loads(json.dumps(cpython))
     assert res["deadlines"] == firmware_vectors.expected_deadlines(deadline_vectors())
+    # the ring of frames kept until acknowledged, likewise
+    assert res["acks"] == json.loads(json.dumps(firmware_vectors.run_acks(load("core"), load("led"), load("frame"))))
 
 
 def test_regmap_vectors_follow_the_spec():
@@ -219,10 +221,10 @@ class FixedSensors:
 T_NOW = 123456  # the stand-in clock's ticks_ms: what t= says
 
 
-def make_node(led_value=0, device="greenhouse", ticks=None):
+def make_node(led_value=0, device="greenhouse", ticks=None, boot=4711):
     core, led = load("core"), load("led")
     return core.Node(device, led.Led(FakePin("LED", FakePin.OUT, value=led_value)), FixedSensors(),
-                     ticks_ms=ticks or (lambda: T_NOW))
+                     ticks_ms=ticks or (lambda: T_NOW), boot=boot)
 
 
 def frame_of(line):
@@ -290,8 +292,8 @@ def test_led_keeps_its_state_at_start():
 def test_hello_and_readings_share_one_sequence():
     node = make_node()
     (h,) = node.hello_frames()
-    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.2.0"), ("dev", "greenhouse"),
-                                    ("led", "off"), ("t", str(T_NOW)), ("metrics", "temp|uptime|mem_free")])
+    assert frame_of(h) == ("H", 0, [("proto", "1"), ("fw", "0.3.0"), ("dev", "greenhouse"), ("led", "off"),
+                                    ("boot", "4711"), ("t", str(T_NOW)), ("metrics", "temp|uptime|mem_free")])
     (r0,) = node.reading_frames(node.sensors.read())
     assert r0 == b"$R,0,temp=21.53,uptime=5,mem_free=171232*c152dfaa\n"
     (r1,) = node.reading_frames(node.sensors.read())
@@ -299,6 +301,44 @@ def test_hello_and_readings_share_one_sequence():
     assert frame_of(node.hello_frames()[0])[1] == 2   # hello carries, does not consume
     assert frame_of(node.state_frame())[:2] == ("S", 2)
     assert frame_of(node.reading_frames([("temp", 1)])[0])[1] == 3
+
+
+def test_ring_keeps_frames_until_acknowledged_and_resends_them_in_order():
+    """docs/protocol.md 1.8 with a ring of 3: the hello says acks are on; a K frame of this
+    boot forgets what it covers (another boot's is ignored); a resend request answers
+    where the frames start, and they go out again oldest first with their time, newer
+    ones waiting their turn; a full ring drops the oldest and the next hello counts it."""
+    steps = dict((name, [frame_of(f.encode()) for f in frames]) for name, frames in
+                 firmware_vectors.run_acks(load("core"), load("led"), load("frame"))[:-1])
+    *_, counts = firmware_vectors.run_acks(load("core"), load("led"), load("frame"))
+    hello = dict(steps["hello"][0][2])
+    assert (hello["boot"], hello["ack"], hello["lost"]) == ("4711", "3", "0")
+    assert [f[:2] for f in steps["r0"] + steps["r1"]] == [("R", 0), ("R", 1)]
+    assert steps["r0"][0][2] == [("temp", "1")]  # sent at once: no ts=
+    assert steps["ack0"] == steps["ack_other_boot"] == steps["time"] == []
+    assert steps["resend"] == [("A", 5, [("from", "1"), ("n", "1"), ("t", "2500")])]
+    assert steps["r2_waits"] == steps["s_waits"] == []
+    assert steps["paced"] == [("R", 1, [("temp", "2"), ("ts", "1764070000000")]),
+                              ("R", 2, [("temp", "3"), ("ts", "1764070000500")]),
+                              ("S", 3, [("led", "off"), ("ts", "1764070000500")])]
+    assert steps["r4_live"] == [("R", 4, [("temp", "4")])]
+    assert dict(steps["hello_lost"][0][2])["lost"] == "1"
+    assert [f[:2] for f in steps["resend_after_drop"]] == [("A", 6), ("R", 2), ("S", 3), ("R", 4)]
+    assert steps["resend_after_drop"][0][2][:2] == [("from", "2"), ("n", "3")]
+    assert steps["ack_all"] == []
+    assert steps["resend_empty"] == [("A", 7, [("from", "5"), ("n", "0"), ("t", "2500")])]
+    assert steps["wrapped_resend"] == [("R", 5, [("temp", "5"), ("ts", "1764080000500")])]
+    assert counts == [1, 1, 1]  # one kept, one lost, the other boot's K ignored
+
+
+def test_without_acks_resend_is_unknown_and_k_frames_are_ignored():
+    """Firmware started without a ring (the tcp link, ACK_RING = 0) answers as 0.2.0 did."""
+    node = make_node()
+    assert "ack" not in dict(frame_of(node.hello_frames()[0])[2])
+    assert frame_of(node.handle_line(cmd(3, ("resend", None)))[0])[::2] == ("N", [("err", "unknown"),
+                                                                                 ("t", str(T_NOW))])
+    assert node.handle_line(load("frame").encode("K", 0, [("boot", "4711")])) == []
+    assert node.resend_frame() is None and node.counts["ignored"] == 1
 
 
 def test_sequence_wraps():
@@ -327,7 +367,7 @@ def test_hello_with_many_metrics_stays_valid():
     assert t == "H" and len(h) <= 200
     assert dict(fields)["dev"] == "d" * 32
     listed = "|".join(v for k, v in fields if k == "metrics").split("|")
-    assert listed == node.sensors.names[:len(listed)] and len(listed) >= 5
+    assert listed == node.sensors.names[:len(listed)] and len(listed) >= 4  # (boot= takes some room)
 
 
 def test_fmt_number():

@@ -14,6 +14,14 @@ Two things keep the shown state true at the protocol's edges:
   command waited in its buffer refuses it instead of carrying it out after the
   gateway has answered that it failed. Firmware that sends no ``t=`` gets
   commands without a deadline, and a timeout then says they may still happen.
+
+With a Pico whose hello says ``ack=`` (docs/protocol.md 1.8) nothing it sends is
+lost to a gateway restart or an unplugged cable: the session tells it the time
+(``T``), asks it to send again what it keeps (``C,<id>,resend``), takes its
+frames strictly in sequence order from the number the answer gives (anything
+else comes again: a gap asks for a resend), hands readings on with the Pico's
+boot (the store refuses one it has already), and once the store has committed
+them says so (``K``, :meth:`stored`, at most once per commit).
 """
 
 from __future__ import annotations
@@ -40,6 +48,11 @@ ANSWER_MARGIN = 1.0  # seconds (at most half the command timeout) between the Pi
 # an answer sent just before the deadline still arrives before the gateway gives up
 HELLO_RETRY = 1.0  # seconds between requests for a hello until one comes
 HELLO_TRIES = 5  # requests before giving up (counted: hellos_unanswered) until the next reason to ask
+HOLD_FRAMES = 2000  # frames held after the port opened until a hello says whether the Pico resends
+HOLD_TIME = 2.0  # seconds they are held at most (a Pico that never says hello: taken as one that does not)
+TIME_EVERY = 60.0  # seconds between T frames to a Pico that keeps frames (its ticks drift, ~50 ppm)
+TS_MIN = 946_684_800_000  # 2000-01-01 in Unix ms: a resent frame's ts= before it is not a time
+TS_AHEAD = 60_000  # ms: nor one further ahead of the gateway's clock than this
 REMEMBERED_IDS = 256  # command ids kept to tell a late answer from a stray one
 
 
@@ -82,6 +95,34 @@ class PicoClock:
         return (int(at * 1000) + self._offset) % T_MOD
 
 
+def _value(raw: str | None) -> float | None:
+    """A reading's value, or None when it is not a finite number (or missing)."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # (TypeError: a key without a value)
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _ring_skipped(frame: Frame) -> int:
+    """A resent frame's ``lost=`` (just before its ``ts=``): frames its ring dropped right before it."""
+    fields = frame.fields
+    if len(fields) > 1 and fields[-1][0] == "ts" and fields[-2][0] == "lost":
+        raw = fields[-2][1]
+        if raw is not None and raw.isdigit() and len(raw) <= 10:
+            return int(raw)
+    return 0
+
+
+def _pico_time(raw: str | None, received_ms: int) -> int | None:
+    """A resent frame's ``ts=``: the Pico's Unix ms when plausible (it learnt the time from
+    a T frame), else None (``0``: it did not know the time)."""
+    if raw is None or not raw.isdigit() or len(raw) > 16:
+        return None
+    ts = int(raw)
+    return ts if TS_MIN <= ts <= received_ms + TS_AHEAD else None
+
+
 def _remember(ids: dict[int, None], cid: int) -> None:
     ids[cid] = None
     if len(ids) > REMEMBERED_IDS:
@@ -110,12 +151,27 @@ class PicogwSerialSession(SerialSession):
         self._last_hello_request = -HELLO_RETRY
         self._last_clock_ping = 0.0
         self._hello_said: tuple[str | None, str] | None = None  # (firmware, metrics) of the last hello logged
+        # Acknowledged readings (docs/protocol.md 1.8). acks: None from the port's opening until a
+        # hello says whether the Pico keeps frames; meanwhile its frames are held (``_held``).
+        self.acks: bool | None = False
+        self.boot: int | None = None  # the boot its hello named
+        self._held: list[tuple[Frame, int]] = []  # (frame, received at, Unix ms)
+        self._held_since = 0.0
+        self._synced = False  # acks: frames are taken (from _expected_seq on), the resend's answer came
+        self._resend_id: int | None = None
+        self._resend_due: float | None = None
+        self._last_time = 0.0  # monotonic time of the last T frame
+        self._ack_lock = threading.Lock()
+        self._ack_due: tuple[int, int] | None = None  # (boot, seq) stored and not yet said (a K frame)
 
     # -- the serial thread -----------------------------------------------
     def connected(self) -> None:
         self.rx = FrameReceiver()
         self.rx.counts = self.link.stats
         self._last_rx = time.monotonic()
+        # Another Pico, or this one restarted, may be there now: hold its frames until it says.
+        self.acks, self._synced, self._resend_due = None, False, None
+        self._held, self._held_since = [], self._last_rx
         # Ask who is there and the LED's state; changes nothing on the Pico.
         self._ask_hello(at_once=True)
 
@@ -130,6 +186,8 @@ class PicogwSerialSession(SerialSession):
         handlers = self._handlers
         try:
             for frame in frames:
+                if frame.type in "RS" and not self._take(frame):
+                    continue
                 if frame.type == "R":
                     self._on_reading(frame, rows)
                     continue
@@ -147,6 +205,14 @@ class PicogwSerialSession(SerialSession):
 
     def poll(self, now: float) -> None:
         cfg = self.link.config
+        if self.acks is None and self._held and now - self._held_since > HOLD_TIME:
+            self._release_held()  # no hello: a Pico that does not keep its frames
+        if self.acks:
+            if self._resend_due is not None and now >= self._resend_due:
+                self._request_resend(now)
+            if now - self._last_time > TIME_EVERY:
+                self._send_time(now)
+            self._send_ack()  # (one the committing thread could not write at once)
         idle = now - self._last_rx
         if idle > cfg.offline_after:
             self.link.set_online(False, f"no frame for {cfg.offline_after:g} s")
@@ -188,13 +254,18 @@ class PicogwSerialSession(SerialSession):
         self._send("hello")
 
     def _on_hello(self, frame: Frame) -> None:
-        expected = self._expected_seq
-        if expected is not None and frame.number != expected:
-            self._seq_jump(expected, frame.number)  # (a restart's unasked hello: an older number)
-        self._expected_seq = frame.number
         self._hello_due = None  # what a hello was asked for is here
         self._clock_from(frame, restart=True)
         self.link.stats["hellos"] += 1
+        if self._hello_acks(frame):
+            self._expected_seq = None  # the resend's answer says where its frames start
+        else:
+            if self._held:
+                self._release_held()  # (before the hello: they came before it)
+            expected = self._expected_seq
+            if expected is not None and frame.number != expected:
+                self._seq_jump(expected, frame.number)  # (a restart's unasked hello: an older number)
+            self._expected_seq = frame.number
         dev = frame.get("dev")
         # The firmware cuts ids longer than a field value (32 bytes).
         if dev and not self.link.device.startswith(dev):
@@ -210,25 +281,45 @@ class PicogwSerialSession(SerialSession):
 
     def _on_reading(self, frame: Frame, rows: list[Row]) -> None:
         number = frame.number
-        self._account_seq(number)
         device, ts = self.link.device, self._rx_ms
+        if self.acks:
+            boot = self.boot
+            fields = frame.fields
+            ts_pico = 0
+            if fields and fields[-1][0] == "ts":  # sent late, from the Pico's ring: taken at ts
+                pico_ts = _pico_time(fields[-1][1], ts)
+                if pico_ts is not None:
+                    ts, ts_pico = pico_ts, 1
+                fields = fields[:-2] if len(fields) > 1 and fields[-2][0] == "lost" else fields[:-1]
+            for key, raw in fields:
+                value = _value(raw)
+                if value is None:
+                    self.link.stats["bad_values"] += 1
+                    continue
+                rows.append((device, key, value, ts, number, boot, ts_pico))
+            return
+        self._account_seq(number)
         for key, raw in frame.fields:
-            try:
-                value = float(raw)  # type: ignore[arg-type]
-            except (TypeError, ValueError):  # (TypeError: a key without a value)
-                value = math.nan
-            if not math.isfinite(value):
+            value = _value(raw)
+            if value is None:
                 self.link.stats["bad_values"] += 1
                 continue
             rows.append((device, key, value, ts, number))
 
     def _on_state(self, frame: Frame) -> None:
+        if self.acks:
+            if not frame.fields or frame.fields[-1][0] != "ts":  # (a resent one says what the LED was then)
+                self._led_from(frame)
+            return
         self._account_seq(frame.number)
         self._led_from(frame)
 
     def _on_answer(self, frame: Frame) -> None:
         self._clock_from(frame)
         self._led_from(frame)  # (a late answer's state is the LED's state all the same)
+        if frame.number == self._resend_id:
+            self._on_resend_answer(frame)
+            return
         if self.answers.resolve(frame.number, frame):
             return
         with self._id_lock:
@@ -271,6 +362,134 @@ class PicogwSerialSession(SerialSession):
         led = frame.get("led")
         if led in ("on", "off"):
             self.link.events.led_state(self.link.device, led == "on")
+
+    # -- acknowledged readings (docs/protocol.md 1.8) ----------------------
+    def _hello_acks(self, frame: Frame) -> bool:
+        """Whether the hello says the Pico keeps its frames until acknowledged; if so, tell
+        it the time and ask for what it keeps (frames until then come again)."""
+        ring, boot, lost = frame.get("ack"), frame.get("boot"), frame.get("lost")
+        if not (ring and ring.isdigit() and int(ring) > 0 and boot and boot.isdigit() and len(boot) <= 10):
+            self.acks = False
+            return False
+        first = self.acks is None and not self._synced and self.boot is None
+        if self.boot is not None and int(boot) != self.boot:
+            self.link.stats["seq_resets"] += 1  # it restarted: its ring went with the old boot
+        self.acks, self.boot, self._synced = True, int(boot), False
+        self._held = []  # the Pico keeps them: they come again, in order
+        with self._ack_lock:
+            self._ack_due = None
+        if lost is not None and lost.isdigit():
+            self.link.stats["ring_lost"] = int(lost)  # frames its full ring dropped since it started (it counts)
+        if first:
+            self.link.log.info("the Pico keeps up to %s frames until they are stored, and sends them again", ring)
+        now = time.monotonic()
+        self._send_time(now)
+        self._request_resend(now)
+        return True
+
+    def _send_time(self, now: float) -> None:
+        if self.link.write_nowait(encode("T", 0, [("now", str(now_ms()))])):
+            self._last_time = now
+
+    def _request_resend(self, now: float) -> None:
+        self._resend_due = now + HELLO_RETRY  # again, until its answer comes
+        self._resend_id = self._new_id(self._own)
+        self.link.write_nowait(encode("C", self._resend_id, [("resend", None)]))
+
+    def _on_resend_answer(self, frame: Frame) -> None:
+        self._resend_id = None
+        start = frame.get("from")
+        if frame.type != "A" or not (start and start.isdigit() and int(start) < SEQ_MOD):
+            self.link.stats["resend_refused"] += 1
+            self._resend_due = time.monotonic() + HELLO_RETRY
+            return
+        self._resend_due = None
+        self._synced = True
+        self._expected_seq = int(start)
+        count = frame.get("n")
+        if count and count.isdigit() and int(count):
+            self.link.stats["resends"] += 1
+
+    def _take(self, frame: Frame) -> bool:
+        """Whether an R or S frame goes on now (the serial thread, in the order received).
+        Before a hello says what the Pico is, frames are held; with acks, only the next
+        one in sequence is taken: an older one is one the Pico sent again, a newer one
+        comes after a gap (frames lost on the wire), which a resend fills."""
+        acks = self.acks
+        if acks is None:
+            if len(self._held) >= HOLD_FRAMES:
+                self._release_held()
+                return True
+            if not self._held:
+                self._held_since = time.monotonic()
+            self._held.append((frame, self._rx_ms))
+            return False
+        if not acks:
+            return True
+        if not self._synced:
+            return False  # the Pico sends it again after the resend's answer
+        seq, expected = frame.number, self._expected_seq
+        if seq == expected:
+            self._expected_seq = (seq + 1) % SEQ_MOD
+            return True
+        assert expected is not None
+        skipped = _ring_skipped(frame)
+        if skipped and (seq - expected) % SEQ_MOD == skipped:
+            # The Pico's full ring dropped the frames before this one (it reads faster than it
+            # can send them again): they are gone, and counted there (ring_lost) and here.
+            self.link.stats["ring_skipped"] += skipped
+            self._expected_seq = (seq + 1) % SEQ_MOD
+            return True
+        if (seq - expected) % SEQ_MOD >= SEQ_MOD // 2:
+            # Behind: only a Pico that restarted, and whose hello was lost, sends that.
+            self.link.stats["seq_resets"] += 1
+            self._synced = False
+            self._ask_hello()
+        else:
+            self.link.stats["resend_requests"] += 1
+            self._synced = False
+            self._request_resend(time.monotonic())
+        return False
+
+    def _release_held(self) -> None:
+        """Frames held since the port opened go on as from a Pico that does not resend."""
+        held, self._held = self._held, []
+        rows: list[Row] = []
+        rx_ms = self._rx_ms
+        try:
+            for frame, self._rx_ms in held:
+                if frame.type == "R":
+                    self._on_reading(frame, rows)
+                else:
+                    self._on_state(frame)
+        finally:
+            self._rx_ms = rx_ms
+            if rows:
+                self.link.events.readings(self.link.device, rows)
+
+    def stored(self, rows: list[Row]) -> None:
+        """The store committed these rows of this device (or had them already): say so to
+        the Pico, one K frame for the newest of its boot. Any thread; never blocks."""
+        boot = self.boot
+        if boot is None:
+            return
+        for row in reversed(rows):
+            if len(row) > 5 and row[5] == boot and row[4] is not None:
+                with self._ack_lock:
+                    self._ack_due = (boot, row[4])
+                self._send_ack()
+                return
+
+    def _send_ack(self) -> None:
+        with self._ack_lock:
+            due = self._ack_due
+            if due is None:
+                return
+            self._ack_due = None
+        if not self.link.write_nowait(encode("K", due[1], [("boot", str(due[0]))])):
+            with self._ack_lock:
+                if self._ack_due is None:  # (poll writes it, unless a newer one came)
+                    self._ack_due = due
 
     _handlers = {"H": _on_hello, "S": _on_state, "A": _on_answer, "N": _on_answer}
 

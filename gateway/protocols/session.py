@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.protocols.registry import ProtocolKind
@@ -70,20 +70,43 @@ class SerialSession(ABC):
     def __init__(self, link: ByteLink) -> None:
         self.link = link
 
-    def connected(self) -> None:
+    def connected(self) -> None:  # noqa: B027  (optional: a session may ignore it)
         """The stream has just been opened."""
 
-    def disconnected(self) -> None:
+    def disconnected(self) -> None:  # noqa: B027  (optional: a session may ignore it)
         """The stream is closed (unplugged, failed, or stopping)."""
 
     @abstractmethod
     def received(self, data: bytes) -> None: ...
 
-    def poll(self, now: float) -> None:
+    def poll(self, now: float) -> None:  # noqa: B027  (optional: a session may ignore it)
         """Called every few tens of milliseconds while the stream is open."""
+
+    def stored(self, rows: list[Row]) -> None:  # noqa: B027  (optional: most sessions acknowledge nothing)
+        """The store has these readings of this link's device on disk (committed now, or
+        refused as stored already). Called on the committing thread: must not block."""
 
     @abstractmethod
     def set_led(self, command: LedCommand) -> bool: ...
+
+
+def tell_stored(links: Mapping[str, object], stored: list[Row], refused: list[Row]) -> None:
+    """A store's ``on_stored``: hand each serial session its device's rows that are on disk
+    (only rows that name a boot: those a Pico may send again), and count per device the
+    ones refused as stored already (``duplicates_refused``)."""
+    by_device: dict[str, list[Row]] = {}
+    for rows in (refused, stored):  # (so a session's last row is the newest stored, if any)
+        for row in rows:
+            if len(row) > 5:
+                by_device.setdefault(row[0], []).append(row)
+    for row in refused:
+        link = links.get(row[0])
+        if link is not None:
+            link.stats["duplicates_refused"] += 1  # type: ignore[attr-defined]  # every Link counts in stats
+    for device, rows in by_device.items():
+        session = getattr(links.get(device), "session", None)
+        if isinstance(session, SerialSession):
+            session.stored(rows)
 
 
 SessionFactory = Callable[[ByteLink], SerialSession]
