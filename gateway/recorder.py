@@ -91,7 +91,7 @@ class Recorder:
             receive_maximum=RECEIVE_MAXIMUM, manual_ack=True)
         self.filter = f"$share/{rc.group}/{self.topics.all_sensors()}"
         self.mqtt.subscribe_messages(self.filter, self._on_message, qos=1)
-        self.mqtt.on_connect(lambda: self.mqtt.publish(self.status_topic, "online", qos=1, retain=True))
+        self.mqtt.on_connect(self._say_online)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
@@ -118,6 +118,9 @@ class Recorder:
         self._queue.put((msg.mid, msg.qos, reading))
 
     # -- the writer thread ------------------------------------------------------------
+    def _say_online(self) -> None:
+        self.mqtt.publish(self.status_topic, "online", qos=1, retain=True)
+
     def _run(self) -> None:
         stopping = False
         while not stopping:

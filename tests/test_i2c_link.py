@@ -118,7 +118,8 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
     hum_raw = 16384  # 0.825 V at ADC 27
     # On the CPython runtime: on the MicroPython VM the reset is not yet seen as a new BOOT_ID
     # (an open difference of the VM, kept visible here rather than hidden)
-    desc = {"id": "cellar", "transport": "i2c", "runtime": "cpython", "read_interval": 0.05, "sim": {"adc": {"27": hum_raw}},
+    desc = {"id": "cellar", "transport": "i2c", "runtime": "cpython", "read_interval": 0.05,
+            "sim": {"adc": {"27": hum_raw}},
             "config": {"ADC_PINS": {"light": 26}, "DIGITAL_PINS": {"door": 15}}}
     with start_fleet([desc], str(tmp_path / "picos")) as fleet:
         pico = fleet["cellar"]

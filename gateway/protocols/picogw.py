@@ -132,7 +132,7 @@ def parse_body(body: bytes) -> Frame:
         raise FrameError("malformed", "type must be one uppercase letter")
     if not num.isdigit() or len(num) > 10 or int(num) > 0xFFFFFFFF:
         raise FrameError("malformed", "bad number")
-    fields = []
+    fields: list[tuple[str, str | None]] = []
     for part in parts[2:]:
         key, eq, value = part.partition(b"=")
         if not _KEY.match(key):

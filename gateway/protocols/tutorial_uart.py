@@ -58,7 +58,8 @@ class TutorialUartSession(SerialSession):
     def set_led(self, command: LedCommand) -> bool:
         if command is LedCommand.TOGGLE:
             if self.state is None:
-                raise CommandError("cannot toggle: the tutorial firmware has no query and no answer was seen yet; send on or off")
+                raise CommandError("cannot toggle: the tutorial firmware has no query and no answer was seen yet; "
+                                   "send on or off")
             command = LedCommand.OFF if self.state else LedCommand.ON
         with self._answered:
             self._answer = None
