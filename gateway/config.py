@@ -280,6 +280,23 @@ class StoreConfig(StrictModel):
     max_backlog_rows: int = Field(1_000_000, ge=1000, description="unpublished readings kept for publishing")
     max_backlog_hours: float = Field(168.0, gt=0, description="unpublished readings older than this are not published")
     memory_rows: int = Field(100_000, ge=100, description="readings held in memory while the database refuses writes")
+    commit_interval: float = Field(
+        0.01, ge=0.0, le=60.0, description="seconds between commits under load: a power cut loses at most this "
+                                           "much (Picos with acks send it again); longer means fewer flash writes")
+    keep_raw_days: float = Field(30.0, gt=0, description="raw readings older than this are rolled up "
+                                                         "(per minute and per hour) and deleted")
+    keep_rollups_days: float | Literal["forever"] = Field(
+        3650.0, description='roll-ups older than this are deleted; "forever" keeps them')
+    max_size_mb: float | None = Field(
+        None, ge=1, description="when the database would pass this size, the oldest raw readings go first "
+                                "(rolled up before)")
+
+    @field_validator("keep_rollups_days")
+    @classmethod
+    def _positive_or_forever(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and v <= 0:
+            raise ValueError('must be more than 0 days, or "forever"')
+        return v
 
 
 RECORDER_GROUP_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
