@@ -22,6 +22,7 @@ from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
 from gateway.ownership import Ownership
+from gateway.retention import Retention
 from gateway.store import Store
 from gateway.systemd import Notifier, Watchdog, gateway_health, stop_on_signals
 from gateway.topics import Topics
@@ -90,6 +91,7 @@ def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = No
         Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog_on, kept=kept),
         Ownership(bridge),
         bridge,  # links first: readings are stored while the broker is still away
+        Retention(config.store, bridge.stats),  # roll-ups and deletions, in a child process
         discovery,
         *([Adoption(bridge)] if config.adopt_wifi_picos else []),
         Step("watchdog", watchdog.start, watchdog.stop),
