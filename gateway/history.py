@@ -7,49 +7,59 @@ is gateway/status.py's; both commands are registered here.
     pico-gateway readings --config gateway.toml --device greenhouse          # the newest 1000
     pico-gateway readings --config gateway.toml --device greenhouse --metric temp --since 2h
     pico-gateway readings --config gateway.toml --device greenhouse --since 2025-11-25T08:00 --format csv
+    pico-gateway readings --config gateway.toml --device greenhouse --since 1y --every 1h --format csv
+
+Without ``--every`` it prints raw readings (kept ``store.keep_raw_days``); with
+``--every 1m`` or ``1h``, per-interval roll-ups (count, min, max, mean, last), from
+the roll-up tables and, for what is not rolled up yet, computed from the raw rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import itertools
 import json
 import re
+import sqlite3
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from gateway import payloads
 from gateway.config import GatewayConfig
+from gateway.rollups import SIZES, has_rollups
 from gateway.status import cmd_status
 from gateway.stored import (
     HistoryError,
     Reading,
+    Rollup,
     device_metrics,
     format_value,
     has_readings,
     iso_utc,
     local_time,
+    oldest_raw,
     open_readonly,
     query_readings,
+    query_rollups,
     run_with_config,
 )
 
 __all__ = ["DEFAULT_LIMIT", "add_subcommands", "open_readonly", "parse_since", "query_readings", "readings"]
 
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w|y)\s*$", re.IGNORECASE)
 DEFAULT_LIMIT = 1000  # readings shown when neither --since, --limit nor --all says how many
-UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
 # -- time ----------------------------------------------------------------------------------
 
 def parse_since(text: str, now: float | None = None) -> int:
-    """``30m``, ``1h``, ``2d``, ``1w`` ago, or an ISO 8601 time (local time when it has no
+    """``30m``, ``1h``, ``2d``, ``1w``, ``1y`` (365 days) ago, or an ISO 8601 time (local time when it has no
     offset), as Unix milliseconds."""
     now = time.time() if now is None else now
     match = DURATION.match(text)
@@ -59,7 +69,7 @@ def parse_since(text: str, now: float | None = None) -> int:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise HistoryError(f"--since {text!r}: expected a duration like 30m, 1h, 2d or 1w, "
+        raise HistoryError(f"--since {text!r}: expected a duration like 30m, 1h, 2d, 1w or 1y, "
                            "or a time like 2025-11-25T08:00 (local) or 2025-11-25T07:00Z") from None
     if when.tzinfo is None:
         when = when.astimezone()  # naive: the local time zone
@@ -98,11 +108,7 @@ def write_readings(rows: Iterable[Reading], fmt: str, out: IO[str]) -> int:
             out.write(("\n" if count == 1 else ",\n") + json.dumps(row))
         out.write("\n]\n" if count else "]\n")
     elif fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(payloads.EXPORT_COLUMNS)
-        for ts, _, metric, value, seq in rows:
-            writer.writerow([_iso_utc(ts), ts, metric, value, "" if seq is None else seq])
-            count += 1
+        count = _write_csv(rows, out)
     else:
         rows = iter(rows)
         sample = [_cells(r) for r in itertools.islice(rows, TABLE_SAMPLE)]
@@ -116,14 +122,106 @@ def write_readings(rows: Iterable[Reading], fmt: str, out: IO[str]) -> int:
     return count
 
 
+class _UtcStamps:
+    """ISO 8601 UTC times with milliseconds, as iso_utc writes them, for rows in time order:
+    the date, hour and minute are formatted once a minute (formatting each one costs
+    more than the rest of a CSV line)."""
+
+    def __init__(self) -> None:
+        self.minute: int | None = None
+        self.prefix = ""
+
+    def __call__(self, ts: int) -> str:
+        minute, rest = divmod(ts, 60_000)
+        if minute != self.minute:
+            self.minute = minute
+            self.prefix = datetime.fromtimestamp(minute * 60, UTC).strftime("%Y-%m-%dT%H:%M:")
+        return f"{self.prefix}{rest // 1000:02d}.{rest % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _csv_field(text: str) -> str:
+    """A CSV field as the csv module writes it (quoted only when it must be)."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+CSV_BUFFER = 2000  # lines written at once
+
+
+def _write_csv(rows: Iterable[Reading], out: IO[str]) -> int:
+    """Raw readings as CSV with the columns of payloads.ExportedReading, formatted by hand: a
+    day of one metric is 86,400 lines, and csv.writer with datetime for each took most of
+    the command's time."""
+    out.write(",".join(payloads.EXPORT_COLUMNS) + "\n")
+    stamp = _UtcStamps()
+    lines: list[str] = []
+    count = 0
+    for ts, _, metric, value, seq in rows:
+        lines.append(f"{stamp(ts)},{ts},{_csv_field(metric)},{value!r},{'' if seq is None else seq}\n")
+        if len(lines) >= CSV_BUFFER:
+            out.write("".join(lines))
+            count += len(lines)
+            lines.clear()
+    out.write("".join(lines))
+    return count + len(lines)
+
+
+ROLLUP_TABLE_HEADER = ("time (local)", "metric", "count", "min", "max", "mean", "last")
+
+
+def write_rollups(rows: Iterable[Rollup], fmt: str, out: IO[str]) -> int:
+    """Write roll-up intervals as they come; returns how many."""
+    count = 0
+    stamp = _UtcStamps()
+    if fmt == "json":
+        out.write("[")
+        for count, (ts, metric, n, lo, hi, mean, last) in enumerate(rows, 1):
+            row: payloads.ExportedRollup = {"ts": stamp(ts), "ts_ms": ts, "metric": metric, "count": n, "min": lo,
+                                            "max": hi, "mean": mean, "last": last}
+            out.write(("\n" if count == 1 else ",\n") + json.dumps(row))
+        out.write("\n]\n" if count else "]\n")
+    elif fmt == "csv":
+        out.write(",".join(payloads.ROLLUP_COLUMNS) + "\n")
+        lines: list[str] = []
+        for ts, metric, n, lo, hi, mean, last in rows:
+            lines.append(f"{stamp(ts)},{ts},{_csv_field(metric)},{n},{lo!r},{hi!r},{mean!r},{last!r}\n")
+            if len(lines) >= CSV_BUFFER:
+                out.write("".join(lines))
+                count += len(lines)
+                lines.clear()
+        out.write("".join(lines))
+        count += len(lines)
+    else:
+        widths = [len(h) for h in ROLLUP_TABLE_HEADER]
+        widths[0] = 19
+        out.write("  ".join(h.ljust(w) if i < 2 else h.rjust(w)
+                            for i, (h, w) in enumerate(zip(ROLLUP_TABLE_HEADER, widths, strict=True))).rstrip() + "\n")
+        for ts, metric, n, lo, hi, mean, last in rows:
+            count += 1
+            cells = (_local_time(ts), metric, str(n), format_value(lo), format_value(hi), format_value(mean),
+                     format_value(last))
+            widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+            out.write("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip() + "\n")
+    return count
+
+
 def readings(config: GatewayConfig, device: str, metric: str | None = None, since: str | None = None,
              fmt: str = "table", limit: int | None = None, everything: bool = False,
-             out: IO[str] | None = None) -> int:
+             out: IO[str] | None = None, every: str | None = None) -> int:
     """Print readings; with neither ``since`` nor ``limit`` nor ``everything``, the newest
-    DEFAULT_LIMIT, saying on stderr how to get more when there are more."""
+    DEFAULT_LIMIT, saying on stderr how to get more when there are more. ``every``
+    (``1m``, ``1h``): roll-ups per interval instead (by default the last DEFAULT_LIMIT
+    intervals; ``limit``: the newest that many of the range)."""
     out = out or sys.stdout
     since_ms = parse_since(since) if since else None
     default = since is None and limit is None and not everything
+    if every is not None:
+        if default:
+            since_ms = int(time.time() * 1000) - DEFAULT_LIMIT * SIZES[every]
+        return _rollups(config, device, metric, since_ms, every, fmt, limit, out)
     if default:
         limit = DEFAULT_LIMIT
     conn = open_readonly(config.store.path)
@@ -138,6 +236,12 @@ def readings(config: GatewayConfig, device: str, metric: str | None = None, sinc
                                f"(metrics: {', '.join(metrics) or 'none yet'})")
         rows, cut = query_readings(conn, device, [metric] if metric else metrics, since_ms, limit)
         count = write_readings(rows, fmt, out)
+        if since_ms is not None and has_rollups(conn):
+            oldest = oldest_raw(conn, device, [metric] if metric else metrics)
+            if oldest is None or oldest > since_ms + 60_000:
+                print(f"(raw readings are kept store.keep_raw_days = {config.store.keep_raw_days:g} days"
+                      f"{'' if oldest is None else ', the oldest left is from ' + local_time(oldest)}: "
+                      f"older ones are rolled up: ask with --every 1m or --every 1h)", file=sys.stderr)
     finally:
         conn.close()
     what = f"{device}{' ' + metric if metric else ''}"
@@ -150,6 +254,43 @@ def readings(config: GatewayConfig, device: str, metric: str | None = None, sinc
               f"ask for them with --since 7d, --since {day_before}, --limit {10 * DEFAULT_LIMIT} or --all)",
               file=sys.stderr)
     return 0
+
+
+def _rollups(config: GatewayConfig, device: str, metric: str | None, since_ms: int | None, every: str, fmt: str,
+             limit: int | None, out: IO[str]) -> int:
+    conn = open_readonly(config.store.path)
+    try:
+        metrics = sorted(set(device_metrics(conn, device)) | set(rollups_metrics(conn, device)))
+        if not metrics and config.device(device) is None:
+            ids = ", ".join(d.id for d in config.devices) or "none"
+            raise HistoryError(f"unknown device {device!r}: not in the config (devices: {ids}) and no readings "
+                               f"in {config.store.path}")
+        if metric:
+            if metric not in metrics:
+                raise HistoryError(f"device {device!r} has no readings of metric {metric!r} "
+                                   f"(metrics: {', '.join(metrics) or 'none yet'})")
+            metrics = [metric]
+        rows: Iterable[Rollup] = query_rollups(conn, device, metrics, since_ms, every)
+        if limit is not None:
+            rows = deque(rows, maxlen=limit)
+        count = write_rollups(rows, fmt, out)
+    finally:
+        conn.close()
+    if fmt == "table" and not count:
+        print(f"(no readings of {device}{' ' + metric if metric else ''} to roll up"
+              f"{' since ' + iso_utc(since_ms) if since_ms is not None else ''})", file=sys.stderr)
+    return 0
+
+
+def rollups_metrics(conn: sqlite3.Connection, device: str) -> list[str]:
+    """The metrics of ``device`` in the hourly roll-ups (raw rows of some may be gone)."""
+    if not has_rollups(conn):
+        return []
+    found: list[str] = []
+    while (row := conn.execute("SELECT metric FROM rollups_1h WHERE device = ? AND metric > ? ORDER BY metric "
+                               "LIMIT 1", (device, found[-1] if found else "")).fetchone()) is not None:
+        found.append(row[0])
+    return found
 
 
 # -- command line (wired into gateway.cli) ----------------------------------------------------------
@@ -165,6 +306,9 @@ def add_subcommands(sub: Any) -> None:
     many.add_argument("--limit", type=_positive, help=f"only the newest N readings (default without --since: "
                                                       f"{DEFAULT_LIMIT})")
     many.add_argument("--all", action="store_true", help="every reading stored (with --since: every one since then)")
+    p.add_argument("--every", choices=tuple(SIZES), help="per-minute or per-hour roll-ups (count, min, max, mean, "
+                                                        "last) instead of raw readings; raw ones are kept "
+                                                        "store.keep_raw_days, roll-ups store.keep_rollups_days")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_readings)
 
@@ -187,4 +331,4 @@ def _positive(text: str) -> int:
 
 def cmd_readings(args: argparse.Namespace) -> int:
     return run_with_config(args, lambda config: readings(config, args.device, args.metric, args.since, args.format,
-                                                         args.limit, args.all))
+                                                         args.limit, args.all, every=args.every))

@@ -257,6 +257,28 @@ class ExportedReading(TypedDict):
 EXPORT_COLUMNS: tuple[str, ...] = tuple(ExportedReading.__annotations__)
 
 
+class ExportedRollup(TypedDict):
+    """One interval of a metric as ``pico-gateway readings --every 1m|1h`` exports it (a
+    JSON array of these, or CSV with these columns)::
+
+        {"ts": "2025-11-25T08:00:00.000Z", "ts_ms": 1764057600000, "metric": "temp", "count": 60,
+         "min": 21.1, "max": 21.9, "mean": 21.48, "last": 21.5}
+
+    ``ts``: the interval's start (UTC); ``last``: the value of its latest reading."""
+
+    ts: str
+    ts_ms: int
+    metric: str
+    count: int
+    min: float
+    max: float
+    mean: float
+    last: float
+
+
+ROLLUP_COLUMNS: tuple[str, ...] = tuple(ExportedRollup.__annotations__)
+
+
 # -- encoding, decoding, checking -----------------------------------------------------------------
 
 def encode(payload: Mapping[str, Any]) -> str:

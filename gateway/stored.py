@@ -3,6 +3,12 @@
 The SQLite database at the config's ``store.path`` is opened read-only (an
 ``file:...?mode=ro`` URI), so both work next to a running gateway and never create
 or change the database; every query is a seek on the (device, metric, ts) index.
+
+Roll-ups (``--every 1m`` or ``1h``) come from the tables ``rollups_1m`` and
+``rollups_1h`` (gateway/rollups.py), merged with those of the raw rows not rolled
+up yet, computed here on the fly: the newest minute or so, and the readings not
+yet published. A database no retention pass has run on yet is all raw: its
+roll-ups are all computed here.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway import rollups
 from gateway.config import GatewayConfig, load_config_or_report
 
 
@@ -173,3 +180,82 @@ def latest(conn: sqlite3.Connection, device: str) -> dict[str, tuple[float, int]
         if row is not None:
             out[metric] = (row[0], row[1])
     return out
+
+
+# -- roll-ups -------------------------------------------------------------------------------
+
+Rollup = tuple[int, str, int, float, float, float, float]  # start ts, metric, count, min, max, mean, last
+
+
+def query_rollups(conn: sqlite3.Connection, device: str, metrics: list[str], since_ms: int | None,
+                  every: str) -> Iterator[Rollup]:
+    """The ``every`` (``1m``, ``1h``) intervals of ``metrics`` of ``device`` from the one
+    ``since_ms`` falls in on, oldest first (then by metric), read as they are consumed."""
+    size = rollups.SIZES[every]
+    start = -(1 << 62) if since_ms is None else since_ms - since_ms % size
+    stored = rollups.has_rollups(conn)
+    rolled = rollups.rolled_id(conn) if stored else 0
+    walks = [_rollup_walk(conn, device, m, start, size, every if stored else None, rolled) for m in metrics]
+    return walks[0] if len(walks) == 1 else heapq.merge(*walks)
+
+
+def _rollup_walk(conn: sqlite3.Connection, device: str, metric: str, start: int, size: int, table: str | None,
+                 rolled: int) -> Iterator[Rollup]:
+    tail = _unrolled(conn, device, metric, start, size, rolled if table else None)
+    pending = sorted(tail)
+    i = 0
+    if table is not None:
+        cursor = conn.cursor()
+        cursor.row_factory = None
+        sql = (f"SELECT ts, n, lo, hi, total, last, last_ts FROM rollups_{table} WHERE device = ? AND metric = ? "
+               f"AND ts >= ? ORDER BY ts LIMIT {CHUNK}")
+        after = start
+        while True:
+            rows = cursor.execute(sql, (device, metric, after)).fetchall()
+            for b, n, lo, hi, total, last, last_ts in rows:
+                while i < len(pending) and pending[i] < b:
+                    yield _interval(pending[i], metric, tail[pending[i]])
+                    i += 1
+                if i < len(pending) and pending[i] == b:
+                    tn, tlo, thi, ttotal, tlast, tlast_ts = tail[b]  # (late rows of a rolled interval)
+                    n, lo, hi, total = n + tn, min(lo, tlo), max(hi, thi), total + ttotal
+                    last = tlast if tlast_ts >= last_ts else last
+                    i += 1
+                yield b, metric, int(n), lo, hi, total / n, last
+            if len(rows) < CHUNK:
+                break
+            after = rows[-1][0] + 1
+    for b in pending[i:]:
+        yield _interval(b, metric, tail[b])
+
+
+def _interval(b: int, metric: str, v: list[float]) -> Rollup:
+    return b, metric, int(v[0]), v[1], v[2], v[3] / v[0], v[4]
+
+
+def _unrolled(conn: sqlite3.Connection, device: str, metric: str, start: int, size: int,
+              rolled: int | None) -> dict[int, list[float]]:
+    """Interval start -> [count, min, max, sum, last, last_ts] of the raw rows not rolled up:
+    those after ``rolled`` (found by id: few), or all (None: no roll-ups, found by the index)."""
+    args: tuple[object, ...]
+    if rolled is None:
+        where, args = "FROM readings WHERE device = ? AND metric = ? AND ts >= ?", (device, metric, start)
+    else:  # (NOT INDEXED: the rowid range, not the device's whole history in the index)
+        where, args = ("FROM readings NOT INDEXED WHERE id > ? AND device = ? AND metric = ? AND ts >= ?",
+                       (rolled, device, metric, start))
+    out: dict[int, list[float]] = {}
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    for b, n, lo, hi, total in cursor.execute(
+            f"SELECT ts - ts % {size} AS b, count(*), min(value), max(value), sum(value) {where} GROUP BY b", args):
+        out[b] = [n, lo, hi, total, 0.0, -(1 << 62)]
+    for b, last_ts, last in cursor.execute(f"SELECT ts - ts % {size} AS b, max(ts), value {where} GROUP BY b", args):
+        out[b][4], out[b][5] = last, last_ts
+    return out
+
+
+def oldest_raw(conn: sqlite3.Connection, device: str, metrics: list[str]) -> int | None:
+    """The time of the oldest raw reading of these metrics of ``device`` (one seek each)."""
+    found = [row[0] for m in metrics if (row := conn.execute(
+        "SELECT ts FROM readings WHERE device = ? AND metric = ? ORDER BY ts LIMIT 1", (device, m)).fetchone())]
+    return min(found, default=None)
