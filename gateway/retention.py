@@ -1,7 +1,8 @@
 """Retention: roll up, age out and bound the readings database, in the background.
 
-Every PASS_INTERVAL seconds (the first one PICOGW_RETENTION_DELAY seconds after the
-start, 10 by default) the gateway starts a pass in a child process of its own
+Every PASS_INTERVAL seconds (the first one FIRST_DELAY seconds after the start; the
+environment variables PICOGW_RETENTION_INTERVAL and PICOGW_RETENTION_DELAY change
+them, for tests and benchmarks) the gateway starts a pass in a child process of its own
 (``python -I -S gateway/rollups.py``, standard library only, at a lower CPU
 priority): it rolls up the readings stored since the last pass, per minute and
 per hour, deletes raw readings older than ``store.keep_raw_days`` and roll-ups older
@@ -60,7 +61,7 @@ class Retention(Feature):
         super().__init__()
         self.config = config
         self.stats = stats
-        self.interval = interval
+        self.interval = float(os.environ.get("PICOGW_RETENTION_INTERVAL", interval))
         self.first_delay = float(os.environ.get("PICOGW_RETENTION_DELAY", FIRST_DELAY))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
