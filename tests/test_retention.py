@@ -68,8 +68,8 @@ def series(start_ms: int, count: int, step_ms: int, devices=("greenhouse", "shed
     rnd = random.Random(seed)
     rows = []
     for i in range(count):
-        for d, device in enumerate(devices):
-            for m, metric in enumerate(metrics):
+        for device in devices:
+            for metric in metrics:
                 rows.append((device, metric, round(rnd.uniform(-5, 30), 2),
                              start_ms + i * step_ms + rnd.randrange(step_ms // 2), i))
     return rows
