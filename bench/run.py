@@ -38,10 +38,12 @@ import floods
 import growth
 import ingest
 import profiling
+import soak
 import startup
 from common import REPO, Env, GatewaySource, median
 
-SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "profile")
+SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "profile", "soak")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # the soak (an hour for its full year) runs when asked: --only soak
 RESULTS = REPO / "bench" / "results"
 
 
@@ -65,7 +67,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rev", help="git revision whose gateway/ is measured (default: the working tree)")
     p.add_argument("--broker-conf", default="set_tcp_nodelay true",
                    help="extra mosquitto.conf lines, ';'-separated (default: Nagle off, see docs/performance.md)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but soak)")
+    p.add_argument("--soak-devices", type=int, help="soak: devices at 1 reading/s (default 16; --quick: 2)")
+    p.add_argument("--soak-months", type=int, help="soak: months generated (default 12; --quick: 2)")
+    p.add_argument("--soak-live-links", type=int, default=4,
+                   help="soak: flooding links of the gateway during the last month's pass (0: no load phase)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     args = p.parse_args(argv)
     quick = args.quick
@@ -78,6 +85,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.growth_devices = [int(n) for n in args.growth_devices.split(",")]
     args.qos = [None if q == "default" else int(q) for q in args.qos.split(",")]
     args.only = set(args.only.split(","))
+    args.soak_devices = args.soak_devices or (2 if quick else 16)
+    args.soak_months = args.soak_months or (2 if quick else 12)
     args.floods = args.floods.split(",")
     if set(args.floods) - set(floods.NAMES):
         p.error(f"unknown flood(s): {', '.join(sorted(set(args.floods) - set(floods.NAMES)))}")
@@ -223,6 +232,8 @@ def main(argv: list[str]) -> int:
                     "{achieved_per_s:,.0f}/s published, RSS peak {peak_total_rss_mb:.1f} MB (idle "
                     "{idle_total_rss_mb:.1f}), threads peak {peak_total_threads} (idle {idle_total_threads}), "
                     "commands p99 {probe_p99_ms:.1f} ms, {probe_failed} failed")
+        if "soak" in args.only:
+            res["soak"] = soak.run(env, args.soak_devices, args.soak_months, args.soak_live_links)
         if "profile" in args.only:
             if profiling.available():
                 spy_out = RESULTS / f"{stamp}-profile.speedscope.json"
@@ -332,6 +343,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             t.add(f"{links} device(s), {int(rows):,} rows before",
                   f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "zero loss", m["zero_loss"])
     fill_floods(t, res, args)
+    if "soak" in res:
+        soak.fill_table(t, res["soak"])
 
 
 def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from gateway.mosquitto import PrivateBroker, free_port
 from gateway.payloads import ROLLUP_COLUMNS, ExportedRollup, check
 from gateway.retention import Retention
 from gateway.store import Store
+from gateway.stored import iso_utc
 
 DAY = 86_400_000
 MINUTE, HOUR = 60_000, 3_600_000
@@ -252,6 +253,7 @@ def test_readings_reads_raw_rows_and_rollups_as_one(tmp_path: Path, capsys) -> N
     raw = list(csv.DictReader(io.StringIO(out)))
     want = sorted((ts, v) for d, m, v, ts, _ in new if d == "greenhouse" and m == "temp" and ts >= now - HOUR)
     assert [(int(r["ts_ms"]), float(r["value"])) for r in raw] == want
+    assert all(r["ts"] == iso_utc(int(r["ts_ms"])) for r in raw)  # (formatted by hand: as everywhere else)
     _, err = readings_cli(capsys, cfg, "--metric", "temp", "--since", "40d", "--format", "csv")
     assert "rolled up: ask with --every 1m or --every 1h" in err
 
