@@ -245,8 +245,9 @@ def fill_table(t, r: dict) -> None:
           f"{r['pass_s_per_month_mean']:.1f} s ({r['pass_us_per_row']:.2f} us per reading; x{16 / r['devices']:.0f} "
           f"for 16 devices: {r['pass_s_per_month_mean'] * 16 / r['devices']:.0f} s)")
     t.add("longest retention transaction", f"{max(m['max_transaction_ms'] for m in r['per_month']):.1f} ms")
-    t.add("database at the end", f"{r['file_mb']:,.0f} MB file, {r['used_mb']:,.0f} MB used: {r['raw_rows']:,} raw rows, "
-          f"{r['rollups_1m_rows']:,} per-minute and {r['rollups_1h_rows']:,} per-hour roll-ups")
+    t.add("database at the end", f"{r['file_mb']:,.0f} MB file, {r['used_mb']:,.0f} MB used: "
+          f"{r['raw_rows']:,} raw rows, {r['rollups_1m_rows']:,} per-minute and {r['rollups_1h_rows']:,} "
+          "per-hour roll-ups")
     q = r["queries"]
     for name, what in (("day_raw", "readings, one day of one device, raw, CSV"),
                        ("year_hourly", "readings, a year of one device, --every 1h, CSV")):
