@@ -65,15 +65,16 @@ def generate(db: Path, devices: int, start_ms: int, end_ms: int) -> int:
     return rows
 
 
-def pass_command(env: Env, db: Path, now_ms: int) -> list[str]:
-    """The gateway's retention pass (gateway/retention.py) over ``db``, at ``now_ms``."""
+def pass_command(env: Env, db: Path, now_ms: int, pause: bool) -> list[str]:
+    """The gateway's retention pass (gateway/retention.py) over ``db``, at ``now_ms``;
+    without its pauses between transactions unless ``pause`` (nothing else writes)."""
     return [sys.executable, "-I", "-S", str(env.source.root / "gateway" / "rollups.py"), str(db), str(KEEP_RAW_MS),
-            str(KEEP_ROLLUPS_MS), "-1", str(now_ms)]
+            str(KEEP_ROLLUPS_MS), "-1", str(now_ms), *([] if pause else ["0"])]
 
 
 def retention_pass(env: Env, db: Path, now_ms: int) -> dict:
     started = time.monotonic()
-    done = subprocess.run(pass_command(env, db, now_ms), capture_output=True, text=True, check=False)
+    done = subprocess.run(pass_command(env, db, now_ms, pause=False), capture_output=True, text=True, check=False)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if "error" in result:
         raise RuntimeError(f"the retention pass failed: {result['error']}")
@@ -177,7 +178,7 @@ def under_load(env: Env, work: Path, db: Path, now_ms: int, live_links: int) -> 
             time.sleep(env.warmup)
             baseline = _phase(broker, picos, sub, gw, lambda t: t >= BASELINE)
             started = time.monotonic()
-            proc = subprocess.Popen(pass_command(env, db, now_ms), stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(pass_command(env, db, now_ms, pause=True), stdout=subprocess.PIPE, text=True)
             during = _phase(broker, picos, sub, gw, lambda t: proc.poll() is not None or t >= LOAD_PHASE_MAX)
             during["pass_finished_within"] = proc.poll() is not None
             picos.stop_feed()

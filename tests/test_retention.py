@@ -90,14 +90,14 @@ def test_rollups_match_a_direct_computation_over_the_raw_rows(tmp_path: Path) ->
     first = series(now - 3 * HOUR, 500, 17_000)
     store.record(first)
     conn = rollups.connect(str(db))
-    result = rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=7)
+    result = rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=7, pause_min=0)
     assert result["rolled"] == len(first) and result["transactions"] > len(first) / 7
     late = series(now - 3 * HOUR + 5_000, 40, 61_000, seed=2)  # into minutes and hours rolled up already
     more = series(now - 30 * MINUTE, 60, 13_000, seed=3)
     store.record(late + more)
     store.close()
-    assert rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=11)["rolled"] == len(late + more)
-    assert rollups.run_pass(conn, now, 30 * DAY, None, None)["rolled"] == 0  # each row once
+    assert rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=11, pause_min=0)["rolled"] == len(late + more)
+    assert rollups.run_pass(conn, now, 30 * DAY, None, None, pause_min=0)["rolled"] == 0  # each row once
     conn.close()
     everything = first + late + more
     assert_same(stored_rollups(db, "1m"), direct(everything, MINUTE))
