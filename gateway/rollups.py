@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 
 CHUNK = 2000  # rows per transaction at most
+LOOKAHEAD = 4  # chunks with nothing to delete before a deletion by age stops
 CHECKPOINT_EVERY = 8  # transactions between two checkpoints of the WAL by the pass itself
 # Pause after each transaction: at least PAUSE_MIN seconds, and as long as it took. SQLite's
 # write lock is not fair: a commit that finds it taken sleeps 1, 2, 5, 10, 15 ms... between
@@ -198,12 +199,14 @@ def delete_raw(conn: sqlite3.Connection, older_than_ms: int | None, chunk: int =
                should_stop: Callable[[], bool] = lambda: False, enough: Callable[[], bool] = lambda: False,
                stats: dict[str, float] | None = None) -> tuple[int, int | None, int | None]:
     """Delete rolled-up raw rows, oldest id first, ``chunk`` per transaction: those with a
-    ts before ``older_than_ms``, or (None) any, until ``enough()``. Stops at the first
-    chunk of rows with nothing to delete (rows are stored roughly in time order). Returns
-    (rows deleted, oldest ts deleted, newest ts deleted)."""
+    ts before ``older_than_ms``, or (None) any, until ``enough()``. Rows are stored
+    roughly in time order: it stops after LOOKAHEAD chunks in a row with nothing to
+    delete (a clock that was ahead for a while leaves rows that are not old yet among the
+    oldest ids). Returns (rows deleted, oldest ts deleted, newest ts deleted)."""
     stats = stats if stats is not None else {}
     deleted, oldest, newest = 0, None, None
     after = 0
+    empty = 0
     while not should_stop() and not enough():
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
@@ -224,13 +227,17 @@ def delete_raw(conn: sqlite3.Connection, older_than_ms: int | None, chunk: int =
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        _transaction(conn, stats, started)
+        after = window[1]
         if not n:
-            break
+            empty += 1
+            if empty >= LOOKAHEAD:
+                break
+            continue  # (nothing written: no pause)
+        empty = 0
+        _transaction(conn, stats, started)
         deleted += n
         oldest = lo if oldest is None else min(oldest, lo)
         newest = hi if newest is None else max(newest, hi)
-        after = window[1]
     return deleted, oldest, newest
 
 

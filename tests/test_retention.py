@@ -316,3 +316,18 @@ def test_nothing_unpublished_is_removed_while_the_broker_is_away(tmp_path: Path,
         broker.stop()
         peer.close()
     assert code == 0
+
+
+def test_rows_a_clock_ahead_left_among_the_oldest_do_not_stop_deletion(tmp_path: Path) -> None:
+    """Readings stored while the Pi's clock was a year ahead sit at the lowest ids, not old
+    yet: the old ones behind them still go."""
+    db = tmp_path / "readings.db"
+    store = Store(db)
+    now = int(time.time() * 1000)
+    ahead = series(now + 365 * DAY, 250, 1000, devices=("greenhouse",), metrics=("temp",))
+    old = series(now - 40 * DAY, 300, 1000, devices=("greenhouse",), metrics=("temp",), seed=2)
+    store.record(ahead + old + series(now, 1, 1000, devices=("greenhouse",), metrics=("temp",), seed=3))
+    store.close()
+    conn = rollups.connect(str(db))
+    assert rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=100, pause_min=0)["deleted_raw"] == 300
+    conn.close()
