@@ -256,7 +256,10 @@ def readings(config: GatewayConfig, device: str, metric: str | None = None, sinc
         count = write_readings(rows, fmt, out)
         if since_ms is not None and has_rollups(conn):
             oldest = oldest_raw(conn, device, [metric] if metric else metrics)
-            if oldest is None or oldest > since_ms + 60_000:
+            rolled_before = conn.execute(  # (roll-ups of the range whose raw readings are gone)
+                "SELECT 1 FROM rollups_1m WHERE device = ? AND ts >= ? AND ts < ? LIMIT 1",
+                (device, since_ms - since_ms % 60_000, (oldest or 1 << 62) - 60_000)).fetchone()
+            if rolled_before is not None:
                 print(f"(raw readings are kept store.keep_raw_days = {config.store.keep_raw_days:g} days"
                       f"{'' if oldest is None else ', the oldest left is from ' + local_time(oldest)}: "
                       f"older ones are rolled up: ask with --every 1m or --every 1h)", file=sys.stderr)

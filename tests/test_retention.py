@@ -249,7 +249,8 @@ def test_readings_reads_raw_rows_and_rollups_as_one(tmp_path: Path, capsys) -> N
         n, lo, hi, mean, last = hours[("greenhouse", "temp", row["ts_ms"])]
         assert (row["count"], row["min"], row["max"], row["last"]) == (n, lo, hi, last)
 
-    out, _ = readings_cli(capsys, cfg, "--metric", "temp", "--since", "1h", "--format", "csv")  # raw, as stored
+    out, err = readings_cli(capsys, cfg, "--metric", "temp", "--since", "1h", "--format", "csv")  # raw, as stored
+    assert "rolled up" not in err
     raw = list(csv.DictReader(io.StringIO(out)))
     want = sorted((ts, v) for d, m, v, ts, _ in new if d == "greenhouse" and m == "temp" and ts >= now - HOUR)
     assert [(int(r["ts_ms"]), float(r["value"])) for r in raw] == want
