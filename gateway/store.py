@@ -9,7 +9,8 @@ read-only connection.)
 
 Table ``readings(id, device, metric, value REAL, ts INTEGER, seq INTEGER, sent,
 boot INTEGER, ts_pico INTEGER)``: ``ts`` in Unix milliseconds (UTC), indexed on
-(device, metric, ts) for "one device's metric over a time range". ``boot`` is the
+(device, metric, ts, id, value, seq) for "one device's metric over a time range",
+read from the index alone. ``boot`` is the
 random number a Pico that keeps its readings until they are acknowledged draws at
 each boot (docs/protocol.md); such a Pico sends a reading again when it cannot know
 it was stored, and the store keeps one row per (device, boot, seq, metric) (a

@@ -332,3 +332,23 @@ def test_rows_a_clock_ahead_left_among_the_oldest_do_not_stop_deletion(tmp_path:
     conn = rollups.connect(str(db))
     assert rollups.run_pass(conn, now, 30 * DAY, None, None, chunk=100, pause_min=0)["deleted_raw"] == 300
     conn.close()
+
+
+def test_a_database_from_before_gets_the_covering_index_at_open(tmp_path: Path) -> None:
+    """The one-day query reads the index alone: an older, small database has its
+    (device, metric, ts) index replaced when the gateway opens it."""
+    db = tmp_path / "readings.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
+                     "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")
+        conn.execute("CREATE INDEX idx_readings_device_metric_ts ON readings (device, metric, ts)")
+        conn.executemany("INSERT INTO readings (device, metric, value, ts, seq) VALUES (?, ?, ?, ?, ?)",
+                         series(int(time.time() * 1000) - DAY, 100, 1000))
+    Store(db).close()
+    with sqlite3.connect(db) as conn:
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(readings)")}
+        plan = " ".join(str(r) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT ts, id, metric, value, seq FROM readings WHERE device = 'greenhouse' "
+            "AND metric = 'temp' AND (ts, id) > (0, 0) ORDER BY ts, id"))
+    assert "readings_series" in indexes and "idx_readings_device_metric_ts" not in indexes
+    assert "COVERING INDEX readings_series" in plan
