@@ -90,7 +90,12 @@ def db_figures(db: Path) -> dict:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         count = lambda table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: E731
-        return {"file_mb": db.stat().st_size / 1e6, "used_mb": (pages - free) * page / 1e6,
+        try:  # (what each table and index takes; dbstat reads every page: seconds)
+            tables = {name: size / 1e6 for name, size in conn.execute(
+                "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC")}
+        except sqlite3.Error:
+            tables = {}
+        return {"file_mb": db.stat().st_size / 1e6, "used_mb": (pages - free) * page / 1e6, "tables_mb": tables,
                 "raw_rows": count("readings"), "rollups_1m_rows": count("rollups_1m"),
                 "rollups_1h_rows": count("rollups_1h")}
     finally:
@@ -249,6 +254,8 @@ def fill_table(t, r: dict) -> None:
     t.add("database at the end", f"{r['file_mb']:,.0f} MB file, {r['used_mb']:,.0f} MB used: "
           f"{r['raw_rows']:,} raw rows, {r['rollups_1m_rows']:,} per-minute and {r['rollups_1h_rows']:,} "
           "per-hour roll-ups")
+    if r.get("tables_mb"):
+        t.add("of which", ", ".join(f"{name} {mb:,.0f} MB" for name, mb in r["tables_mb"].items() if mb >= 1))
     q = r["queries"]
     for name, what in (("day_raw", "readings, one day of one device, raw, CSV"),
                        ("year_hourly", "readings, a year of one device, --every 1h, CSV")):
