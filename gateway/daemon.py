@@ -60,7 +60,8 @@ def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = No
                           report_refusals=config.mqtt.readings_qos > 0)
     s = config.store
     outbox = OutboxSettings(qos=config.mqtt.readings_qos, max_backlog_rows=s.max_backlog_rows,
-                            max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows)
+                            max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows,
+                            commit_interval=s.commit_interval)
     bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
         bridge.add(LINKS[device.transport](device, bridge))
