@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import acks
 import ceilings
 import commands
 import floods
@@ -39,9 +40,10 @@ import growth
 import ingest
 import profiling
 import startup
+import wear
 from common import REPO, Env, GatewaySource, median
 
-SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "profile")
+SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "wear", "acks", "profile")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -65,6 +67,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rev", help="git revision whose gateway/ is measured (default: the working tree)")
     p.add_argument("--broker-conf", default="set_tcp_nodelay true",
                    help="extra mosquitto.conf lines, ';'-separated (default: Nagle off, see docs/performance.md)")
+    p.add_argument("--wear-devices", default="1,16,64", help="device counts for wear (default 1,16,64)")
+    p.add_argument("--wear-settings", default=",".join(wear.SETTINGS), help="store settings for wear")
+    p.add_argument("--wear-duration", type=float, help="seconds each wear figure is measured over (default 60)")
+    p.add_argument("--wear-dir", default="/var/tmp", help="where wear's databases go: a disk, not tmpfs")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     args = p.parse_args(argv)
@@ -75,6 +81,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.commands = args.commands or (200 if quick else 1000)
     args.growth_rows = args.growth_rows if args.growth_rows is not None else (1_000_000 if quick else 10_000_000)
     args.links = [int(n) for n in args.links.split(",")]
+    args.wear_devices = [int(n) for n in args.wear_devices.split(",")]
+    args.wear_settings = args.wear_settings.split(",")
+    args.wear_duration = args.wear_duration or (20.0 if quick else 60.0)
     args.growth_devices = [int(n) for n in args.growth_devices.split(",")]
     args.qos = [None if q == "default" else int(q) for q in args.qos.split(",")]
     args.only = set(args.only.split(","))
@@ -223,6 +232,10 @@ def main(argv: list[str]) -> int:
                     "{achieved_per_s:,.0f}/s published, RSS peak {peak_total_rss_mb:.1f} MB (idle "
                     "{idle_total_rss_mb:.1f}), threads peak {peak_total_threads} (idle {idle_total_threads}), "
                     "commands p99 {probe_p99_ms:.1f} ms, {probe_failed} failed")
+        if "wear" in args.only:
+            wear.measure(env, args, res, repeated)
+        if "acks" in args.only:
+            acks.measure(env, args, res, repeated)
         if "profile" in args.only:
             if profiling.available():
                 spy_out = RESULTS / f"{stamp}-profile.speedscope.json"
@@ -332,6 +345,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             t.add(f"{links} device(s), {int(rows):,} rows before",
                   f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "zero loss", m["zero_loss"])
     fill_floods(t, res, args)
+    wear.fill(t, res, args, n)
+    acks.fill(t, res, args, n)
 
 
 def fill_floods(t: Table, res: dict, args: argparse.Namespace) -> None:
