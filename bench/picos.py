@@ -241,7 +241,8 @@ class Peer:
         elif key == "ping":
             self._send(encode("A", cid, []))
         elif key == "hello":
-            keeps = [("ack", "240"), ("boot", "1"), ("lost", "0")] if self.acks else []
+            boot = str(zlib.crc32(self.device.encode()) & 0x3FFFFFFF)  # (a boot of its own, as each Pico draws)
+            keeps = [("ack", "240"), ("boot", boot), ("lost", "0")] if self.acks else []
             with self._lock:  # the hello carries the number the next reading will have
                 self._write(encode("A", cid, []) + encode(
                     "H", self.seq, [("proto", "1"), ("fw", "bench"), ("dev", self.device[:32]),
