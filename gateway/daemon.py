@@ -16,6 +16,7 @@ from gateway.bridge import Bridge
 from gateway.config import GatewayConfig, SecretError
 from gateway.diagnostics import Diagnostics
 from gateway.discovery import Discovery
+from gateway.disk_budget import DiskBudgetMeter
 from gateway.features import Lifecycle, Part, Step
 from gateway.kept_counters import KeptCounters
 from gateway.links import LINKS
@@ -88,7 +89,8 @@ def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = No
     # bridge's statuses.
     parts: list[Part] = [
         Step("mqtt", mqtt.start, final_messages, stop_floor=FINAL_MESSAGES_MIN),
-        Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog_on, kept=kept),
+        Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog_on, kept=kept,
+                    disk=DiskBudgetMeter(store, s.max_size_mb)),
         Ownership(bridge),
         bridge,  # links first: readings are stored while the broker is still away
         discovery,

@@ -235,6 +235,19 @@ class Store:
                                      own_from_id if own_from_id is not None else 1 << 62, own_until_id)
         return by_rows, by_age
 
+    def size(self, wait: float | None = None) -> int:
+        """Bytes of the database's pages in use (free pages left by deletions not counted);
+        ``wait``: see StoreBusy."""
+        pages, free, page_size = self._call("size", wait=wait)
+        return int((pages - free) * page_size)
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The database writer process's pid, while one runs (its disk writes are the
+        gateway's: gateway/disk_budget.py)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
     def counters(self, wait: float | None = None) -> dict[tuple[str, str], int]:
         """The counters kept across runs, by (device, name): see gateway/kept_counters.py."""
         return {(device, name): value for device, name, value in self._call("counters", wait=wait)}

@@ -297,6 +297,12 @@ class Writer:
                 (own_until_id, own_from_id, older_than_ms)).rowcount
         return by_rows, by_age
 
+    def size(self) -> tuple[int, int, int]:
+        """(page_count, freelist_count, page_size): the pages in use are the database's size."""
+        conn = self.conn
+        return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0]
+                     for name in ("page_count", "freelist_count", "page_size"))
+
     def counters(self) -> list[tuple[str, str, int]]:
         return self.conn.execute('SELECT device, name, value FROM counters').fetchall()
 
@@ -348,7 +354,8 @@ def serve(writer: Writer, requests: IO[bytes], answers: IO[bytes]) -> None:
     handlers: dict[str, Callable[..., Any]] = {
         "commit": writer.commit, "record": writer.record, "unsent": writer.unsent,
         "count_unsent_by_device": writer.count_unsent_by_device, "expire_unsent": writer.expire_unsent,
-        "counters": writer.counters, "keep_counters": writer.keep_counters, "set_fault": writer.set_fault}
+        "counters": writer.counters, "keep_counters": writer.keep_counters, "set_fault": writer.set_fault,
+        "size": writer.size}
     while True:
         try:
             op, *args = read_message(requests)

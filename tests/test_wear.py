@@ -6,12 +6,16 @@ when the disk will be full (docs/reliability.md, docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
 from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 from test_acks import caught_up, check_every_metric_once, check_once_in_order, readings
+
+from gateway.cli import main
+from gateway.payloads import BridgeDiagnostics, DiskBudget, check
 
 RATE = 0.05  # seconds between readings: 20 frames a second
 INTERVAL = 2.0  # seconds between commits: long enough to see, short enough for a test
@@ -102,3 +106,43 @@ def test_a_kill_loses_at_most_one_interval_and_nothing_a_pico_keeps(tmp_path: Pa
         fleet.stop()
         plain.stop()
 
+
+
+def test_the_gateway_says_how_big_its_database_is_what_it_writes_and_when_it_is_full(tmp_path: Path, broker: Broker,
+                                                                                    recorder: Recorder, capsys) -> None:
+    """The bridge diagnostics carry the database's size, the bytes the gateway and its
+    writer process write per day and the days until store.max_size_mb at the current
+    growth; pico-gateway status says it in words."""
+    fleet = start_pico(tmp_path, broker, "b1")
+    db = tmp_path / "readings.db"
+    config = with_store(write_config(tmp_path / "gw.toml", broker, [{"id": "b1", "transport": "uart",
+                                                                     "port": fleet["b1"].endpoint}], db=db,
+                                     diagnostics_interval=1), max_size_mb=5)
+    gw = GatewayProcess(config, recorder)
+
+    def budget() -> dict | None:
+        raw = recorder.last("pico/bridge/testgw/diagnostics")
+        disk = json.loads(raw).get("disk") if raw else None
+        return disk if disk and disk["days_until_full"] is not None and disk["written_per_day"] else None
+
+    try:
+        disk = wait_for(budget, 15, "a disk budget with rates")
+        check(BridgeDiagnostics, json.loads(recorder.last("pico/bridge/testgw/diagnostics")))
+        check(DiskBudget, disk)
+        with sqlite3.connect(db) as conn:
+            pages, free, size = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                                 for p in ("page_count", "freelist_count", "page_size"))
+        assert 0 < disk["db_bytes"] <= (pages - free) * size  # (it grows on)
+        assert disk["file_bytes"] >= disk["db_bytes"] and disk["free_bytes"] > 0
+        assert disk["full_at"] == "max_size_mb" and disk["max_bytes"] == 5 * 1024 * 1024
+        # 60 readings a second: some kB a second, far less than a TB a day
+        assert 1e6 < disk["growth_per_day"] < 1e10 and disk["written_per_day"] >= disk["growth_per_day"]
+        assert abs(disk["days_until_full"] - (disk["max_bytes"] - disk["db_bytes"]) / disk["growth_per_day"]) < 1
+        assert main(["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.startswith("disk: "))
+        assert line.startswith("disk: database ") and " free; the gateway writes " in line, out
+        assert "a day and the database grows " in line and "store.max_size_mb (5.2 MB) is reached in about " in line
+    finally:
+        gw.stop()
+        fleet.stop()
