@@ -47,8 +47,20 @@ RESTART_RETRIES = 3  # polls' worth of reads when the Pico turns out to have res
 COMMAND_POLL = 0.02  # seconds between LED_CMD reads while a command is applied
 
 
+class I2cSpeech(NamedTuple):
+    """How the i2c link speaks one protocol: one poll, and one LED command (both under the
+    link's lock)."""
+
+    poll: Callable[[I2cLink], None]
+    set_led: Callable[[I2cLink, LedCommand], bool]
+
+
+I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
+
+
 class I2cConfig(DeviceConfig):
     transport: Literal["i2c"]
+    protocol_kind = I2C
     bus: int | str = Field(1, description="N for /dev/i2c-N, or a simulated bus's directory")
     address: int = Field(0x43, ge=0x08, le=0x77)
     poll_interval: float = Field(5.0, gt=0)
@@ -76,17 +88,6 @@ def open_bus(bus: int | str) -> Any:
     from gateway.simulator.i2c_bus import SimulatedSMBus
 
     return SimulatedSMBus(bus)
-
-
-class I2cSpeech(NamedTuple):
-    """How the i2c link speaks one protocol: one poll, and one LED command (both under the
-    link's lock)."""
-
-    poll: Callable[[I2cLink], None]
-    set_led: Callable[[I2cLink, LedCommand], bool]
-
-
-I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
 
 
 class I2cSimulation(Simulation):

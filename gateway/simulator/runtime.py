@@ -79,8 +79,8 @@ _sidecar: dict = {}
 state_path = None          # pico.json, or None (no state file)
 i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
 device_id = "pico"
-_state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
-          "led": "off", "pid": os.getpid()}
+ENDPOINTS = ("uart", "usb", "i2c_socket", "tcp")  # pico.json's entries for the board's ports, kept across resets
+_state = {**dict.fromkeys(ENDPOINTS), "led": "off", "pid": os.getpid()}
 _log = sys.stderr
 BOOT = time.monotonic()
 
