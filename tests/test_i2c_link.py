@@ -116,9 +116,7 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
     # gateway would publish hum's value as light, and a phantom door 0.
     before, after = ["temp", "uptime", "mem_free", "light", "door"], ["temp", "uptime", "mem_free", "hum"]
     hum_raw = 16384  # 0.825 V at ADC 27
-    # On the CPython runtime: on the MicroPython VM the reset is not yet seen as a new BOOT_ID
-    # (an open difference of the VM, kept visible here rather than hidden)
-    desc = {"id": "cellar", "transport": "i2c", "runtime": "cpython", "read_interval": 0.05,
+    desc = {"id": "cellar", "transport": "i2c", "read_interval": 0.05,
             "sim": {"adc": {"27": hum_raw}},
             "config": {"ADC_PINS": {"light": 26}, "DIGITAL_PINS": {"door": 15}}}
     with start_fleet([desc], str(tmp_path / "picos")) as fleet:
