@@ -5,11 +5,15 @@ above it is the production link), and against the real firmware on a virtual Pic
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import sqlite3
 import struct
+import time
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import wait_for
+from mqtt_helpers import Recorder, wait_for
 from peers import Events
 from smbus2 import i2c_msg
 
@@ -110,6 +114,12 @@ def block(bus: SimulatedSMBus, register: int, length: int) -> bytes:
     return bytes(read)
 
 
+def assert_snapshots_of(events: Events, names: list[str]) -> None:
+    """What the link reported is one or more whole snapshots, each of exactly ``names``."""
+    metrics = [metric for _, metric, _, _ in events.got]
+    assert metrics and metrics == names * (len(metrics) // len(names)), metrics
+
+
 def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -> None:
     # The real firmware on a virtual Pico: 5 metrics, then reflashed with 4 (hum where light
     # was) and reset between two polls, whose sequence numbers still go up: without BOOT_ID the
@@ -126,7 +136,7 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
         probe = SimulatedSMBus(fleet.i2c_bus_dir)
         try:
             link.poll()  # (the link's thread is not started: the test decides when it polls)
-            assert [metric for _, metric, _, _ in events.got] == before
+            assert_snapshots_of(events, before)  # (every snapshot the Pico's ring still holds)
             seen = events.got[-1][3]
             assert seen is not None
             config = Path(pico.fs, "config.py")
@@ -144,7 +154,7 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
             wait_for(rebooted_and_past_the_last_poll, 10, "the reflashed Pico's sequence number past the last poll's")
             del events.got[:]
             link.poll()
-            assert [metric for _, metric, _, _ in events.got] == after
+            assert_snapshots_of(events, after)
             assert events.got[-1][2] == pytest.approx(hum_raw * 3.3 / 65535, abs=0.01)
             assert link.stats["pico_restarts"] == 1
             link.poll()  # the same boot: nothing read again, nothing counted
@@ -152,3 +162,89 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
         finally:
             probe.close()
             link.closed()
+
+
+# -- the snapshot ring, end to end: the real gateway process, the real firmware on a virtual Pico ------
+
+OUTAGE = float(os.environ.get("PICOGW_TEST_OUTAGE_I2C", "5"))  # seconds the I2C target is unreachable
+RATE = max(0.5, OUTAGE / 10)  # seconds between snapshots: the default ring (32) outlasts the outage
+# and the offline backoff after it; a ring of SMALL_RING does not
+SMALL_RING = 4
+
+
+def stored(db: Path, device: str) -> list[tuple[int, int, float, int]]:
+    """(seq, ts, uptime, ts_pico) of a device's snapshots, in the order they were stored."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT seq, ts, value, ts_pico FROM readings WHERE device = ? AND metric = 'uptime' "
+                            "ORDER BY id", (device,)).fetchall()
+
+
+def counters(recorder: Recorder, device: str) -> dict[str, int]:
+    payload = recorder.last(f"pico/{device}/diagnostics")
+    return json.loads(payload)["counters"] if payload else {}
+
+
+def test_i2c_target_unreachable_loses_nothing_the_ring_holds(virtual, recorder: Recorder, tmp_path: Path) -> None:
+    """The I2C target does not answer for OUTAGE seconds: the gateway reads the snapshots
+    it missed back from the Pico's ring, each stored once, in order, at the time the Pico
+    took it; what fell off a small ring is counted in snapshots_missed, nothing else is."""
+    fleet, _ = virtual([
+        {"id": "cellar", "transport": "i2c", "address": 0x44, "poll_interval": RATE, "read_interval": RATE},
+        {"id": "attic", "transport": "i2c", "address": 0x45, "poll_interval": RATE, "read_interval": RATE,
+         "config": {"I2C_RING": SMALL_RING}}], diagnostics_interval=1)
+    db = tmp_path / "readings.db"
+    probe = SimulatedSMBus(fleet.i2c_bus_dir)
+
+    def pico_seq(address: int) -> int | None:
+        """The Pico's sequence number now; None while it does not answer."""
+        write, read = i2c_msg.write(address, [0x08]), i2c_msg.read(address, 4)
+        try:
+            probe.i2c_rdwr(write, read)
+        except OSError:
+            return None
+        return int.from_bytes(bytes(read), "little")
+
+    try:
+        for device in ("cellar", "attic"):
+            wait_for(lambda device=device: len(stored(db, device)) >= 3, 20, f"{device}'s live snapshots stored")
+        for device in ("cellar", "attic"):
+            fleet[device].set_sim(i2c_fail=True)
+        recorder.wait("pico/cellar/status", "offline", timeout=10)
+        time.sleep(OUTAGE)  # the fault's duration, not a wait for something
+        for device in ("cellar", "attic"):
+            fleet[device].set_sim(i2c_fail=False)
+        last = {device: wait_for(lambda address=address: pico_seq(address), 5, f"{device} answering again")
+                for device, address in (("cellar", 0x44), ("attic", 0x45))}
+        for device in ("cellar", "attic"):
+            wait_for(lambda device=device: stored(db, device)[-1][0] > last[device], 30,
+                     f"{device}'s snapshots past the outage stored")
+        for device in ("cellar", "attic"):
+            wait_for(lambda device=device: counters(recorder, device).get("frames", 0) >= last[device], 10,
+                     f"{device}'s diagnostics after the outage")
+        cellar, attic = stored(db, "cellar"), stored(db, "attic")
+    finally:
+        probe.close()
+
+    # Exactly once, in the Pico's order: the default ring held the whole outage.
+    seqs = [row[0] for row in cellar]
+    assert seqs == list(range(seqs[-1] + 1)), seqs
+    assert counters(recorder, "cellar").get("snapshots_missed", 0) == 0
+    assert counters(recorder, "cellar")["snapshots_recovered"] >= OUTAGE / RATE - 1
+    # The small ring: one gap, exactly what snapshots_missed counts; the rest once, in order.
+    seqs = [row[0] for row in attic]
+    assert seqs == sorted(set(seqs)) and seqs[0] == 0
+    gaps = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b != a + 1]
+    assert len(gaps) == 1, gaps
+    missed = gaps[0][1] - gaps[0][0] - 1
+    assert missed >= 1 and counters(recorder, "attic")["snapshots_missed"] == missed
+    assert all(b - a == 1 for a, b in zip(seqs[seqs.index(gaps[0][1]):][:SMALL_RING],
+                                          seqs[seqs.index(gaps[0][1]) + 1:], strict=False))
+    # Each at the time the Pico took it: ts minus the Pico's uptime (whole seconds) is its
+    # boot time, the same for every snapshot to within the second the uptime cuts off (and
+    # 0.4 s for a loaded machine). Stamped when read, those read back would be seconds late.
+    for rows in (cellar, attic):
+        boots = [ts - int(uptime) * 1000 for _, ts, uptime, _ in rows]
+        assert max(boots) - min(boots) <= 1000 + 400, (max(boots) - min(boots))
+        assert all(ts_pico == 1 for *_, ts_pico in rows)

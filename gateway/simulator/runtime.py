@@ -29,6 +29,11 @@ sidecar key          env var                      meaning
                                                   (status -2, no AP found)
 ``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
                                                   memory-mode read (torn reads)
+``i2c_fail``         ``PICOSIM_I2C_FAIL``         the Pico's I2C targets do not
+                                                  acknowledge their address (a
+                                                  pulled wire): every transaction
+                                                  fails with EREMOTEIO; the
+                                                  firmware runs on
 ``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
 ``pins``             (sidecar only)               level of input pins, e.g.
                                                   ``{"15": 0}`` (a pressed button)
@@ -54,6 +59,7 @@ DEFAULTS = {
     "mem_free": 171000,
     "wifi_fail": False,
     "i2c_byte_delay_us": 0,
+    "i2c_fail": False,
     "unique_id": "",
     "pins": {},
 }
@@ -67,6 +73,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "mem_free": ("PICOSIM_MEM_FREE", int),
     "wifi_fail": ("PICOSIM_WIFI_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "i2c_byte_delay_us": ("PICOSIM_I2C_BYTE_DELAY_US", int),
+    "i2c_fail": ("PICOSIM_I2C_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "unique_id": ("PICOSIM_UNIQUE_ID", str),
 }
 
