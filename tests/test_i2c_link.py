@@ -164,6 +164,30 @@ def test_a_pico_restarted_with_other_metrics_between_two_polls(tmp_path: Path) -
             link.closed()
 
 
+def test_a_long_catch_up_is_read_back_a_batch_per_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At first contact the link reads back all the Pico's ring holds, RING_BATCH snapshots a
+    # poll (commands wait on the link's lock meanwhile): each snapshot once, in order, none missed.
+    monkeypatch.setattr(i2c, "RING_BATCH", 5)
+    desc = {"id": "cellar", "transport": "i2c", "read_interval": 0.05, "config": {"I2C_RING": 40}}
+    with start_fleet([desc], str(tmp_path / "picos")) as fleet:
+        events = Events()
+        link = I2cLink(I2cConfig(id="cellar", transport="i2c", bus=fleet.i2c_bus_dir), events)
+        probe = SimulatedSMBus(fleet.i2c_bus_dir)
+        try:
+            wait_for(lambda: int.from_bytes(block(probe, 0x08, 4), "little") >= 20, 10, "20 snapshots taken")
+            link.poll()
+            first = sorted({seq for *_, seq in events.got})
+            assert len(first) == 5 and first[0] <= 1, first  # (the oldest kept: the ring holds them all)
+            for _ in range(20):
+                link.poll()
+            seqs = [seq for _, metric, _, seq in events.got if metric == "temp"]
+            assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) > 20, seqs
+            assert link.stats["snapshots_missed"] == 0 and link.stats["snapshots_recovered"] >= 19
+        finally:
+            probe.close()
+            link.closed()
+
+
 # -- the snapshot ring, end to end: the real gateway process, the real firmware on a virtual Pico ------
 
 OUTAGE = float(os.environ.get("PICOGW_TEST_OUTAGE_I2C", "5"))  # seconds the I2C target is unreachable

@@ -53,6 +53,7 @@ RING_WANT, RING_ACK = 0xB8, 0xBD
 ANSWER = struct.Struct("<BBxIIII12i")
 CLOCK_MASK = 0x3FFFFFFF  # the Pico's ms clock wraps at 2^30
 RING_POLL = 0.005  # seconds between reads of the answer (the Pico answers within its 20 ms loop)
+RING_BATCH = 32  # snapshots read back in one poll at most (about 20 ms each)
 RING_ATTEMPTS = 3  # requests for one snapshot answered for another before the poll fails
 IDLE = 0xFF
 CMD_CODES = {LedCommand.OFF: 0, LedCommand.ON: 1, LedCommand.TOGGLE: 2}
@@ -289,16 +290,18 @@ class I2cLink(PollingLink):
 
     def _read_ring(self, names: list[str], last: int | None, newest: int) -> bool:
         """Read every snapshot after ``last`` up to ``newest`` (the live one) back from the
-        Pico's ring, each stored at the time the Pico took it; at first contact, all the ring
-        holds (the store refuses what a gateway before this one stored). What fell off the
-        ring is counted in ``snapshots_missed``. False, reporting nothing, when the Pico
-        restarted meanwhile."""
+        Pico's ring, RING_BATCH at most (the rest at the next poll), each stored at the time
+        the Pico took it; at first contact, all the ring holds (the store refuses what a
+        gateway before this one stored). What fell off the ring is counted in
+        ``snapshots_missed``. False, reporting nothing, when the Pico restarted meanwhile."""
         if last == newest:
             return True
         want = (last + 1) if last is not None else max(0, newest - self._ring + 1)
         boot = self._boot_id
         rows: list[Row] = []
-        while want <= newest:
+        for _ in range(RING_BATCH):  # (the rest at the next poll: commands wait on our lock meanwhile)
+            if want > newest:
+                break
             self.heartbeat.beat()  # (one request per snapshot: a long catch-up is no stall)
             have, oldest, taken_at, values = self._ring_request(want)
             if not have:
@@ -319,7 +322,7 @@ class I2cLink(PollingLink):
         if self._read_boot()[0] != boot:  # restarted while read: the answers may be the new boot's
             self._names = None
             return False
-        self._last_seq = newest
+        self._last_seq = want - 1
         if rows:
             self.events.readings(self.device, rows)
         return True
