@@ -151,7 +151,7 @@ class Diagnostics(Feature):
         except StoreBusy:  # the counters matter most then: publish them with the last backlog known
             bridge.stats["diagnostics_store_busy"] += 1
             backlog = self._backlog_by_device
-        if self.disk is not None:
+        if self.disk is not None and not self._stop.is_set():  # (the final round keeps to the stop's budget)
             try:
                 self._disk = self.disk.report(wait=store_wait)
             except StoreBusy:  # (counted above, or the next round's count will be)
