@@ -108,6 +108,10 @@ class Bridge(Feature):
         """For a link that hears its device on the broker (wifi); removed at :meth:`stop`."""
         self.hook(self.mqtt.subscribe(topic_filter, handler))
 
+    def publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> bool:
+        """For a link that talks to its Pico through the broker (wifi); any thread."""
+        return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
+
     def _publishing(self) -> list[str]:
         """Devices whose status and state the gateway publishes (not the wifi ones)."""
         return [d for d, link in list(self.links.items()) if not link.publishes_itself]

@@ -104,9 +104,12 @@ def tell_stored(links: Mapping[str, object], stored: list[Row], refused: list[Ro
         if link is not None:
             link.stats["duplicates_refused"] += 1  # type: ignore[attr-defined]  # every Link counts in stats
     for device, rows in by_device.items():
-        session = getattr(links.get(device), "session", None)
+        link = links.get(device)
+        session = getattr(link, "session", None)
         if isinstance(session, SerialSession):
             session.stored(rows)
+        elif link is not None:
+            link.stored(rows)  # type: ignore[attr-defined]  # every Link has stored (a no-op for most)
 
 
 SessionFactory = Callable[[ByteLink], SerialSession]
