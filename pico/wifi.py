@@ -69,8 +69,8 @@ def connect_once(wlan, ssid, password, timeout_ms=CONNECT_TIMEOUT_MS, idle=None)
     wlan.connect(ssid, password)
     start = clock.ticks_ms()
     while not wlan.isconnected():
-        if clock.ticks_diff(clock.ticks_ms(), start) > timeout_ms:
-            return False
+        if clock.ticks_diff(clock.ticks_ms(), start) > timeout_ms or wlan.status() < 0:
+            return False   # (a negative status is final: no AP found, wrong password, failed)
         sleep(200, idle)
     return True
 

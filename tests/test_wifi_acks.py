@@ -1,0 +1,174 @@
+"""A Pico W keeps its readings until the gateway stored them (docs/protocol.md, Wi-Fi):
+the Wi-Fi gone, the broker killed, the gateway restarted, the board wedged and
+restarted by its watchdog. The real gateway process, the real firmware on a virtual
+Pico W (the MicroPython VM), counted by the Pico's own sequence numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from conftest import GatewayProcess, write_config
+from mqtt_helpers import Broker, Recorder, wait_for
+from test_acks import caught_up, check_every_metric_once, check_once_in_order, check_times, readings
+
+from gateway import payloads
+
+RATE = 0.1  # seconds between readings: 10 a second, so a few seconds' fault costs dozens
+BUFFER = 1000  # readings the Pico keeps (100 s at RATE): every fault below fits
+OUTAGE = float(os.environ.get("PICOGW_TEST_OUTAGE", "4"))  # seconds a fault lasts (30 for the issue's figure)
+
+
+def start_pico_w(tmp_path: Path, broker: Broker, device: str, **config: object):
+    from gateway.simulator.fleet import start_fleet
+    return start_fleet([{"id": device, "transport": "wifi", "read_interval": RATE,
+                         "config": {"WIFI_BUFFER": BUFFER, **config}}],
+                       tmp_path / "picos", broker=(broker.host, broker.port), timeout=30)
+
+
+def start(tmp_path: Path, broker: Broker, recorder: Recorder, device: str, **config: object):
+    """The gateway, then the Pico W; returns (fleet, gateway, db, config path) once live
+    readings are stored."""
+    db = tmp_path / "readings.db"
+    cfg = write_config(tmp_path / "gw.toml", broker, [{"id": device, "transport": "wifi"}], db=db,
+                       diagnostics_interval=1)
+    gw = GatewayProcess(cfg, recorder)
+    fleet = start_pico_w(tmp_path, broker, device, **config)
+    wait_for(lambda: caught_up(db, device, 0), 30, "live readings stored")
+    return fleet, gw, db, cfg
+
+
+def check_all(db: Path, device: str, mark: int, late: float) -> list:
+    """Everything the Pico took is stored once, in order, with its time, live readings flow
+    again past row ``mark``, and at least ``late`` readings were stored late (the Pico's time)."""
+    rows = wait_for(lambda: caught_up(db, device, mark), 60, "everything kept sent again, and live readings")
+    check_once_in_order(rows)
+    check_every_metric_once(db, device)
+    assert sum(r[4] for r in rows) >= late, "the readings sent late carry the Pico's time"
+    check_times(rows)
+    return rows
+
+
+def test_wifi_gone_for_a_while_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """The access point goes (``wifi_fail`` drops the joined station and its connection:
+    the broker is not told); the Pico keeps reading, and sends it all when back."""
+    fleet, gw, db, _ = start(tmp_path, broker, recorder, "w1")
+    try:
+        pico = fleet["w1"]
+        pico.set_sim(wifi_fail=True)
+        wait_for(lambda: "access point is gone" in pico.log(), 10, "the station dropped")
+        mark = readings(db, "w1")[-1][0]
+        time.sleep(OUTAGE)  # the Wi-Fi is down (the fault, not a wait for something)
+        assert readings(db, "w1")[-1][0] == mark, "nothing arrives while the Wi-Fi is down"
+        pico.set_sim(wifi_fail=False)
+        check_all(db, "w1", mark, late=OUTAGE / RATE / 2)
+    finally:
+        gw.stop()
+        fleet.stop()
+
+
+def test_broker_killed_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """mosquitto SIGKILLed and started again after a while (its retained messages gone with
+    it): the Pico and the gateway reconnect, and what the Pico took meanwhile is stored."""
+    fleet, gw, db, _ = start(tmp_path, broker, recorder, "w2")
+    try:
+        assert broker.proc is not None
+        broker.proc.kill()
+        broker.proc.wait()
+        broker.proc = None
+        mark = readings(db, "w2")[-1][0]
+        time.sleep(OUTAGE)  # the broker is down (the fault)
+        broker.start()
+        check_all(db, "w2", mark, late=OUTAGE / RATE / 2)
+    finally:
+        gw.stop()
+        fleet.stop()
+
+
+def test_gateway_stopped_and_started_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """The gateway stopped (SIGTERM) for a while: the broker takes the Pico's readings and
+    nobody stores them; the Pico keeps them, and the gateway that starts asks for them."""
+    fleet, gw, db, cfg = start(tmp_path, broker, recorder, "w3")
+    try:
+        assert gw.stop() == 0
+        mark = readings(db, "w3")[-1][0]
+        time.sleep(OUTAGE)  # the gateway is down (the fault)
+        gw = GatewayProcess(cfg, recorder)
+        rows = check_all(db, "w3", mark, late=OUTAGE / RATE / 2)
+        diagnostics = json.loads(wait_for(lambda: recorder.last("pico/w3/diagnostics"), 5, "diagnostics"))
+        assert diagnostics["counters"]["ring_lost"] == 0 and rows
+    finally:
+        gw.stop()
+        fleet.stop()
+
+
+def test_a_wedged_board_is_restarted_by_its_watchdog(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """The radio stops answering (``wifi_hang``: every socket call blocks): the main loop no
+    longer feeds the watchdog, which restarts the board within WATCHDOG_MS. The new boot
+    says why it started; what the old boot took before the hang and what the new one
+    takes are stored once each, in order (the few readings the old boot had not yet had
+    acknowledged were in its RAM: docs/reliability.md)."""
+    fleet, gw, db, _ = start(tmp_path, broker, recorder, "w4", WATCHDOG_MS=3000)
+    try:
+        pico = fleet["w4"]
+        old_boot = json.loads(recorder.last("pico/w4/hello") or "{}")["boot"]
+        pico.set_sim(wifi_hang=True)
+        wait_for(lambda: "watchdog expired" in pico.log(), 15, "the watchdog's reset")
+        pico.set_sim(wifi_hang=False)
+        hello = json.loads(wait_for(lambda: (h := recorder.last("pico/w4/hello")) and json.loads(h)["boot"] != old_boot
+                                    and h, 30, "the new boot's hello"))
+        assert hello["reset"] == "watchdog"
+        with sqlite3.connect(db) as conn:
+            wait_for(lambda: conn.execute("SELECT count(*) FROM readings WHERE device='w4' AND boot=? AND ts_pico=0 "
+                                          "AND seq>20", (hello["boot"],)).fetchone()[0], 30, "the new boot's readings")
+            by_boot = {boot: [s for (s,) in conn.execute(
+                "SELECT seq FROM readings WHERE device='w4' AND boot=? AND metric='uptime' ORDER BY id", (boot,))]
+                for boot in (old_boot, hello["boot"])}
+        for seqs in by_boot.values():
+            assert seqs == list(range(len(seqs))), seqs[:5]
+        assert len(by_boot[old_boot]) > 5
+        check_every_metric_once(db, "w4")
+    finally:
+        gw.stop()
+        fleet.stop()
+
+
+def test_payloads_and_older_firmware(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
+    """What goes over the broker has the documented shape, the plain sensor topics still
+    carry live readings, and firmware without the buffer (``WIFI_BUFFER = 0``) is stored
+    as before, from those topics."""
+    db = tmp_path / "readings.db"
+    cfg = write_config(tmp_path / "gw.toml", broker, [{"id": "p1", "transport": "wifi"},
+                                                      {"id": "p0", "transport": "wifi"}], db=db)
+    gw = GatewayProcess(cfg, recorder)
+    from gateway.simulator.fleet import start_fleet
+    fleet = start_fleet([{"id": "p1", "transport": "wifi", "read_interval": RATE, "config": {"WIFI_BUFFER": BUFFER}},
+                         {"id": "p0", "transport": "wifi", "read_interval": RATE, "config": {"WIFI_BUFFER": 0}}],
+                        tmp_path / "picos", broker=(broker.host, broker.port), timeout=30)
+    try:
+        wait_for(lambda: len(recorder.on("pico/p1/stored")) >= 3 and len(recorder.on("pico/p0/sensor/temp")) >= 3,
+                 30, "readings acknowledged, and the other Pico's")
+        hello = json.loads(recorder.last("pico/p1/hello") or "")
+        payloads.check(payloads.Hello, hello)
+        assert hello["ack"] == BUFFER and hello["lost"] == 0 and hello["reset"] == "power"
+        reading = json.loads(recorder.on("pico/p1/reading")[-1])
+        payloads.check(payloads.WifiReading, reading)
+        assert set(reading["values"]) == {"temp", "uptime", "mem_free"} and reading["boot"] == hello["boot"]
+        stored = json.loads(recorder.on("pico/p1/stored")[-1])
+        payloads.check(payloads.WifiStored, stored)
+        assert stored["boot"] == hello["boot"]
+        payloads.check(payloads.WifiTime, json.loads(recorder.on("pico/p1/time")[-1]))
+        assert recorder.on("pico/p1/sensor/temp"), "live readings on the plain topics too"
+        old = json.loads(recorder.last("pico/p0/hello") or "")
+        assert "ack" not in old and not recorder.on("pico/p0/reading")
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM readings WHERE device='p0' AND boot IS NULL").fetchone()[0] > 0
+            seqs = [s for (s,) in conn.execute("SELECT seq FROM readings WHERE device='p1' AND metric='temp' "
+                                               "ORDER BY id")]
+        assert seqs == list(range(len(seqs)))  # once each: the plain topics' copies are not stored again
+    finally:
+        gw.stop()
+        fleet.stop()
