@@ -14,6 +14,7 @@ from pathlib import Path
 from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 from test_acks import caught_up, check_every_metric_once, check_once_in_order, check_times, readings
+from test_firmware import _isolated_firmware, load_with_stubs, make_node  # noqa: F401  (the fixture: autouse)
 
 from gateway import payloads
 
@@ -175,3 +176,60 @@ def test_payloads_and_older_firmware(tmp_path: Path, broker: Broker, recorder: R
     finally:
         gw.stop()
         fleet.stop()
+
+
+class FakeClient:
+    """What the firmware's link publishes, in order (topic, payload, qos)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes, int]] = []
+
+    def publish(self, topic: bytes, msg: bytes, retain: bool = False, qos: int = 0) -> None:
+        self.sent.append((topic, msg, qos))
+
+
+def test_the_firmware_keeps_readings_until_stored_and_drops_the_oldest_when_full() -> None:
+    """The firmware's buffer under CPython: each reading is sent once at QoS 1 with the
+    documented JSON; a ``stored`` of another boot is ignored, one of its own boot drops what
+    it names; a full buffer drops the oldest and counts it; ``resend`` sends all again."""
+    link_wifi = load_with_stubs("link_wifi")
+    node = make_node(boot=4711)
+
+    class Cfg:
+        DEVICE = "greenhouse"
+        WIFI_BUFFER = 3
+        READ_INTERVAL = 3600  # (readings taken by the test only: the first due one is taken here)
+
+    link = link_wifi.WifiLink(Cfg, node)
+    assert link.readings.due()
+    client = link.client = FakeClient()
+    for _ in range(2):
+        link.take_reading()
+    link.send_kept()
+    kept = [json.loads(m) for t, m, q in client.sent if t == b"pico/greenhouse/reading" and q == 1]
+    assert [r["seq"] for r in kept] == [0, 1] and all(r["oldest"] == 0 and r["lost"] == 0 for r in kept)
+    for r in kept:
+        payloads.check(payloads.WifiReading, r)
+    assert b"pico/greenhouse/sensor/temp" in {t for t, _, _ in client.sent}, "live on the plain topics too"
+    link.on_message(b"pico/greenhouse/stored", b'{"boot": 4712, "seq": 1, "now": 1764070000000}')
+    link.apply_acks()
+    assert node.ring.count == 2, "another boot's acknowledgement"
+    assert node.time_ms == 1764070000000, "the time, whoever it was for"
+    link.on_message(b"pico/greenhouse/stored", b'{"boot": 4711, "seq": 0, "now": 1764070000000}')
+    link.apply_acks()
+    assert node.ring.count == 1 and node.ring.oldest_seq() == 1
+    for _ in range(4):  # seq 2..5 into a buffer of 3: 1 and 2 fall off
+        link.take_reading()
+    assert node.ring.lost == 2 and node.ring.oldest_seq() == 3
+    client.sent.clear()
+    link.on_message(b"pico/greenhouse/time", b'{"now": 1764070001000, "resend": true}')
+    link.apply_acks()
+    link.send_kept()
+    again = [json.loads(m) for t, m, _ in client.sent if t == b"pico/greenhouse/reading"]
+    assert [r["seq"] for r in again] == [3, 4, 5] and {r["lost"] for r in again} == {2}
+    assert all("ts" in r for r in again), "the Pico knows the time now"
+    hello = json.loads(link.hello())
+    payloads.check(payloads.Hello, hello)
+    assert hello["ack"] == 3 and hello["lost"] == 2 and hello["boot"] == 4711
+    link.on_message(b"pico/greenhouse/stored", b"not json")  # counted, survived
+    assert node.counts["malformed"] == 1
