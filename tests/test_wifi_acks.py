@@ -80,8 +80,8 @@ def test_broker_killed_loses_no_reading(tmp_path: Path, broker: Broker, recorder
         broker.proc.kill()
         broker.proc.wait()
         broker.proc = None
-        mark = readings(db, "w2")[-1][0]
         time.sleep(OUTAGE)  # the broker is down (the fault)
+        mark = readings(db, "w2")[-1][0]  # (now: the last readings before the kill may be committed late)
         broker.start()
         check_all(db, "w2", mark, late=OUTAGE / RATE / 2)
     finally:
