@@ -149,17 +149,19 @@ def test_payloads_and_older_firmware(tmp_path: Path, broker: Broker, recorder: R
                                                       {"id": "p0", "transport": "wifi"}], db=db)
     gw = GatewayProcess(cfg, recorder)
     from gateway.simulator.fleet import start_fleet
-    fleet = start_fleet([{"id": "p1", "transport": "wifi", "read_interval": RATE, "config": {"WIFI_BUFFER": BUFFER}},
+    fleet = start_fleet([{"id": "p1", "transport": "wifi", "read_interval": RATE, "config": {"WIFI_BUFFER": 5}},
                          {"id": "p0", "transport": "wifi", "read_interval": RATE, "config": {"WIFI_BUFFER": 0}}],
                         tmp_path / "picos", broker=(broker.host, broker.port), timeout=30)
     try:
-        wait_for(lambda: len(recorder.on("pico/p1/stored")) >= 3 and len(recorder.on("pico/p0/sensor/temp")) >= 3,
+        wait_for(lambda: (r := recorder.last("pico/p1/reading")) and json.loads(r)["seq"] >= 20
+                 and recorder.on("pico/p1/stored") and len(recorder.on("pico/p0/sensor/temp")) >= 3,
                  30, "readings acknowledged, and the other Pico's")
         hello = json.loads(recorder.last("pico/p1/hello") or "")
         payloads.check(payloads.Hello, hello)
-        assert hello["ack"] == BUFFER and hello["lost"] == 0 and hello["reset"] == "power"
+        assert hello["ack"] == 5 and hello["lost"] == 0 and hello["reset"] == "power"
         reading = json.loads(recorder.on("pico/p1/reading")[-1])
         payloads.check(payloads.WifiReading, reading)
+        assert reading["seq"] >= 20 and reading["lost"] == 0, "a buffer of 5 never full: the Pico forgets what is stored"
         assert set(reading["values"]) == {"temp", "uptime", "mem_free"} and reading["boot"] == hello["boot"]
         stored = json.loads(recorder.on("pico/p1/stored")[-1])
         payloads.check(payloads.WifiStored, stored)
