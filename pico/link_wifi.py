@@ -213,7 +213,10 @@ class WifiLink:
                         keepalive=KEEPALIVE_S)
         client.set_callback(self.on_message)
         client.set_last_will(self.topic("status"), b"offline", retain=True)
-        client.connect()
+        try:
+            client.connect(timeout=SOCKET_TIMEOUT_S)   # umqtt.simple 1.4 and later set their own
+        except TypeError:
+            client.connect()                           # earlier ones: the socket's own (_TimedSockets)
         self.client = client
         client.subscribe(self.cmd_topic)
         if self.node.ring is not None:
