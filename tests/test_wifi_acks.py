@@ -161,7 +161,7 @@ def test_payloads_and_older_firmware(tmp_path: Path, broker: Broker, recorder: R
         assert hello["ack"] == 5 and hello["lost"] == 0 and hello["reset"] == "power"
         reading = json.loads(recorder.on("pico/p1/reading")[-1])
         payloads.check(payloads.WifiReading, reading)
-        assert reading["seq"] >= 20 and reading["lost"] == 0, "a buffer of 5 never full: the Pico forgets what is stored"
+        assert reading["seq"] >= 20 and reading["lost"] == 0, "a buffer of 5 never full: stored ones forgotten"
         assert set(reading["values"]) == {"temp", "uptime", "mem_free"} and reading["boot"] == hello["boot"]
         stored = json.loads(recorder.on("pico/p1/stored")[-1])
         payloads.check(payloads.WifiStored, stored)
