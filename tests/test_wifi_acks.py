@@ -15,6 +15,7 @@ from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 from test_acks import caught_up, check_every_metric_once, check_once_in_order, check_times, readings
 from test_firmware import _isolated_firmware, load_with_stubs, make_node  # noqa: F401  (the fixture: autouse)
+from test_reliability import SessionSubscriber
 
 from gateway import payloads
 
@@ -42,6 +43,16 @@ def start(tmp_path: Path, broker: Broker, recorder: Recorder, device: str, **con
     return fleet, gw, db, cfg
 
 
+def on_mqtt_at_least_once(sub: SessionSubscriber, rows: list) -> None:
+    """Every stored reading went over the broker at least once (the Pico's QoS 1 messages,
+    to a subscriber with a persistent session)."""
+    def missing() -> set[int]:
+        with sub.lock:
+            seen = {json.loads(payload)["seq"] for _, payload, _ in sub.got}
+        return {r[1] for r in rows} - seen
+    wait_for(lambda: not missing(), 15, "every stored reading on MQTT")
+
+
 def check_all(db: Path, device: str, mark: int, late: float) -> list:
     """Everything the Pico took is stored once, in order, with its time, live readings flow
     again past row ``mark``, and at least ``late`` readings were stored late (the Pico's time)."""
@@ -56,6 +67,7 @@ def check_all(db: Path, device: str, mark: int, late: float) -> list:
 def test_wifi_gone_for_a_while_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
     """The access point goes (``wifi_fail`` drops the joined station and its connection:
     the broker is not told); the Pico keeps reading, and sends it all when back."""
+    sub = SessionSubscriber(broker, "pico/w1/reading")
     fleet, gw, db, _ = start(tmp_path, broker, recorder, "w1")
     try:
         pico = fleet["w1"]
@@ -64,8 +76,9 @@ def test_wifi_gone_for_a_while_loses_no_reading(tmp_path: Path, broker: Broker, 
         time.sleep(OUTAGE)  # the Wi-Fi is down (the fault, not a wait for something)
         mark = readings(db, "w1")[-1][0]  # (now: the last readings before the drop may be committed late)
         pico.set_sim(wifi_fail=False)
-        check_all(db, "w1", mark, late=OUTAGE / RATE / 2)
+        on_mqtt_at_least_once(sub, check_all(db, "w1", mark, late=OUTAGE / RATE / 2))
     finally:
+        sub.close()
         gw.stop()
         fleet.stop()
 
@@ -91,6 +104,7 @@ def test_broker_killed_loses_no_reading(tmp_path: Path, broker: Broker, recorder
 def test_gateway_stopped_and_started_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder) -> None:
     """The gateway stopped (SIGTERM) for a while: the broker takes the Pico's readings and
     nobody stores them; the Pico keeps them, and the gateway that starts asks for them."""
+    sub = SessionSubscriber(broker, "pico/w3/reading")
     fleet, gw, db, cfg = start(tmp_path, broker, recorder, "w3")
     try:
         assert gw.stop() == 0
@@ -98,9 +112,11 @@ def test_gateway_stopped_and_started_loses_no_reading(tmp_path: Path, broker: Br
         time.sleep(OUTAGE)  # the gateway is down (the fault)
         gw = GatewayProcess(cfg, recorder)
         rows = check_all(db, "w3", mark, late=OUTAGE / RATE / 2)
+        on_mqtt_at_least_once(sub, rows)
         diagnostics = json.loads(wait_for(lambda: recorder.last("pico/w3/diagnostics"), 5, "diagnostics"))
         assert diagnostics["counters"]["ring_lost"] == 0 and rows
     finally:
+        sub.close()
         gw.stop()
         fleet.stop()
 
