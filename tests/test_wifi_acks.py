@@ -146,6 +146,9 @@ def test_a_wedged_board_is_restarted_by_its_watchdog(tmp_path: Path, broker: Bro
                 for boot in (old_boot, hello["boot"])}
         for seqs in by_boot.values():
             assert seqs == list(range(len(seqs))), seqs[:5]
+            for boot in by_boot:  # (each boot's uptime counts from its own start)
+                check_times(conn.execute("SELECT id, seq, ts, value, ts_pico FROM readings WHERE device='w4' AND "
+                                         "metric='uptime' AND boot=? ORDER BY id", (boot,)).fetchall())
             counts = conn.execute("SELECT count(*), count(DISTINCT boot || '/' || seq || '/' || metric) FROM readings "
                                   "WHERE device='w4'").fetchone()
         assert len(by_boot[old_boot]) >= 10
