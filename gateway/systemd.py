@@ -16,6 +16,7 @@
     notifier = Notifier()
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge)); watchdog.start()
     notifier.ready("running: 3 device(s)")
+    notifier.reloading(); ...; notifier.ready("running: 4 device(s)")   # SIGHUP (gateway/reload.py)
     ...; watchdog.stop(); notifier.stopping()
 """
 
@@ -27,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -114,6 +116,13 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         return self.notify("READY=1", *([_status(status)] if status else []))
+
+    def reloading(self, status: str | None = None) -> bool:
+        """The config is being read again: ``RELOADING=1`` with ``MONOTONIC_USEC`` (when it
+        began, on CLOCK_MONOTONIC, as systemd 253+'s ``Type=notify-reload`` requires; older
+        ones ignore it). :meth:`ready` ends the reload, whatever its outcome."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *([_status(status)] if status else []))
 
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *([_status(status)] if status else []))
