@@ -41,11 +41,13 @@ Health = Callable[[], HealthResult]
 
 def stop_on_signals(stop: threading.Event) -> None:
     """SIGTERM (``systemctl stop``) and SIGINT (Ctrl-C) set ``stop``: the process then
-    shuts down in order instead of dying. Only the main thread may install handlers;
-    elsewhere (a test running the daemon in a thread) this does nothing."""
+    shuts down in order instead of dying. SIGHUP is ignored until the reload's handler
+    takes it (gateway/reload.py): its default would end the process. Only the main thread
+    may install handlers; elsewhere (a test running the daemon in a thread) this does nothing."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
