@@ -100,7 +100,7 @@ def reload(gw: GatewayProcess, systemd: FakeSystemd) -> None:
 
 def start(tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd,
           devices: list[dict], **top: object) -> tuple[Path, GatewayProcess]:
-    config = write_config(tmp_path / "gw.toml", broker, devices, GW, **top)
+    config = write_config(tmp_path / "gw.toml", broker, devices, GW, db=None, **top)
     gw = GatewayProcess(config, recorder, GW)
     systemd.wait_for(lambda m: any(x.startswith("READY=1") for x in m), 15)  # (SIGHUP's handler is in place)
     for device in devices:
@@ -128,6 +128,7 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
     moved2.pump()
     new.pump()
     reload(gw, systemd)
+    gone.halt()  # (nobody reads its port now)
 
     recorder.wait("pico/new/status", "online", timeout=10)
     wait_for(lambda: len(values(db, "new")) > 5, 10, "readings of the added device")
