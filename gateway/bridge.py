@@ -150,10 +150,11 @@ class Bridge(Feature):
         return link
 
     def start_device(self, device: str) -> None:
-        """Start a device added while the gateway runs, and announce it (status, claim)."""
-        self.links[device].start()
+        """Announce a device added while the gateway runs (status, claim), and start it."""
         if self.mqtt.connected.is_set():  # (else the next connect announces it, with every other)
+            # Before the start: the link's first "online" must come after this status, not before it.
             self.publish_retained(device)
+        self.links[device].start()
 
     def remove_devices(self, devices: list[str], timeout: float = LINKS_STOP) -> None:
         """Stop bridging ``devices`` while the others run on: their links stop, all at once

@@ -113,10 +113,6 @@ def applied(running: GatewayConfig, new: GatewayConfig) -> GatewayConfig:
     return new.model_copy(update={name: getattr(running, name) for name in RESTART_ONLY})
 
 
-def _ignore_hangups() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
 class Reloader(Feature):
     """Reloads ``path`` on SIGHUP (or :meth:`request`), into the running parts."""
 
@@ -144,11 +140,10 @@ class Reloader(Feature):
     def start(self) -> None:
         self._thread.start()
         # Only the main thread may install handlers (a test running the daemon in a thread
-        # calls request() instead).
+        # calls request() instead). The handler stays after the stop (which runs on another
+        # thread, where handlers cannot be changed): a SIGHUP then wakes nobody.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._on_signal)
-            # At the stop, a SIGHUP is ignored: its default would end the process before its last words.
-            self.hook(_ignore_hangups)
 
     def stop(self) -> None:
         self._stopping.set()

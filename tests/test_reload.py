@@ -8,6 +8,7 @@ socket in systemd's place (``NOTIFY_SOCKET``) that hears ``RELOADING=1`` and the
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import threading
@@ -114,10 +115,15 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
         picos[name] = Pumped(name, base)
     keep, gone, moved, moved2, new = picos.values()
     db = tmp_path / "readings.db"
+    wifi = {"id": "balcony", "transport": "wifi"}  # a Pico W: heard on the broker, through subscriptions
     config, gw = start(tmp_path, broker, recorder, systemd, [uart(keep), uart(gone), uart(moved)],
                        diagnostics_interval=1)
+    write_config(config, broker, [uart(keep), uart(gone), uart(moved), wifi], GW, diagnostics_interval=1)
+    reload(gw, systemd)  # (added: a device of a link that subscribes)
     for peer in (keep, gone, moved):
         peer.pump()
+    recorder.publish("pico/balcony/sensor/temp", "21.5")
+    wait_for(lambda: values(db, "balcony") == [21.5], 10, "the Pico W's reading stored")
     wait_for(lambda: len(seqs(db, "keep")) > 20 and len(seqs(db, "gone")) > 20, 10, "readings of every device")
     recorder.wait("pico/gone/diagnostics", timeout=10)
     recorder.wait("pico/gone/state/led", "off")
@@ -137,9 +143,16 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
         recorder.wait(f"pico/gone/{topic}", "", timeout=10)  # cleared (an empty retained message)
     recorder.wait(f"homeassistant/device/{GW}_gone/config", "", timeout=10)
     assert f"homeassistant/device/{GW}_new/config" in {m.topic for m in recorder.received()}
-    # A round of diagnostics after the reload: it must not bring the removed device back.
+    recorder.wait(f"homeassistant/device/{GW}_balcony/config", "", timeout=10)
+    # Their subscriptions went with them: a command for gone, a reading of balcony's are not heard.
+    recorder.publish("pico/gone/cmd/led", "on")
+    recorder.publish("pico/balcony/sensor/temp", "22.5")
+    # A round of diagnostics after those: it must not bring the removed device back.
     mark = recorder.mark("pico/keep/diagnostics")
     wait_for(lambda: len(recorder.on("pico/keep/diagnostics")) > mark + 1, 10, "diagnostics after the reload")
+    summary = json.loads(recorder.last(f"pico/bridge/{GW}/diagnostics") or "{}")
+    assert summary["bridge"].get("commands_not_owned", 0) == 0
+    assert recorder.on("pico/gone/result/led") == []
     fresh = Recorder(broker, topics=["pico/gone/#", f"homeassistant/+/{GW}_gone/#"])
     try:
         fresh.publish("pico/gone/probe", "p")
@@ -157,8 +170,10 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
     statuses = recorder.on("pico/keep/status")
     assert "offline" not in statuses[statuses.index("online"):]  # (before it: the gateway's start)
     out = gw.output()
-    assert "added new; removed gone; restarted moved; 1 device(s) unchanged" in out
+    assert "added new; removed gone, balcony; restarted moved; 1 device(s) unchanged" in out
+    assert values(db, "balcony") == [21.5]  # (22.5 came after its removal)
     assert gw.stop() == 0
+    assert " ERROR " not in gw.output()  # (the reload's part stopped cleanly too)
 
 
 def test_a_config_with_problems_at_reload_changes_nothing(
