@@ -99,10 +99,22 @@ def reload(gw: GatewayProcess, systemd: FakeSystemd) -> None:
                      and m[-1].startswith("READY=1"), 15)
 
 
-def start(tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd,
+@pytest.fixture
+def started() -> Iterator[list[GatewayProcess]]:
+    """Gateways a test started, stopped at its end, whatever happened (a gateway left running
+    would go on opening pseudo-terminals whose numbers other tests get next)."""
+    gateways: list[GatewayProcess] = []
+    yield gateways
+    for gw in gateways:
+        if gw.proc.poll() is None:
+            gw.stop()
+
+
+def start(tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, started: list[GatewayProcess],
           devices: list[dict], **top: object) -> tuple[Path, GatewayProcess]:
     config = write_config(tmp_path / "gw.toml", broker, devices, GW, db=None, **top)
     gw = GatewayProcess(config, recorder, GW)
+    started.append(gw)
     systemd.wait_for(lambda m: any(x.startswith("READY=1") for x in m), 15)  # (SIGHUP's handler is in place)
     for device in devices:
         recorder.wait(f"pico/{device['id']}/status", "online", timeout=15)
@@ -110,46 +122,47 @@ def start(tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSyste
 
 
 def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
-        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped]) -> None:
+        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped],
+        started: list[GatewayProcess]) -> None:
     for name, base in (("keep", 20.0), ("gone", 30.0), ("moved", 40.0), ("moved2", 50.0), ("new", 60.0)):
         picos[name] = Pumped(name, base)
     keep, gone, moved, moved2, new = picos.values()
     db = tmp_path / "readings.db"
     wifi = {"id": "balcony", "transport": "wifi"}  # a Pico W: heard on the broker, through subscriptions
-    config, gw = start(tmp_path, broker, recorder, systemd, [uart(keep), uart(gone), uart(moved)],
+    config, gw = start(tmp_path, broker, recorder, systemd, started, [uart(keep), uart(gone), uart(moved)],
                        diagnostics_interval=1)
     write_config(config, broker, [uart(keep), uart(gone), uart(moved), wifi], GW, diagnostics_interval=1)
     reload(gw, systemd)  # (added: a device of a link that subscribes)
     for peer in (keep, gone, moved):
         peer.pump()
     recorder.publish("pico/balcony/sensor/temp", "21.5")
-    wait_for(lambda: values(db, "balcony") == [21.5], 10, "the Pico W's reading stored")
-    wait_for(lambda: len(seqs(db, "keep")) > 20 and len(seqs(db, "gone")) > 20, 10, "readings of every device")
-    recorder.wait("pico/gone/diagnostics", timeout=10)
+    wait_for(lambda: values(db, "balcony") == [21.5], 20, "the Pico W's reading stored")
+    wait_for(lambda: len(seqs(db, "keep")) > 20 and len(seqs(db, "gone")) > 20, 20, "readings of every device")
+    recorder.wait("pico/gone/diagnostics", timeout=20)
     recorder.wait("pico/gone/state/led", "off")
     hellos = keep.hello_requests()
 
     # gone leaves, moved is now on another port, new comes; keep is written the same.
     write_config(config, broker, [uart(keep), uart(moved2, "moved"), uart(new)], GW, diagnostics_interval=1)
-    moved2.pump()
-    new.pump()
     reload(gw, systemd)
     gone.halt()  # (nobody reads its port now)
+    moved2.pump()
+    new.pump()
 
-    recorder.wait("pico/new/status", "online", timeout=10)
-    wait_for(lambda: len(values(db, "new")) > 5, 10, "readings of the added device")
-    wait_for(lambda: any(v >= 50 for v in values(db, "moved")), 10, "readings of the changed device on its new port")
+    recorder.wait("pico/new/status", "online", timeout=20)
+    wait_for(lambda: len(values(db, "new")) > 5, 20, "readings of the added device")
+    wait_for(lambda: any(v >= 50 for v in values(db, "moved")), 20, "readings of the changed device on its new port")
     for topic in ("status", "state/led", "owner", "diagnostics"):
-        recorder.wait(f"pico/gone/{topic}", "", timeout=10)  # cleared (an empty retained message)
-    recorder.wait(f"homeassistant/device/{GW}_gone/config", "", timeout=10)
+        recorder.wait(f"pico/gone/{topic}", "", timeout=20)  # cleared (an empty retained message)
+    recorder.wait(f"homeassistant/device/{GW}_gone/config", "", timeout=20)
     assert f"homeassistant/device/{GW}_new/config" in {m.topic for m in recorder.received()}
-    recorder.wait(f"homeassistant/device/{GW}_balcony/config", "", timeout=10)
+    recorder.wait(f"homeassistant/device/{GW}_balcony/config", "", timeout=20)
     # Their subscriptions went with them: a command for gone, a reading of balcony's are not heard.
     recorder.publish("pico/gone/cmd/led", "on")
     recorder.publish("pico/balcony/sensor/temp", "22.5")
     # A round of diagnostics after those: it must not bring the removed device back.
     mark = recorder.mark("pico/keep/diagnostics")
-    wait_for(lambda: len(recorder.on("pico/keep/diagnostics")) > mark + 1, 10, "diagnostics after the reload")
+    wait_for(lambda: len(recorder.on("pico/keep/diagnostics")) > mark + 1, 20, "diagnostics after the reload")
     summary = json.loads(recorder.last(f"pico/bridge/{GW}/diagnostics") or "{}")
     assert summary["bridge"].get("commands_not_owned", 0) == 0
     assert recorder.on("pico/gone/result/led") == []
@@ -162,9 +175,9 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
         fresh.close()
 
     # keep: its link was never touched, and not one reading is missing.
-    wait_for(lambda: len(seqs(db, "keep")) > 60, 10, "keep's readings after the reload")
+    wait_for(lambda: len(seqs(db, "keep")) > 60, 20, "keep's readings after the reload")
     sent = keep.halt()
-    wait_for(lambda: len(seqs(db, "keep")) == sent, 10, "every reading of keep stored")
+    wait_for(lambda: len(seqs(db, "keep")) == sent, 20, "every reading of keep stored")
     assert seqs(db, "keep") == list(range(sent))
     assert keep.hello_requests() == hellos  # its port was not opened again
     statuses = recorder.on("pico/keep/status")
@@ -177,11 +190,12 @@ def test_reload_adds_removes_and_changes_devices_while_the_others_run_on(
 
 
 def test_a_config_with_problems_at_reload_changes_nothing(
-        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped]) -> None:
+        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped],
+        started: list[GatewayProcess]) -> None:
     picos["keep"] = keep = Pumped("keep")
     picos["new"] = new = Pumped("new")
     db = tmp_path / "readings.db"
-    config, gw = start(tmp_path, broker, recorder, systemd, [uart(keep)])
+    config, gw = start(tmp_path, broker, recorder, systemd, started, [uart(keep)])
     keep.pump()
     # A device with a misspelt key and an unusable broker host: every problem is logged with its key.
     config.write_text(config.read_text().replace(f'host = "{broker.host}"', 'host = "mqtt://broker"')
@@ -193,17 +207,18 @@ def test_a_config_with_problems_at_reload_changes_nothing(
     assert "reload refused: 2 problem(s)" in systemd.wait_for(lambda m: True, 0)[-1]  # (its STATUS=)
     # The old config runs on: keep's readings are stored, new is not bridged.
     before = len(seqs(db, "keep"))
-    wait_for(lambda: len(seqs(db, "keep")) > before + 20, 10, "keep's readings after the refused reload")
+    wait_for(lambda: len(seqs(db, "keep")) > before + 20, 20, "keep's readings after the refused reload")
     assert recorder.on("pico/new/status") == []
     assert gw.stop() == 0
 
 
 def test_settings_only_a_restart_applies_are_named(
-        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped]) -> None:
+        tmp_path: Path, broker: Broker, recorder: Recorder, systemd: FakeSystemd, picos: dict[str, Pumped],
+        started: list[GatewayProcess]) -> None:
     picos["keep"] = keep = Pumped("keep")
     db = tmp_path / "readings.db"
     # (diagnostics every 2 s, then 1 s: the round after the reload is due within 2 s)
-    config, gw = start(tmp_path, broker, recorder, systemd, [uart(keep)], diagnostics_interval=2)
+    config, gw = start(tmp_path, broker, recorder, systemd, started, [uart(keep)], diagnostics_interval=2)
     keep.pump()
     other = tmp_path / "other" / "readings.db"
     write_config(config, broker, [uart(keep)], GW, db=other, diagnostics_interval=1)
@@ -213,10 +228,10 @@ def test_settings_only_a_restart_applies_are_named(
     assert "restart needed for store.path" in systemd.wait_for(lambda m: True, 0)[-1]
     # The running database stays; diagnostics_interval applies at once.
     before = len(seqs(db, "keep"))
-    wait_for(lambda: len(seqs(db, "keep")) > before + 20, 10, "readings in the running database")
+    wait_for(lambda: len(seqs(db, "keep")) > before + 20, 20, "readings in the running database")
     assert not other.exists()
     mark = recorder.mark("pico/keep/diagnostics")
-    wait_for(lambda: len(recorder.on("pico/keep/diagnostics")) >= mark + 2, 10, "diagnostics every second")
+    wait_for(lambda: len(recorder.on("pico/keep/diagnostics")) >= mark + 2, 20, "diagnostics every second")
     assert gw.stop() == 0
 
 
