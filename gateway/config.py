@@ -14,14 +14,14 @@ would fail on (:func:`runtime_problems`: the password and TLS files, the
 database's folder, the devices' addresses), so that ``run`` stops before it
 starts anything, with exit status 2, the one systemd does not restart on.
 
-Each transport's device keys live with its link (``gateway/links/<transport>.py``).
+Each transport's device keys live with its link (``gateway/links/<transport>.py``);
+the machine's checks are in :mod:`gateway.config_checks`, the wording of errors in
+:mod:`gateway.config_messages`.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import pwd
 import re
 import socket
 import ssl
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -42,8 +41,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.config_checks import runtime_problems
+from gateway.config_messages import describe
 from gateway.discovery import DiscoveryConfig
-from gateway.domain import DEVICE_ID_PATTERN, StrictModel
+from gateway.domain import DEVICE_ID_PATTERN, RECORDER_GROUP_PATTERN, StrictModel
 from gateway.hosts import host_advice, is_host
 from gateway.links import LINKS, PluginError, load_plugin
 from gateway.links.base import DeviceConfig
@@ -299,9 +300,6 @@ class StoreConfig(StrictModel):
         return v
 
 
-RECORDER_GROUP_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-
 class RecorderConfig(StrictModel):
     """``pico-gateway record``: a process that stores every reading of the tree (gateway/recorder.py)."""
 
@@ -379,7 +377,7 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> Gateway
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, [_describe(err, data) for err in exc.errors()]) from None
+        raise ConfigError(path, [describe(err, data, GatewayConfig) for err in exc.errors()]) from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -408,102 +406,6 @@ def load_config_or_report(path: str | Path) -> GatewayConfig | None:
         return None
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def current_user() -> str:
-    """Who this process is, for messages about what it may write."""
-    try:
-        return f"user '{pwd.getpwuid(os.geteuid()).pw_name}'"
-    except KeyError:
-        return f"uid {os.geteuid()}"
-
-
-def store_path_problem(path: Path, key: str = "store.path") -> str | None:
-    """Why the gateway, as the user this process runs as, could not open ``path`` as its
-    database: a directory, not a file, not SQLite, or a folder it may not create or
-    write in (SQLite writes its -wal and -shm files beside the database). None when it can.
-
-    ``os.access`` answers for the real user, and says no on a read-only file system,
-    as the service's ``ProtectSystem=strict`` makes every folder but its own."""
-    path = Path(os.path.abspath(path))
-    if os.path.isdir(path):
-        return (f"{key}: {path} is a directory: name the database file in it, "
-                f'e.g. path = "{path / "readings.db"}"')
-    if os.path.lexists(path):
-        if not os.path.isfile(path):
-            return f"{key}: {path} is not a regular file: name a file for the database, e.g. readings.db"
-        if not os.access(path, os.R_OK | os.W_OK):
-            return (f"{key}: {current_user()} may not read and write {path}: change its owner or mode, "
-                    "or choose another path")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(len(SQLITE_HEADER))
-        except OSError as exc:
-            return f"{key}: cannot read {path}: {exc.strerror or exc}"
-        if head and head != SQLITE_HEADER:
-            return f"{key}: {path} is not an SQLite database: choose another path (the gateway never overwrites it)"
-        folder = path.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            return (f"{key}: {current_user()} may not create files in {folder} (SQLite keeps its journal beside "
-                    f"the database): make the folder writable for it, or choose another path")
-        return None
-    folder = path.parent
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent  # the gateway creates the missing folders: can it, in the nearest existing one?
-    if not os.path.isdir(folder):
-        return f"{key}: cannot create {path}: {folder} is not a directory"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return (f"{key}: {current_user()} may not create {path}: it cannot write in {folder}; create the folder "
-                "for it (owned by the gateway's user), or choose another path")
-    return None
-
-
-def _device_label(index: int, device: DeviceConfig) -> str:
-    return f"devices[{index}] (id '{device.id}')"
-
-
-def device_problems(devices: list[tuple[int, DeviceConfig]]) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the devices' addresses, each device's own (its link's
-    ``DeviceConfig.address_problems``: a port that is not a device path, a tcp host that is
-    not one, ...), and two devices on one address. ``devices``: (index in the file, device)."""
-    problems: list[str] = []
-    notes: list[str] = []
-    claimed: dict[tuple[str, ...], str] = {}  # the address one device uses -> that device
-    for index, device in devices:
-        label = _device_label(index, device)
-        own, said, address = device.address_problems(label)
-        problems += own
-        notes += said
-        if address is None:
-            continue
-        if address in claimed:
-            problems.append(f"{label}: the same {address[0]} as {claimed[address]}: one Pico cannot be two devices")
-        else:
-            claimed[address] = label
-    return problems, notes
-
-
-def runtime_problems(mqtt: MqttConfig | None, store: StoreConfig | None, devices: list[tuple[int, DeviceConfig]],
-                     running: bool) -> tuple[list[str], list[str]]:
-    """(problems, notes): everything beyond the file's validation that ``run`` would fail
-    on, each naming its key: the password and TLS files, the database's path, the devices'
-    addresses (of the sections given: None for one that did not validate).
-    ``running``: for ``run`` itself, where a systemd credential outside the service is
-    a problem too, not a note."""
-    problems: list[str] = []
-    notes: list[str] = []
-    if mqtt is not None:
-        problems, notes = mqtt.file_problems()
-        if running and notes:
-            problems, notes = problems + notes, []
-    store_problem = store_path_problem(store.path) if store is not None else None
-    if store_problem:
-        problems.append(store_problem)
-    device_issues, device_notes = device_problems(devices)
-    return problems + device_issues, notes + device_notes
-
-
 def _valid_parts(data: dict[str, Any]) -> tuple[MqttConfig | None, StoreConfig | None, list[tuple[int, DeviceConfig]]]:
     """The sections of a file that does not validate as a whole which do alone: their
     runtime problems are reported with the file's, so that one round of fixes is enough."""
@@ -529,111 +431,12 @@ def load_runnable(path: str | Path, running: bool) -> tuple[GatewayConfig, list[
     try:
         config = parse_config(data, path)
     except ConfigError as exc:
-        extra, _ = runtime_problems(*_valid_parts(data), running=running)
+        mqtt, store, devices = _valid_parts(data)
+        extra, _ = runtime_problems(mqtt.file_problems() if mqtt else None, store.path if store else None,
+                                    devices, running=running)
         raise ConfigError(path, exc.problems + extra) from None
-    problems, notes = runtime_problems(config.mqtt, config.store, list(enumerate(config.devices)), running)
+    problems, notes = runtime_problems(config.mqtt.file_problems(), config.store.path,
+                                       list(enumerate(config.devices)), running)
     if problems:
         raise ConfigError(path, problems)
     return config, notes
-
-
-def _describe(err: Any, data: dict[str, Any]) -> str:
-    """``devices[1] (id 'shed').baudrate: <message>`` from a pydantic error."""
-    loc = list(err["loc"])
-    out = ""
-    model: type[BaseModel] | None = GatewayConfig
-    transport = None
-    if loc[:1] == ["devices"] and len(loc) >= 2 and isinstance(loc[1], int):
-        index = loc[1]
-        raw = data.get("devices")
-        device = raw[index] if isinstance(raw, list) and index < len(raw) else None
-        dev_id = device.get("id") if isinstance(device, dict) else None
-        out = f"devices[{index}]" + (f" (id '{dev_id}')" if isinstance(dev_id, str) and dev_id else "")
-        rest = loc[2:]
-        transport = device.get("transport") if isinstance(device, dict) else None
-        link = LINKS.get(transport) if isinstance(transport, str) else None
-        model = link.Config if link else None
-        loc = rest
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    kind = err["type"]
-    message = err["msg"]
-    if kind == "value_error" and err.get("ctx", {}).get("error") is not None:
-        message = str(err["ctx"]["error"])  # without pydantic's "Value error, " in front
-    elif kind == "extra_forbidden":
-        message = _unknown_key(str(loc[-1]), _model_at(model, loc[:-1]), transport,
-                               top_level=transport is None and len(loc) == 1)
-    elif kind == "string_pattern_mismatch":
-        message = _pattern_message(err.get("ctx", {}).get("pattern", ""), err.get("input"), message)
-    elif kind == "union_tag_invalid":
-        message = (f"unknown transport; expected one of: {', '.join(LINKS)} (a plugin's transport: name its "
-                   "module in plugins, docs/links.md)")
-    elif kind == "union_tag_not_found":
-        message = f"missing 'transport' (one of: {', '.join(LINKS)})"
-    return f"{out}: {message}" if out else message
-
-
-def _model_at(model: type[BaseModel] | None, loc: list[Any]) -> type[BaseModel] | None:
-    """The config model (section) found by following ``loc``'s keys down from ``model``."""
-    for part in loc:
-        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
-        annotation = field.annotation if field is not None else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return model
-
-
-def _sections() -> dict[str, type[BaseModel]]:
-    """Every section of the file by its TOML name: ``""`` (the top level), ``mqtt``, ``mqtt.tls``, ..."""
-    found: dict[str, type[BaseModel]] = {}
-
-    def walk(name: str, model: type[BaseModel]) -> None:
-        found[name] = model
-        for key, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(f"{name}.{key}" if name else key, annotation)
-
-    walk("", GatewayConfig)
-    return found
-
-
-def _unknown_key(key: str, model: type[BaseModel] | None, transport: str | None, top_level: bool) -> str:
-    """What to say of an unknown ``key`` of ``model`` (a device's when ``transport``): a near
-    miss among the keys at its level ("did you mean"), or where it belongs (a key written
-    below the wrong [section] line, a key of another transport's devices)."""
-    known = [name for name, field in (model.model_fields.items() if model else ()) if not field.exclude]
-    what = f"unknown key for a {transport} device" if transport else "unknown key"
-    close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
-    if close:
-        return f"{what}; did you mean {' or '.join(repr(c) for c in close)}?"
-    homes = [name for name, section in _sections().items() if key in section.model_fields]
-    others = [t for t, link in LINKS.items() if t != transport and key in link.Config.model_fields]
-    if "" in homes:
-        return (f"{what}; '{key}' is a top-level key: move it above the first [section] line "
-                "(every key below a [section] line belongs to that section)")
-    if homes:
-        return f"{what}; '{key}' belongs under [{homes[0]}]"
-    if others and transport:
-        return f"{what}; '{key}' is a key of {', '.join(others)} devices (docs/links.md)"
-    if others and top_level:
-        return f"{what}; '{key}' is a device key: write it under a [[devices]] entry"
-    if not known:
-        return what
-    return f"{what}; the keys here are: {', '.join(known)}" + (" (docs/links.md)" if transport else "")
-
-
-def id_suggestion(value: str) -> str:
-    """``value`` made into a valid id, as :func:`default_gateway_id` makes the host name one."""
-    name = re.sub(r"[^a-z0-9_-]", "-", value.strip().lower()).lstrip("-_")[:64]
-    return name
-
-
-def _pattern_message(pattern: str, value: Any, fallback: str) -> str:
-    """A pattern mismatch in words, not as the regular expression."""
-    if pattern == DEVICE_ID_PATTERN:
-        fix = id_suggestion(value) if isinstance(value, str) else ""
-        return ("ids are lower case: letters a-z, digits, '-' and '_', at most 64, starting with a letter or "
-                "digit" + (f'; write "{fix}"' if fix and fix != value else ""))
-    if pattern == RECORDER_GROUP_PATTERN:
-        return "letters, digits, '-' and '_' only, 1 to 64 of them"
-    return fallback

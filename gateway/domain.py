@@ -17,6 +17,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+RECORDER_GROUP_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # a shared-subscription group name
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 RESERVED_IDS = frozenset({"bridge"})
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)

@@ -22,6 +22,11 @@ frames strictly in sequence order from the number the answer gives (anything
 else comes again: a gap asks for a resend), hands readings on with the Pico's
 boot (the store refuses one it has already), and once the store has committed
 them says so (``K``, :meth:`stored`, at most once per commit).
+
+One module, past 400 lines, because it is one conversation's state: the sequence
+accounting, the Pico's clock, the commands waiting for answers and the acknowledged
+stream all follow the same frames in the same order, and each reads what the others
+have seen (a resend answer moves the sequence, a hello resets the clock and the acks).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ pseudo-terminal), I2CTarget (memory mode and IRQ mode, served on a Unix socket,
 see gateway.simulator.i2c_bus), I2C (controller with an empty bus), Timer,
 WDT, unique_id, reset, soft_reset, reset_cause, freq, idle, lightsleep,
 deepsleep, disable_irq/enable_irq, bootloader.
+
+One module, past 400 lines, because a firmware imports ``machine`` as one module,
+and each class here is the host half of one of its peripherals.
 """
 
 import errno
