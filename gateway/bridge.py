@@ -109,7 +109,7 @@ class Bridge(Feature):
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
         """For a link that hears its device on the broker (wifi); removed at :meth:`stop`, or
-        with the device (:meth:`remove_device`): the device is the filter's level below the base."""
+        with the device (:meth:`remove_devices`): the device is the filter's level below the base."""
         self._hook_device(self._device_of(topic_filter), self.mqtt.subscribe(topic_filter, handler))
 
     def _device_of(self, topic_filter: str) -> str | None:
