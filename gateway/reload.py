@@ -28,7 +28,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,7 +51,8 @@ log = logging.getLogger("gateway.reload")
 RESTART_ONLY = ("gateway_id", "mqtt", "store", "homeassistant", "adopt_wifi_picos")
 """Top-level settings a reload does not apply: the connection, the database and the
 parts built on them are made once, at the start."""
-STOP_JOIN = 2.0  # seconds the stop waits for a reload in progress (its link stops are bounded themselves)
+STOP_JOIN = 0.5  # seconds the stop waits for a reload in progress: a reload takes milliseconds, and the
+# gateway's whole stop has 4 s (daemon.STOP_BUDGET); one still running then is left to end with the process
 
 
 @dataclass
@@ -120,8 +120,7 @@ class Reloader(Feature):
     stop_floor = STOP_JOIN
 
     def __init__(self, path: str | Path, running: GatewayConfig, bridge: Bridge, discovery: Discovery,
-                 diagnostics: Diagnostics, kept: KeptCounters, notifier: Notifier,
-                 load: Callable[[str | Path], GatewayConfig] | None = None) -> None:
+                 diagnostics: Diagnostics, kept: KeptCounters, notifier: Notifier) -> None:
         super().__init__()
         self.path = path
         self.running = running
@@ -130,12 +129,9 @@ class Reloader(Feature):
         self.diagnostics = diagnostics
         self.kept = kept
         self.notifier = notifier
-        self._load = load or (lambda p: load_runnable(p, running=True)[0])
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reload", daemon=True)
-        self.reloads = 0  # reloads done, applied or refused
-        self.refused = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -178,9 +174,9 @@ class Reloader(Feature):
         status = f"running: {len(self.bridge.links)} device(s)"
         try:
             try:
-                new = self._load(self.path)
+                new, _ = load_runnable(self.path, running=True)  # (its notes were for check-config)
             except ConfigError as exc:
-                self.refused += 1
+                self.bridge.stats["reloads_refused"] += 1
                 log.error("reload refused: %s has %d problem(s); the running config stays", self.path,
                           len(exc.problems))
                 for problem in exc.problems:
@@ -198,7 +194,7 @@ class Reloader(Feature):
             log.info("reloaded %s in %.0f ms: %s", self.path, (time.monotonic() - began) * 1000, changes.summary())
             return changes
         finally:
-            self.reloads += 1
+            self.bridge.stats["reloads"] += 1  # (published in the bridge diagnostics)
             self.notifier.ready(status)
 
     def _apply(self, changes: Changes) -> None:

@@ -205,6 +205,9 @@ def test_a_config_with_problems_at_reload_changes_nothing(
     assert "reload refused" in out and "the running config stays" in out
     assert "mqtt.host" in out and "devices[1] (id 'new').baudrat" in out
     assert "reload refused: 2 problem(s)" in systemd.wait_for(lambda m: True, 0)[-1]  # (its STATUS=)
+    recorder.publish(f"pico/bridge/{GW}/diagnostics/refresh", "")
+    wait_for(lambda: json.loads(recorder.last(f"pico/bridge/{GW}/diagnostics") or "{}").get("bridge", {})
+             .get("reloads_refused") == 1, 20, "the refused reload counted in the bridge diagnostics")
     # The old config runs on: keep's readings are stored, new is not bridged.
     before = len(seqs(db, "keep"))
     wait_for(lambda: len(seqs(db, "keep")) > before + 20, 20, "keep's readings after the refused reload")
