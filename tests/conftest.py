@@ -103,7 +103,7 @@ def virtual(tmp_path: Path, broker: Broker, recorder: Recorder):
 
     fleets = []
     gateways: list[GatewayProcess] = []
-    sim_only = ("read_interval", "sim", "firmware", "runtime")
+    sim_only = ("read_interval", "sim", "firmware", "runtime", "config")
 
     def start(devices: list[dict], gateway_id: str = "testgw", **top: object):
         """``top``: extra top-level config keys, e.g. ``diagnostics_interval=1``."""

@@ -29,6 +29,11 @@ sidecar key          env var                      meaning
                                                   (status -2, no AP found)
 ``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
                                                   memory-mode read (torn reads)
+``i2c_fail``         ``PICOSIM_I2C_FAIL``         the Pico's I2C targets do not
+                                                  acknowledge their address (a
+                                                  pulled wire): every transaction
+                                                  fails with EREMOTEIO; the
+                                                  firmware runs on
 ``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
 ``pins``             (sidecar only)               level of input pins, e.g.
                                                   ``{"15": 0}`` (a pressed button)
@@ -54,6 +59,7 @@ DEFAULTS = {
     "mem_free": 171000,
     "wifi_fail": False,
     "i2c_byte_delay_us": 0,
+    "i2c_fail": False,
     "unique_id": "",
     "pins": {},
 }
@@ -67,6 +73,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "mem_free": ("PICOSIM_MEM_FREE", int),
     "wifi_fail": ("PICOSIM_WIFI_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "i2c_byte_delay_us": ("PICOSIM_I2C_BYTE_DELAY_US", int),
+    "i2c_fail": ("PICOSIM_I2C_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "unique_id": ("PICOSIM_UNIQUE_ID", str),
 }
 
@@ -79,8 +86,8 @@ _sidecar: dict = {}
 state_path = None          # pico.json, or None (no state file)
 i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
 device_id = "pico"
-_state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
-          "led": "off", "pid": os.getpid()}
+ENDPOINTS = ("uart", "usb", "i2c_socket", "tcp")  # pico.json's entries for the board's ports, kept across resets
+_state = {**dict.fromkeys(ENDPOINTS), "led": "off", "pid": os.getpid()}
 _log = sys.stderr
 BOOT = time.monotonic()
 
