@@ -14,10 +14,11 @@ random number a Pico that keeps its readings until they are acknowledged draws a
 each boot (docs/protocol.md); such a Pico sends a reading again when it cannot know
 it was stored, and the store keeps one row per (device, boot, seq, metric) (a
 partial unique index: rows without a boot cost nothing). ``ts_pico`` is 1 when
-``ts`` is the Pico's own time of the reading (one it sent late, from its buffer),
-0 when it is the time the gateway received it. ``sent`` is the outbox: 0 until the broker
-acknowledged the reading's message, then 1; 2 when the backlog bound made the
-gateway give up publishing it (the reading stays here). A partial index keeps
+``ts`` is the Pico's own time of the reading (one it sent late, from its buffer, or an
+i2c snapshot read from its ring), 0 when it is the time the gateway received it.
+``sent`` is the outbox: 0 until the broker acknowledged the reading's message, then
+1; 2 when the backlog bound made the gateway give up publishing it (the reading
+stays here). A partial index keeps
 the unsent rows cheap to find however big the table grows. Table
 ``counters(device, name, value)`` keeps the few link counters that count across
 runs (gateway/kept_counters.py).

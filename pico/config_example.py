@@ -17,6 +17,10 @@ UART = {"id": 0, "baudrate": 115200, "tx": 0, "rx": 1}
 
 # i2c: the Pico is a target on I2C0 (GP4 SDA, GP5 SCL) at addr
 I2C = {"id": 0, "addr": 0x43, "sda": 4, "scl": 5}
+# i2c: snapshots kept for the Pi to read back after polls it missed
+# (docs/protocol.md 2.1). 56 bytes each: 32 (160 s at 5 s) take 1.8 kB; at
+# most 255; 0 keeps none.
+I2C_RING = 32
 
 # wifi and tcp (Pico W). broker/port/base/user/mqtt_password/client_id are
 # used by the wifi link only; client_id defaults to "pico-<DEVICE>".

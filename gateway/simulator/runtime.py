@@ -32,6 +32,11 @@ sidecar key          env var                      meaning
                                                   radio chip stopped answering)
 ``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
                                                   memory-mode read (torn reads)
+``i2c_fail``         ``PICOSIM_I2C_FAIL``         the Pico's I2C targets do not
+                                                  acknowledge their address (a
+                                                  pulled wire): every transaction
+                                                  fails with EREMOTEIO; the
+                                                  firmware runs on
 ``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
 ``pins``             (sidecar only)               level of input pins, e.g.
                                                   ``{"15": 0}`` (a pressed button)
@@ -58,6 +63,7 @@ DEFAULTS = {
     "wifi_fail": False,
     "wifi_hang": False,
     "i2c_byte_delay_us": 0,
+    "i2c_fail": False,
     "unique_id": "",
     "pins": {},
 }
@@ -72,6 +78,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "wifi_fail": ("PICOSIM_WIFI_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "wifi_hang": ("PICOSIM_WIFI_HANG", lambda s: s.lower() in ("1", "true", "yes")),
     "i2c_byte_delay_us": ("PICOSIM_I2C_BYTE_DELAY_US", int),
+    "i2c_fail": ("PICOSIM_I2C_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "unique_id": ("PICOSIM_UNIQUE_ID", str),
 }
 
@@ -84,8 +91,8 @@ _sidecar: dict = {}
 state_path = None          # pico.json, or None (no state file)
 i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
 device_id = "pico"
-_state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
-          "led": "off", "pid": os.getpid()}
+ENDPOINTS = ("uart", "usb", "i2c_socket", "tcp")  # pico.json's entries for the board's ports, kept across resets
+_state = {**dict.fromkeys(ENDPOINTS), "led": "off", "pid": os.getpid()}
 _log = sys.stderr
 BOOT = time.monotonic()
 
