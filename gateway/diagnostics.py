@@ -117,6 +117,17 @@ class Diagnostics(Feature):
         except sqlite3.Error as exc:  # (the backlog count needs the database)
             log.error("final diagnostics not published: %s", exc)
 
+    def set_interval(self, interval: float) -> None:
+        """A new ``diagnostics_interval`` (a reload): the next round is at most that far off."""
+        self.interval = interval
+        self._next_publish = min(self._next_publish, time.monotonic() + interval)
+
+    def forget(self, device: str) -> None:
+        """Clear the retained counters of a device no longer bridged (a reload removed it):
+        after any round in progress, which may still have had it."""
+        with self._publishing:
+            self.bridge.mqtt.publish(self.bridge.topics.diagnostics(device), "", qos=1, retain=True)
+
     def _on_refresh(self, topic: str, payload: bytes, retained: bool) -> None:
         """The MQTT thread: a request for fresh counters (the round itself runs elsewhere)."""
         if retained:  # it would ask again at every connect: not a request anyone is waiting on

@@ -254,12 +254,21 @@ def decode_owner(payload: bytes) -> str:
 class Hello(TypedDict, total=False):
     """What our firmware on a Pico W says at each connect, retained::
 
-        {"proto": 1, "fw": "1.4.0", "metrics": ["temp", "uptime", "mem_free"]}
-    """
+        {"proto": 1, "fw": "1.4.0", "metrics": ["temp", "uptime", "mem_free"],
+         "boot": 2215614181, "reset": "power", "ack": 240, "lost": 0}
+
+    ``boot``: drawn at every start; ``reset``: why the board last started (``power``,
+    ``watchdog``, ...); ``ack``: the readings it keeps until stored (its ``reading``
+    topic, docs/protocol.md), absent from firmware that keeps none; ``lost``: readings
+    its full buffer dropped since it started."""
 
     proto: int
     fw: str
     metrics: list[str]
+    boot: int
+    reset: str
+    ack: int
+    lost: int
 
 
 HELLO_PROTO = 1  # the one version of the hello there is
@@ -280,6 +289,73 @@ def hello_firmware(hello: Mapping[str, Any] | None) -> str | None:
 def is_our_hello(hello: Mapping[str, Any] | None) -> bool:
     """Whether a hello is our firmware's (what adoption requires)."""
     return hello is not None and hello.get("proto") == HELLO_PROTO
+
+
+# -- <base>/<device>/reading, stored, time (a Pico W that keeps its readings) ---------------------
+
+class WifiReading(TypedDict, total=False):
+    """One reading a Pico W keeps until the gateway stored it (QoS 1, not retained)::
+
+        {"boot": 2215614181, "seq": 17, "values": {"temp": 21.5, "uptime": 85},
+         "ts": 1764070000123, "age": 12, "lost": 0, "oldest": 15}
+
+    ``ts``: Unix ms when it was taken, when the Pico knows the time; ``age``: ms from
+    taking it to sending this message; ``lost``: readings its full buffer dropped
+    since it started; ``oldest``: the sequence number of the oldest reading it keeps."""
+
+    boot: int
+    seq: int
+    values: dict[str, float]
+    ts: int
+    age: int
+    lost: int
+    oldest: int
+
+
+class WifiStored(TypedDict):
+    """The gateway stored every reading of ``boot`` up to ``seq`` (not retained), and its
+    clock when it said so::
+
+        {"boot": 2215614181, "seq": 17, "now": 1764070000140}
+    """
+
+    boot: int
+    seq: int
+    now: int
+
+
+class WifiTime(TypedDict):
+    """The gateway's clock (not retained); ``resend``: send everything kept again::
+
+        {"now": 1764070000140, "resend": true}
+    """
+
+    now: int
+    resend: bool
+
+
+def wifi_stored(boot: int, seq: int, now: int) -> WifiStored:
+    return {"boot": boot, "seq": seq, "now": now}
+
+
+def wifi_time(now: int, resend: bool) -> WifiTime:
+    return {"now": now, "resend": resend}
+
+
+def decode_wifi_reading(payload: bytes, limit: int) -> dict[str, Any] | None:
+    """A reading's JSON object from at most ``limit`` bytes, when its ``boot``, ``seq`` and
+    ``oldest`` are sequence numbers and ``values`` an object; else None. The values
+    themselves are each checked by the reader (one bad value spoils only itself)."""
+    if len(payload) > limit:
+        return None
+    obj = _object(payload)
+    if obj is None or not isinstance(obj.get("values"), dict):
+        return None
+    for key in ("boot", "seq", "oldest"):
+        n = obj.get(key)
+        if type(n) is not int or not 0 <= n < 1 << 32:
+            return None
+    return obj
 
 
 # -- pico-gateway readings --format json / csv ---------------------------------------------------

@@ -28,6 +28,15 @@ WIFI = {"ssid": "my-network", "password": "change-me", "broker": "192.168.1.2",
         "port": 1883, "base": "pico", "user": None, "mqtt_password": None,
         "client_id": None}
 
+# wifi: readings kept in RAM until the gateway says it stored them, and sent
+# again after a Wi-Fi, broker or gateway outage (docs/protocol.md, Wi-Fi).
+# About 100 bytes each: 240 (20 minutes at 5 s) take ~24 kB of the heap. 0
+# turns it off (live readings on the sensor/<m> topics only, as before).
+WIFI_BUFFER = 240
+# wifi: the watchdog restarts the board when its loop stops turning this long
+# (ms, 8388 at most; 0 turns it off).
+WATCHDOG_MS = 8000
+
 # tcp: where the command server listens
 TCP = {"host": "0.0.0.0", "port": 8080}
 

@@ -50,8 +50,12 @@ class GatewayProcess:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
                                      stdout=self.log, stderr=self.log, cwd=REPO)
-        wait_for(lambda: self._alive() and recorder.last(f"pico/bridge/{gateway_id}/status") == "online",
-                 15, "the gateway's bridge status online")
+        try:
+            wait_for(lambda: self._alive() and recorder.last(f"pico/bridge/{gateway_id}/status") == "online",
+                     15, "the gateway's bridge status online")
+        except BaseException:  # (not left running: it would open the pseudo-terminals later tests get)
+            self.stop()
+            raise
 
     def _alive(self) -> bool:
         if self.proc.poll() is not None:

@@ -80,6 +80,10 @@ class LinkEvents(Protocol):
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None: ...
 
+    def publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> bool:
+        """For a link that talks to its Pico through the broker (wifi): False when the
+        message could not be queued (no connection, at QoS 0)."""
+
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
         """One reading (one or more values taken together)."""
 
@@ -194,6 +198,11 @@ class Link(ABC):
 
     @abstractmethod
     def set_led(self, command: LedCommand) -> bool: ...
+
+    def stored(self, rows: list[Row]) -> None:  # noqa: B027  (optional: most links acknowledge nothing)
+        """The store has these readings of this device on disk (committed now, or refused
+        as stored already), for a link whose Pico keeps them until told (wifi; the serial
+        links' sessions are told themselves). Called on the committing thread: must not block."""
 
 
 class ThreadedLink(Link):
