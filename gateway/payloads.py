@@ -118,7 +118,7 @@ class DiskBudget(TypedDict):
     """The database's size and what the gateway writes (gateway/disk_budget.py), e.g.::
 
         {"db_bytes": 52428800, "file_bytes": 56623104, "free_bytes": 20401094656,
-         "written_per_day": 1234567890.0, "growth_per_day": 8640000.0, "days_until_full": 55.6,
+         "written_per_day": 1234567890.0, "growth_per_day": 8640000.0, "days_until_full": 54.6,
          "full_at": "max_size_mb", "window_s": 3600.0, "max_bytes": 524288000}
 
     ``db_bytes``: its pages in use; ``file_bytes``: its files on disk (with the WAL);
