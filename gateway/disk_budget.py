@@ -78,7 +78,8 @@ class DiskBudgetMeter:
         self.window = window
         self.min_span = min_span
         self._samples: deque[tuple[float, int | None, int]] = deque()  # (monotonic, written, used bytes)
-    def _written(self) -> int | None:
+    def written(self) -> int | None:
+        """Bytes the gateway and its database writer have written so far (None: /proc does not say)."""
         own = written_bytes()
         if own is None:
             return None
@@ -90,7 +91,7 @@ class DiskBudgetMeter:
         for longer than ``wait``."""
         used = self.store.size(wait=wait)
         now = time.monotonic()
-        written = self._written()
+        written = self.written()
         samples = self._samples
         samples.append((now, written, used))
         while len(samples) > 2 and samples[1][0] <= now - self.window:

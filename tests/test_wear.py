@@ -146,3 +146,40 @@ def test_the_gateway_says_how_big_its_database_is_what_it_writes_and_when_it_is_
     finally:
         gw.stop()
         fleet.stop()
+
+
+def test_the_disk_budget_counts_to_the_disk_and_its_writes_survive_a_new_writer(tmp_path: Path) -> None:
+    """Without store.max_size_mb the days count to a full disk; the bytes written only grow,
+    also when the database writer process died and a new one took over (the kernel adds a
+    waited-for child's writes to the gateway's own count)."""
+    import os
+    import signal
+
+    from gateway.disk_budget import DiskBudgetMeter, written_bytes
+    from gateway.store import Store, WriterDied
+
+    store = Store(tmp_path / "readings.db")
+    meter = DiskBudgetMeter(store, None, min_span=0.2)
+    try:
+        first, start = meter.report(), time.monotonic()
+        assert first["written_per_day"] is None and first["days_until_full"] is None and first["window_s"] == 0
+        rows = [("a", "temp", float(i), 1000 + i, i) for i in range(2000)]
+        store.commit(list(rows))
+        wait_for(lambda: time.monotonic() - start >= 0.2, 5, "the rates' shortest window")
+        report = meter.report()
+        check(DiskBudget, report)
+        assert report["growth_per_day"] > 0 and report["full_at"] == "disk" and report["max_bytes"] is None
+        assert report["days_until_full"] == report["free_bytes"] / report["growth_per_day"]
+        before = meter.written()
+        pid = store.writer_pid
+        assert pid is not None and written_bytes(pid)  # (the writer wrote the WAL)
+        os.kill(pid, signal.SIGKILL)
+        try:
+            store.commit([("a", "temp", 1.0, 9000, 1)])
+        except WriterDied:
+            pass  # (the next call starts a new writer)
+        store.commit([("a", "temp", 2.0, 9001, 2)])
+        assert store.writer_pid != pid
+        assert meter.written() >= before  # type: ignore[operator]
+    finally:
+        store.close()
