@@ -78,6 +78,7 @@ class DiskBudgetMeter:
         self.window = window
         self.min_span = min_span
         self._samples: deque[tuple[float, int | None, int]] = deque()  # (monotonic, written, used bytes)
+
     def written(self) -> int | None:
         """Bytes the gateway and its database writer have written so far (None: /proc does not say)."""
         own = written_bytes()
