@@ -4,8 +4,9 @@ Runs the real gateway process against a private mosquitto and virtual Picos on
 pseudo-terminals, and prints one table (also saved as JSON in bench/results/):
 ingest with 1/4/16 links and its ceilings (bare paho, bare sqlite3), command
 round trips idle and under load, start-up time and memory, growth with devices
-and database size, memory, threads and commands under floods, then
-a py-spy profile of the 16-link ingest. Every figure is the median of
+and database size, memory, threads and commands under floods, bytes written per
+stored reading (wear) and the CPU acknowledged readings cost, then a py-spy
+profile of the 16-link ingest. Every figure is the median of
 ``--repeat`` runs (other work on the machine moves single runs; growth and
 floods: one run each unless asked).
 
