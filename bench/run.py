@@ -10,7 +10,7 @@ profile of the 16-link ingest. Every figure is the median of
 ``--repeat`` runs (other work on the machine moves single runs; growth and
 floods: one run each unless asked).
 
-    ./dev bench                   # the full run, ~15 minutes
+    ./dev bench                   # the full run, ~35 minutes (wear: 15 of them)
     ./dev bench --quick           # a smoke run: 3 s measurements, one run each
     ./dev bench --rev HEAD~3      # measure another revision (a snapshot of its gateway/)
     ./dev bench --only ingest,ceilings --links 16
