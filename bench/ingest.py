@@ -23,30 +23,36 @@ from picos import Picos
 GATEWAY_ID = "bench"
 
 
-def run(env: Env, links: int, db_template: Path | None = None, profile: Path | None = None) -> dict:
+def run(env: Env, links: int, db_template: Path | None = None, profile: Path | None = None,
+        acks: bool = False) -> dict:
     """One ingest run; ``db_template`` is copied in as the pre-existing database,
-    ``profile`` (a path) records the measured interval with py-spy (speedscope)."""
+    ``profile`` (a path) records the measured interval with py-spy (speedscope); ``acks``:
+    Picos that keep their frames until the gateway acknowledges them (bench/acks.py)."""
     work = env.tempdir(f"ingest-{links}")
     db = work / "readings.db"
     if db_template is not None:
         shutil.copyfile(db_template, db)
-    picos = Picos(links)
+    picos = Picos(links, acks=acks)
     with env.broker(work) as broker:
         sub = Subscriber(broker.host, broker.port, counter=picos.received)
         config = write_config(work / "gateway.toml", GATEWAY_ID, (broker.host, broker.port), db, picos.peers, env.qos)
         gw = GatewayProcess(env.source, config)
         try:
             wait_online(sub, GATEWAY_ID, picos.devices, gw.started, 60, gw.check)
+            if acks:  # (frames before the gateway's resend request would be refused, and sent again)
+                wait_for(picos.synced, 30, "every Pico's resend request answered", gw.check)
             since_ms = time.time_ns() // 1_000_000
             picos.feed(env.window)
             time.sleep(env.warmup)
             spy = _py_spy(gw.pid, env.duration, profile) if profile else None
             t0, cpu0, sent0, recv0 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
+            acks0 = picos.acks_received()
             others0 = others_cpu(broker, picos.pid)
             while time.monotonic() < t0 + env.duration:
                 gw.check()
                 time.sleep(0.1)
             t1, cpu1, sent1, recv1 = time.monotonic(), gw.cpu_seconds(), picos.sent, sub.received
+            acks_received = picos.acks_received() - acks0
             others1 = others_cpu(broker, picos.pid)
             picos.stop_feed()
             try:
@@ -78,6 +84,7 @@ def run(env: Env, links: int, db_template: Path | None = None, profile: Path | N
         "peak_rss_mb": memory.get("VmHWM"),
         "rss_mb": memory.get("VmRSS"),
         "drained": drained,
+        "acks_received": acks_received,  # K frames the Picos received while measured
         **loss,
     }
     result["zero_loss"] = drained and not any(result[k] for k in (

@@ -75,13 +75,16 @@ class Picos:
     count of sensor messages (``Subscriber(..., counter=picos.received)``): the
     feeder's flow control reads it."""
 
-    def __init__(self, count: int, prefix: str = "d") -> None:
+    def __init__(self, count: int, prefix: str = "d", acks: bool = False) -> None:
+        """``acks``: the Picos say in their hello that they keep frames until acknowledged
+        (docs/protocol.md 1.8), answer the gateway's resend request and count its K frames
+        (they keep nothing: the bench measures the gateway's side of it)."""
         ctx = mp.get_context("spawn")  # the parent has threads (paho): no fork
         self.received = ctx.RawValue("q", 0)
         self._sent = ctx.RawValue("q", 0)
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name="bench-picos",
-                                    args=(count, prefix, child, self.received, self._sent), daemon=True)
+                                    args=(count, prefix, child, self.received, self._sent, acks), daemon=True)
         self._process.start()
         if not self._conn.poll(30):
             raise RuntimeError("the bench's virtual Picos did not start")
@@ -100,14 +103,23 @@ class Picos:
         """Reading frames the feeder has written so far."""
         return self._sent.value
 
-    def feed(self, window: int, rate: float | None = None) -> Picos:
+    def feed(self, window: int, rate: float | None = None, chunk: int | None = None) -> Picos:
         """Start flooding (``rate``: at most that many frames per second per Pico), FLOOD_CHUNK
-        frames per write, or RATE_CHUNK at a rate."""
-        self._call("feed", window, FLOOD_CHUNK if rate is None else RATE_CHUNK, rate)
+        frames per write, or RATE_CHUNK at a rate (``chunk``: that many instead)."""
+        self._call("feed", window, chunk or (FLOOD_CHUNK if rate is None else RATE_CHUNK), rate)
         return self
 
     def stop_feed(self) -> None:
         self._call("stop_feed")
+
+    def synced(self) -> bool:
+        """Whether every Pico has answered the gateway's resend request (with ``acks``: the
+        gateway takes its frames from then on)."""
+        return bool(self._call("synced"))
+
+    def acks_received(self) -> int:
+        """K frames the Picos have received, all together."""
+        return int(self._call("acks"))  # type: ignore[call-overload]
 
     def counts(self) -> dict[str, PeerCounts]:
         return {d: PeerCounts(*c) for d, c in self._call("counts").items()}
@@ -129,13 +141,13 @@ class Picos:
         return self._conn.recv()
 
 
-def _serve(count: int, prefix: str, conn, received, sent) -> None:
+def _serve(count: int, prefix: str, conn, received, sent, acks: bool = False) -> None:
     """Child process: make the peers, then do what the parent asks until ``close``."""
     # A Pico answers a command within microseconds; here its reader thread shares a GIL
     # with the feeder, which holds it for CPython's default 5 ms at a time. Hand it over
     # sooner, so that the commands measurement times the gateway, not this process.
     sys.setswitchinterval(0.0002)
-    peers = [Peer(f"{prefix}{i:02d}") for i in range(count)]
+    peers = [Peer(f"{prefix}{i:02d}", acks) for i in range(count)]
     conn.send([(p.device, p.path) for p in peers])
     feeder: Feeder | None = None
     while True:
@@ -147,6 +159,10 @@ def _serve(count: int, prefix: str, conn, received, sent) -> None:
             if feeder is not None:
                 feeder.stop()
             conn.send(None)
+        elif op == "synced":
+            conn.send(all(p.synced for p in peers))
+        elif op == "acks":
+            conn.send(sum(p.acks_received for p in peers))
         elif op == "counts":
             conn.send({p.device: (p.seq, p.commands) for p in peers})
         elif op == "close":
@@ -166,8 +182,11 @@ class Peer:
     whole frames under a lock, so an ack never splits a burst of readings.
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, acks: bool = False) -> None:
         self.device = device
+        self.acks = acks
+        self.synced = not acks  # with acks: the gateway's resend request answered
+        self.acks_received = 0
         self.master, self.slave = os.openpty()
         tty.setraw(self.master)
         tty.setraw(self.slave)
@@ -205,7 +224,9 @@ class Peer:
             if not data:
                 return
             for frame in self._rx.feed(data):
-                if frame.type == "C":
+                if frame.type == "K":
+                    self.acks_received += 1
+                elif frame.type == "C":
                     self._answer(frame.number, frame.fields[0] if frame.fields else ("", None))
 
     def _answer(self, cid: int, field: tuple[str, str | None]) -> None:
@@ -220,10 +241,16 @@ class Peer:
         elif key == "ping":
             self._send(encode("A", cid, []))
         elif key == "hello":
+            boot = str(zlib.crc32(self.device.encode()) & 0x3FFFFFFF)  # (a boot of its own, as each Pico draws)
+            keeps = [("ack", "240"), ("boot", boot), ("lost", "0")] if self.acks else []
             with self._lock:  # the hello carries the number the next reading will have
                 self._write(encode("A", cid, []) + encode(
                     "H", self.seq, [("proto", "1"), ("fw", "bench"), ("dev", self.device[:32]),
-                                    ("led", led()), ("metrics", METRIC)]))
+                                    ("led", led()), ("metrics", METRIC), *keeps]))
+        elif key == "resend" and self.acks:
+            with self._lock:  # nothing kept: frames go on from the next number
+                self._write(encode("A", cid, [("from", str(self.seq)), ("n", "0")]))
+                self.synced = True
         else:
             self._send(encode("N", cid, [("err", "unknown")]))
 

@@ -4,12 +4,13 @@ Runs the real gateway process against a private mosquitto and virtual Picos on
 pseudo-terminals, and prints one table (also saved as JSON in bench/results/):
 ingest with 1/4/16 links and its ceilings (bare paho, bare sqlite3), command
 round trips idle and under load, start-up time and memory, growth with devices
-and database size, memory, threads and commands under floods, then
-a py-spy profile of the 16-link ingest. Every figure is the median of
+and database size, memory, threads and commands under floods, bytes written per
+stored reading (wear) and the CPU acknowledged readings cost, then a py-spy
+profile of the 16-link ingest. Every figure is the median of
 ``--repeat`` runs (other work on the machine moves single runs; growth and
 floods: one run each unless asked).
 
-    ./dev bench                   # the full run, ~15 minutes
+    ./dev bench                   # the full run, ~35 minutes (wear: 15 of them)
     ./dev bench --quick           # a smoke run: 3 s measurements, one run each
     ./dev bench --rev HEAD~3      # measure another revision (a snapshot of its gateway/)
     ./dev bench --only ingest,ceilings --links 16
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import acks
 import ceilings
 import commands
 import floods
@@ -40,9 +42,10 @@ import ingest
 import profiling
 import soak
 import startup
+import wear
 from common import REPO, Env, GatewaySource, median
 
-SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "profile", "soak")
+SECTIONS = ("ingest", "ceilings", "commands", "startup", "growth", "floods", "wear", "acks", "profile", "soak")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # the soak (an hour for its full year) runs when asked: --only soak
 RESULTS = REPO / "bench" / "results"
 
@@ -67,6 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rev", help="git revision whose gateway/ is measured (default: the working tree)")
     p.add_argument("--broker-conf", default="set_tcp_nodelay true",
                    help="extra mosquitto.conf lines, ';'-separated (default: Nagle off, see docs/performance.md)")
+    p.add_argument("--wear-devices", default="1,16,64", help="device counts for wear (default 1,16,64)")
+    p.add_argument("--wear-settings", default=",".join(wear.SETTINGS), help="store settings for wear")
+    p.add_argument("--wear-duration", type=float, help="seconds each wear figure is measured over (default 60)")
+    p.add_argument("--wear-dir", default="/var/tmp", help="where wear's databases go: a disk, not tmpfs")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but soak)")
     p.add_argument("--soak-devices", type=int, help="soak: devices at 1 reading/s (default 16; --quick: 2)")
@@ -82,6 +89,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.commands = args.commands or (200 if quick else 1000)
     args.growth_rows = args.growth_rows if args.growth_rows is not None else (1_000_000 if quick else 10_000_000)
     args.links = [int(n) for n in args.links.split(",")]
+    args.wear_devices = [int(n) for n in args.wear_devices.split(",")]
+    args.wear_settings = args.wear_settings.split(",")
+    args.wear_duration = args.wear_duration or (20.0 if quick else 60.0)
     args.growth_devices = [int(n) for n in args.growth_devices.split(",")]
     args.qos = [None if q == "default" else int(q) for q in args.qos.split(",")]
     args.only = set(args.only.split(","))
@@ -232,6 +242,10 @@ def main(argv: list[str]) -> int:
                     "{achieved_per_s:,.0f}/s published, RSS peak {peak_total_rss_mb:.1f} MB (idle "
                     "{idle_total_rss_mb:.1f}), threads peak {peak_total_threads} (idle {idle_total_threads}), "
                     "commands p99 {probe_p99_ms:.1f} ms, {probe_failed} failed")
+        if "wear" in args.only:
+            wear.measure(env, args, res, repeated)
+        if "acks" in args.only:
+            acks.measure(env, args, res, repeated)
         if "soak" in args.only:
             res["soak"] = soak.run(env, args.soak_devices, args.soak_months, args.soak_live_links)
         if "profile" in args.only:
@@ -343,6 +357,8 @@ def fill_table(t: Table, res: dict, args: argparse.Namespace) -> None:
             t.add(f"{links} device(s), {int(rows):,} rows before",
                   f"{n(m['delivered_per_s'])}/s, {n(m['cpu_s_per_1000'], 3)} CPU s/1,000", "zero loss", m["zero_loss"])
     fill_floods(t, res, args)
+    wear.fill(t, res, args, n)
+    acks.fill(t, res, args, n)
     if "soak" in res:
         soak.fill_table(t, res["soak"])
 

@@ -26,7 +26,9 @@ loop will), so every path is bounded:
 - owner claims: see gateway/ownership.py.
 
 The bridge is a Feature (gateway/features.py): its MQTT hooks are added by
-:meth:`Bridge.start` and :meth:`Bridge.add`, and removed by :meth:`Bridge.stop`.
+:meth:`Bridge.start` and :meth:`Bridge.add`, and removed by :meth:`Bridge.stop`
+(a device's own, with the device, by :meth:`Bridge.remove_devices`). A reload
+(gateway/reload.py) adds, removes and restarts devices while the others run on.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import paho.mqtt.client as paho
 from gateway import payloads
 from gateway.commands import PayloadError, parse_led_payload
 from gateway.domain import CommandError, LedCommand
-from gateway.features import Feature
-from gateway.links.base import Link
+from gateway.features import Feature, Remover
+from gateway.links import LINKS
+from gateway.links.base import DeviceConfig, Link
 from gateway.log_once import Once
 from gateway.mqtt import MqttConnection, published
 from gateway.outbox import Outbox, OutboxSettings
@@ -74,9 +77,9 @@ class Bridge(Feature):
         self.mqtt = mqtt
         self.links: dict[str, Link] = {}
         self.stats: Counter[str] = Counter()
+        self.store = store
         self.outbox = Outbox(store, mqtt, topics, outbox or OutboxSettings(), self._publishes_itself)
-        # Picos that keep readings until they are on disk hear of each commit (docs/protocol.md 1.8).
-        store.on_stored = lambda stored, refused: tell_stored(self.links, stored, refused)
+        self._device_hooks: dict[str, list[Remover]] = {}  # device -> removers of its own subscriptions
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
@@ -105,20 +108,100 @@ class Bridge(Feature):
         return link is not None and link.publishes_itself
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None:
-        """For a link that hears its device on the broker (wifi); removed at :meth:`stop`."""
-        self.hook(self.mqtt.subscribe(topic_filter, handler))
+        """For a link that hears its device on the broker (wifi); removed at :meth:`stop`, or
+        with the device (:meth:`remove_devices`): the device is the filter's level below the base."""
+        self._hook_device(self._device_of(topic_filter), self.mqtt.subscribe(topic_filter, handler))
+
+    def _device_of(self, topic_filter: str) -> str | None:
+        prefix = self.topics.base + "/"
+        level = topic_filter[len(prefix):].split("/", 1)[0] if topic_filter.startswith(prefix) else ""
+        return level if level and level not in ("+", "#") else None
+
+    def _hook_device(self, device: str | None, remover: Remover | None) -> None:
+        if device is None or remover is None:
+            self.hook(remover)
+            return
+        with self._hooks_lock:
+            self._device_hooks.setdefault(device, []).append(remover)
+
+    def _unhook_device(self, device: str) -> None:
+        with self._hooks_lock:
+            removers = self._device_hooks.pop(device, [])
+        for remove in reversed(removers):
+            remove()
+
+    def publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> bool:
+        """For a link that talks to its Pico through the broker (wifi); any thread."""
+        return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
 
     def _publishing(self) -> list[str]:
         """Devices whose status and state the gateway publishes (not the wifi ones)."""
         return [d for d, link in list(self.links.items()) if not link.publishes_itself]
 
     def add(self, link: Link) -> None:
+        """Bridge ``link`` (not started: :meth:`start`, or :meth:`start_device` once running)."""
         self.links[link.device] = link
-        self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
+        if link.device not in self._workers:  # (a link restarted with a new config keeps its worker)
+            self._workers[link.device] = ThreadPoolExecutor(1, thread_name_prefix=f"cmd-{link.device}")
         if not link.publishes_itself:  # a wifi Pico subscribes to its own commands
-            self.hook(self.mqtt.subscribe(self.topics.command(link.device, "led"), self._on_command))
+            self._hook_device(link.device, self.mqtt.subscribe(self.topics.command(link.device, "led"),
+                                                               self._on_command))
+
+    def add_device(self, config: DeviceConfig) -> Link:
+        """Make the link ``config`` describes and :meth:`add` it (not started)."""
+        link = LINKS[config.transport](config, self)
+        self.add(link)
+        return link
+
+    def start_device(self, device: str) -> None:
+        """Announce a device added while the gateway runs (status, claim), and start it."""
+        if self.mqtt.connected.is_set():  # (else the next connect announces it, with every other)
+            # Before the start: the link's first "online" must come after this status, not before it.
+            self.publish_retained(device)
+        self.links[device].start()
+
+    def remove_devices(self, devices: list[str], timeout: float = LINKS_STOP) -> None:
+        """Stop bridging ``devices`` while the others run on: their links stop, all at once
+        (within ``timeout`` seconds, else left behind, as at :meth:`stop`), their subscriptions
+        go, and so do their retained status, LED state and our claim (a wifi Pico's own status
+        and state are its own). Their readings still unsent are published as usual."""
+        links = {d: link for d in devices if (link := self.links.pop(d, None)) is not None}
+        for device in links:
+            self._unhook_device(device)  # first: a command arriving now finds no link
+        self._stop_links(links, timeout)
+        for device, link in links.items():
+            worker = self._workers.pop(device, None)
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
+            with self._pending_lock:
+                self._pending.pop(device, None)  # (its cancelled commands never count themselves down)
+            with self._state_lock:
+                self._online.pop(device, None)
+                self._led.pop(device, None)
+            if not link.publishes_itself:
+                self.mqtt.publish(self.topics.status(device), "", qos=1, retain=True)
+                self.mqtt.publish(self.topics.state(device), "", qos=1, retain=True)
+            self.mqtt.publish(self.topics.owner(device), payloads.owner(""), qos=1, retain=True)
+
+    def restart_devices(self, configs: list[DeviceConfig], timeout: float = LINKS_STOP) -> None:
+        """Replace each device's link with one made from its new config: the old links stop
+        all at once (so a port one of them held is free for another), then the new ones
+        start. Each device's counters go on, and so does its command worker."""
+        old = {c.id: link for c in configs if (link := self.links.get(c.id)) is not None}
+        for device in old:
+            self._unhook_device(device)
+        self._stop_links(old, timeout)
+        for config in configs:
+            link = self.add_device(config)
+            if config.id in old:
+                link.stats.update(old[config.id].stats)
+            self.start_device(config.id)
 
     def start(self) -> None:
+        # Picos that keep readings until they are on disk hear of each commit (docs/protocol.md 1.8).
+        store = self.store
+        store.on_stored = lambda stored, refused: tell_stored(self.links, stored, refused)
+        self.hook(lambda: setattr(store, "on_stored", None))
         self.hook(self.mqtt.on_connect(self._announce))
         self.hook(self.mqtt.after_io(self._answers_delivered))
         self.outbox.start()
@@ -133,22 +216,31 @@ class Bridge(Feature):
         with the process, as is a command still running on a worker: neither holds up the
         stop. :meth:`last_words` are what to publish last."""
         self.stopping = True
-        deadline = time.monotonic() + links_timeout
+        for worker in list(self._workers.values()):  # queued commands are dropped; a running one finishes
+            worker.shutdown(wait=False, cancel_futures=True)
+        self._stop_links(dict(self.links), links_timeout)
+        self.outbox.stop()
+        with self._hooks_lock:
+            devices = list(self._device_hooks)
+        for device in devices:
+            self._unhook_device(device)
+        self.unhook()
+
+    def _stop_links(self, links: dict[str, Link], timeout: float) -> None:
+        """Stop ``links`` all at once, waiting up to ``timeout`` seconds for all of them; one
+        still stopping then is logged, counted (``links_abandoned``) and left behind."""
+        deadline = time.monotonic() + timeout
         stoppers = [threading.Thread(target=link.stop, name=f"stop-{device}", daemon=True)
-                    for device, link in list(self.links.items())]
+                    for device, link in links.items()]
         for stopper in stoppers:
             stopper.start()
-        for worker in self._workers.values():  # queued commands are dropped; a running one finishes on its own
-            worker.shutdown(wait=False, cancel_futures=True)
         for stopper in stoppers:
             stopper.join(max(0.0, deadline - time.monotonic()))
         stuck = [s.name.removeprefix("stop-") for s in stoppers if s.is_alive()]
         if stuck:
             self.stats["links_abandoned"] += len(stuck)
             log.warning("link(s) of %s did not stop within %g s; left to end with the process",
-                        ", ".join(sorted(stuck)), links_timeout)
-        self.outbox.stop()
-        self.unhook()
+                        ", ".join(sorted(stuck)), timeout)
 
     def last_words(self) -> list[tuple[str, str]]:
         """The retained messages to publish last, once stopped: each device's 'offline', our
@@ -230,7 +322,8 @@ class Bridge(Feature):
         with self._state_lock:
             changed = self._led.get(device) != on
             self._led[device] = on
-        if changed and not self.links[device].publishes_itself:
+        link = self.links.get(device)  # (None: removed while it reported)
+        if changed and link is not None and not link.publishes_itself:
             self.mqtt.publish(self.topics.state(device), "on" if on else "off", qos=1, retain=True)
 
     def firmware(self, device: str, version: str) -> None:
@@ -238,9 +331,12 @@ class Bridge(Feature):
             self.on_firmware(device, version)
 
     def availability(self, device: str, online: bool) -> None:
+        link = self.links.get(device)
+        if link is None:
+            return  # removed (a link reports offline as it stops)
         with self._state_lock:
             self._online[device] = online
-        if not self.links[device].publishes_itself:
+        if not link.publishes_itself:
             self.mqtt.publish(self.topics.status(device), "online" if online else "offline", qos=1, retain=True)
 
     # -- MQTT side ------------------------------------------------------------------
@@ -296,7 +392,14 @@ class Bridge(Feature):
         if busy:
             self._refuse(device, "busy", command, "busy: too many commands waiting for this Pico")
             return
-        self._workers[device].submit(self._execute, link, command)
+        worker = self._workers.get(device)
+        try:
+            if worker is None:
+                raise RuntimeError("removed")
+            worker.submit(self._execute, link, command)
+        except RuntimeError:  # the device was removed (a reload) as the command arrived: not carried out
+            with self._pending_lock:
+                self._pending[device] -= 1
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no command is queued or running (for tests and shutdown)."""
@@ -328,8 +431,9 @@ class Bridge(Feature):
         device's refusal answers exceed their rate, or REFUSAL_BURST of them wait for the broker
         (then counted as refusals_unanswered, and said in the next answer)."""
         self.stats["commands_failed"] += 1
-        link = self.links[device]
-        link.stats["commands_failed"] += 1
+        link = self.links.get(device)
+        counts = link.stats if link is not None else Counter()  # (removed meanwhile: the bridge's count only)
+        counts["commands_failed"] += 1
         self._log_once(device, kind, "command for %s refused: %s", device, error)
         now = time.monotonic()
         with self._pending_lock:
@@ -343,7 +447,7 @@ class Bridge(Feature):
                 self._unanswered[device] += 1
         if not answer:
             self.stats["refusals_unanswered"] += 1
-            link.stats["refusals_unanswered"] += 1
+            counts["refusals_unanswered"] += 1
             self._log_once(device, "unanswered", "commands for %s arrive faster than they can be refused one by "
                            "one: more than %d refusals a second are counted (refusals_unanswered), not answered",
                            device, REFUSALS_PER_SECOND)
@@ -356,7 +460,9 @@ class Bridge(Feature):
                 state: bool | None = None, error: str | None = None) -> None:
         if ok:
             self.stats["commands_ok"] += 1
-            self.links[device].stats["commands_ok"] += 1
+            link = self.links.get(device)
+            if link is not None:
+                link.stats["commands_ok"] += 1
         body = payloads.command_result(ok, command.value if command else None, state, error)
         info = self.mqtt.publish_message(self.topics.result(device), payloads.encode(body), 1, None)
         with self._pending_lock:

@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from gateway.daemon import exit_process, run
 
-    exit_process(run(config))
+    exit_process(run(config, config_path=args.config))  # (SIGHUP reads it again)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 from gateway.adoption import Adoption
@@ -16,12 +17,13 @@ from gateway.bridge import Bridge
 from gateway.config import GatewayConfig, SecretError
 from gateway.diagnostics import Diagnostics
 from gateway.discovery import Discovery
+from gateway.disk_budget import DiskBudgetMeter
 from gateway.features import Lifecycle, Part, Step
 from gateway.kept_counters import KeptCounters
-from gateway.links import LINKS
 from gateway.mqtt import MqttConnection
 from gateway.outbox import OutboxSettings
 from gateway.ownership import Ownership
+from gateway.reload import Reloader
 from gateway.retention import Retention
 from gateway.store import Store
 from gateway.systemd import Notifier, Watchdog, gateway_health, stop_on_signals
@@ -51,9 +53,11 @@ class Gateway:
     parts: list[Part]
 
 
-def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = None) -> Gateway:
+def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = None,
+             config_path: str | Path | None = None) -> Gateway:
     """Make every part of the gateway ``config`` describes, on ``store``; SecretError when
-    the MQTT password or a TLS file cannot be used."""
+    the MQTT password or a TLS file cannot be used. ``config_path``: the file SIGHUP reads
+    again (gateway/reload.py); None: no reloads."""
     topics = Topics(config.mqtt.base_topic)
     client_id = config.mqtt.client_id or f"pico-gateway-{config.gateway_id}"
     # At readings_qos = 0, refusals are not reported: reporting them costs every QoS 0 message.
@@ -61,10 +65,11 @@ def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = No
                           report_refusals=config.mqtt.readings_qos > 0)
     s = config.store
     outbox = OutboxSettings(qos=config.mqtt.readings_qos, max_backlog_rows=s.max_backlog_rows,
-                            max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows)
+                            max_backlog_age_s=s.max_backlog_hours * 3600, memory_rows=s.memory_rows,
+                            commit_interval=s.commit_interval)
     bridge = Bridge(config.gateway_id, topics, store, mqtt, outbox)
     for device in config.devices:
-        bridge.add(LINKS[device.transport](device, bridge))
+        bridge.add_device(device)
     kept = KeptCounters(store)
     kept.restore(bridge.links)  # before the links start: seq_gaps goes on from the last run's
     discovery = Discovery(config.homeassistant, config.gateway_id, config.mqtt.base_topic, config.devices,
@@ -86,21 +91,25 @@ def assemble(config: GatewayConfig, store: Store, notifier: Notifier | None = No
     # The watch on claims subscribes before the bridge announces ours, which would replace
     # another gateway's retained claim before we heard it; discovery's configs follow the
     # bridge's statuses.
+    diagnostics = Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog_on, kept=kept,
+                              disk=DiskBudgetMeter(store, s.max_size_mb))
     parts: list[Part] = [
         Step("mqtt", mqtt.start, final_messages, stop_floor=FINAL_MESSAGES_MIN),
-        Diagnostics(bridge, config.diagnostics_interval, log_health=not watchdog_on, kept=kept),
+        diagnostics,
         Ownership(bridge),
         bridge,  # links first: readings are stored while the broker is still away
         Retention(config.store, bridge.stats),  # roll-ups and deletions, in a child process
         discovery,
         *([Adoption(bridge)] if config.adopt_wifi_picos else []),
+        *([Reloader(config_path, config, bridge, discovery, diagnostics, kept, notifier)] if config_path else []),
         Step("watchdog", watchdog.start, watchdog.stop),
     ]
     return Gateway(mqtt, bridge, notifier, lifecycle, parts)
 
 
-def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set); 0 on a clean stop."""
+def run(config: GatewayConfig, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set); 0 on a clean stop. SIGHUP reads
+    ``config_path`` again (gateway/reload.py)."""
     stop = stop or threading.Event()
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
@@ -110,7 +119,7 @@ def run(config: GatewayConfig, stop: threading.Event | None = None) -> int:
                   config.store.path, exc)
         return 1
     try:
-        gateway = assemble(config, store)
+        gateway = assemble(config, store, config_path=config_path)
     except SecretError as exc:
         log.error("%s", exc)
         store.close()

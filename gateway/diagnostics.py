@@ -11,7 +11,9 @@ Every ``interval`` seconds (and at stop) the gateway publishes, retained:
   healthy (e.g. "the outbox loop has not turned for 42.0 s (bound 30.0 s)"), "at_ms",
   "loops": {"mqtt": {"idle_s", "bound_s", "stalled"}, "outbox": ..., "serial": ...,
   "link-<device>": ...}}``, the watchdog's view (gateway/progress.py). Also published
-  within HEALTH_CHECK seconds of a change of state, not only every ``interval``.
+  within HEALTH_CHECK seconds of a change of state, not only every ``interval``; and
+  ``"disk"``: the database's size, the bytes written per day and the days until the
+  disk or ``store.max_size_mb`` is full (gateway/disk_budget.py).
 
 A message on ``<base>/bridge/<gateway_id>/diagnostics/refresh`` (not retained; any
 payload) asks for both at once: ``pico-gateway status`` sends one, so that it shows
@@ -44,6 +46,7 @@ from gateway.store import StoreBusy
 
 if TYPE_CHECKING:
     from gateway.bridge import Bridge
+    from gateway.disk_budget import DiskBudgetMeter
     from gateway.kept_counters import KeptCounters
 
 log = logging.getLogger("gateway.diagnostics")
@@ -76,12 +79,14 @@ class Diagnostics(Feature):
     stop_floor = 0.1 + FINAL_STORE_WAIT * 2  # the loop's end, the backlog count, the kept counters' save
 
     def __init__(self, bridge: Bridge, interval: float, log_health: bool = False,
-                 kept: KeptCounters | None = None) -> None:
+                 kept: KeptCounters | None = None, disk: DiskBudgetMeter | None = None) -> None:
         """``log_health``: log each change of health (the daemon asks for it when systemd's
         watchdog, which logs them itself, is not active). ``kept``: the counters saved at
-        each publish (gateway/kept_counters.py)."""
+        each publish (gateway/kept_counters.py). ``disk``: the disk budget to publish."""
         super().__init__()
         self.kept = kept
+        self.disk = disk
+        self._disk: payloads.DiskBudget | None = None  # the last report
         self.bridge = bridge
         self.interval = interval
         self.log_health = log_health
@@ -111,6 +116,17 @@ class Diagnostics(Feature):
             self.publish(store_wait=FINAL_STORE_WAIT)
         except sqlite3.Error as exc:  # (the backlog count needs the database)
             log.error("final diagnostics not published: %s", exc)
+
+    def set_interval(self, interval: float) -> None:
+        """A new ``diagnostics_interval`` (a reload): the next round is at most that far off."""
+        self.interval = interval
+        self._next_publish = min(self._next_publish, time.monotonic() + interval)
+
+    def forget(self, device: str) -> None:
+        """Clear the retained counters of a device no longer bridged (a reload removed it):
+        after any round in progress, which may still have had it."""
+        with self._publishing:
+            self.bridge.mqtt.publish(self.bridge.topics.diagnostics(device), "", qos=1, retain=True)
 
     def _on_refresh(self, topic: str, payload: bytes, retained: bool) -> None:
         """The MQTT thread: a request for fresh counters (the round itself runs elsewhere)."""
@@ -146,6 +162,11 @@ class Diagnostics(Feature):
         except StoreBusy:  # the counters matter most then: publish them with the last backlog known
             bridge.stats["diagnostics_store_busy"] += 1
             backlog = self._backlog_by_device
+        if self.disk is not None and not self._stop.is_set():  # (the final round keeps to the stop's budget)
+            try:
+                self._disk = self.disk.report(wait=store_wait)
+            except StoreBusy:  # (counted above, or the next round's count will be)
+                pass
         for device, link in list(bridge.links.items()):
             report = payloads.device_diagnostics(link.stats, link.online, backlog.get(device, 0),
                                                  bridge.last_seen.get(device), time.time_ns() // 1_000_000,
@@ -157,7 +178,8 @@ class Diagnostics(Feature):
 
     def _publish_summary(self, backlog: int | None, health: Health) -> None:
         bridge = self.bridge
-        summary = payloads.bridge_diagnostics(backlog, bridge.outbox.stats, bridge.mqtt.stats, bridge.stats, health)
+        summary = payloads.bridge_diagnostics(backlog, bridge.outbox.stats, bridge.mqtt.stats, bridge.stats, health,
+                                              self._disk)
         bridge.mqtt.publish(bridge.topics.bridge_diagnostics(bridge.gateway_id), payloads.encode(summary),
                             qos=1, retain=True)
         self._published = _state(health)

@@ -178,6 +178,7 @@ class Discovery(Feature):
         self._lock = threading.Lock()
         self._metrics: dict[str, list[str]] = {d.id: list(known_metrics(d)) for d in devices}
         self._firmware: dict[str, str] = {}
+        self._published_topics: dict[str, tuple[str, ...]] = {}  # device -> its config topics last published
         self._timers: list[threading.Timer] = []
         self._stopped = threading.Event()
         self._republish_spacing = max(MIN_REPUBLISH_SPACING, config.republish_delay)
@@ -314,14 +315,52 @@ class Discovery(Feature):
 
     def publish_device(self, device_id: str) -> None:
         if self.config.enabled and device_id in self.devices:
-            self._send(self.device_configs(device_id))
+            configs = self.device_configs(device_id)
+            with self._lock:
+                self._published_topics[device_id] = tuple(configs)
+            self._send(configs)
 
     def publish_all(self) -> None:
         if not self.config.enabled:
             return
         self._send(self.gateway_configs())
-        for device_id in self.devices:
+        for device_id in list(self.devices):  # (a reload may change them meanwhile)
             self.publish_device(device_id)
+
+    def set_device(self, device: DeviceConfig) -> None:
+        """A device added to the config, or changed, while the gateway runs: its configs are
+        published again; those the new one no longer has (another link's entities) are cleared."""
+        with self._lock:
+            self.devices[device.id] = device
+            metrics = self._metrics.setdefault(device.id, [])
+            metrics += [m for m in known_metrics(device) if m not in metrics]
+        if not self.config.enabled or not self._started:
+            return
+        old = set(self._published_topics.get(device.id, ()))
+        configs = self.device_configs(device.id)
+        for topic in sorted(old - set(configs)):
+            self._publish(topic, "", 1, True)
+            self.stats["removed"] += 1
+        self.publish_device(device.id)
+
+    def remove_device(self, device_id: str) -> None:
+        """A device that left the config while the gateway runs: its configs are cleared
+        (Home Assistant removes the device and its entities)."""
+        if device_id not in self.devices:
+            return
+        topics: list[str] = []
+        if self.config.enabled and self._started:  # (entity form: what was published may name more metrics)
+            topics = sorted(set(self.device_configs(device_id)) | set(self._published_topics.get(device_id, ())))
+        with self._lock:
+            del self.devices[device_id]
+            self._metrics.pop(device_id, None)
+            self._firmware.pop(device_id, None)
+            self._published_topics.pop(device_id, None)
+        for topic in topics:
+            self._publish(topic, "", 1, True)
+            self.stats["removed"] += 1
+        if topics:
+            log.info("removing the Home Assistant device %s: no longer in the config", self.object_id(device_id))
 
     def start(self, stale_scan: float | None = 3.0) -> None:
         """Before the MQTT connection starts: subscribe to HA's status and to the retained
@@ -392,7 +431,7 @@ class Discovery(Feature):
         then cleared (:meth:`_hand_over`). Returns the topics cleared or handed over."""
         with self._lock:
             seen, self._seen = self._seen, {}
-        current = {self.gateway_id} | {self.object_id(d) for d in self.devices}
+        current = {self.gateway_id} | {self.object_id(d) for d in list(self.devices)}
         gone = sorted(topic for topic, node in seen.items() if node not in current)
         other_form = sorted(topic for topic, node in seen.items()
                             if node in current and self._form(topic) != self.config.mode)

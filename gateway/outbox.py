@@ -5,7 +5,7 @@ The outbox thread is the only writer of the readings table. Each turn it:
 1. takes every reading the links queued, and learns from paho's message infos which
    readings in flight were written (QoS 0) or acknowledged (QoS 1);
 2. commits them in one transaction: new rows as unsent, acknowledged ones as sent
-   (under load at most every COMMIT_GAP; meanwhile they wait in memory, as in the queue);
+   (under load at most every ``commit_interval``; meanwhile they wait in memory, as in the queue);
 3. publishes the new rows at once when connected ("live");
 4. publishes older unsent rows ("backlog": after a broker outage, a restart, a
    full disk) in id order, a window at a time, so live readings never wait
@@ -52,9 +52,10 @@ WINDOW = 64  # readings handed to paho and not yet acknowledged (QoS 1) or writt
 READY_MAX = 20_000  # stored readings waiting for the window in memory; past that they are read back later
 EXPIRY_CHECK = 60.0  # seconds between backlog bound checks
 RETRY_STORE = 2.0  # seconds between commit attempts while the disk refuses
-COMMIT_GAP = 0.01  # seconds between commits under load: readings wait (in memory, as they did in the
-# queue) and go into the database together; each commit costs ~0.4 ms of CPU here (its WAL write and
-# fsync), far more on a Pi's SD card. After a quiet spell a reading is committed at once.
+COMMIT_GAP = 0.01  # seconds between commits under load (store.commit_interval's default): readings wait
+# (in memory, as they did in the queue) and go into the database together; each commit costs ~0.4 ms of
+# CPU here (its WAL write and fsync), far more on a Pi's SD card, and writes a few pages to the WAL
+# (docs/performance.md, wear). After a quiet spell a reading is committed at once.
 STALLED = 60.0  # seconds without any acknowledgement, while connected, before in-flight ones are sent again
 STOP_TIMEOUT = 2.2  # seconds Outbox.stop waits: the flush's 2 s for acks, then the last commit
 ACK_FLUSH = 0.25  # seconds acknowledgements may wait for a commit of their own (bounds duplicates after a crash)
@@ -74,6 +75,7 @@ class OutboxSettings:
     max_backlog_rows: int = 1_000_000
     max_backlog_age_s: float = 7 * 86400.0
     memory_rows: int = 100_000  # readings held in memory while the database refuses writes
+    commit_interval: float = COMMIT_GAP  # seconds between commits, at least: what a power cut may lose
 
 
 class Outbox:
@@ -92,6 +94,10 @@ class Outbox:
         self._ready: deque[tuple[int, Row]] = deque()  # stored, waiting for room in the window
         self._window_full = False  # the outbox waits for acks: the next one wakes it
         self._last_commit = 0.0
+        self._gap = settings.commit_interval
+        # Acknowledgements alone get a commit of their own at most this often: every ACK_FLUSH
+        # seconds, or with a longer commit_interval the next regular one takes them.
+        self._ack_flush = max(ACK_FLUSH, settings.commit_interval)
         self._last_ack = time.monotonic()
         self._pending: list[Row] = []  # not yet committed: waiting for the next commit, or the database refused
         self._room = threading.Event()  # set when the window has room again, or there is news
@@ -171,7 +177,7 @@ class Outbox:
             if self._pending and not self._last_store_error:
                 # Readings wait for the next commit; meanwhile publish what is committed
                 # whenever the window has room.
-                self._room.wait(max(0.0, self._last_commit + COMMIT_GAP - time.monotonic()))
+                self._room.wait(max(0.0, self._last_commit + self._gap - time.monotonic()))
                 self._room.clear()
                 rows, stopping = self._take(timeout=None)
             else:
@@ -226,17 +232,18 @@ class Outbox:
         if self._pending:
             rows = self._pending + rows
         if (rows and not force and not self._last_store_error and len(rows) < MAX_BATCH
-                and time.monotonic() - self._last_commit < COMMIT_GAP):
+                and time.monotonic() - self._last_commit < self._gap):
             self._pending = rows  # the next commit takes them
             self._send()
             return
-        if not rows and (not self._done or time.monotonic() - self._last_commit < ACK_FLUSH):
-            # Acknowledgements alone are worth a commit (an fsync) only every ACK_FLUSH seconds.
+        if not rows and (not self._done or time.monotonic() - self._last_commit < self._ack_flush):
+            # Acknowledgements alone are worth a commit (an fsync) only every _ack_flush seconds.
             self._send()
             return
         try:
             first_id = self._commit(rows)
             self._last_commit = time.monotonic()
+            self.stats["commits"] += 1
         except sqlite3.Error as exc:
             self._hold(rows, exc)
             return
@@ -480,6 +487,7 @@ class Outbox:
                 self._send()
             if self._done or self._pending:
                 self._commit(self._pending)
+                self.stats["commits"] += 1
                 self._pending, self._done = [], set()
         except sqlite3.Error as exc:
             self.stats["lost_at_shutdown"] += len(self._pending)

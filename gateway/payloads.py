@@ -114,25 +114,70 @@ class Health(TypedDict):
     loops: dict[str, LoopReport]
 
 
+class DiskBudget(TypedDict):
+    """The database's size and what the gateway writes (gateway/disk_budget.py), e.g.::
+
+        {"db_bytes": 52428800, "file_bytes": 56623104, "free_bytes": 20401094656,
+         "written_per_day": 1234567890.0, "growth_per_day": 8640000.0, "days_until_full": 54.6,
+         "full_at": "max_size_mb", "window_s": 3600.0, "max_bytes": 524288000}
+
+    ``db_bytes``: its pages in use; ``file_bytes``: its files on disk (with the WAL);
+    ``free_bytes``: free on its filesystem (null: unknown); ``written_per_day``: bytes
+    the gateway and its database writer write per day (null: unknown, or the window is
+    too short yet); ``growth_per_day``: of ``db_bytes``; ``days_until_full``: at that
+    growth, until ``full_at``: ``"max_size_mb"`` (``max_bytes``, where the oldest raw
+    readings start to go) or ``"disk"`` (null: not growing); ``window_s``: the rates'
+    window."""
+
+    db_bytes: int
+    file_bytes: int
+    free_bytes: int | None
+    written_per_day: float | None
+    growth_per_day: float | None
+    days_until_full: float | None
+    full_at: Literal["max_size_mb", "disk"] | None
+    window_s: float
+    max_bytes: int | None
+
+
+def disk_budget(db_bytes: int, file_bytes: int, free_bytes: int | None, written_per_day: float | None,
+                growth_per_day: float | None, days_until_full: float | None, full_at: str | None, window_s: float,
+                max_bytes: int | None) -> DiskBudget:
+    return {"db_bytes": db_bytes, "file_bytes": file_bytes, "free_bytes": free_bytes,
+            "written_per_day": written_per_day, "growth_per_day": growth_per_day,
+            "days_until_full": days_until_full, "full_at": cast(Literal["max_size_mb", "disk"] | None, full_at),
+            "window_s": window_s, "max_bytes": max_bytes}
+
+
+def decode_disk_budget(raw: bytes | None) -> dict[str, Any] | None:
+    """The ``disk`` of a retained bridge diagnostics message, when it has one, else None
+    (an older gateway's has none; its keys are checked by the reader)."""
+    obj = _object(raw)
+    disk = obj.get("disk") if obj is not None else None
+    return disk if isinstance(disk, dict) else None
+
+
 class BridgeDiagnostics(TypedDict):
     """The gateway's own counters, retained, e.g.::
 
         {"backlog": 0, "outbox": {"sent": 1520}, "mqtt": {"published": 1534}, "bridge": {"commands_ok": 12},
-         "health": {"state": "healthy", "problem": "", "at_ms": 1764070004210, "loops": {}}}
+         "health": {"state": "healthy", "problem": "", "at_ms": 1764070004210, "loops": {}}, "disk": null}
 
-    ``backlog`` is None until the database was first counted."""
+    ``backlog`` is None until the database was first counted; ``disk`` (DiskBudget) until
+    its size was first read."""
 
     backlog: int | None
     outbox: dict[str, int]
     mqtt: dict[str, int]
     bridge: dict[str, int]
     health: Health
+    disk: DiskBudget | None
 
 
 def bridge_diagnostics(backlog: int | None, outbox: Counter[str], mqtt: Counter[str], bridge: Counter[str],
-                       health: Health) -> BridgeDiagnostics:
+                       health: Health, disk: DiskBudget | None = None) -> BridgeDiagnostics:
     return {"backlog": backlog, "outbox": dict(sorted(outbox.items())), "mqtt": dict(sorted(mqtt.items())),
-            "bridge": dict(sorted(bridge.items())), "health": health}
+            "bridge": dict(sorted(bridge.items())), "health": health, "disk": disk}
 
 
 def decode_health(raw: bytes | None) -> dict[str, Any] | None:
@@ -209,12 +254,21 @@ def decode_owner(payload: bytes) -> str:
 class Hello(TypedDict, total=False):
     """What our firmware on a Pico W says at each connect, retained::
 
-        {"proto": 1, "fw": "1.4.0", "metrics": ["temp", "uptime", "mem_free"]}
-    """
+        {"proto": 1, "fw": "1.4.0", "metrics": ["temp", "uptime", "mem_free"],
+         "boot": 2215614181, "reset": "power", "ack": 240, "lost": 0}
+
+    ``boot``: drawn at every start; ``reset``: why the board last started (``power``,
+    ``watchdog``, ...); ``ack``: the readings it keeps until stored (its ``reading``
+    topic, docs/protocol.md), absent from firmware that keeps none; ``lost``: readings
+    its full buffer dropped since it started."""
 
     proto: int
     fw: str
     metrics: list[str]
+    boot: int
+    reset: str
+    ack: int
+    lost: int
 
 
 HELLO_PROTO = 1  # the one version of the hello there is
@@ -235,6 +289,73 @@ def hello_firmware(hello: Mapping[str, Any] | None) -> str | None:
 def is_our_hello(hello: Mapping[str, Any] | None) -> bool:
     """Whether a hello is our firmware's (what adoption requires)."""
     return hello is not None and hello.get("proto") == HELLO_PROTO
+
+
+# -- <base>/<device>/reading, stored, time (a Pico W that keeps its readings) ---------------------
+
+class WifiReading(TypedDict, total=False):
+    """One reading a Pico W keeps until the gateway stored it (QoS 1, not retained)::
+
+        {"boot": 2215614181, "seq": 17, "values": {"temp": 21.5, "uptime": 85},
+         "ts": 1764070000123, "age": 12, "lost": 0, "oldest": 15}
+
+    ``ts``: Unix ms when it was taken, when the Pico knows the time; ``age``: ms from
+    taking it to sending this message; ``lost``: readings its full buffer dropped
+    since it started; ``oldest``: the sequence number of the oldest reading it keeps."""
+
+    boot: int
+    seq: int
+    values: dict[str, float]
+    ts: int
+    age: int
+    lost: int
+    oldest: int
+
+
+class WifiStored(TypedDict):
+    """The gateway stored every reading of ``boot`` up to ``seq`` (not retained), and its
+    clock when it said so::
+
+        {"boot": 2215614181, "seq": 17, "now": 1764070000140}
+    """
+
+    boot: int
+    seq: int
+    now: int
+
+
+class WifiTime(TypedDict):
+    """The gateway's clock (not retained); ``resend``: send everything kept again::
+
+        {"now": 1764070000140, "resend": true}
+    """
+
+    now: int
+    resend: bool
+
+
+def wifi_stored(boot: int, seq: int, now: int) -> WifiStored:
+    return {"boot": boot, "seq": seq, "now": now}
+
+
+def wifi_time(now: int, resend: bool) -> WifiTime:
+    return {"now": now, "resend": resend}
+
+
+def decode_wifi_reading(payload: bytes, limit: int) -> dict[str, Any] | None:
+    """A reading's JSON object from at most ``limit`` bytes, when its ``boot``, ``seq`` and
+    ``oldest`` are sequence numbers and ``values`` an object; else None. The values
+    themselves are each checked by the reader (one bad value spoils only itself)."""
+    if len(payload) > limit:
+        return None
+    obj = _object(payload)
+    if obj is None or not isinstance(obj.get("values"), dict):
+        return None
+    for key in ("boot", "seq", "oldest"):
+        n = obj.get(key)
+        if type(n) is not int or not 0 <= n < 1 << 32:
+            return None
+    return obj
 
 
 # -- pico-gateway readings --format json / csv ---------------------------------------------------

@@ -142,6 +142,69 @@ def health_line(raw: bytes | None) -> str:
     return text
 
 
+def size_words(n: float) -> str:
+    """``1536`` -> ``"1.5 kB"``: decimal units, as disks are sold."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def days_words(days: float) -> str:
+    """How long ``days`` is, for "in about ...": ``"3 hours"``, ``"55 days"``, ``"2.5 years"``."""
+    if days >= 365:
+        return f"{days / 365:.1f} years"
+    if days >= 2:
+        return f"{days:.0f} days"
+    return span_words(days * 86400)
+
+
+def span_words(seconds: float) -> str:
+    """``"42 s"``, ``"12 minutes"``, ``"5 hours"``, ``"3 days"``."""
+    for unit, scale in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * scale:
+            return f"{seconds / scale:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def disk_line(raw: bytes | None) -> str:
+    """The database's size, writes and room from the retained bridge diagnostics
+    (gateway/disk_budget.py), in words; "" when there is nothing to show. E.g.
+    ``database 52.4 MB (56.6 MB on disk with its WAL), 20.4 GB free; the gateway writes
+    1.2 GB a day and the database grows 8.6 MB a day: store.max_size_mb (524.3 MB) is
+    reached in about 55 days, then the oldest raw readings go (measured over the
+    last 60 minutes)``."""
+    disk = payloads.decode_disk_budget(raw)
+    if disk is None or not isinstance(disk.get("db_bytes"), int):
+        return ""
+    number = lambda key: disk.get(key) if isinstance(disk.get(key), (int, float)) else None  # noqa: E731
+    text = f"database {size_words(disk['db_bytes'])}"
+    files, free = number("file_bytes"), number("free_bytes")
+    if files is not None:
+        text += f" ({size_words(files)} on disk with its WAL)"
+    if free is not None:
+        text += f", {size_words(free)} free"
+    written, growth, days = number("written_per_day"), number("growth_per_day"), number("days_until_full")
+    if written is None and growth is None:
+        return text + "; write and growth rates not measured yet"
+    rates = []
+    if written is not None:
+        rates.append(f"the gateway writes {size_words(written)} a day")
+    if growth is not None:
+        rates.append(f"the database grows {size_words(growth)} a day" if growth > 0 else "the database is not growing")
+    text += "; " + " and ".join(rates)
+    max_bytes = number("max_bytes")
+    if days is not None and disk.get("full_at") == "max_size_mb" and max_bytes is not None:
+        text += (f": store.max_size_mb ({size_words(max_bytes)}) is reached in about {days_words(days)}, "
+                 "then the oldest raw readings go")
+    elif days is not None and disk.get("full_at") == "disk":
+        text += f": the disk is full in about {days_words(days)}"
+    window = number("window_s")
+    if window is not None:
+        text += f" (measured over the last {span_words(window)})"
+    return text
+
+
 def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     base = config.mqtt.base_topic
@@ -168,6 +231,9 @@ def status(config: GatewayConfig, timeout: float = 3.0, out: IO[str] | None = No
         health = health_line(view.messages.get(health_topic))
         if health:
             out.write(f"health: {health}\n")
+        disk = disk_line(view.messages.get(health_topic))
+        if disk:
+            out.write(f"disk: {disk}\n")
         if view.refreshed is False:
             out.write(f"diagnostics: the gateway did not answer a refresh request within {REFRESH_WAIT:g} s; "
                       "the link counters below are the retained ones, as old as each says\n")

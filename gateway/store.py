@@ -15,10 +15,11 @@ random number a Pico that keeps its readings until they are acknowledged draws a
 each boot (docs/protocol.md); such a Pico sends a reading again when it cannot know
 it was stored, and the store keeps one row per (device, boot, seq, metric) (a
 partial unique index: rows without a boot cost nothing). ``ts_pico`` is 1 when
-``ts`` is the Pico's own time of the reading (one it sent late, from its buffer),
-0 when it is the time the gateway received it. ``sent`` is the outbox: 0 until the broker
-acknowledged the reading's message, then 1; 2 when the backlog bound made the
-gateway give up publishing it (the reading stays here). A partial index keeps
+``ts`` is the Pico's own time of the reading (one it sent late, from its buffer, or an
+i2c snapshot read from its ring), 0 when it is the time the gateway received it.
+``sent`` is the outbox: 0 until the broker acknowledged the reading's message, then
+1; 2 when the backlog bound made the gateway give up publishing it (the reading
+stays here). A partial index keeps
 the unsent rows cheap to find however big the table grows. Table
 ``counters(device, name, value)`` keeps the few link counters that count across
 runs (gateway/kept_counters.py).
@@ -235,6 +236,19 @@ class Store:
         by_rows, by_age = self._call("expire_unsent", keep_rows, older_than_ms,
                                      own_from_id if own_from_id is not None else 1 << 62, own_until_id)
         return by_rows, by_age
+
+    def size(self, wait: float | None = None) -> int:
+        """Bytes of the database's pages in use (free pages left by deletions not counted);
+        ``wait``: see StoreBusy."""
+        pages, free, page_size = self._call("size", wait=wait)
+        return int((pages - free) * page_size)
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The database writer process's pid, while one runs (its disk writes are the
+        gateway's: gateway/disk_budget.py)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
     def counters(self, wait: float | None = None) -> dict[tuple[str, str], int]:
         """The counters kept across runs, by (device, name): see gateway/kept_counters.py."""

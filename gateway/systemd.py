@@ -16,6 +16,7 @@
     notifier = Notifier()
     watchdog = Watchdog(notifier, gateway_health(mqtt, bridge)); watchdog.start()
     notifier.ready("running: 3 device(s)")
+    notifier.reloading(); ...; notifier.ready("running: 4 device(s)")   # SIGHUP (gateway/reload.py)
     ...; watchdog.stop(); notifier.stopping()
 """
 
@@ -27,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -39,11 +41,13 @@ Health = Callable[[], HealthResult]
 
 def stop_on_signals(stop: threading.Event) -> None:
     """SIGTERM (``systemctl stop``) and SIGINT (Ctrl-C) set ``stop``: the process then
-    shuts down in order instead of dying. Only the main thread may install handlers;
-    elsewhere (a test running the daemon in a thread) this does nothing."""
+    shuts down in order instead of dying. SIGHUP is ignored until the reload's handler
+    takes it (gateway/reload.py): its default would end the process. Only the main thread
+    may install handlers; elsewhere (a test running the daemon in a thread) this does nothing."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
@@ -114,6 +118,13 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         return self.notify("READY=1", *([_status(status)] if status else []))
+
+    def reloading(self, status: str | None = None) -> bool:
+        """The config is being read again: ``RELOADING=1`` with ``MONOTONIC_USEC`` (when it
+        began, on CLOCK_MONOTONIC, as systemd 253+'s ``Type=notify-reload`` requires; older
+        ones ignore it). :meth:`ready` ends the reload, whatever its outcome."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *([_status(status)] if status else []))
 
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *([_status(status)] if status else []))

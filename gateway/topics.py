@@ -86,6 +86,18 @@ class Topics:
         """Our firmware's retained hello on a Pico W: ``{"proto": 1, "fw": ..., "metrics": [...]}``."""
         return f"{self.base}/{device}/hello"
 
+    def reading(self, device: str) -> str:
+        """A Pico W's readings as JSON, each kept on the Pico until the gateway stored it."""
+        return f"{self.base}/{device}/reading"
+
+    def stored(self, device: str) -> str:
+        """The gateway to a Pico W: its readings stored up to a sequence number (JSON)."""
+        return f"{self.base}/{device}/stored"
+
+    def time(self, device: str) -> str:
+        """The gateway to a Pico W: the time, and whether to send its kept readings again (JSON)."""
+        return f"{self.base}/{device}/time"
+
     def all_hellos(self) -> str:
         """Our firmware's retained hello on a Pico W (what adoption listens for)."""
         return f"{self.base}/+/hello"

@@ -157,6 +157,8 @@ class Node:
         self.seq = (n + 1) & 0xFFFFFFFF
         return n
 
+    next_seq = _next_seq   # (the wifi link numbers its readings from the same counter)
+
     # --- frames the Pico originates -------------------------------------
 
     def hello_frames(self):

@@ -50,8 +50,12 @@ class GatewayProcess:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
                                      stdout=self.log, stderr=self.log, cwd=REPO)
-        wait_for(lambda: self._alive() and recorder.last(f"pico/bridge/{gateway_id}/status") == "online",
-                 15, "the gateway's bridge status online")
+        try:
+            wait_for(lambda: self._alive() and recorder.last(f"pico/bridge/{gateway_id}/status") == "online",
+                     15, "the gateway's bridge status online")
+        except BaseException:  # (not left running: it would open the pseudo-terminals later tests get)
+            self.stop()
+            raise
 
     def _alive(self) -> bool:
         if self.proc.poll() is not None:
@@ -99,7 +103,7 @@ def virtual(tmp_path: Path, broker: Broker, recorder: Recorder):
 
     fleets = []
     gateways: list[GatewayProcess] = []
-    sim_only = ("read_interval", "sim", "firmware", "runtime")
+    sim_only = ("read_interval", "sim", "firmware", "runtime", "config")
 
     def start(devices: list[dict], gateway_id: str = "testgw", **top: object):
         """``top``: extra top-level config keys, e.g. ``diagnostics_interval=1``."""

@@ -116,7 +116,32 @@ def run(frame, regmap, frames_vec, regmap_vec):
         p = regmap.parse(buf)
         out.append([want, {"led": p["led"], "led_cmd": p["led_cmd"], "cmd_done": p["cmd_done"]}])
     res["commands"] = out
+    res["rings"] = [run_ring(regmap, v) for v in regmap_vec["rings"]]
     return res
+
+
+RING_FIELDS = ("ring_ack", "ring_have", "ring_oldest", "ring_now", "win_seq", "win_ms", "win_values")
+
+
+def run_ring(regmap, v):
+    # A ring of k snapshots: the puts, then each request [want, now] as the Pi
+    # makes it (RING_WANT, then RING_REQ = RING_ACK + 1), served once and then
+    # again with nothing pending (which must change nothing).
+    _pause()
+    buf = regmap.new_buffer()
+    regmap.init(buf, "x", v["names"], 0, 1, v["k"])
+    ring = regmap.Ring(v["k"])
+    for seq, ms, values in v["puts"]:
+        ring.put(seq, ms, values)
+    out = [[buf[regmap.FEATURES], buf[regmap.RING_SIZE]]]
+    for want, now in v["requests"]:
+        buf[regmap.RING_WANT:regmap.RING_WANT + 4] = want.to_bytes(4, "little")
+        buf[regmap.RING_REQ] = (buf[regmap.RING_ACK] + 1) & 0xFF
+        served = ring.serve(buf, now)
+        p = regmap.parse(buf)
+        again = ring.serve(buf, now + 1)
+        out.append([served, again, [p[k] for k in RING_FIELDS]])
+    return out
 
 
 def expected(frames_vec, regmap_vec):
@@ -136,6 +161,7 @@ def expected(frames_vec, regmap_vec):
     res["boot_ids"] = [v[1] for v in regmap_vec["boot_ids"]]
     res["layouts"] = [v["hex"] for v in regmap_vec["layouts"]]
     res["commands"] = [[v["result"], v["after"]] for v in regmap_vec["commands"]]
+    res["rings"] = [v["results"] for v in regmap_vec["rings"]]
     return res
 
 

@@ -47,6 +47,7 @@ READ_SIZE = 4096
 
 class TcpSerialConfig(DeviceConfig):
     transport: Literal["tcpserial"]
+    protocol_kind = SERIAL
     host: str
     port: int = Field(gt=0, lt=65536, description="the bridge's TCP port for the Pico's serial line")
     heartbeat: float = Field(10.0, gt=0, description="ping the Pico after this long without a frame")

@@ -261,6 +261,19 @@ def test_messages_say_what_to_write(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "transport" not in err  # a top-level key is no transport's
 
 
+
+def test_an_unknown_protocol_is_named_with_its_key_and_the_protocols_its_link_speaks(tmp_path: Path) -> None:
+    path = config_file(tmp_path, '[[devices]]\nid = "cellar"\ntransport = "i2c"\nprotocol = "tutoral"\n'
+                                 '[[devices]]\nid = "shed"\ntransport = "tcp"\nhost = "127.0.0.1"\n'
+                                 'protocol = "modbus"\n')
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "devices[0] (id 'cellar').protocol: unknown protocol 'tutoral'; did you mean 'tutorial'? " \
+           "expected one of: picogw, tutorial" in result.stderr, result.stderr
+    assert "devices[1] (id 'shed').protocol: unknown protocol 'modbus'; expected one of: picogw, tutorial" \
+           in result.stderr, result.stderr
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_an_encrypted_tls_key_is_reported_against_the_keyfile(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,7 +112,7 @@ NAMED_ON_PURPOSE = {
     ("gateway/simulator/cli.py", "uart"): "simulate --transport's default, shown in --help",
 }
 # The virtual Pico's own hardware (its UART, USB console, sockets): the board, not the gateway.
-BOARD_SIDE = ("gateway/links/", "gateway/simulator/pico.py", "gateway/simulator/runtime.py",
+BOARD_SIDE = ("gateway/links/", "gateway/simulator/runtime.py",
               "gateway/simulator/patches.py", "gateway/simulator/console.py", "gateway/simulator/mpy/",
               "gateway/simulator/vm/")
 
@@ -134,3 +134,17 @@ def test_no_module_outside_the_links_names_a_transport() -> None:
                 found.append(f"{rel}:{node.lineno}: {node.value!r}")
     assert not found, "ask the registry (gateway/links/) instead:\n" + "\n".join(found)
 
+
+
+def test_a_virtual_picos_board_and_console_follow_its_links_registry_entry() -> None:
+    """A virtual Pico started on its own (no --board) takes the board its config.py's LINK
+    implies and a USB console when our firmware speaks on one, as the registry says."""
+    from argparse import Namespace
+
+    from gateway.simulator.pico import _board
+    for link in BUILTIN.values():
+        if link.firmware is not None:
+            console = link.simulation is not None and link.simulation.console
+            assert _board(Namespace(board=None, usb=False), link.firmware) == (link.board, console), link
+    assert _board(Namespace(board=None, usb=False), None) == ("Raspberry Pi Pico", False)
+    assert _board(Namespace(board="Pico 2", usb=True), "uart") == ("Pico 2", True)

@@ -18,6 +18,7 @@ from gateway.payloads import (
     CommandResult,
     Conflicts,
     DeviceDiagnostics,
+    DiskBudget,
     ExportedReading,
     Health,
     Hello,
@@ -29,7 +30,7 @@ from gateway.status import health_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = (DeviceDiagnostics, BridgeDiagnostics, Health, LoopReport, CommandResult, Conflicts, Hello,
-          ExportedReading)
+          ExportedReading, DiskBudget)
 
 
 def json_objects(text: str) -> list[dict]:

@@ -319,9 +319,34 @@ def test_host_calls_carry_bytes_and_values() -> None:
 
 
 def test_random_is_missing_on_this_build() -> None:
-    # When this fails, `import random` works on the VM: drop the note in wasm.py.
+    # When this fails, `import random` works on the VM: drop guest/random.py and guest/os.py
+    # (if its os.urandom works too) and the RANDOM note in wasm.py.
     out = run_vm("try:\n    import random\n    print('imported')\nexcept OSError as e:\n    print('OSError', e)\n")
     assert out.startswith("OSError")
+
+
+ENTROPY = """
+import sys
+sys.path.append('/.picosim')
+import os, random
+n = random.randint(1, 6)
+print(os.urandom(8).hex(), random.getrandbits(32), 1 <= n <= 6, random.choice('ab') in 'ab', 0 <= random.random() < 1)
+"""
+
+
+def test_the_guests_os_urandom_and_random_differ_at_each_boot() -> None:
+    # A Pico's os.urandom and random come from its ring oscillator: two boots differ (the
+    # firmware's BOOT_ID depends on it). On the VM they come from the host's entropy.
+    from gateway.simulator.vm.host import GUEST_DIR, Host
+
+    def boot() -> str:
+        out: list[bytes] = []
+        wasm.VM(ENTROPY, [(GUEST_DIR, "/.picosim", False)], {"urandom": Host.urandom}, out.append).run()
+        return b"".join(out).decode().strip()
+
+    first, second = boot(), boot()
+    assert first.endswith("True True True") and second.endswith("True True True"), (first, second)
+    assert first.split()[:2] != second.split()[:2] and len(first.split()[0]) == 16
 
 
 def test_compiled_module_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,12 @@ def _load_file(path: Path) -> None:
         raise
 
 
+def for_firmware(name: object) -> type[Link] | None:
+    """The link whose Picos run our firmware's link ``name`` (``LINK`` in config.py); None
+    for a name no link runs."""
+    return next((link for link in LINKS.values() if link.firmware is not None and link.firmware == name), None)
+
+
 def firmware_links() -> set[str]:
     """The links of our firmware (``LINK`` in config.py) that the gateway's links need."""
     return {link.firmware for link in LINKS.values() if link.firmware is not None}

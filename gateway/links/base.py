@@ -8,6 +8,7 @@ subclass and one line in ``gateway/links/__init__.py``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from gateway.domain import RESERVED_IDS, DeviceId, LedCommand, StrictModel
 from gateway.links.simulation import Simulation
 from gateway.log_once import Once
 from gateway.progress import Heartbeat
+from gateway.protocols.registry import PROTOCOLS, ProtocolKind
 
 if TYPE_CHECKING:
     from gateway.store import Row
@@ -36,8 +38,12 @@ class DeviceConfig(StrictModel):
 
     id: DeviceId
     transport: str
-    protocol: Literal["picogw", "tutorial"] = "picogw"
+    protocol: str = Field("picogw", description="what the Pico speaks: one its link registers")
     command_timeout: float = Field(2.0, gt=0, le=60, description="seconds to wait for an ack")
+
+    protocol_kind: ClassVar[ProtocolKind[Any] | None] = None
+    """The kind of link whose protocols this transport speaks (its entries in PROTOCOLS,
+    gateway/protocols/registry.py); None: any protocol some link speaks."""
 
     def address_problems(self, label: str) -> tuple[list[str], list[str], tuple[str, ...] | None]:
         """What ``check-config`` and ``run`` find wrong with this device's address, beyond
@@ -45,6 +51,17 @@ class DeviceConfig(StrictModel):
         said in a message, e.g. ``("port", "/dev/ttyACM0")``; None when it has none). Two
         devices on one address are refused. ``label`` names the device in messages."""
         return [], [], None
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        kind = cls.protocol_kind
+        known = PROTOCOLS.protocols(kind) if kind is not None else PROTOCOLS.all_protocols()
+        if value not in known:
+            near = difflib.get_close_matches(value, known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown protocol {value!r}; {hint}expected one of: {', '.join(known) or 'none'}")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -62,6 +79,10 @@ class LinkEvents(Protocol):
     topics: Topics
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes, bool], None]) -> None: ...
+
+    def publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> bool:
+        """For a link that talks to its Pico through the broker (wifi): False when the
+        message could not be queued (no connection, at QoS 0)."""
 
     def reading(self, device: str, values: list[tuple[str, float]], ts_ms: int, seq: int | None) -> None:
         """One reading (one or more values taken together)."""
@@ -177,6 +198,11 @@ class Link(ABC):
 
     @abstractmethod
     def set_led(self, command: LedCommand) -> bool: ...
+
+    def stored(self, rows: list[Row]) -> None:  # noqa: B027  (optional: most links acknowledge nothing)
+        """The store has these readings of this device on disk (committed now, or refused
+        as stored already), for a link whose Pico keeps them until told (wifi; the serial
+        links' sessions are told themselves). Called on the committing thread: must not block."""
 
 
 class ThreadedLink(Link):

@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import Field
 from smbus2 import SMBus, i2c_msg
@@ -35,11 +35,26 @@ from gateway.links.simulation import Description, Simulation
 from gateway.protocols import PROTOCOLS, ProtocolKind
 from gateway.protocols.picogw import is_key
 
+if TYPE_CHECKING:
+    from gateway.store import Row
+
 # Register map v1 (docs/protocol.md §2)
 MAGIC, LED, LED_CMD, NAMES, BOOT_ID, SLOTS, NAME_LEN = 0x00, 0x04, 0x05, 0x40, 0xB0, 12, 8
 # 0x00..0x3F in one transaction: MAGIC, VERSION, COUNT, LED, LED_CMD, CMD_DONE, then the
 # snapshot (SEQ_A, VALUES, SEQ_B)
 POLL = struct.Struct("<2sBBBBHI12iI")
+# 0xB0..0xB7: BOOT_ID, FEATURES, RING_SIZE (and two reserved bytes)
+BOOT = struct.Struct("<IBB2x")
+FEATURE_RING = 0x01
+# The snapshot ring (§2.1): the request (RING_WANT, then RING_REQ) and the answer read from
+# RING_ACK to the end in one transaction: ACK, HAVE, a reserved byte, OLDEST, NOW, then the
+# window (WIN_SEQ, WIN_MS, WIN_VALUES).
+RING_WANT, RING_ACK = 0xB8, 0xBD
+ANSWER = struct.Struct("<BBxIIII12i")
+CLOCK_MASK = 0x3FFFFFFF  # the Pico's ms clock wraps at 2^30
+RING_POLL = 0.005  # seconds between reads of the answer (the Pico answers within its 20 ms loop)
+RING_BATCH = 32  # snapshots read back in one poll at most (about 20 ms each)
+RING_ATTEMPTS = 3  # requests for one snapshot answered for another before the poll fails
 IDLE = 0xFF
 CMD_CODES = {LedCommand.OFF: 0, LedCommand.ON: 1, LedCommand.TOGGLE: 2}
 TORN_READ_RETRIES = 5
@@ -47,8 +62,20 @@ RESTART_RETRIES = 3  # polls' worth of reads when the Pico turns out to have res
 COMMAND_POLL = 0.02  # seconds between LED_CMD reads while a command is applied
 
 
+class I2cSpeech(NamedTuple):
+    """How the i2c link speaks one protocol: one poll, and one LED command (both under the
+    link's lock)."""
+
+    poll: Callable[[I2cLink], None]
+    set_led: Callable[[I2cLink, LedCommand], bool]
+
+
+I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
+
+
 class I2cConfig(DeviceConfig):
     transport: Literal["i2c"]
+    protocol_kind = I2C
     bus: int | str = Field(1, description="N for /dev/i2c-N, or a simulated bus's directory")
     address: int = Field(0x43, ge=0x08, le=0x77)
     poll_interval: float = Field(5.0, gt=0)
@@ -76,17 +103,6 @@ def open_bus(bus: int | str) -> Any:
     from gateway.simulator.i2c_bus import SimulatedSMBus
 
     return SimulatedSMBus(bus)
-
-
-class I2cSpeech(NamedTuple):
-    """How the i2c link speaks one protocol: one poll, and one LED command (both under the
-    link's lock)."""
-
-    poll: Callable[[I2cLink], None]
-    set_led: Callable[[I2cLink, LedCommand], bool]
-
-
-I2C: ProtocolKind[I2cSpeech] = ProtocolKind("i2c")
 
 
 class I2cSimulation(Simulation):
@@ -132,6 +148,8 @@ class I2cLink(PollingLink):
         self._names: list[str] | None = None  # None: read the identity before the next snapshot
         self._seen_names: list[str] | None = None  # the names read last (kept while _names is None)
         self._boot_id: int | None = None  # BOOT_ID of the identity read last (0: firmware without it)
+        self._ring = 0  # snapshots the Pico keeps for us to read back (RING_SIZE; 0: no ring)
+        self._ring_ack: int | None = None  # RING_ACK as last read (None: read it before a request)
         self._last_seq: int | None = None
 
     def closed(self) -> None:
@@ -178,14 +196,16 @@ class I2cLink(PollingLink):
         self._xfer(f"write of 0x{register:02x}", lambda bus: bus.write_byte_data(self.config.address, register, value))
 
     # -- picogw register map -------------------------------------------------------
-    def _read_boot_id(self) -> int:
-        return int.from_bytes(self._read(BOOT_ID, 4), "little")
+    def _read_boot(self) -> tuple[int, int]:
+        """(BOOT_ID, the snapshots its ring keeps: 0 without one)."""
+        boot, features, size = BOOT.unpack(self._read(BOOT_ID, BOOT.size))
+        return boot, size if boot and features & FEATURE_RING else 0
 
     def _read_identity(self) -> None:
         """COUNT and NAMES, and the BOOT_ID they belong to. BOOT_ID is read first: names
         read after it are this boot's or a later one's, and a later boot shows in the
         BOOT_ID that every poll reads after its snapshot, before reporting it."""
-        boot = self._read_boot_id()
+        boot, ring = self._read_boot()
         header = self._read(MAGIC, 4)
         if header[:2] != b"PG" or header[2] != 1:
             self.stats["bad_identity"] += 1
@@ -205,10 +225,13 @@ class I2cLink(PollingLink):
             self._last_seq = None  # a new boot counts its snapshots from 0 again
             self.log.info("the Pico restarted (boot id %08x, was %08x)", boot, self._boot_id)
         if names != self._seen_names or boot != self._boot_id:  # (not at every return from offline)
-            self.log.info("register map v1, metrics %s%s", ",".join(names),
+            self.log.info("register map v1, metrics %s%s%s", ",".join(names),
+                          f"; keeps {ring} snapshots" if ring else "",
                           "" if boot else "; firmware without BOOT_ID: a restart shows only when the "
                                           "sequence number goes back, or after the device was offline")
         self._boot_id = boot
+        self._ring = ring
+        self._ring_ack = None
         self._names = self._seen_names = names
 
     def poll_picogw(self) -> None:
@@ -239,8 +262,9 @@ class I2cLink(PollingLink):
             self.stats["torn_reads"] += 1
         else:
             raise OSError("snapshot kept changing while read")
-        boot = self._read_boot_id()  # after the snapshot: unchanged, the snapshot is of this boot too
-        if boot != self._boot_id or magic != b"PG" or version != 1 or min(count, SLOTS) != len(names):
+        boot, ring = self._read_boot()  # after the snapshot: unchanged, the snapshot is of this boot too
+        if boot != self._boot_id or ring != self._ring or magic != b"PG" or version != 1 \
+                or min(count, SLOTS) != len(names):
             self._names = None
             return False
         last = self._last_seq
@@ -251,6 +275,8 @@ class I2cLink(PollingLink):
             self._last_seq = None
             return False
         self.events.led_state(self.device, led == 1)
+        if ring:
+            return self._read_ring(names, last, seq_a)
         if last is not None and seq_a > last + 1:
             self.stats["snapshots_missed"] += seq_a - last - 1  # polled slower than the Pico samples
         if seq_a == last:
@@ -261,6 +287,75 @@ class I2cLink(PollingLink):
             self.stats["frames"] += 1
             self.events.reading(self.device, readings, now_ms(), seq_a)
         return True
+
+    def _read_ring(self, names: list[str], last: int | None, newest: int) -> bool:
+        """Read every snapshot after ``last`` up to ``newest`` (the live one) back from the
+        Pico's ring, RING_BATCH at most (the rest at the next poll), each stored at the time
+        the Pico took it; at first contact, all the ring holds (the store refuses what a
+        gateway before this one stored). What fell off the ring is counted in
+        ``snapshots_missed``. False, reporting nothing, when the Pico restarted meanwhile."""
+        if last == newest:
+            return True
+        want = (last + 1) if last is not None else max(0, newest - self._ring + 1)
+        boot = self._boot_id
+        rows: list[Row] = []
+        for _ in range(RING_BATCH):  # (the rest at the next poll: commands wait on our lock meanwhile)
+            if want > newest:
+                break
+            self.heartbeat.beat()  # (one request per snapshot: a long catch-up is no stall)
+            have, oldest, taken_at, values = self._ring_request(want)
+            if not have:
+                if oldest > want and oldest <= newest:  # fell off the ring: what is kept starts later
+                    if last is not None:
+                        self.stats["snapshots_missed"] += oldest - want
+                    want = oldest
+                    continue
+                if last is not None:  # (not kept for another reason: counted, never waited for)
+                    self.stats["snapshots_missed"] += 1
+                want += 1
+                continue
+            if want != newest:
+                self.stats["snapshots_recovered"] += 1
+            rows.extend((self.device, name, values[i] / 100, taken_at, want, boot, 1) for i, name in enumerate(names))
+            self.stats["frames"] += 1
+            want += 1
+        if self._read_boot()[0] != boot:  # restarted while read: the answers may be the new boot's
+            self._names = None
+            return False
+        self._last_seq = want - 1
+        if rows:
+            self.events.readings(self.device, rows)
+        return True
+
+    def _ring_request(self, want: int) -> tuple[bool, int, int, list[int]]:
+        """Ask the Pico's ring for snapshot ``want``: (kept, the oldest kept, when it was taken
+        in Unix ms, its values). OSError when the Pico does not answer in ``command_timeout``."""
+        addr = self.config.address
+        for _ in range(RING_ATTEMPTS):
+            if self._ring_ack is None:
+                self._ring_ack = self._read(RING_ACK, 1)[0]
+            req = (self._ring_ack + 1) & 0xFF
+            message = [RING_WANT, *want.to_bytes(4, "little"), req]  # (RING_REQ last: the Pico acts on it)
+            self._xfer("ring request", lambda bus, message=message: bus.i2c_rdwr(i2c_msg.write(addr, message)))
+            self._ring_ack = None  # (unknown until the answer: after a failure it is read again)
+            deadline = time.monotonic() + self.config.command_timeout
+            while True:
+                raw = self._read(RING_ACK, ANSWER.size)
+                read_at = now_ms()
+                ack, have, oldest, now, seq, taken, *values = ANSWER.unpack(raw)
+                if ack == req:
+                    break
+                if time.monotonic() > deadline:
+                    raise OSError(f"the Pico at 0x{addr:02x} did not answer a ring request within "
+                                  f"{self.config.command_timeout:g} s")
+                time.sleep(RING_POLL)
+            self._ring_ack = ack
+            if seq == want:
+                # The Pico wrote NOW just before it answered: the snapshot was taken
+                # NOW - taken ms before we read the answer.
+                return bool(have), oldest, read_at - ((now - taken) & CLOCK_MASK), values
+            self.stats["ring_stale_answers"] += 1  # a request from before (a restart of ours): ask again
+        raise OSError(f"the Pico at 0x{addr:02x} answered {RING_ATTEMPTS} ring requests for another snapshot")
 
     # -- tutorial target ---------------------------------------------------------------
     def poll_tutorial(self) -> None:

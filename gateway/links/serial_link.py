@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import serial
 from pydantic import Field
@@ -19,7 +19,7 @@ from pydantic import Field
 from gateway.domain import CommandError, LedCommand
 from gateway.links.base import DeviceConfig, Link, LinkEvents
 from gateway.links.serial_reactor import REACTOR
-from gateway.protocols import PROTOCOLS, SERIAL, SerialSession
+from gateway.protocols import PROTOCOLS, SERIAL, ProtocolKind, SerialSession
 
 if TYPE_CHECKING:
     from gateway.progress import Heartbeat
@@ -28,6 +28,7 @@ WRITE_TIMEOUT = 2.0  # seconds a command's write may block (a hung USB Pico stop
 
 
 class SerialDeviceConfig(DeviceConfig):
+    protocol_kind: ClassVar[ProtocolKind[Any] | None] = SERIAL  # (usb's config narrows it to its own)
     port: str
     baudrate: int = Field(115200, gt=0)
     heartbeat: float = Field(10.0, gt=0, description="ping the Pico after this long without a frame")

@@ -47,6 +47,9 @@ class Simulation:
     None (the tutorial has no program for this link)."""
     stock: ClassVar[bool] = False
     """A Pico with stock MicroPython (a bare REPL) is of use on this link."""
+    console: ClassVar[bool] = False
+    """Our firmware speaks on the board's USB console (its stdin/stdout): the virtual Pico
+    gets one."""
     demo_devices: ClassVar[tuple[dict[str, Any], ...]] = ()
     """The devices ``pico-gateway demo`` shows on this link: gateway config tables, whose
     address keys are placeholders that :meth:`point` replaces."""

@@ -33,8 +33,14 @@ class NoAnswer(OSError):
     """The request went out; the Pico did not answer in time."""
 
 
+TcpPoll = Callable[["TcpLink"], None]
+"""What one poll asks, by protocol (commands are the same in both)."""
+TCP: ProtocolKind[TcpPoll] = ProtocolKind("tcp")
+
+
 class TcpConfig(DeviceConfig):
     transport: Literal["tcp"]
+    protocol_kind = TCP
     host: str
     port: int = Field(8080, gt=0, lt=65536)
     poll_interval: float = Field(5.0, gt=0)
@@ -44,11 +50,6 @@ class TcpConfig(DeviceConfig):
         if not is_host(self.host):
             return [f"{label}.host: {host_advice(self.host, 'the Pico W', mqtt=False)}"], [], None
         return [], [], ("host and port", self.host.lower(), str(self.port))
-
-
-TcpPoll = Callable[["TcpLink"], None]
-"""What one poll asks, by protocol (commands are the same in both)."""
-TCP: ProtocolKind[TcpPoll] = ProtocolKind("tcp")
 
 
 class TcpSimulation(Simulation):

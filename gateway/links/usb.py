@@ -122,8 +122,13 @@ def _takes_timeout_overall(method: Any) -> bool:
     return "timeout_overall" in inspect.signature(method).parameters
 
 
+USB: ProtocolKind[Callable[[UsbConfig, LinkEvents], Link]] = ProtocolKind("usb")
+"""The usb link runs another link for each protocol: frames on the console, or the raw REPL."""
+
+
 class UsbConfig(SerialDeviceConfig):
     transport: Literal["usb"]
+    protocol_kind = USB
     example_port: ClassVar[str] = "/dev/serial/by-id/usb-MicroPython_..."
     port: str = Field(description="prefer /dev/serial/by-id/usb-MicroPython_...-if00")
     poll_interval: float = Field(5.0, gt=0, description="tutorial: seconds between readings")
@@ -218,8 +223,6 @@ class UsbReplLink(PollingLink):
         self.events.reading(self.device, values, now_ms(), None)
         self.events.led_state(self.device, fields[2] == "1")
 
-USB: ProtocolKind[Callable[[UsbConfig, LinkEvents], Link]] = ProtocolKind("usb")
-"""The usb link runs another link for each protocol: frames on the console, or the raw REPL."""
 PROTOCOLS.register(USB, "picogw", UsbSerialLink)
 PROTOCOLS.register(USB, "tutorial", UsbReplLink)
 
@@ -230,6 +233,7 @@ class UsbSimulation(SerialPortSimulation):
     ready_key = "usb"
     tutorial = STOCK
     stock = True
+    console = True
     demo_devices = ({"id": "desk", "transport": "usb", "protocol": "picogw", "port": "sim"},
                     {"id": "bench", "transport": "usb", "protocol": "tutorial", "port": "sim", "poll_interval": 2.0})
 

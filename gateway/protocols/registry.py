@@ -49,5 +49,9 @@ class ProtocolRegistry:
     def protocols(self, kind: ProtocolKind[T]) -> list[str]:
         return sorted(name for k, name in self._table if k == kind.name)
 
+    def all_protocols(self) -> list[str]:
+        """Every protocol some kind of link speaks."""
+        return sorted({name for _, name in self._table})
+
 
 PROTOCOLS = ProtocolRegistry()

@@ -91,22 +91,27 @@ class SerialSession(ABC):
 
 
 def tell_stored(links: Mapping[str, object], stored: list[Row], refused: list[Row]) -> None:
-    """A store's ``on_stored``: hand each serial session its device's rows that are on disk
-    (only rows that name a boot: those a Pico may send again), and count per device the
-    ones refused as stored already (``duplicates_refused``)."""
-    by_device: dict[str, list[Row]] = {}
-    for rows in (refused, stored):  # (so a session's last row is the newest stored, if any)
-        for row in rows:
-            if len(row) > 5:
-                by_device.setdefault(row[0], []).append(row)
+    """A store's ``on_stored``: hand each serial session (or, without one, each link) its
+    device's newest row on disk, of the rows that name a boot (those a Pico may send
+    again, and is told about: the newest says it all, as a Pico's readings of a boot are
+    stored in order), and count per device the ones refused as stored already
+    (``duplicates_refused``)."""
+    newest: dict[str, Row] = {}
+    for rows in (stored, refused):  # the last one stored, else the last one refused
+        for row in reversed(rows):  # (a dict lookup per row: this runs for every commit)
+            if len(row) > 5 and row[0] not in newest:
+                newest[row[0]] = row
     for row in refused:
         link = links.get(row[0])
         if link is not None:
             link.stats["duplicates_refused"] += 1  # type: ignore[attr-defined]  # every Link counts in stats
-    for device, rows in by_device.items():
-        session = getattr(links.get(device), "session", None)
+    for device, row in newest.items():
+        link = links.get(device)
+        session = getattr(link, "session", None)
         if isinstance(session, SerialSession):
-            session.stored(rows)
+            session.stored([row])
+        elif link is not None:
+            link.stored([row])  # type: ignore[attr-defined]  # every Link has stored (a no-op for most)
 
 
 SessionFactory = Callable[[ByteLink], SerialSession]

@@ -365,9 +365,11 @@ def start_fleet(devices, workdir, broker=("127.0.0.1", 1883), timeout=10.0,
                    "--config-py", cfg_path, "--state-dir", d, "--i2c-bus", bus_dir,
                    "--sim-json", sim_path, "--device", desc["id"], "--fs", os.path.join(d, "fs")]
             cmd += ["--runtime", desc.get("runtime", vm.DEFAULT_RUNTIME)]
+            link = LINKS[transport]
+            cmd += ["--board", link.board]  # (with --usb, all the Pico needs of the registry)
             if fw is not None:
                 cmd += ["--firmware", fw]
-            else:
+            if fw is None or (link.simulation is not None and link.simulation.console):
                 cmd += ["--usb"]
             log_path = os.path.join(d, "pico.log")
             with open(log_path, "ab") as log:

@@ -177,6 +177,8 @@ class TargetServer:
         # The targets are machine.I2CTarget: _addr_match, _read_byte, _write_byte and _end are its
         # bus side, private because MicroPython's I2CTarget has no such methods for firmware to see.
         from gateway.simulator import runtime
+        if runtime.knob("i2c_fail"):   # a pulled wire: nobody acknowledges the address
+            return errno.EREMOTEIO, b""
         delay = (runtime.knob("i2c_byte_delay_us") or 0) / 1e6
         out = bytearray()
         with self.lock:

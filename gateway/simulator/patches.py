@@ -123,7 +123,55 @@ def _check_loopback(family, address):
 
 
 class MpSocket(_BaseSocket):
-    """CPython socket with MicroPython's extras (stream methods, safe bind)."""
+    """CPython socket with MicroPython's extras (stream methods, safe bind), behind the
+    Pico W's radio: ``wifi_fail`` and ``wifi_hang`` (gateway/simulator/mpy/network.py)."""
+
+    _dropped = False
+
+    def _dead(self):
+        if self.family not in (_socket_mod.AF_INET, _socket_mod.AF_INET6):
+            return False
+        from gateway.simulator.mpy import network
+        self._dropped = network.radio(self._dropped)
+        return self._dropped
+
+    def _wait_readable(self):
+        # A blocking read in slices, so that a drop meanwhile is noticed; True: readable.
+        import select
+        timeout = self.gettimeout()
+        if timeout == 0.0:
+            return not self._dead()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._dead():
+                return False
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError("timed out")
+            if select.select([self], [], [], left)[0]:
+                return True
+
+    def recv(self, n, flags=0):
+        if self.family in (_socket_mod.AF_INET, _socket_mod.AF_INET6) and not self._wait_readable():
+            from gateway.simulator.mpy import network
+            network.nothing_arrives(self.gettimeout())
+        return super().recv(n, flags)
+
+    def recv_into(self, buf, nbytes=0, flags=0):
+        if self.family in (_socket_mod.AF_INET, _socket_mod.AF_INET6) and not self._wait_readable():
+            from gateway.simulator.mpy import network
+            network.nothing_arrives(self.gettimeout())
+        return super().recv_into(buf, nbytes, flags)
+
+    def send(self, data, flags=0):
+        if self._dead():
+            return len(data)  # (into the air)
+        return super().send(data, flags)
+
+    def sendall(self, data, flags=0):
+        if self._dead():
+            return None
+        return super().sendall(data, flags)
 
     def bind(self, address):
         if self.family in (_socket_mod.AF_INET, _socket_mod.AF_INET6) and isinstance(address, tuple):
@@ -139,6 +187,8 @@ class MpSocket(_BaseSocket):
 
     def connect(self, address):
         _check_loopback(self.family, address)
+        if self._dead():
+            raise OSError(errno.EHOSTUNREACH, "EHOSTUNREACH (no Wi-Fi: wifi_fail)")
         return super().connect(address)
 
     def connect_ex(self, address):

@@ -36,7 +36,7 @@
   Endpoints appear when the firmware creates them (``UART(...)``,
   ``I2CTarget(...)``, ``socket.listen()``).
 * ``--i2c-bus DIR``: the simulated I2C bus (see ``gateway.simulator.i2c_bus``);
-  default ``<state-dir>/i2c``.
+  default ``<state-dir>/i2c-bus``.
 * ``--sim-json PATH``: simulation knobs (see ``gateway.simulator.runtime``).
 
 The process logs ``LED on`` / ``LED off`` lines (and endpoints) on stderr.
@@ -99,7 +99,7 @@ def restart(cause, keep_led):
     env = os.environ
     env["PICOSIM_RESET_CAUSE"] = str(cause)
     env["PICOSIM_LED_INIT"] = str(runtime.led_value() if keep_led else 0)
-    carry = {k: runtime.get_state(k) for k in ("uart", "usb", "i2c_socket", "tcp")}
+    carry = {k: runtime.get_state(k) for k in runtime.ENDPOINTS}
     env["PICOSIM_STATE_CARRY"] = json.dumps(carry)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
@@ -177,6 +177,21 @@ def _exec_argv(args, fs):
     return out
 
 
+def _board(args, link):
+    """(the board's name, whether it has a USB console), for config.py's ``LINK``: what
+    --board and --usb say, else what the gateway's link registry says of the link (the
+    board it implies, whether our firmware speaks on the USB console). A fleet passes
+    --board (and --usb), so its Picos skip importing the registry at every boot."""
+    if args.board is not None:
+        return args.board, args.usb
+    from gateway.links import for_firmware
+    from gateway.links.base import Link
+    known = for_firmware(link)
+    if known is None:
+        return Link.board, args.usb
+    return known.board, args.usb or bool(known.simulation is not None and known.simulation.console)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gateway.simulator.pico",
                                 description="Run MicroPython firmware as a virtual Pico.")
@@ -189,7 +204,8 @@ def main(argv=None):
     p.add_argument("--sim-json", help="sidecar JSON with simulation knobs")
     p.add_argument("--usb", action="store_true", help="give the Pico a USB console")
     p.add_argument("--device", help="device id for logs")
-    p.add_argument("--board", default=None, help="board name in the REPL banner")
+    p.add_argument("--board", default=None, help="board name in the REPL banner (given: --usb alone says "
+                   "whether the Pico has a USB console; else the board and console follow config.py's LINK)")
     p.add_argument("--runtime", choices=vm.RUNTIMES, default=vm.DEFAULT_RUNTIME,
                    help="run the firmware on the MicroPython VM (gateway.simulator.vm, the default) "
                    "or on CPython with MicroPython's modules imitated (cheaper, not faithful)")
@@ -210,7 +226,7 @@ def main(argv=None):
         for key, value in json.loads(carry).items():   # before configure(): no state file yet
             runtime.publish(key, value)
     state_dir = args.state_dir
-    i2c_dir = args.i2c_bus or (os.path.join(state_dir, "i2c") if state_dir else None)
+    i2c_dir = args.i2c_bus or (os.path.join(state_dir, "i2c-bus") if state_dir else None)
 
     fw_dir = fw_main = None
     if args.firmware:
@@ -242,21 +258,20 @@ def main(argv=None):
     runtime.publish("firmware", "starting" if has_main else "none")
     if os.environ.get("PICOSIM_LED_INIT") == "1":
         runtime.set_led(1)
+    board, usb = _board(args, link)
+    usb = usb or not has_main
     if args.runtime == "micropython":
-        usb = args.usb or link == "usb" or not has_main
         if not usb and link not in vm.TRANSPORTS:
             p.error(f"the MicroPython runtime runs {'/'.join(vm.TRANSPORTS)} Picos, not {link}")
         from gateway.simulator.vm import host as vm_host
-        board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
         return vm_host.run(fs, usb=usb, board=board, link=link)
     boardfs.install(fs)   # cwd = the board's "/"
 
     con = None
-    if args.usb or link == "usb" or not has_main:
+    if usb:
         con = console_mod.Console()
         sys.stdin = con.stdin
         sys.stdout = con.stdout
-    board = args.board or ("Raspberry Pi Pico W" if link in ("wifi", "tcp") else "Raspberry Pi Pico")
     runtime.log(f"boot: fs={fs} main.py={'yes' if has_main else 'no'} link={link}")
 
     _run_main()

@@ -26,9 +26,17 @@ sidecar key          env var                      meaning
                                                   a firmware binds are remapped
 ``mem_free``         ``PICOSIM_MEM_FREE``         gc.mem_free() base (171000)
 ``wifi_fail``        ``PICOSIM_WIFI_FAIL``        WLAN.connect() never succeeds
-                                                  (status -2, no AP found)
+                                                  (status -2, no AP found); a joined
+                                                  station drops, with its connections
+``wifi_hang``        ``PICOSIM_WIFI_HANG``        every socket call blocks (the
+                                                  radio chip stopped answering)
 ``i2c_byte_delay_us`` ``PICOSIM_I2C_BYTE_DELAY_US`` delay between bytes of a
                                                   memory-mode read (torn reads)
+``i2c_fail``         ``PICOSIM_I2C_FAIL``         the Pico's I2C targets do not
+                                                  acknowledge their address (a
+                                                  pulled wire): every transaction
+                                                  fails with EREMOTEIO; the
+                                                  firmware runs on
 ``unique_id``        ``PICOSIM_UNIQUE_ID``        hex string for unique_id()
 ``pins``             (sidecar only)               level of input pins, e.g.
                                                   ``{"15": 0}`` (a pressed button)
@@ -53,7 +61,9 @@ DEFAULTS = {
     "tcp_port_map": "",
     "mem_free": 171000,
     "wifi_fail": False,
+    "wifi_hang": False,
     "i2c_byte_delay_us": 0,
+    "i2c_fail": False,
     "unique_id": "",
     "pins": {},
 }
@@ -66,7 +76,9 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "tcp_port_map": ("PICOSIM_TCP_PORT_MAP", str),
     "mem_free": ("PICOSIM_MEM_FREE", int),
     "wifi_fail": ("PICOSIM_WIFI_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
+    "wifi_hang": ("PICOSIM_WIFI_HANG", lambda s: s.lower() in ("1", "true", "yes")),
     "i2c_byte_delay_us": ("PICOSIM_I2C_BYTE_DELAY_US", int),
+    "i2c_fail": ("PICOSIM_I2C_FAIL", lambda s: s.lower() in ("1", "true", "yes")),
     "unique_id": ("PICOSIM_UNIQUE_ID", str),
 }
 
@@ -79,8 +91,8 @@ _sidecar: dict = {}
 state_path = None          # pico.json, or None (no state file)
 i2c_bus_dir: str | None = None   # directory of the simulated bus: <dir>/0x43.sock per target
 device_id = "pico"
-_state = {"uart": None, "usb": None, "i2c_socket": None, "tcp": None,
-          "led": "off", "pid": os.getpid()}
+ENDPOINTS = ("uart", "usb", "i2c_socket", "tcp")  # pico.json's entries for the board's ports, kept across resets
+_state = {**dict.fromkeys(ENDPOINTS), "led": "off", "pid": os.getpid()}
 _log = sys.stderr
 BOOT = time.monotonic()
 

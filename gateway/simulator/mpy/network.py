@@ -2,8 +2,19 @@
 
 ``WLAN.connect()`` joins a simulated access point at once (unless the
 ``wifi_fail`` knob is set); the station's address is 127.0.0.1, so a firmware
-reaches the host's loopback services (the MQTT broker of a test)."""
+reaches the host's loopback services (the MQTT broker of a test).
 
+``wifi_fail`` set while the station is joined is the access point gone: the
+station drops (``isconnected()`` False, ``status()`` 0, link down) and so does
+every connection the Pico had: what it sends on them vanishes and nothing
+arrives any more (a read waits for its timeout, or for ever), as on a board whose
+access point went away; the peer (the broker) is not told. Sockets made while it
+is set cannot connect (EHOSTUNREACH). ``wifi_hang`` is the radio chip that stopped
+answering: every socket call blocks while it is set (what a watchdog is for).
+:func:`radio` is what the simulator's sockets (gateway/simulator/patches.py) ask."""
+
+import errno
+import time
 
 from gateway.simulator import runtime
 
@@ -73,9 +84,16 @@ class WLAN:
         self._status = STAT_IDLE
 
     def isconnected(self):
+        self._lost()
         return self._active and self._status == STAT_GOT_IP
 
+    def _lost(self):
+        if self._status == STAT_GOT_IP and runtime.knob("wifi_fail"):
+            self._status = STAT_IDLE
+            runtime.log("Wi-Fi: the access point is gone (wifi_fail): station and connections dropped")
+
     def status(self, param=None):
+        self._lost()
         if param == "rssi":
             return -50
         if param is not None:
@@ -109,3 +127,22 @@ class WLAN:
 
     def scan(self):
         return [(b"simulated-ap", b"\x00\x11\x22\x33\x44\x55", 6, -50, 3, 0)]
+
+
+def radio(dropped):
+    """Whether a connection of the Pico's is dead, given whether it was (``dropped``):
+    it dies when ``wifi_fail`` is set and stays dead. Blocks while ``wifi_hang`` is set."""
+    while runtime.knob("wifi_hang"):
+        time.sleep(0.05)
+    return dropped or bool(runtime.knob("wifi_fail"))
+
+
+def nothing_arrives(timeout):
+    """A read on a dead connection: EAGAIN when non-blocking, else a timeout (or for ever)."""
+    if timeout == 0.0:
+        raise BlockingIOError(errno.EAGAIN, "EAGAIN")
+    if timeout is None:
+        while True:  # (a firmware reading without a timeout is stuck: its watchdog's business)
+            time.sleep(1)
+    time.sleep(timeout)
+    raise TimeoutError("timed out")

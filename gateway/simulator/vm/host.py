@@ -20,6 +20,8 @@ guest calls:
 ``executing(flag)``              a program (main.py, REPL input) runs: Ctrl-C
                                  is for it
 ``kbd_intr(ch)``                 micropython.kbd_intr
+``urandom(n)``                   n bytes of the host's entropy (the guest's
+                                 os.urandom, and random's seed)
 ===============================  ==============================================
 
 Raw calls (no JSON: the string in, a string out; "!OSError <errno>",
@@ -51,6 +53,7 @@ from gateway.simulator import console as console_mod
 from gateway.simulator import runtime
 from gateway.simulator.vm import wasm
 
+MAX_URANDOM = 4096  # bytes one os.urandom call may ask (the answer travels as hex in the guest's heap)
 GUEST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest")
 
 
@@ -240,6 +243,12 @@ class Host:
             raise AttributeError(name)
         return getattr(self.network, name)(*args)
 
+    @staticmethod
+    def urandom(n: int) -> bytes:
+        if not 0 <= n <= MAX_URANDOM:
+            raise ValueError(f"urandom: 0..{MAX_URANDOM} bytes a call")
+        return os.urandom(n)
+
     def board(self) -> list:
         """[has a USB console, the board's name for the REPL's banner, its link]."""
         return [self.con is not None, self.board_name, self.link]
@@ -272,7 +281,7 @@ class Host:
 
     def functions(self) -> dict[str, wasm.HostFunction]:
         funcs = {n: getattr(self, n) for n in ("new", "method", "machine", "firmware", "crashed",
-                                               "board", "executing", "kbd_intr", "getaddrinfo")}
+                                               "board", "executing", "kbd_intr", "getaddrinfo", "urandom")}
         funcs["network"] = self.network_fn
         return funcs
 

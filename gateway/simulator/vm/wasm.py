@@ -38,11 +38,13 @@ once a new version no longer needs it, so the pin in pyproject.toml can move):
   ``test_gc_frees_running_frames`` shows the fault on the original and
   ``test_collections_keep_running_frames`` its absence on ours.
 
-Known and not worked around:
-
-* ``import random`` and ``os.urandom()`` raise ``OSError: [Errno 44] ENOENT``
-  in this build (even with a /dev/urandom preopened); on a Pico they work.
-  Neither our firmware nor the tutorial's programs use them.
+* ``RANDOM``: ``import random`` raises ``OSError: [Errno 44] ENOENT`` in this
+  build (even with a /dev/urandom preopened) and its ``os`` has no
+  ``urandom``; on a Pico both work, from its ring oscillator.  The guest's
+  ``os.py`` and ``random.py`` (``guest/``, extending the built-in modules as
+  MicroPython lets a file do) give them the host's entropy by a host call, so
+  each boot differs (our firmware's I2C BOOT_ID comes from it).
+  ``test_random_is_missing_on_this_build`` says when the VM has its own.
 """
 
 from __future__ import annotations
