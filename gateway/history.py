@@ -212,17 +212,17 @@ def write_rollups(rows: Iterable[Rollup], fmt: str, out: IO[str]) -> int:
         out.write("".join(lines))
         count += len(lines)
     else:
-        widths = [len(h) for h in ROLLUP_TABLE_HEADER]
-        widths[0] = 19
-        out.write("  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                            for i, (h, w) in enumerate(zip(ROLLUP_TABLE_HEADER, widths, strict=True))).rstrip() + "\n")
-        for ts, metric, n, lo, hi, mean, last in rows:
-            count += 1
-            cells = (_local_time(ts), metric, str(n), format_value(lo), format_value(hi), format_value(mean),
-                     format_value(last))
-            widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+        def cells(r: Rollup) -> tuple[str, ...]:
+            return (_local_time(r[0]), r[1], str(r[2]), *(format_value(v) for v in r[3:]))
+        rows = iter(rows)
+        sample = [cells(r) for r in itertools.islice(rows, TABLE_SAMPLE)]
+        widths = [max(len(row[i]) for row in [ROLLUP_TABLE_HEADER, *sample]) for i in range(7)]
+        for line in itertools.chain([ROLLUP_TABLE_HEADER], sample, map(cells, rows)):
+            widths = [max(w, len(c)) for w, c in zip(widths, line, strict=True)]
             out.write("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip() + "\n")
+                                for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip() + "\n")
+            count += 1
+        count -= 1  # (the header)
     return count
 
 

@@ -249,6 +249,10 @@ def test_readings_reads_raw_rows_and_rollups_as_one(tmp_path: Path, capsys) -> N
         n, lo, hi, mean, last = hours[("greenhouse", "temp", row["ts_ms"])]
         assert (row["count"], row["min"], row["max"], row["last"]) == (n, lo, hi, last)
 
+    out, _ = readings_cli(capsys, cfg, "--metric", "temp", "--since", "3h", "--every", "1h")  # the table
+    lines = out.splitlines()
+    assert lines[0].split() == ["time", "(local)", "metric", "count", "min", "max", "mean", "last"]
+    assert len(lines) >= 3 and len({len(line) for line in lines[1:]}) == 1  # aligned
     out, err = readings_cli(capsys, cfg, "--metric", "temp", "--since", "1h", "--format", "csv")  # raw, as stored
     assert "rolled up" not in err
     raw = list(csv.DictReader(io.StringIO(out)))
