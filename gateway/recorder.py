@@ -32,10 +32,12 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig, SecretError, load_config_or_report
 from gateway.domain import is_device_id, now_ms, parse_value
+from gateway.retention import Retention
 from gateway.store import Row, Store
 from gateway.systemd import setup_logging, stop_on_signals
 from gateway.topics import Topics, is_metric
@@ -84,6 +86,8 @@ class Recorder:
         self.path = rc.path or config.store.path
         self.stats: Counter[str] = Counter()
         self.store = Store(self.path, config.store.synchronous)
+        # Its database is kept as the gateway's is: roll-ups, keep_raw_days, max_size_mb.
+        self.retention = Retention(config.store.model_copy(update={"path": Path(self.path)}), self.stats)
         self.status_topic = self.topics.recorder_status(self.id)
         self.mqtt = MqttConnection(
             config.mqtt, f"pico-recorder-{self.id}", will=(self.status_topic, "offline"),
@@ -98,9 +102,11 @@ class Recorder:
     def start(self) -> None:
         self._thread.start()
         self.mqtt.start()
+        self.retention.start()
 
     def stop(self) -> None:
         """Store and acknowledge what arrived, then say offline and disconnect."""
+        self.retention.stop()
         self._queue.put(_STOP)
         self._thread.join(15)
         self.mqtt.stop([(self.status_topic, "offline")])
