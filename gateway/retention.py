@@ -73,6 +73,11 @@ class Retention(Feature):
         self._size_said = -SIZE_REPORT_EVERY
         self.passes_done = threading.Condition()
 
+    @property
+    def current_pass(self) -> subprocess.Popen[bytes] | None:
+        """The child process of the pass in progress, if one is."""
+        return self._proc
+
     def start(self) -> None:
         self._thread.start()
 

@@ -356,3 +356,30 @@ def test_a_database_from_before_gets_the_covering_index_at_open(tmp_path: Path) 
             "AND metric = 'temp' AND (ts, id) > (0, 0) ORDER BY ts, id"))
     assert "readings_series" in indexes and "idx_readings_device_metric_ts" not in indexes
     assert "COVERING INDEX readings_series" in plan
+
+
+def test_a_pass_ended_by_a_stop_is_taken_up_where_it_was_and_counts_nothing_twice(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The gateway's stop ends a pass in progress at once (its child process, its open
+    transaction rolled back); the next pass goes on from the last committed one."""
+    monkeypatch.setenv("PICOGW_RETENTION_DELAY", "0")
+    db = tmp_path / "readings.db"
+    store = Store(db)
+    rows = series(int(time.time() * 1000) - DAY, 6000, 1000)  # 24,000 rows: 12 transactions, 20 ms pauses
+    store.record(rows)
+    store.close()
+    feature, _ = retention(db)
+    feature.start()
+    wait_for(lambda: feature.current_pass is not None, 10, "a pass running")
+    with sqlite3.connect(db) as conn:
+        wait_for(lambda: rollups.has_rollups(conn) and 0 < rollups.rolled_id(conn), 10, "its first transactions")
+    proc = feature.current_pass
+    started = time.monotonic()
+    feature.stop()
+    assert time.monotonic() - started < 1.0 and proc is not None and proc.poll() is not None
+    with sqlite3.connect(db) as conn:
+        assert rollups.rolled_id(conn) < len(rows)  # (cut short)
+    again, stats = retention(db)
+    assert again.run_pass() is not None
+    assert_same(stored_rollups(db, "1m"), direct(rows, MINUTE))
+    assert stats["retention_rolled"] < len(rows)
