@@ -71,7 +71,6 @@ class Retention(Feature):
         # What max_size_mb deleted since it was last said: count, oldest ts, newest ts.
         self._size_pending: list[int] = [0, 0, 0]
         self._size_said = -SIZE_REPORT_EVERY
-        self.passes_done = threading.Condition()
 
     @property
     def current_pass(self) -> subprocess.Popen[bytes] | None:
@@ -123,8 +122,6 @@ class Retention(Feature):
                           self.config.path, self.interval, result["error"])
             return None
         self._count(result)
-        with self.passes_done:
-            self.passes_done.notify_all()
         return result
 
     def _count(self, r: dict[str, float]) -> None:
