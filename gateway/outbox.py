@@ -12,10 +12,11 @@ The outbox thread is the only writer of the readings table. Each turn it:
    behind a long backlog.
 
 A backlog message carries the reading's own time as the MQTT v5 user property
-``ts`` (Unix ms); a live one goes out within milliseconds of its reading and
-needs none (building the property per message tripled paho's cost). At most
-WINDOW readings sit in paho's queue, so a command's answer never waits behind
-more. Delivery is at least once: see docs/reliability.md for the duplicate
+``ts`` (Unix ms), and so does a reading its Pico kept and sent late (stored at the
+Pico's time, ``ts_pico``: after a gateway restart or an unplugged cable); a live one
+goes out within milliseconds of its reading and needs none (building the property
+per message tripled paho's cost). At most WINDOW readings sit in paho's queue, so a
+command's answer never waits behind more. Delivery is at least once: see docs/reliability.md for the duplicate
 bound, and the bounds on the backlog and on memory while the disk refuses writes.
 
 One module, past 400 lines, because it is one thread's state: the rows waiting for a
@@ -67,6 +68,12 @@ def format_value(value: float) -> str:
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
+
+
+def taken_earlier(row: Row) -> bool:
+    """Whether ``row`` is stored at its Pico's time (``ts_pico``): a reading the Pico kept
+    until acknowledged and sent late, whose time a subscriber cannot take as now."""
+    return len(row) > 6 and bool(row[6])  # (the long form of Row)
 
 
 @dataclass(frozen=True)
@@ -274,7 +281,7 @@ class Outbox:
             self._publish_live_many()
         while ready and len(self._inflight) < WINDOW:
             row_id, row = ready.popleft()
-            if not self._publish(row_id, row, live=True):
+            if not self._publish(row_id, row, live=not taken_earlier(row)):
                 if ready:
                     self._rescan_from(ready[0][0])  # not connected: they wait in the database
                     ready.clear()
@@ -335,6 +342,8 @@ class Outbox:
         messages: list[tuple[str, str]] = []
         room = WINDOW - len(self._inflight)
         while ready and len(row_ids) < room:
+            if taken_earlier(ready[0][1]):
+                break  # it needs its time as a property: the one-by-one path sends it, and what follows
             row_id, row = ready.popleft()
             device, metric, value = row[0], row[1], row[2]  # (a row may be longer: gateway/store.py)
             if self.publishes_itself(device):

@@ -13,6 +13,7 @@ import time
 import tty
 from pathlib import Path
 
+import pytest
 from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 
@@ -246,4 +247,49 @@ def test_serial_cable_pulled_for_5_s_loses_no_reading(tmp_path: Path, broker: Br
     finally:
         gw.stop()
         cable.close()
+        fleet.stop()
+
+
+@pytest.mark.parametrize("qos", [1, 0])
+def test_gateway_stopped_and_started_loses_no_reading(tmp_path: Path, broker: Broker, recorder: Recorder,
+                                                      qos: int) -> None:
+    """SIGTERM, 3 s down, started again: what the Pico read meanwhile went nowhere, and it
+    keeps it until the new gateway's K; every reading is stored once, in order, with its
+    time, and reaches a subscriber with a persistent session at least once, those sent
+    late with their time (the ``ts`` property), at either ``readings_qos``."""
+    from test_reliability import SessionSubscriber
+
+    sub = SessionSubscriber(broker, "pico/t1/sensor/uptime")
+    fleet = start_pico(tmp_path, broker, "t1")
+    db = tmp_path / "readings.db"
+    config = write_config(tmp_path / "gw.toml", broker, [{"id": "t1", "transport": "uart",
+                                                          "port": fleet["t1"].endpoint}], db=db)
+    config.write_text(config.read_text().replace("[mqtt]\n", f"[mqtt]\nreadings_qos = {qos}\n"))
+    gw = GatewayProcess(config, recorder)
+    try:
+        mark = wait_for(lambda: caught_up(db, "t1", 0), 15, "live readings stored")[-1][0]
+        assert gw.stop() == 0
+        time.sleep(3)  # the gateway is down for 3 s (the fault, not a wait for something)
+        gw = GatewayProcess(config, recorder)
+        rows = wait_for(lambda: caught_up(db, "t1", mark), 15, "everything kept sent again, and live readings")
+        check_once_in_order(rows)
+        check_every_metric_once(db, "t1")
+        assert sum(r[4] for r in rows if r[0] > mark) > 3 / RATE / 2, "the readings sent again carry the Pico's time"
+        check_times(rows)
+
+        # On MQTT at least once: each reading sent late by its (value, time), the live ones counted.
+        late = [r for r in rows if r[4]]
+
+        def text(value: float) -> str:  # as the gateway formats a value
+            return str(value).rstrip("0").rstrip(".")
+
+        def missing() -> tuple[set[tuple[str, str]], int]:
+            with sub.lock:
+                got = list(sub.got)
+            late_missing = {(text(r[3]), str(r[2])) for r in late} - {(v, ts) for _, v, ts in got if ts}
+            return late_missing, len(rows) - len(late) - sum(1 for *_, ts in got if ts is None)
+        wait_for(lambda: not missing()[0] and missing()[1] <= 0, 15, "every stored reading on MQTT")
+    finally:
+        sub.close()
+        gw.stop()
         fleet.stop()

@@ -219,6 +219,7 @@ def test_a_command_read_after_its_deadline_is_refused(pico) -> None:
             os.kill(p.pid, signal.SIGCONT)
         assert wire.answer(1) == Frame("N", 1, (("err", "expired"),))
         assert wire.answer(2) == Frame("A", 2, (("led", "on"),))  # still in time: carried out
+    wait_for(lambda: "LED on" in p.log(), 5, "the LED's log line (it may follow the answer)")
     assert p.log().count("LED on") == 1  # once: the toggle, never the expired command
 
 
