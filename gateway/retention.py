@@ -47,7 +47,7 @@ DAY_MS = 86_400_000
 def pass_command(config: StoreConfig) -> list[str]:
     """The child process's command line for one pass over ``config.path``."""
     keep_rollups = -1 if config.keep_rollups_days == "forever" else int(float(config.keep_rollups_days) * DAY_MS)
-    max_size = -1 if config.max_size_mb is None else int(config.max_size_mb * 1_000_000)
+    max_size = -1 if config.max_size_mb is None else int(config.max_size_mb * 1024 * 1024)  # (MiB, as disk_budget)
     return [sys.executable, "-I", "-S", _ROLLUPS, str(config.path), str(int(config.keep_raw_days * DAY_MS)),
             str(keep_rollups), str(max_size)]
 

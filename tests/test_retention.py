@@ -146,11 +146,11 @@ def test_max_size_deletes_the_oldest_raw_rows_after_rolling_them_up(tmp_path: Pa
     first_unsent = store.commit(rows[30000:])  # the newest 2000 unpublished
     feature, stats = retention(db, max_size_mb=1)
     with sqlite3.connect(db) as conn:
-        assert rollups.used_bytes(conn) > 1_000_000
+        assert rollups.used_bytes(conn) > 1024 * 1024
     caplog.set_level(logging.WARNING, logger="gateway.retention")
     assert feature.run_pass() is not None
     with sqlite3.connect(db) as conn:
-        assert rollups.used_bytes(conn) <= 0.9 * 1_000_000
+        assert rollups.used_bytes(conn) <= 0.9 * 1024 * 1024
         left = conn.execute("SELECT min(ts), count(*), sum(sent = 0) FROM readings").fetchone()
     assert left[2] == 2000 and 2000 < left[1] < 30000  # every unsent row, and the newest of the others
     assert stats["retention_deleted_for_size"] == 32000 - left[1]
