@@ -110,16 +110,23 @@ def write_readings(rows: Iterable[Reading], fmt: str, out: IO[str]) -> int:
     elif fmt == "csv":
         count = _write_csv(rows, out)
     else:
-        rows = iter(rows)
-        sample = [_cells(r) for r in itertools.islice(rows, TABLE_SAMPLE)]
-        widths = [max(len(row[i]) for row in [TABLE_HEADER, *sample]) for i in range(4)]
-        for cells in itertools.chain([TABLE_HEADER], sample, map(_cells, rows)):
-            widths = [max(w, len(cell)) for w, cell in zip(widths, cells, strict=True)]
-            out.write("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                                for i, (cell, w) in enumerate(zip(cells, widths, strict=True))).rstrip() + "\n")
-            count += 1
-        count -= 1  # (the header)
+        count = _write_table(map(_cells, rows), TABLE_HEADER, out)
     return count
+
+
+def _write_table(lines: Iterable[tuple[str, ...]], header: tuple[str, ...], out: IO[str]) -> int:
+    """Aligned columns (the first two to the left, numbers to the right), as the lines come;
+    the widths from the first TABLE_SAMPLE lines, widened by any later one. Returns how many."""
+    lines = iter(lines)
+    sample = list(itertools.islice(lines, TABLE_SAMPLE))
+    widths = [max(len(line[i]) for line in [header, *sample]) for i in range(len(header))]
+    count = 0
+    for line in itertools.chain([header], sample, lines):
+        widths = [max(w, len(cell)) for w, cell in zip(widths, line, strict=True)]
+        out.write("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                            for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip() + "\n")
+        count += 1
+    return count - 1  # (the header)
 
 
 class _UtcStamps:
@@ -214,15 +221,7 @@ def write_rollups(rows: Iterable[Rollup], fmt: str, out: IO[str]) -> int:
     else:
         def cells(r: Rollup) -> tuple[str, ...]:
             return (_local_time(r[0]), r[1], str(r[2]), *(format_value(v) for v in r[3:]))
-        rows = iter(rows)
-        sample = [cells(r) for r in itertools.islice(rows, TABLE_SAMPLE)]
-        widths = [max(len(row[i]) for row in [ROLLUP_TABLE_HEADER, *sample]) for i in range(7)]
-        for line in itertools.chain([ROLLUP_TABLE_HEADER], sample, map(cells, rows)):
-            widths = [max(w, len(c)) for w, c in zip(widths, line, strict=True)]
-            out.write("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip() + "\n")
-            count += 1
-        count -= 1  # (the header)
+        count = _write_table(map(cells, rows), ROLLUP_TABLE_HEADER, out)
     return count
 
 
