@@ -176,6 +176,7 @@ class Discovery(Feature):
         self._on_connect = on_connect
         self.sw_version = sw_version
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # a device's configs made and sent in one step (publish_device)
         self._metrics: dict[str, list[str]] = {d.id: list(known_metrics(d)) for d in devices}
         self._firmware: dict[str, str] = {}
         self._published_topics: dict[str, tuple[str, ...]] = {}  # device -> its config topics last published
@@ -315,10 +316,14 @@ class Discovery(Feature):
 
     def publish_device(self, device_id: str) -> None:
         if self.config.enabled and device_id in self.devices:
-            configs = self.device_configs(device_id)
-            with self._lock:
-                self._published_topics[device_id] = tuple(configs)
-            self._send(configs)
+            # Made and handed to the connection in one step: a config made on one thread
+            # (connect: every device) must not reach the broker after a newer one made on
+            # another (a hello's firmware, a new metric) and replace it as the retained one.
+            with self._send_lock:
+                configs = self.device_configs(device_id)
+                with self._lock:
+                    self._published_topics[device_id] = tuple(configs)
+                self._send(configs)
 
     def publish_all(self) -> None:
         if not self.config.enabled:

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +241,24 @@ def test_firmware_seen_republishes_once_and_refuses_what_is_not_a_version(caplog
     assert len(sent) == 1 and d.stats["bad_firmware"] == 3
     assert len([r for r in caplog.records if "bad_firmware" in r.getMessage()]) == 1  # logged once
     assert d.device_payload("greenhouse")["dev"]["sw"] == "0.1.0"
+
+
+def test_a_config_made_before_a_hello_never_replaces_the_one_made_after() -> None:
+    """At a connect every device's config is made and sent on the network thread, while a
+    hello on a link's thread may make a newer one (its firmware): the newer one stays."""
+    retained: dict[str, str] = {}
+    hello = threading.Thread(target=lambda: d.firmware_seen("greenhouse", "0.1.0"))
+
+    def publish(topic: str, payload: str, qos: int, retain: bool) -> None:
+        if topic.endswith("_greenhouse/config") and hello.ident is None:
+            hello.start()  # the hello arrives while the config made before it is on its way
+            hello.join(0.5)
+        retained[topic] = payload
+
+    d = make(DEVICES, publish=publish)
+    d.publish_device("greenhouse")  # (what a connect does for every device)
+    hello.join(5)
+    assert json.loads(retained["homeassistant/device/gw_greenhouse/config"])["dev"].get("sw") == "0.1.0"
 
 
 def test_disabled_publishes_and_subscribes_nothing() -> None:
