@@ -220,9 +220,13 @@ def test_readings_are_read_in_chunks_in_the_order_of_time(tmp_path, monkeypatch)
         conn.close()
 
 
-def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, year) -> None:
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path) -> None:
     """`readings ... | head -3`: no BrokenPipeError traceback; the exit status of a command ended by SIGPIPE."""
-    cfg = config_for(tmp_path, NoBroker(), year)
+    db = tmp_path / "many.db"
+    store = Writer(db)
+    store.add([("greenhouse", "temp", float(i), NOW_MS - 86400_000 + i * 1000, i) for i in range(20_000)])
+    store.close()  # (about 900 kB of table: far more than a pipe holds, so the command is still writing)
+    cfg = config_for(tmp_path, NoBroker(), db)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "readings", "--config", str(cfg), "--device",
                              "greenhouse", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None and proc.stderr is not None
