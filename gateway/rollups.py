@@ -304,8 +304,9 @@ def run_pass(conn: sqlite3.Connection, now_ms: int, keep_raw_ms: int, keep_rollu
         stats["deleted_for_size"] = n
         if n:
             stats["size_deleted_from_ts"], stats["size_deleted_until_ts"] = lo or 0, hi or 0
-        stats["over_size"] = int(used_bytes(conn) > SIZE_START * max_size_bytes)
-    stats["used_bytes"] = used_bytes(conn)
+    stats["used_bytes"] = used = used_bytes(conn)
+    if max_size_bytes is not None:
+        stats["over_size"] = int(used > SIZE_START * max_size_bytes)
     stats["rolled_id"] = rolled_id(conn)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return stats
