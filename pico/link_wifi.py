@@ -31,10 +31,16 @@ LOOP_MS = 20
 DEFAULT_BUFFER = 240       # readings kept until stored: 20 minutes at the default 5 s
 DEFAULT_WATCHDOG_MS = 8000  # (the RP2040's watchdog takes 8388 ms at most)
 SOCKET_TIMEOUT_S = 5       # a broker that does not answer this long: reconnect (the
-# readings stay kept); without it a dead connection would block a read for ever
+# readings stay kept); without it a dead connection would block a read for ever.
+# With the watchdog on, a third of its timeout at most (socket_timeout): a connect
+# is two waits (the TCP connect, the CONNACK) with no turn of the loop between, and
+# a watchdog that fired there would restart the board and lose what it keeps.
 SEND_BURST = 8             # kept readings sent per loop turn at most (commands still get through)
 ACK_WAIT_MS = 15000        # everything sent and nothing stored for this long: send again
 RESET_CAUSES = {1: "power", 2: "hard", 3: "watchdog", 4: "deepsleep", 5: "soft"}
+
+
+socket_timeout = SOCKET_TIMEOUT_S
 
 
 class _TimedSockets:
@@ -46,7 +52,7 @@ class _TimedSockets:
 
     def socket(self, *args):
         s = self.mod.socket(*args)
-        s.settimeout(SOCKET_TIMEOUT_S)
+        s.settimeout(socket_timeout)
         return s
 
     def getaddrinfo(self, *args):
@@ -59,13 +65,18 @@ if not isinstance(getattr(umqtt, "socket", None), (_TimedSockets, type(None))):
 
 class Client(umqtt.MQTTClient):
     # umqtt's check_msg turns the socket non-blocking and back to blocking,
-    # which drops the timeout: set it again after every message.
+    # which drops the timeout: set it again after every message. Every wait for a
+    # broker's answer (SUBACK, PUBACK) comes here: the watchdog is fed after each.
+    wdt = None
+
     def wait_msg(self):
         try:
             return umqtt.MQTTClient.wait_msg(self)
         finally:
             if self.sock is not None:
-                self.sock.settimeout(SOCKET_TIMEOUT_S)
+                self.sock.settimeout(socket_timeout)
+            if self.wdt is not None:
+                self.wdt.feed()
 
 
 def _reset_cause():
@@ -211,13 +222,16 @@ class WifiLink:
         client = Client(c["client_id"] or ("pico-" + self.node.device), c["broker"],
                         port=c["port"], user=c["user"], password=c["mqtt_password"],
                         keepalive=KEEPALIVE_S)
+        client.wdt = self.wdt
         client.set_callback(self.on_message)
         client.set_last_will(self.topic("status"), b"offline", retain=True)
         try:
-            client.connect(timeout=SOCKET_TIMEOUT_S)   # umqtt.simple 1.4 and later set their own
+            client.connect(timeout=socket_timeout)   # umqtt.simple 1.4 and later set their own
         except TypeError:
             client.connect()                           # earlier ones: the socket's own (_TimedSockets)
         self.client = client
+        if self.wdt is not None:
+            self.wdt.feed()   # (the connect's two waits are behind us; no reading before the hello)
         client.subscribe(self.cmd_topic)
         if self.node.ring is not None:
             client.subscribe(self.stored_topic)
@@ -276,7 +290,10 @@ class WifiLink:
     def run(self):
         if self.watchdog_ms:
             import machine
-            self.wdt = machine.WDT(timeout=min(int(self.watchdog_ms), 8388))
+            global socket_timeout
+            timeout_ms = min(int(self.watchdog_ms), 8388)
+            socket_timeout = max(1, min(SOCKET_TIMEOUT_S, timeout_ms // 3000))
+            self.wdt = machine.WDT(timeout=timeout_ms)
         self.wlan = wifi.station()
         backoff = wifi.Backoff()
         while True:
