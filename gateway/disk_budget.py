@@ -32,7 +32,7 @@ from gateway.store import Store
 
 WINDOW = 86400.0  # seconds the rates are measured over, at most
 MIN_SPAN = 2.0  # seconds the window must cover before a rate is given
-MAX_SAMPLES = 2000  # samples kept (one per diagnostics round; the oldest are thinned out beyond)
+MAX_SAMPLES = 2000  # samples kept over the window, one per WINDOW / MAX_SAMPLES at most
 DAY = 86400.0
 
 
@@ -94,11 +94,12 @@ class DiskBudgetMeter:
         now = time.monotonic()
         written = self.written()
         samples = self._samples
-        samples.append((now, written, used))
-        while len(samples) > 2 and samples[1][0] <= now - self.window:
+        # One sample per window/MAX_SAMPLES at most (the rates use the oldest one and now),
+        # and the oldest goes once the next one also covers the window.
+        if not samples or now - samples[-1][0] >= self.window / MAX_SAMPLES:
+            samples.append((now, written, used))
+        while len(samples) > 1 and samples[1][0] <= now - self.window:
             samples.popleft()
-        if len(samples) > MAX_SAMPLES:
-            del samples[1]  # (the first stays: the window's start)
         t0, written0, used0 = samples[0]
         span = now - t0
         per_day = written_day = None

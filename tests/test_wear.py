@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from conftest import GatewayProcess, write_config
 from mqtt_helpers import Broker, Recorder, wait_for
 from test_acks import caught_up, check_every_metric_once, check_once_in_order, readings
@@ -148,24 +149,50 @@ def test_the_gateway_says_how_big_its_database_is_what_it_writes_and_when_it_is_
         fleet.stop()
 
 
-def test_the_disk_budget_counts_to_the_disk_and_its_writes_survive_a_new_writer(tmp_path: Path) -> None:
+def test_the_disk_budget_rates_cover_the_last_day_whatever_the_diagnostics_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two and a half days of diagnostics every 20 s: the rates are over the last day (its window),
+    not the process's whole life, and the samples kept stay bounded."""
+    from gateway import disk_budget
+    from gateway.store import Store
+
+    clock = [1000.0]
+    monkeypatch.setattr(disk_budget.time, "monotonic", lambda: clock[0])
+    store = Store(tmp_path / "readings.db")
+    meter = disk_budget.DiskBudgetMeter(store, None)
+    try:
+        for _ in range(int(2.5 * 86400 / 20)):
+            report = meter.report()
+            clock[0] += 20
+        step = disk_budget.WINDOW / disk_budget.MAX_SAMPLES
+        assert disk_budget.WINDOW <= report["window_s"] <= disk_budget.WINDOW + step
+        assert len(meter._samples) <= disk_budget.MAX_SAMPLES + 1  # noqa: SLF001  (the bound itself)
+    finally:
+        store.close()
+
+
+def test_the_disk_budget_counts_to_the_disk_and_its_writes_survive_a_new_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without store.max_size_mb the days count to a full disk; the bytes written only grow,
     also when the database writer process died and a new one took over (the kernel adds a
     waited-for child's writes to the gateway's own count)."""
     import os
     import signal
 
+    from gateway import disk_budget
     from gateway.disk_budget import DiskBudgetMeter, written_bytes
     from gateway.store import Store, WriterDied
 
+    clock = [1000.0]
+    monkeypatch.setattr(disk_budget.time, "monotonic", lambda: clock[0])
     store = Store(tmp_path / "readings.db")
     meter = DiskBudgetMeter(store, None, min_span=0.2)
     try:
-        first, start = meter.report(), time.monotonic()
+        first = meter.report()
         assert first["written_per_day"] is None and first["days_until_full"] is None and first["window_s"] == 0
         rows = [("a", "temp", float(i), 1000 + i, i) for i in range(2000)]
         store.commit(list(rows))
-        wait_for(lambda: time.monotonic() - start >= 0.2, 5, "the rates' shortest window")
+        clock[0] += 0.2  # (the rates' shortest window)
         report = meter.report()
         check(DiskBudget, report)
         assert report["growth_per_day"] > 0 and report["full_at"] == "disk" and report["max_bytes"] is None
