@@ -315,15 +315,25 @@ class Discovery(Feature):
             self.stats["published"] += 1
 
     def publish_device(self, device_id: str) -> None:
-        if self.config.enabled and device_id in self.devices:
-            # Made and handed to the connection in one step: a config made on one thread
-            # (connect: every device) must not reach the broker after a newer one made on
-            # another (a hello's firmware, a new metric) and replace it as the retained one.
-            with self._send_lock:
-                configs = self.device_configs(device_id)
-                with self._lock:
-                    self._published_topics[device_id] = tuple(configs)
-                self._send(configs)
+        """Publish the device's configs, and clear those it published before and no longer
+        has (a reload gave it another link, whose entities differ)."""
+        if not self.config.enabled:
+            return
+        # Made and handed to the connection in one step: a config made on one thread
+        # (connect: every device) must not reach the broker after a newer one made on
+        # another (a hello's firmware, a new metric, a reload) and replace it as the
+        # retained one, nor after a reload's clearing of a removed device.
+        with self._send_lock:
+            if device_id not in self.devices:
+                return  # (removed meanwhile)
+            configs = self.device_configs(device_id)
+            with self._lock:
+                old = self._published_topics.get(device_id, ())
+                self._published_topics[device_id] = tuple(configs)
+            for topic in sorted(set(old) - set(configs)):
+                self._publish(topic, "", 1, True)
+                self.stats["removed"] += 1
+            self._send(configs)
 
     def publish_all(self) -> None:
         if not self.config.enabled:
@@ -339,31 +349,26 @@ class Discovery(Feature):
             self.devices[device.id] = device
             metrics = self._metrics.setdefault(device.id, [])
             metrics += [m for m in known_metrics(device) if m not in metrics]
-        if not self.config.enabled or not self._started:
-            return
-        old = set(self._published_topics.get(device.id, ()))
-        configs = self.device_configs(device.id)
-        for topic in sorted(old - set(configs)):
-            self._publish(topic, "", 1, True)
-            self.stats["removed"] += 1
-        self.publish_device(device.id)
+        if self._started:
+            self.publish_device(device.id)
 
     def remove_device(self, device_id: str) -> None:
         """A device that left the config while the gateway runs: its configs are cleared
         (Home Assistant removes the device and its entities)."""
-        if device_id not in self.devices:
-            return
-        topics: list[str] = []
-        if self.config.enabled and self._started:  # (entity form: what was published may name more metrics)
-            topics = sorted(set(self.device_configs(device_id)) | set(self._published_topics.get(device_id, ())))
-        with self._lock:
-            del self.devices[device_id]
-            self._metrics.pop(device_id, None)
-            self._firmware.pop(device_id, None)
-            self._published_topics.pop(device_id, None)
-        for topic in topics:
-            self._publish(topic, "", 1, True)
-            self.stats["removed"] += 1
+        with self._send_lock:  # (no config of it made before may follow the clearing: publish_device)
+            if device_id not in self.devices:
+                return
+            topics: list[str] = []
+            if self.config.enabled and self._started:  # (entity form: what was published may name more metrics)
+                topics = sorted(set(self.device_configs(device_id)) | set(self._published_topics.get(device_id, ())))
+            with self._lock:
+                del self.devices[device_id]
+                self._metrics.pop(device_id, None)
+                self._firmware.pop(device_id, None)
+                self._published_topics.pop(device_id, None)
+            for topic in topics:
+                self._publish(topic, "", 1, True)
+                self.stats["removed"] += 1
         if topics:
             log.info("removing the Home Assistant device %s: no longer in the config", self.object_id(device_id))
 
