@@ -53,6 +53,22 @@ class KeptCounters:
         self._saved = dict(kept)
         self._restored = True
 
+    def restore_device(self, device: str, link: Link) -> None:
+        """A device a reload added: its kept values, as :meth:`restore` gives them at a
+        start. Nothing when this run's restore failed (it saves nothing, so the kept
+        totals of the others stay as they are)."""
+        if not self._restored:
+            return
+        try:
+            kept = self.store.counters()
+        except sqlite3.Error as exc:
+            log.error("cannot read the kept counters of %s (%s): they count from 0", device, exc)
+            return
+        for (owner, name), value in kept.items():
+            if owner == device and name in KEPT:
+                link.stats[name] += value
+                self._saved[(owner, name)] = value
+
     def save(self, links: Mapping[str, Link], wait: float | None = None) -> None:
         """Write the values that changed since the last save; ``wait``: seconds to wait
         for the database writer (a store error is logged once and tried again next time)."""

@@ -212,7 +212,7 @@ class Reloader(Feature):
             bridge.restart_devices(restarted)
         for device in added:
             link = bridge.add_device(device)
-            self.kept.restore({device.id: link})  # (seq_gaps goes on from the database's, as at a start)
+            self.kept.restore_device(device.id, link)  # (seq_gaps goes on from the database's, as at a start)
             bridge.start_device(device.id)
         for device in restarted + added:
             discovery.set_device(device)
