@@ -393,12 +393,14 @@ class Bridge(Feature):
             self._refuse(device, "busy", command, "busy: too many commands waiting for this Pico")
             return
         worker = self._workers.get(device)
-        try:
-            if worker is None:
-                raise RuntimeError("removed")
-            worker.submit(self._execute, link, command)
-        except RuntimeError:  # the device was removed (a reload) as the command arrived: not carried out
-            with self._pending_lock:
+        if worker is not None:
+            try:
+                worker.submit(self._execute, link, command)
+                return
+            except RuntimeError:  # (its worker shut down: removed by a reload as the command arrived)
+                pass
+        with self._pending_lock:  # not carried out (a removal may have dropped the count already)
+            if self._pending.get(device):
                 self._pending[device] -= 1
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
