@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,21 @@ class Store:
         self._proc: subprocess.Popen[bytes] | None = None
         with self._lock:
             self._start()
+        self._say_if_old_series_index()
+
+    def _say_if_old_series_index(self) -> None:
+        """A database from before ``readings_series``, too large for the writer to build it
+        at open (gateway/store_writer.py), keeps its older index: said once, with the fix."""
+        try:
+            with closing(sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        except sqlite3.Error:
+            return
+        if store_writer.OLD_SERIES_INDEX in names and "readings_series" not in names:
+            log.warning("%s keeps its older (device, metric, ts) index: `readings` of a long range reads slower "
+                        "(a day of one metric: about 5x). To build the one that covers it, stop the gateway and "
+                        "run: sqlite3 %s 'DROP INDEX %s; %s' (a few minutes for tens of millions of readings)",
+                        self.path, self.path, store_writer.OLD_SERIES_INDEX, store_writer.SERIES_INDEX)
 
     def _start(self) -> None:
         proc = subprocess.Popen([sys.executable, "-I", "-S", _WRITER, str(self.path), self.synchronous],

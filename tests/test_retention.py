@@ -21,7 +21,7 @@ from mqtt_helpers import Recorder, wait_for
 from peers import PicogwPeer
 from test_reliability import SessionSubscriber
 
-from gateway import rollups
+from gateway import rollups, store_writer
 from gateway.cli import main
 from gateway.config import StoreConfig
 from gateway.mosquitto import PrivateBroker, free_port
@@ -359,6 +359,28 @@ def test_a_database_from_before_gets_the_covering_index_at_open(tmp_path: Path) 
             "AND metric = 'temp' AND (ts, id) > (0, 0) ORDER BY ts, id"))
     assert "readings_series" in indexes and "idx_readings_device_metric_ts" not in indexes
     assert "COVERING INDEX readings_series" in plan
+
+
+def test_a_large_database_from_before_keeps_its_index_and_says_how_to_build_the_new_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Building the covering index on tens of millions of readings would hold the start
+    for minutes: the old index stays, and the log says what to run instead."""
+    db = tmp_path / "readings.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT NOT NULL, metric TEXT NOT NULL, "
+                     "value REAL NOT NULL, ts INTEGER NOT NULL, seq INTEGER)")
+        conn.execute("CREATE INDEX idx_readings_device_metric_ts ON readings (device, metric, ts)")
+        conn.executemany("INSERT INTO readings (id, device, metric, value, ts, seq) VALUES (?, 'd', 't', 1, 1, 1)",
+                         [(1,), (store_writer.MIGRATE_ROWS + 2,)])  # (ids as far apart as that many readings)
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        Store(db).close()
+    said = [r.getMessage() for r in caplog.records if "older (device, metric, ts) index" in r.getMessage()]
+    assert len(said) == 1 and "DROP INDEX idx_readings_device_metric_ts" in said[0] and "readings_series" in said[0]
+    caplog.clear()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP INDEX idx_readings_device_metric_ts")
+    Store(db).close()  # (now built at open: nothing to say)
+    assert not [r for r in caplog.records if "older" in r.getMessage()]
 
 
 def test_a_pass_ended_by_a_stop_is_taken_up_where_it_was_and_counts_nothing_twice(tmp_path: Path,
