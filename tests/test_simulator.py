@@ -190,13 +190,13 @@ def test_i2c_irq_mode(fleet_of):
     pico = fleet["q1"]
     with SimulatedSMBus(fleet.i2c_bus_dir) as bus:
         bus.write_byte(0x43, 1)
-        pico.wait_led("on", 2)
+        pico.wait_led("on", 10)
         assert bus.read_byte(0x43) == 1
         r = i2c_msg.read(0x43, 3)
         bus.i2c_rdwr(r)
         assert list(r) == [1, 0xA5, 0x5A]
         bus.write_byte(0x43, 0)
-        pico.wait_led("off", 2)
+        pico.wait_led("off", 10)
         assert bus.read_byte(0x43) == 0
     assert "Uncaught exception" not in pico.log()
 
